@@ -1,0 +1,78 @@
+"""The exception hierarchy of DESIGN.md's contract."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .guest import Guest
+
+
+class KvmError(Exception):
+    """Base of every pytest-kvm error."""
+
+
+class KvmConfigError(KvmError):
+    """A bad option, ini value, environment variable or marker argument."""
+
+
+class KvmUnavailable(KvmError):
+    """Something needed is not installed or not available: the test skips."""
+
+
+class ImageError(KvmError):
+    """An image is missing, corrupt, of the wrong format or fails its checksum."""
+
+
+class GuestError(KvmError):
+    """Something went wrong with one guest; ``.guest`` names it."""
+
+    def __init__(self, message: str, guest: Guest | None = None) -> None:
+        super().__init__(message)
+        self.guest = guest
+
+
+class GuestLaunchError(GuestError):
+    """QEMU could not be started or died during boot."""
+
+    def __init__(
+        self,
+        message: str,
+        guest: Guest | None = None,
+        *,
+        argv: list[str] | None = None,
+        exit_code: int | None = None,
+        console_tail: str = "",
+    ) -> None:
+        super().__init__(message, guest)
+        self.argv = argv or []
+        self.exit_code = exit_code
+        self.console_tail = console_tail
+
+
+class GuestCrashed(GuestError):
+    """The guest died or panicked during the test."""
+
+
+class GuestTimeout(GuestError, TimeoutError):
+    """A wait ran out; the message says what it last saw."""
+
+
+class CommandFailed(GuestError):
+    """A command in the guest exited non-zero (or zero, for ``fail``)."""
+
+    def __init__(
+        self,
+        message: str,
+        guest: Guest | None = None,
+        *,
+        command: str = "",
+        exit_status: int | None = None,
+        stdout: str = "",
+        stderr: str = "",
+    ) -> None:
+        super().__init__(message, guest)
+        self.command = command
+        self.exit_status = exit_status
+        self.stdout = stdout
+        self.stderr = stderr
