@@ -1,0 +1,1 @@
+"""Backends run guests: ``qemu`` directly (default) or through libvirt."""

@@ -1,0 +1,89 @@
+"""What a backend must provide: a machine built from a MachineSpec."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import NetworkSpec
+
+
+@dataclass(frozen=True)
+class Drive:
+    path: Path
+    format: str = "qcow2"
+    media: str = "disk"  # "disk" | "cdrom"
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything a backend needs to start one guest; paths live in ``workdir``."""
+
+    name: str
+    workdir: Path
+    drives: tuple[Drive, ...]
+    memory: int
+    cpus: int
+    accel: str
+    network: NetworkSpec
+    mac: str
+    ssh_port: int
+    boot: str = "disk"  # "disk" | "cdrom"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def serial_log(self) -> Path:
+        return self.workdir / "serial.log"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.workdir / "console.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.workdir / "qmp.sock"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.workdir / "qemu.log"
+
+
+class Machine(abc.ABC):
+    """A running guest as its backend sees it. ``start`` acts; ``close`` is idempotent."""
+
+    spec: MachineSpec
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def is_running(self) -> bool: ...
+
+    @abc.abstractmethod
+    def exit_code(self) -> int | None: ...
+
+    @abc.abstractmethod
+    def qmp(self, command: str, **args: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def wait_for_exit(self, timeout: float) -> bool: ...
+
+    @abc.abstractmethod
+    def shutdown(self, timeout: float = 30.0) -> None: ...
+
+    @abc.abstractmethod
+    def kill(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def argv(self) -> list[str]: ...
+
+    @property
+    @abc.abstractmethod
+    def events(self) -> list[dict[str, Any]]: ...

@@ -1,0 +1,254 @@
+"""The qemu backend: QEMU started directly, QMP through qemu.qmp, no daemon.
+
+Lifecycle like QEMU's own ``QEMUMachine``: the constructor records, ``start()`` acts
+(and on failure cleans up first, then raises with argv and console tail), ``close()``
+is idempotent and removes sockets and threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+from qemu.qmp import QMPClient
+
+from ..console import tail
+from ..errors import GuestLaunchError
+from ..network import netdev_args
+from .base import Machine, MachineSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+_PR_SET_PDEATHSIG = 1
+T = TypeVar("T")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
+    """The QEMU command line for ``spec`` (pure: unit-tested without QEMU)."""
+    accel = "kvm" if spec.accel == "kvm" else "tcg,thread=multi"
+    argv = [
+        binary,
+        "-name", f"guest={spec.name},debug-threads=on",
+        "-machine", "q35",
+        "-accel", accel,
+        "-cpu", "host" if spec.accel == "kvm" else "max",
+        "-m", str(spec.memory),
+        "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-chardev", f"socket,id=qmp,path={spec.qmp_socket}",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev",
+        f"socket,id=ser0,path={spec.console_socket},server=on,wait=off,"
+        f"logfile={spec.serial_log},logappend=on",
+        "-serial", "chardev:ser0",
+        "-device", "virtio-rng-pci",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=qga0,path={spec.workdir / 'qga.sock'},server=on,wait=off",
+        "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]  # fmt: skip
+    for index, drive in enumerate(spec.drives):
+        _check_path_for_qemu(str(drive.path))
+        opts = f"file={drive.path},format={drive.format},if=none,id=drive{index}"
+        if drive.media == "cdrom":
+            argv += ["-drive", opts + ",media=cdrom,readonly=on"]
+            argv += ["-device", f"ide-cd,drive=drive{index},bus=ide.{index}"]
+            continue
+        if drive.readonly:
+            opts += ",readonly=on"
+        else:
+            opts += ",cache=unsafe,discard=unmap"
+        argv += ["-drive", opts]
+        bootindex = ",bootindex=1" if index == 0 and spec.boot == "disk" else ""
+        argv += ["-device", f"virtio-blk-pci,drive=drive{index}{bootindex}"]
+    if spec.boot == "cdrom":
+        argv += ["-boot", "order=d"]
+    argv += netdev_args(spec.network, netdev_id="net0", ssh_port=spec.ssh_port)
+    argv += ["-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
+    argv += list(spec.extra_args)
+    return argv
+
+
+def _check_path_for_qemu(path: str) -> None:
+    # QEMU's option syntax splits on ',' ('' escapes it); refuse rather than misparse.
+    if "," in path:
+        raise GuestLaunchError(f"path {path!r} contains a comma, which QEMU options cannot carry")
+
+
+class _Qmp:
+    """A qemu.qmp client on its own event loop thread, so events arrive while tests run."""
+
+    def __init__(self, name: str) -> None:
+        self.client = QMPClient(name)
+        self.events: list[dict[str, Any]] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"qmp-{name}", daemon=True
+        )
+        self._thread.start()
+        self._collector: concurrent.futures.Future[None] | None = None
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"QMP did not answer within {timeout} s") from None
+
+    def start_server(self, path: str) -> None:
+        self.run(self.client.start_server(path), 10)
+
+    def accept(self, timeout: float, alive: Any) -> None:
+        future = asyncio.run_coroutine_threadsafe(self.client.accept(), self._loop)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                future.result(0.05)
+                break
+            except FutureTimeout:
+                if not alive() or time.monotonic() > deadline:
+                    future.cancel()
+                    raise TimeoutError("QEMU did not connect to QMP") from None
+        self._collector = asyncio.run_coroutine_threadsafe(self._collect(), self._loop)
+
+    async def _collect(self) -> None:
+        async for event in self.client.events:
+            self.events.append(dict(event))
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        # Closing: the socket may already be gone.
+        with contextlib.suppress(Exception):
+            self.run(self.client.disconnect(), 5)
+        if self._collector is not None:
+            self._collector.cancel()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class QemuMachine(Machine):
+    """One QEMU process."""
+
+    def __init__(self, spec: MachineSpec, binary: str = QEMU_BINARY) -> None:
+        self.spec = spec
+        self._argv = build_argv(spec, binary)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: _Qmp | None = None
+        self._closed = False
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self._argv)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return list(self._qmp.events) if self._qmp else []
+
+    def start(self, connect_timeout: float = 30.0) -> None:
+        if self._proc is not None:
+            raise RuntimeError("machine already started")
+        spec = self.spec
+        try:
+            self._qmp = _Qmp(spec.name)
+            self._qmp.start_server(str(spec.qmp_socket))
+            with spec.stderr_log.open("wb") as log:
+                self._proc = subprocess.Popen(
+                    self._argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    close_fds=True,
+                    start_new_session=True,  # Ctrl-C reaches pytest, which tears down
+                    preexec_fn=_die_with_parent,
+                )
+            self._qmp.accept(connect_timeout, self.is_running)
+        except BaseException as exc:
+            code = self._proc.poll() if self._proc else None
+            self.close()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            output = tail(spec.stderr_log, 10)
+            raise GuestLaunchError(
+                f"guest {spec.name!r}: QEMU failed to start"
+                + (f" (exit {code})" if code is not None else f" ({exc})")
+                + (f": {output}" if output else ""),
+                argv=self.argv,
+                exit_code=code,
+                console_tail=tail(spec.serial_log, 20),
+            ) from (exc if not isinstance(exc, TimeoutError) else None)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def qmp(self, command: str, **args: Any) -> Any:
+        if self._qmp is None or not self.is_running():
+            raise ConnectionError(f"guest {self.spec.name!r} is not running")
+        return self._qmp.run(self._qmp.client.execute(command, args or None), 30)
+
+    def wait_for_exit(self, timeout: float) -> bool:
+        if self._proc is None:
+            return True
+        try:
+            self._proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """ACPI power-off, then ``quit``, then SIGKILL."""
+        if not self.is_running():
+            return
+        try:
+            self.qmp("system_powerdown")
+            if self.wait_for_exit(timeout):
+                return
+            self.qmp("quit")
+            if self.wait_for_exit(5):
+                return
+        except (ConnectionError, TimeoutError, OSError, Exception):  # noqa: S110
+            pass
+        self.kill()
+
+    def kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.kill()
+        finally:
+            if self._qmp is not None:
+                self._qmp.close()
+            for path in (self.spec.qmp_socket, self.spec.console_socket):
+                path.unlink(missing_ok=True)
+            (self.spec.workdir / "qga.sock").unlink(missing_ok=True)

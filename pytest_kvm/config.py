@@ -1,0 +1,233 @@
+"""Settings and their resolution: marker > command line > environment > ini > default."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import KvmConfigError
+
+BACKENDS = ("qemu", "libvirt")
+ACCELS = ("auto", "kvm", "tcg")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A parsed ``--kvm-network`` value."""
+
+    kind: str  # "user" | "bridge" | "libvirt"
+    name: str = ""
+
+    def __str__(self) -> str:
+        return self.kind if not self.name else f"{self.kind}={self.name}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides how guests are started; resolved once, then read-only."""
+
+    images: tuple[str, ...] = ()
+    backend: str = "qemu"
+    uri: str = ""
+    network: NetworkSpec = field(default_factory=lambda: NetworkSpec("user"))
+    accel: str = "auto"
+    memory: int = 1024
+    cpus: int = 2
+    boot_timeout: float = 300.0
+    snapshot: bool = True
+    keep_on_failure: bool = False
+    artifacts: Path = Path(".pytest-kvm/artifacts")
+    cache: Path = field(default_factory=lambda: default_cache_dir())
+    kernel_args: str = ""
+
+    def with_marker(self, kwargs: Mapping[str, Any], where: str) -> Settings:
+        """Apply ``@pytest.mark.kvm(...)`` overrides, validating each value."""
+        changes: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key not in MARKER_KEYS:
+                raise KvmConfigError(
+                    f"{where}: unknown argument {key}= in @pytest.mark.kvm; "
+                    f"known: {', '.join(sorted(MARKER_KEYS))}"
+                )
+            if key == "image":
+                images = (value,) if isinstance(value, str | Path) else tuple(value)
+                changes["images"] = tuple(str(i) for i in images)
+                continue
+            opt = OPTIONS[key]
+            changes[key] = opt.parse(value, f"{where} (@pytest.mark.kvm {key}=)")
+        return replace(self, **changes)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pytest-kvm"
+
+
+def _positive_int(low: int, high: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, where: str) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise KvmConfigError(f"{where}: {value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise KvmConfigError(f"{where}: {number} is out of range ({low}..{high})")
+        return number
+
+    return parse
+
+
+def _seconds(value: Any, where: str) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise KvmConfigError(f"{where}: {value!r} is not a number of seconds") from None
+    if not 0 < number <= 24 * 3600:
+        raise KvmConfigError(f"{where}: {number} seconds is out of range (0..86400]")
+    return number
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise KvmConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise KvmConfigError(f"{where}: {value!r} is not a boolean (use true/false)")
+
+
+def _path(value: Any, where: str) -> Path:
+    text = str(value)
+    if not text.strip() or "\0" in text:
+        raise KvmConfigError(f"{where}: {value!r} is not a usable path")
+    return Path(text).expanduser()
+
+
+def _text(value: Any, where: str) -> str:
+    text = str(value)
+    if "\0" in text or "\n" in text:
+        raise KvmConfigError(f"{where}: {value!r} contains a NUL or newline")
+    return text
+
+
+_BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_LIBVIRT_NET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def parse_network(value: Any, where: str) -> NetworkSpec:
+    if isinstance(value, NetworkSpec):
+        return value
+    text = str(value).strip()
+    if text == "user":
+        return NetworkSpec("user")
+    kind, sep, name = text.partition("=")
+    if sep and kind == "bridge" and _BRIDGE_NAME.match(name):
+        return NetworkSpec("bridge", name)
+    if sep and kind == "libvirt" and _LIBVIRT_NET.match(name):
+        return NetworkSpec("libvirt", name)
+    raise KvmConfigError(
+        f"{where}: {value!r} is not a network spec; use user, bridge=NAME or libvirt=NETWORK"
+    )
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its CLI flag, parser and default."""
+
+    name: str
+    parse: Callable[[Any, str], Any]
+    help: str
+    metavar: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--kvm-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "kvm_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "PYTEST_KVM_" + self.name.upper()
+
+
+OPTIONS: dict[str, Option] = {
+    o.name: o
+    for o in (
+        Option("backend", _choice(BACKENDS), "who runs guests: qemu (default) or libvirt", "NAME"),
+        Option("uri", _text, "libvirt connection URI", "URI"),
+        Option("network", parse_network, "user (default), bridge=NAME, libvirt=NETWORK", "SPEC"),
+        Option("accel", _choice(ACCELS), "auto (default), kvm or tcg", "ACCEL"),
+        Option("memory", _positive_int(128, 1024 * 1024), "guest memory in MiB (1024)", "MIB"),
+        Option("cpus", _positive_int(1, 256), "guest vCPUs (2)", "N"),
+        Option("boot_timeout", _seconds, "seconds to SSH-ready, scaled under TCG (300)", "S"),
+        Option("snapshot", _bool, "restore guests from a booted template", ""),
+        Option("keep_on_failure", _bool, "leave a failed test's guest running", ""),
+        Option("artifacts", _path, "where failed tests' logs go", "DIR"),
+        Option("cache", _path, "built and downloaded images (~/.cache/pytest-kvm)", "DIR"),
+        Option("kernel_args", _text, "extra kernel command line (forces a real boot)", "ARGS"),
+    )
+}
+MARKER_KEYS = frozenset({"image", "memory", "cpus", "network", "snapshot", "kernel_args"})
+
+
+def resolve(
+    cli: Mapping[str, Any],
+    env: Mapping[str, str],
+    ini: Callable[[str], Any],
+) -> Settings:
+    """Build Settings from the command line, environment and ini, in that precedence.
+
+    ``cli`` maps option names to values (None when not given); ``ini(key)`` returns
+    the ini value or None/empty when unset.
+    """
+    values: dict[str, Any] = {}
+    for name, opt in OPTIONS.items():
+        raw: Any = None
+        where = ""
+        if cli.get(name) is not None:
+            raw, where = cli[name], f"command line {opt.flag}"
+        elif env.get(opt.env):
+            raw, where = env[opt.env], f"environment {opt.env}"
+        else:
+            ini_value = ini(opt.ini)
+            if ini_value not in (None, "", []):
+                raw, where = ini_value, f"ini {opt.ini}"
+        if raw is not None:
+            values[name] = opt.parse(raw, where)
+
+    images: tuple[str, ...] = ()
+    if cli.get("image"):
+        images = tuple(cli["image"])
+        where = "command line --kvm-image"
+    elif env.get("PYTEST_KVM_IMAGE"):
+        images = tuple(i for i in env["PYTEST_KVM_IMAGE"].split(",") if i.strip())
+        where = "environment PYTEST_KVM_IMAGE"
+    else:
+        ini_images = ini("kvm_image")
+        if ini_images:
+            images = tuple(ini_images if isinstance(ini_images, list) else [ini_images])
+            where = "ini kvm_image"
+    for image in images:
+        if not str(image).strip() or "\0" in str(image):
+            raise KvmConfigError(f"{where}: {image!r} is not an image path, URL or name")
+    values["images"] = tuple(str(i).strip() for i in images)
+    if "uri" not in values:
+        values["uri"] = "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+    return Settings(**values)

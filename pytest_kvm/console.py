@@ -1,0 +1,104 @@
+"""The serial console: QEMU writes everything to a log file from power-on; we read and type."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .errors import GuestTimeout
+
+
+def tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of a log, decoded leniently, without escape sequences."""
+    try:
+        with path.open("rb") as log:
+            log.seek(0, 2)
+            size = log.tell()
+            log.seek(max(0, size - max_bytes))
+            data = log.read()
+    except FileNotFoundError:
+        return ""
+    text = _ANSI.sub("", data.decode("utf-8", errors="replace")).replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]")
+
+
+class Console:
+    """Expect and send on a guest's serial console.
+
+    ``expect`` searches the log file (the whole output since power-on) from where the
+    previous match ended; ``send`` types into QEMU's console socket.
+    """
+
+    def __init__(self, log_path: Path, socket_path: Path, describe: str = "guest") -> None:
+        self.log_path = log_path
+        self.socket_path = socket_path
+        self.describe = describe
+        self._pos = 0
+        self._sock: socket.socket | None = None
+        self._drain: threading.Thread | None = None
+
+    def read_all(self) -> str:
+        try:
+            return self.log_path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def skip_to_end(self) -> None:
+        """Later expects only see output from now on."""
+        self._pos = len(self.read_all())
+
+    def expect(self, regex: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
+        __tracebackhide__ = True
+        pattern = re.compile(regex) if isinstance(regex, str) else regex
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.read_all()
+            match = pattern.search(text, self._pos)
+            if match:
+                self._pos = match.end()
+                return match
+            if time.monotonic() >= deadline:
+                raise GuestTimeout(
+                    f"{self.describe}: console did not show /{pattern.pattern}/ within "
+                    f"{timeout:.0f} s; last console lines:\n{tail(self.log_path, 15)}"
+                )
+            time.sleep(0.05)
+
+    def send(self, text: str | bytes) -> None:
+        data = text.encode() if isinstance(text, str) else text
+        self._connect().sendall(data)
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.socket_path))
+            self._sock = sock
+            # QEMU writes to the log only what the socket accepted: keep reading.
+            self._drain = threading.Thread(target=self._discard, args=(sock,), daemon=True)
+            self._drain.start()
+        return self._sock
+
+    @staticmethod
+    def _discard(sock: socket.socket) -> None:
+        try:
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if self._drain is not None:
+            self._drain.join(timeout=2)
+            self._drain = None

@@ -1,0 +1,543 @@
+"""The Guest facade: what a test holds. Like the NixOS test driver's Machine, with quoting."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from .backends.base import Drive, Machine, MachineSpec
+from .backends.qemu import QemuMachine
+from .config import NetworkSpec
+from .console import Console, tail
+from .errors import (
+    CommandFailed,
+    GuestCrashed,
+    GuestError,
+    GuestLaunchError,
+    GuestTimeout,
+    KvmConfigError,
+)
+from .images import Image
+from .images.overlay import create_overlay
+from .network import free_port
+from .run import RunContext
+from .seed import SeedConfig, write_seed
+from .ssh import CommandTimeout, KeyPair, SshSession
+
+_PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command did, like testinfra's CommandResult."""
+
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_status == 0
+
+    @property
+    def failed(self) -> bool:
+        return self.exit_status != 0
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """How one guest is made; resolved from settings, marker and factory arguments."""
+
+    image: Image
+    memory: int = 1024
+    cpus: int = 2
+    network: NetworkSpec = field(default_factory=lambda: NetworkSpec("user"))
+    boot_timeout: float = 300.0
+    hostname: str | None = None
+    cdrom: Path | None = None
+    disk_size: int | str | None = None
+    boot: str = "disk"
+    ssh: bool = True
+    user: str = "root"
+
+
+def parse_size(value: int | str | None) -> int | None:
+    """Bytes from ``8G``, ``512M``, ``1048576``; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise KvmConfigError(f"disk_size={value!r} is not a size like 8G or 512M")
+    unit = " KMGT".index(match.group(2).upper() or " ")
+    return int(match.group(1)) * 1024**unit
+
+
+def _tail_text(text: str, lines: int = 10) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class Guest:
+    """A disposable virtual machine. The constructor records; ``start()`` acts."""
+
+    def __init__(self, run: RunContext, config: GuestConfig, name: str | None = None) -> None:
+        if config.boot not in ("disk", "cdrom"):
+            raise KvmConfigError(f"boot={config.boot!r}: use 'disk' or 'cdrom'")
+        if config.boot == "cdrom" and config.cdrom is None:
+            raise KvmConfigError("boot='cdrom' needs cdrom=PATH")
+        if config.cdrom is not None and not Path(config.cdrom).is_file():
+            raise KvmConfigError(f"cdrom={str(config.cdrom)!r} does not exist")
+        self._run = run
+        self.config = config
+        self.name = run.identity.next_name(name)
+        self.mac = run.identity.mac_for(self.name)
+        self.image = config.image
+        self.backend = "qemu"
+        self.address = "127.0.0.1"
+        self.boot_timings: dict[str, float] = {}
+        self.workdir: Path | None = None
+        self.machine: Machine | None = None
+        self.console: Console
+        self._ssh: SshSession | None = None
+        self._host_key: KeyPair | None = None
+        self._port = 0
+        self._closed = False
+        scale = run.accel.timeout_scale
+        self.boot_timeout = config.boot_timeout * scale
+        self.timeout_scale = scale
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"guest {self.name!r} ({self.image.name})"
+
+    def start(self) -> Guest:
+        if self.workdir is not None:
+            raise GuestError(f"{self.describe()}: already started", self)
+        t0 = time.monotonic()
+        try:
+            self.workdir = self._run.guest_dir(self.name)
+            self.console = Console(
+                self.workdir / "serial.log", self.workdir / "console.sock", self.describe()
+            )
+            overlay = create_overlay(
+                self.image.path,
+                self.image.format,
+                self.workdir / "disk.qcow2",
+                size=self._disk_size(),
+            )
+            self.boot_timings["overlay"] = time.monotonic() - t0
+            t1 = time.monotonic()
+            self._host_key = KeyPair.generate(f"host-{self.name}")
+            seed = write_seed(
+                SeedConfig(
+                    instance_id=self.name,
+                    hostname=self.config.hostname or self.name[:63],
+                    authorized_key=self._run.client_key.public_openssh,
+                    host_key_private=self._host_key.private_openssh,
+                    host_key_public=self._host_key.public_openssh,
+                ),
+                self.workdir / "seed.iso",
+            )
+            self.boot_timings["seed"] = time.monotonic() - t1
+            drives = [Drive(overlay, "qcow2"), Drive(seed, "raw", readonly=True)]
+            if self.config.cdrom is not None:
+                drives.append(Drive(Path(self.config.cdrom).resolve(), "raw", media="cdrom"))
+            t2 = time.monotonic()
+            self._launch(tuple(drives))
+            self.boot_timings["qemu_start"] = time.monotonic() - t2
+            if self.config.ssh:
+                t3 = time.monotonic()
+                self._connect(time.monotonic() + self.boot_timeout)
+                self.boot_timings["ssh_ready"] = time.monotonic() - t3
+            self.boot_timings["total"] = time.monotonic() - t0
+            return self
+        except BaseException:
+            self.close()
+            raise
+
+    def _disk_size(self) -> int | None:
+        size = parse_size(self.config.disk_size)
+        if size is not None and size < self.image.virtual_size:
+            raise KvmConfigError(
+                f"{self.describe()}: disk_size {size} bytes is smaller than the image "
+                f"({self.image.virtual_size} bytes)"
+            )
+        return size
+
+    def _launch(self, drives: tuple[Drive, ...]) -> None:
+        assert self.workdir is not None
+        for attempt in range(5):
+            self._port = free_port()
+            spec = MachineSpec(
+                name=self.name,
+                workdir=self.workdir,
+                drives=drives,
+                memory=self.config.memory,
+                cpus=self.config.cpus,
+                accel=self._run.accel.name,
+                network=self.config.network,
+                mac=self.mac,
+                ssh_port=self._port,
+                boot=self.config.boot,
+            )
+            machine = QemuMachine(spec)
+            try:
+                machine.start()
+            except GuestLaunchError as exc:
+                exc.guest = self
+                # Another process took the port between our check and QEMU's bind.
+                if "host forwarding rule" in str(exc) and attempt < 4:
+                    continue
+                raise
+            self.machine = machine
+            return
+
+    def _alive(self) -> str:
+        """ "" while the guest may still answer; else what happened to it."""
+        machine = self.machine
+        if machine is None:
+            return f"{self.describe()} was never started"
+        panic = _PANIC.search(tail(self.console.log_path, 60))
+        if panic:
+            return f"{self.describe()} panicked: {panic.group(0)}"
+        if not machine.is_running():
+            return f"{self.describe()}: QEMU exited (status {machine.exit_code()})"
+        return ""
+
+    def _connect(self, deadline: float) -> None:
+        assert self._host_key is not None
+        session = SshSession("127.0.0.1", self._port, self.config.user,
+                             self._run.client_key, self._host_key)  # fmt: skip
+        try:
+            session.connect(deadline, alive=self._alive)
+        except ConnectionAbortedError as exc:
+            raise GuestCrashed(
+                f"{exc}; last console lines:\n{tail(self.console.log_path, 20)}", self
+            ) from None
+        except GuestTimeout as exc:
+            raise GuestTimeout(
+                f"{self.describe()}: not SSH-ready after {self.boot_timeout:.0f} s ({exc}); "
+                f"last console lines:\n{tail(self.console.log_path, 20)}",
+                self,
+            ) from None
+        except paramiko.BadHostKeyException as exc:
+            raise GuestError(
+                f"{self.describe()}: the host on 127.0.0.1:{self._port} offered host key "
+                f"{exc.key.get_fingerprint().hex()}, not the one pinned for this guest; "
+                "refusing to connect",
+                self,
+            ) from None
+        self._ssh = session
+
+    def close(self) -> None:
+        """Stop the guest and remove everything it had; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._ssh is not None:
+                self._ssh.close()
+            if hasattr(self, "console"):
+                self.console.close()
+        finally:
+            try:
+                if self.machine is not None:
+                    self.machine.close()
+            finally:
+                if self.workdir is not None:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Guest:
+        return self.start() if self.workdir is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- facts --------------------------------------------------------------------------
+
+    @property
+    def serial_log(self) -> Path:
+        return self.console.log_path
+
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        return self._session().client
+
+    @property
+    def ssh_port(self) -> int:
+        return self._port
+
+    @property
+    def known_hosts(self) -> Path:
+        assert self.workdir is not None and self._ssh is not None
+        path = self.workdir / "known_hosts"
+        if not path.exists():
+            path.write_text(self._ssh.known_hosts_line())
+            path.chmod(0o600)
+        return path
+
+    @property
+    def ssh_command(self) -> str:
+        """A command line a person can paste into a shell to reach this guest."""
+        argv = [
+            "ssh", "-i", str(self._run.client_key.path), "-p", str(self._port),
+            "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            f"{self.config.user}@{self.address}",
+        ]  # fmt: skip
+        return shlex.join(argv)
+
+    # -- commands -------------------------------------------------------------------
+
+    def _session(self) -> SshSession:
+        if self._ssh is None:
+            raise GuestError(f"{self.describe()}: no SSH connection (started with ssh=False?)")
+        return self._ssh
+
+    def run(self, cmd: str, timeout: float = 60) -> CommandResult:
+        """Run ``cmd`` with the guest's shell; never raises for a non-zero exit."""
+        __tracebackhide__ = True
+        session = self._session()
+        limit = timeout * self.timeout_scale
+        if not session.is_active():
+            self._reconnect(30 * self.timeout_scale)
+        try:
+            raw = session.exec(cmd, limit)
+        except CommandTimeout as exc:
+            raise GuestTimeout(
+                f"{self.describe()}: command {cmd!r} did not finish within {limit:.0f} s; "
+                f"output so far: {_tail_text(exc.stdout, 5)!r} {_tail_text(exc.stderr, 5)!r}",
+                self,
+            ) from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            dead = self._alive()
+            if dead:
+                raise GuestCrashed(
+                    f"{dead}; command {cmd!r} was running; last console lines:\n"
+                    f"{tail(self.console.log_path, 20)}",
+                    self,
+                ) from None
+            raise GuestError(
+                f"{self.describe()}: command {cmd!r}: SSH failed ({type(exc).__name__}: {exc}); "
+                "the console is still reachable as guest.console",
+                self,
+            ) from None
+        return CommandResult(cmd, raw.exit_status, raw.stdout, raw.stderr)
+
+    def _reconnect(self, timeout: float) -> None:
+        self._session().close()
+        dead = self._alive()
+        if dead:
+            raise GuestCrashed(f"{dead}; last console lines:\n{tail(self.console.log_path, 20)}")
+        self._connect(time.monotonic() + timeout)
+
+    def succeed(self, cmd: str, timeout: float = 60) -> str:
+        """Run ``cmd``; return its stdout, or raise CommandFailed with both output tails."""
+        __tracebackhide__ = True
+        result = self.run(cmd, timeout)
+        if result.exit_status != 0:
+            detail = _tail_text(result.stderr) or _tail_text(result.stdout) or "no output"
+            raise CommandFailed(
+                f"{self.describe()}: command {cmd!r} failed (exit {result.exit_status}): {detail}",
+                self,
+                command=cmd,
+                exit_status=result.exit_status,
+                stdout=_tail_text(result.stdout, 40),
+                stderr=_tail_text(result.stderr, 40),
+            )
+        return result.stdout
+
+    def fail(self, cmd: str, timeout: float = 60) -> str:
+        """Run ``cmd``; it must fail. Returns its stderr (or stdout if stderr is empty)."""
+        __tracebackhide__ = True
+        result = self.run(cmd, timeout)
+        if result.exit_status == 0:
+            raise CommandFailed(
+                f"{self.describe()}: command {cmd!r} succeeded but was expected to fail: "
+                f"{_tail_text(result.stdout) or 'no output'}",
+                self,
+                command=cmd,
+                exit_status=0,
+                stdout=_tail_text(result.stdout, 40),
+                stderr=_tail_text(result.stderr, 40),
+            )
+        return result.stderr or result.stdout
+
+    def wait_until_succeeds(self, cmd: str, timeout: float = 120) -> str:
+        """Retry ``cmd`` until it exits 0; the timeout error shows the last attempt."""
+        __tracebackhide__ = True
+        last: CommandResult | None = None
+
+        def attempt() -> bool:
+            nonlocal last
+            last = self.run(cmd, timeout=max(timeout, 10))
+            return last.exit_status == 0
+
+        self._retry(attempt, timeout, lambda: f"command {cmd!r} never succeeded", lambda: last)
+        assert last is not None
+        return last.stdout
+
+    def wait_for_unit(self, unit: str, timeout: float = 120) -> None:
+        """Wait until a systemd unit is active; a failed unit raises at once."""
+        __tracebackhide__ = True
+        q = shlex.quote(unit)
+        last: CommandResult | None = None
+
+        def attempt() -> bool:
+            nonlocal last
+            last = self.run(f"systemctl is-active {q}", timeout=30)
+            state = last.stdout.strip()
+            if state == "failed":
+                status = self.run(f"systemctl status --no-pager --lines=10 {q}", timeout=30)
+                raise CommandFailed(
+                    f"{self.describe()}: unit {unit!r} failed:\n{_tail_text(status.stdout, 15)}",
+                    self,
+                    command=last.command,
+                    exit_status=last.exit_status,
+                    stdout=status.stdout,
+                )
+            return state == "active"
+
+        self._retry(attempt, timeout, lambda: f"unit {unit!r} never became active", lambda: last)
+
+    def wait_for_port(self, port: int, timeout: float = 120) -> None:
+        """Wait until something in the guest listens on TCP ``port``."""
+        __tracebackhide__ = True
+        if not 0 < int(port) < 65536:
+            raise KvmConfigError(f"port {port!r} is not a TCP port number")
+        cmd = f"ss -Htln {shlex.quote(f'sport = :{int(port)}')} | grep -q ."
+        last: CommandResult | None = None
+
+        def attempt() -> bool:
+            nonlocal last
+            last = self.run(cmd, timeout=30)
+            return last.exit_status == 0
+
+        self._retry(attempt, timeout, lambda: f"nothing listened on port {port}", lambda: last)
+
+    def wait_for_console(self, regex: str | re.Pattern[str], timeout: float = 120) -> re.Match[str]:
+        __tracebackhide__ = True
+        return self.console.expect(regex, timeout * self.timeout_scale)
+
+    def _retry(
+        self,
+        attempt: Callable[[], bool],
+        timeout: float,
+        what: Callable[[], str],
+        last: Callable[[], CommandResult | None],
+    ) -> None:
+        __tracebackhide__ = True
+        limit = timeout * self.timeout_scale
+        deadline = time.monotonic() + limit
+        delay = 0.2
+        while True:
+            last_try = time.monotonic() >= deadline
+            if attempt():
+                return
+            if last_try:
+                seen = last()
+                observed = (
+                    f" (last exit {seen.exit_status}: "
+                    f"{_tail_text(seen.stdout + seen.stderr, 3) or 'no output'})"
+                    if seen
+                    else ""
+                )
+                raise GuestTimeout(
+                    f"{self.describe()}: {what()} within {limit:.0f} s{observed}", self
+                )
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 2.0)
+
+    # -- files -------------------------------------------------------------------------
+
+    def put(self, local: str | Path, remote: str) -> None:
+        local_path = Path(local)
+        if not local_path.is_file():
+            raise KvmConfigError(f"{self.describe()}: put: {str(local)!r} is not a file")
+        try:
+            self._session().put(local_path, remote)
+        except OSError as exc:
+            raise GuestError(
+                f"{self.describe()}: put {str(local)!r} -> {remote!r}: {exc}"
+            ) from None
+
+    def get(self, remote: str, local: str | Path) -> Path:
+        local_path = Path(local)
+        try:
+            self._session().get(remote, local_path)
+        except OSError as exc:
+            local_path.unlink(missing_ok=True)
+            raise GuestError(
+                f"{self.describe()}: get {remote!r} -> {str(local)!r}: {exc}"
+            ) from None
+        return local_path
+
+    # -- power -------------------------------------------------------------------------
+
+    def reboot(self, timeout: float | None = None) -> None:
+        """Reboot the guest and wait until it answers SSH again (a new boot)."""
+        __tracebackhide__ = True
+        old_boot = self.succeed("cat /proc/sys/kernel/random/boot_id").strip()
+        self.console.skip_to_end()
+        # Detach so the command returns before sshd goes away.
+        self.run("systemd-run --no-block systemctl reboot || (sleep 1; reboot) >/dev/null 2>&1 &")
+        self._session().close()
+        limit = (timeout or self.config.boot_timeout) * self.timeout_scale
+        deadline = time.monotonic() + limit
+        while True:
+            self._connect(deadline)
+            now = self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+            if now and now != old_boot:
+                return
+            self._session().close()
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"{self.describe()}: did not reboot within {limit:.0f} s", self)
+            time.sleep(0.5)
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """Power off cleanly (ACPI) and wait until QEMU exits."""
+        if self.machine is None:
+            return
+        if self._ssh is not None:
+            self._ssh.close()
+        self.machine.shutdown(timeout * self.timeout_scale)
+
+    def wait_for_shutdown(self, timeout: float = 300) -> None:
+        __tracebackhide__ = True
+        assert self.machine is not None
+        if not self.machine.wait_for_exit(timeout * self.timeout_scale):
+            raise GuestTimeout(
+                f"{self.describe()}: still running after {timeout * self.timeout_scale:.0f} s; "
+                f"last console lines:\n{tail(self.console.log_path, 20)}",
+                self,
+            )
+
+    def kill(self) -> None:
+        """Pull the plug."""
+        if self._ssh is not None:
+            self._ssh.close()
+        if self.machine is not None:
+            self.machine.kill()
+
+    @property
+    def is_running(self) -> bool:
+        return self.machine is not None and self.machine.is_running()
+
+    def qmp(self, command: str, **args: Any) -> Any:
+        assert self.machine is not None
+        return self.machine.qmp(command, **args)
+
+    def __repr__(self) -> str:
+        return f"<Guest {self.name} {self.image.name} port={self._port}>"

@@ -1,0 +1,148 @@
+"""Turn what the user gave ``--kvm-image`` into a validated Image: a path or a catalog name.
+
+Catalog images are built on first use into the cache, under a file lock, so that
+several pytest processes asking at once build once and share the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..errors import ImageError, KvmConfigError
+from . import Image
+from .overlay import image_info, qemu_img
+
+_NAME = re.compile(r"^[a-z][a-z0-9.+-]*$")
+_URL = re.compile(r"^(https?|file)://", re.IGNORECASE)
+
+
+def classify(spec: str) -> str:
+    """ "url", "path" or "catalog": how a ``--kvm-image`` value will be resolved."""
+    if _URL.match(spec):
+        return "url"
+    if "/" in spec or Path(spec).suffix in (".qcow2", ".img", ".raw") or Path(spec).exists():
+        return "path"
+    return "catalog"
+
+
+def check_spec(spec: str) -> None:
+    """Fast checks at start-up; a KvmConfigError names the value and the problem."""
+    kind = classify(spec)
+    if kind == "url":
+        raise KvmConfigError(
+            f"--kvm-image {spec!r}: downloading images by URL is not supported yet; "
+            "download it and pass the path"
+        )
+    if kind == "path":
+        validate_path(Path(spec).expanduser(), spec)
+        return
+    if not _NAME.match(spec):
+        raise KvmConfigError(f"--kvm-image {spec!r}: not a path, URL or catalog name")
+    from .recipe import catalog_names
+
+    if spec not in catalog_names():
+        raise KvmConfigError(
+            f"--kvm-image {spec!r}: unknown catalog image; known: {', '.join(catalog_names())}"
+        )
+
+
+def validate_path(path: Path, given: str) -> tuple[str, int]:
+    """Format and virtual size of a usable base image, else an ImageError saying why."""
+    if not path.exists():
+        raise ImageError(f"image {given!r} does not exist")
+    if not path.is_file():
+        raise ImageError(f"image {given!r} is not a regular file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ImageError(f"image {given!r} cannot be opened: {exc.strerror}") from None
+    try:
+        info = image_info(path)
+    except ImageError as exc:
+        raise ImageError(f"image {given!r} is not a usable disk image: {exc}") from None
+    fmt = str(info.get("format", ""))
+    size = int(info.get("virtual-size", 0))
+    if fmt == "qcow2":
+        proc = qemu_img("check", "-U", "--output=json", "--", str(path), timeout=300)
+        report = _json_or_empty(proc.stdout)
+        errors = _count(report, "corruptions") + _count(report, "check-errors")
+        if proc.returncode not in (0, 3) or errors:
+            raise ImageError(
+                f"image {given!r} is a damaged qcow2 (truncated or corrupt): "
+                f"qemu-img check found {errors or 'errors'}"
+                + (f" ({proc.stderr.strip().splitlines()[-1]})" if proc.stderr.strip() else "")
+            )
+        return fmt, size
+    if fmt == "raw":
+        with path.open("rb") as disk:
+            head = disk.read(512)
+        if size < 1024 * 1024 or len(head) < 512 or head[510:512] != b"\x55\xaa":
+            raise ImageError(
+                f"image {given!r} is not a disk image: no qcow2 header and no partition "
+                "table (expected qcow2, or a raw disk with an MBR/GPT)"
+            )
+        return fmt, size
+    raise ImageError(f"image {given!r} has format {fmt!r}; pytest-kvm accepts qcow2 and raw")
+
+
+def _count(report: dict[str, object], key: str) -> int:
+    value = report.get(key, 0)
+    return value if isinstance(value, int) else 0
+
+
+def _json_or_empty(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def image_name(spec: str) -> str:
+    """The readable name test ids carry for an image value."""
+    if classify(spec) == "catalog":
+        return spec
+    stem = Path(spec.split("#", 1)[0].rstrip("/")).name
+    for suffix in (".qcow2", ".img", ".raw"):
+        stem = stem.removesuffix(suffix)
+    return stem or spec
+
+
+def resolve(spec: str, cache: Path, progress: Callable[[str], None] = print) -> Image:
+    """The Image for ``spec``, building a catalog image into ``cache`` if needed."""
+    kind = classify(spec)
+    if kind == "path":
+        path = Path(spec).expanduser().resolve()
+        fmt, size = validate_path(path, spec)
+        return Image(image_name(spec), path, fmt, spec, size)
+    check_spec(spec)
+    return build_cached(spec, cache, progress)
+
+
+def catalog_path(name: str, cache: Path) -> Path:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(name)
+    return cache / "images" / f"{name}-{recipe.digest()[:12]}.qcow2"
+
+
+def build_cached(name: str, cache: Path, progress: Callable[[str], None] = print) -> Image:
+    """The cached build of catalog image ``name``; builds it once across processes."""
+    from .builder import build_image
+    from .recipe import load_recipe
+
+    recipe = load_recipe(name)
+    path = catalog_path(name, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            progress(f"pytest-kvm: building image {name} into {path} (first use)")
+            build_image(recipe, path, progress=progress)
+    fmt, size = validate_path(path, name)
+    return Image(name, path, fmt, name, size)

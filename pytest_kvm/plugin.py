@@ -1,0 +1,320 @@
+"""pytest entry point: options, marker, hooks and fixtures. Thin: the work is elsewhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import accel
+from .backends.qemu import QEMU_BINARY
+from .config import OPTIONS, Settings, resolve
+from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
+from .guest import Guest, GuestConfig
+from .images import Image
+from .images.store import check_spec, image_name
+from .images.store import resolve as resolve_image
+from .run import RunContext
+
+GUEST_FIXTURES = ("kvm_guest", "kvm_guest_factory", "kvm_image")
+settings_key = pytest.StashKey[Settings]()
+guests_key = pytest.StashKey[list[Guest]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kvm", "pytest-kvm: disposable QEMU/KVM guests")
+    group.addoption(
+        "--kvm-image",
+        action="append",
+        dest="kvm_image",
+        metavar="IMAGE",
+        help="base image: a qcow2/raw path or a catalog name (debian-12); repeatable",
+    )
+    parser.addini("kvm_image", "default --kvm-image values", type="linelist")
+    for opt in OPTIONS.values():
+        dest = "kvm_" + opt.name
+        if opt.name in ("snapshot", "keep_on_failure"):
+            group.addoption(opt.flag, action="store_true", dest=dest, default=None, help=opt.help)
+            if opt.name == "snapshot":
+                group.addoption(
+                    "--kvm-no-snapshot",
+                    action="store_false",
+                    dest=dest,
+                    help="boot every guest for real",
+                )
+        else:
+            group.addoption(opt.flag, dest=dest, metavar=opt.metavar, default=None, help=opt.help)
+        parser.addini(opt.ini, opt.help)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=): "
+        "override pytest-kvm settings for a test, class or module",
+    )
+    cli = {name: config.getoption("kvm_" + name) for name in OPTIONS}
+    cli["image"] = config.getoption("kvm_image")
+    try:
+        settings = resolve(cli, os.environ, config.getini)
+        for spec in settings.images:
+            check_spec(spec)
+        if settings.images and settings.backend != "qemu":
+            raise KvmConfigError(
+                f"--kvm-backend {settings.backend}: only the qemu backend is available so far"
+            )
+    except (KvmConfigError, ImageError, KvmUnavailable) as exc:
+        raise pytest.UsageError(f"pytest-kvm: {exc}") from None
+    config.stash[settings_key] = settings
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash.get(settings_key, None)
+    if settings is None or not settings.images:
+        return ["pytest-kvm: no --kvm-image given; guest tests will be skipped"]
+    try:
+        choice = accel.choose(settings.accel)
+    except KvmConfigError as exc:
+        return [f"pytest-kvm: {exc}"]
+    lines = [
+        f"pytest-kvm: images {', '.join(settings.images)}; backend {settings.backend}; "
+        f"network {settings.network}; accel {choice.name}"
+    ]
+    if choice.warning:
+        lines.append(choice.warning)
+    return lines
+
+
+def _marker_settings(node: pytest.Item, base: Settings) -> Settings:
+    settings = base
+    # Farthest first, so the closest marker (function over class over module) wins.
+    for marker in reversed(list(node.iter_markers("kvm"))):
+        if marker.args:
+            raise KvmConfigError(f"{node.nodeid}: @pytest.mark.kvm takes keyword arguments only")
+        settings = settings.with_marker(marker.kwargs, node.nodeid)
+    return settings
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not any(name in metafunc.fixturenames for name in GUEST_FIXTURES):
+        return
+    base = metafunc.config.stash[settings_key]
+    try:
+        settings = _marker_settings(metafunc.definition, base)
+        for spec in settings.images:
+            if spec not in base.images:
+                check_spec(spec)
+    except (KvmConfigError, ImageError) as exc:
+        raise pytest.UsageError(f"pytest-kvm: {exc}") from None
+    if settings.images:
+        metafunc.parametrize(
+            "kvm_image",
+            list(settings.images),
+            indirect=True,
+            ids=[image_name(spec) for spec in settings.images],
+            scope="function",
+        )
+
+
+@pytest.fixture(scope="session")
+def _kvm_session(request: pytest.FixtureRequest) -> Iterator[_Session]:
+    session = _Session(request.config)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+class _Session:
+    """Lazily made per-process state: accelerator choice, run dir and key, resolved images."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.settings = config.stash[settings_key]
+        self._run: RunContext | None = None
+        self._images: dict[str, Image] = {}
+
+    def progress(self, message: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            return
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.ensure_newline()
+                reporter.write_line(message)
+        else:
+            reporter.write_line(message)
+
+    @property
+    def run(self) -> RunContext:
+        if self._run is None:
+            if shutil.which(QEMU_BINARY) is None:
+                raise KvmUnavailable(
+                    f"{QEMU_BINARY} is not installed (Debian package: qemu-system-x86)"
+                )
+            choice = accel.choose(self.settings.accel)
+            self._run = RunContext(choice)
+        return self._run
+
+    def image(self, spec: str) -> Image:
+        if spec not in self._images:
+            self._images[spec] = resolve_image(spec, self.settings.cache, self.progress)
+        return self._images[spec]
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.close()
+
+
+@pytest.fixture
+def kvm_image(request: pytest.FixtureRequest, _kvm_session: _Session) -> Image:
+    """The current base image (parametrized over ``--kvm-image``)."""
+    spec = getattr(request, "param", None)
+    if spec is None:
+        pytest.skip("pytest-kvm: no --kvm-image given (e.g. --kvm-image debian-12)")
+    try:
+        return _kvm_session.image(spec)
+    except KvmUnavailable as exc:
+        pytest.skip(f"pytest-kvm: {exc}")
+
+
+GuestFactory = Callable[..., Guest]
+
+
+@pytest.fixture
+def kvm_guest_factory(
+    request: pytest.FixtureRequest, kvm_image: Image, _kvm_session: _Session
+) -> Iterator[GuestFactory]:
+    """``factory(image=None, network=None, memory=None, cpus=None, name=None, ...)``."""
+    settings = _marker_settings(request.node, _kvm_session.settings)
+    started: list[Guest] = []
+    request.node.stash[guests_key] = started
+
+    def factory(
+        image: str | Image | None = None,
+        network: str | None = None,
+        memory: int | None = None,
+        cpus: int | None = None,
+        name: str | None = None,
+        cdrom: str | os.PathLike[str] | None = None,
+        disk_size: int | str | None = None,
+        boot: str = "disk",
+        ssh: bool = True,
+        hostname: str | None = None,
+    ) -> Guest:
+        __tracebackhide__ = True
+        where = f"{request.node.nodeid}: kvm_guest_factory"
+        shaped = settings.with_marker(
+            {
+                k: v
+                for k, v in (("memory", memory), ("cpus", cpus), ("network", network))
+                if v is not None
+            },
+            where,
+        )
+        if shaped.kernel_args:
+            raise KvmConfigError(f"{where}: kernel_args= needs the template feature (not yet)")
+        if isinstance(image, Image):
+            base = image
+        elif image is not None:
+            check_spec(str(image))
+            base = _kvm_session.image(str(image))
+        else:
+            base = kvm_image
+        config = GuestConfig(
+            image=base,
+            memory=shaped.memory,
+            cpus=shaped.cpus,
+            network=shaped.network,
+            boot_timeout=shaped.boot_timeout,
+            hostname=hostname,
+            cdrom=Path(cdrom) if cdrom is not None else None,
+            disk_size=disk_size,
+            boot=boot,
+            ssh=ssh,
+        )
+        try:
+            run = _kvm_session.run
+        except KvmUnavailable as exc:
+            pytest.skip(f"pytest-kvm: {exc}")
+        guest = Guest(run, config, name)
+        started.append(guest)
+        guest.start()
+        return guest
+
+    with ExitStack() as stack:
+        stack.callback(_close_all, started)
+        yield factory
+
+
+def _close_all(guests: list[Guest]) -> None:
+    """Close every guest, newest first; an error closing one does not skip the others."""
+    errors: list[BaseException] = []
+    for guest in reversed(guests):
+        try:
+            guest.close()
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def kvm_guest(kvm_guest_factory: GuestFactory) -> Guest:
+    """A started guest, SSH-ready, destroyed after the test."""
+    return kvm_guest_factory()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and call.when in ("call", "setup"):
+        guests = item.stash.get(guests_key, [])
+        settings = item.config.stash.get(settings_key, None)
+        for guest in guests:
+            if guest.workdir is None or not guest.serial_log.exists():
+                continue
+            section = guest.console.read_all() and _console_tail(guest)
+            report.sections.append((f"kvm console tail: {guest.name}", section))
+            if settings is not None:
+                saved = _save_artifacts(guest, settings.artifacts, item.nodeid)
+                report.sections.append((f"kvm artifacts: {guest.name}", str(saved)))
+    return report
+
+
+def _console_tail(guest: Guest) -> str:
+    from .console import tail
+
+    return tail(guest.serial_log, 30)
+
+
+def _save_artifacts(guest: Guest, root: Path, nodeid: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in nodeid)[-150:]
+    folder = root / safe / guest.name
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(guest.serial_log, folder / "serial.log")
+    if guest.machine is not None:
+        (folder / "qemu-argv.txt").write_text("\n".join(guest.machine.argv) + "\n")
+    (folder / "boot-timings.txt").write_text(
+        "".join(f"{k}: {v:.3f}\n" for k, v in guest.boot_timings.items())
+    )
+    return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    settings = config.stash.get(settings_key, None)
+    if settings is None:
+        return
+    for item in items:
+        if item.get_closest_marker("kvm") is None:
+            continue
+        try:
+            _marker_settings(item, settings)
+        except KvmError as exc:
+            raise pytest.UsageError(f"pytest-kvm: {exc}") from None

@@ -1,0 +1,39 @@
+"""Per-run state shared by every guest of one pytest process: id, private dir, SSH key."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .accel import AccelChoice
+from .network import Identity
+from .ssh import KeyPair
+
+
+class RunContext:
+    """One per pytest process (controller or xdist worker); ``close`` removes it all."""
+
+    def __init__(self, accel: AccelChoice, identity: Identity | None = None) -> None:
+        self.accel = accel
+        self.identity = identity or Identity()
+        base = os.environ.get("PYTEST_KVM_RUNTIME_DIR") or tempfile.gettempdir()
+        # Short: UNIX socket paths must stay under 108 bytes.
+        self.dir = Path(tempfile.mkdtemp(prefix=f"pytest-kvm-{self.identity.run_id}-", dir=base))
+        os.chmod(self.dir, 0o700)
+        self.client_key = KeyPair.generate(f"pytest-kvm-{self.identity.run_id}").save(
+            self.dir / "id_ed25519"
+        )
+        self._closed = False
+
+    def guest_dir(self, name: str) -> Path:
+        path = self.dir / name
+        path.mkdir(mode=0o700)
+        return path
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        shutil.rmtree(self.dir, ignore_errors=True)

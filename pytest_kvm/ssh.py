@@ -1,0 +1,215 @@
+"""SSH to guests with paramiko: keys, pinned host keys, retry to a deadline, commands, SFTP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .errors import GuestTimeout
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An ed25519 key pair in OpenSSH formats; ``path`` holds the private key (0600)."""
+
+    private_openssh: str
+    public_openssh: str
+    path: Path | None = None
+
+    @classmethod
+    def generate(cls, comment: str = "pytest-kvm") -> KeyPair:
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ).decode()
+        public = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
+        return cls(private, f"{public} {comment}")
+
+    def save(self, path: Path) -> KeyPair:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.private_openssh)
+        return KeyPair(self.private_openssh, self.public_openssh, path)
+
+    def pkey(self) -> paramiko.PKey:
+        assert self.path is not None, "save() the key first"
+        return paramiko.Ed25519Key.from_private_key_file(str(self.path))
+
+    def public_key(self) -> paramiko.PKey:
+        kind, blob = self.public_openssh.split()[:2]
+        return paramiko.PKey.from_type_string(kind, _b64decode(blob))
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+class CommandTimeout(Exception):
+    """A command outlived its timeout; carries the output it had produced."""
+
+    def __init__(self, stdout: str, stderr: str) -> None:
+        super().__init__("command timed out")
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class RawResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class SshSession:
+    """One paramiko connection to a guest, with the guest's host key pinned."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        client_key: KeyPair,
+        host_key: KeyPair,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.client_key = client_key
+        self.host_key = host_key
+        self._client: paramiko.SSHClient | None = None
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        if self._client is None:
+            raise ConnectionError("not connected")
+        return self._client
+
+    def known_hosts_line(self) -> str:
+        host = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        kind, blob = self.host_key.public_openssh.split()[:2]
+        return f"{host} {kind} {blob}\n"
+
+    def connect_once(self, timeout: float) -> None:
+        """One attempt; raises what paramiko raised."""
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        client.get_host_keys().add(name, "ssh-ed25519", self.host_key.public_key())
+        try:
+            client.connect(
+                self.host,
+                port=self.port,
+                username=self.user,
+                pkey=self.client_key.pkey(),
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except BaseException:
+            client.close()
+            raise
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        self.close()
+        self._client = client
+
+    def connect(self, deadline: float, alive: Callable[[], str] | None = None) -> float:
+        """Retry until connected or ``deadline`` (monotonic); returns seconds spent.
+
+        ``alive()`` returns "" while the guest can still come up, else why not.
+        """
+        start = time.monotonic()
+        last_error = "no attempt made"
+        while True:
+            if alive is not None:
+                dead = alive()
+                if dead:
+                    raise ConnectionAbortedError(dead)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestTimeout(f"SSH to {self.host}:{self.port} not ready: {last_error}")
+            try:
+                self.connect_once(timeout=min(10.0, max(remaining, 0.5)))
+                return time.monotonic() - start
+            except paramiko.BadHostKeyException:
+                raise
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+
+    def exec(self, command: str, timeout: float) -> RawResult:
+        """Run ``command`` through the guest user's shell; stdout and stderr read concurrently."""
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionError("SSH connection is closed")
+        chan = transport.open_session(timeout=timeout)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        try:
+            chan.exec_command(command)
+            chan.shutdown_write()
+            while True:
+                while chan.recv_ready():
+                    out.append(chan.recv(65536))
+                while chan.recv_stderr_ready():
+                    err.append(chan.recv_stderr(65536))
+                drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+                if drained and (chan.exit_status_ready() or chan.closed):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CommandTimeout(_decode(b"".join(out)), _decode(b"".join(err)))
+                select.select([chan], [], [], min(remaining, 1.0))
+            status = chan.recv_exit_status()
+        finally:
+            chan.close()
+        return RawResult(status, _decode(b"".join(out)), _decode(b"".join(err)))
+
+    def put(self, local: Path, remote: str) -> None:
+        with self.client.open_sftp() as sftp:
+            sftp.put(str(local), remote)
+
+    def get(self, remote: str, local: Path) -> None:
+        with self.client.open_sftp() as sftp:
+            sftp.get(remote, str(local))
+
+    def is_active(self) -> bool:
+        transport = self._client.get_transport() if self._client else None
+        return bool(transport and transport.is_active())
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

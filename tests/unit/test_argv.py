@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.backends.base import Drive, MachineSpec
+from pytest_kvm.backends.qemu import build_argv
+from pytest_kvm.config import NetworkSpec
+from pytest_kvm.errors import GuestLaunchError, KvmConfigError
+
+
+def spec(tmp_path: Path, **kw) -> MachineSpec:
+    base = dict(
+        name="kvm-ab12-main-01",
+        workdir=tmp_path,
+        drives=(Drive(tmp_path / "disk.qcow2"), Drive(tmp_path / "seed.iso", "raw", readonly=True)),
+        memory=1024,
+        cpus=2,
+        accel="tcg",
+        network=NetworkSpec("user"),
+        mac="02:6b:76:00:00:01",
+        ssh_port=40022,
+    )
+    base.update(kw)
+    return MachineSpec(**base)
+
+
+def opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_tcg_guest_argv(tmp_path):
+    argv = build_argv(spec(tmp_path))
+    assert argv[0] == "qemu-system-x86_64"
+    assert opt(argv, "-accel") == ["tcg,thread=multi"]
+    assert opt(argv, "-cpu") == ["max"]
+    assert opt(argv, "-m") == ["1024"] and opt(argv, "-smp") == ["2"]
+    # SSH is forwarded on loopback only.
+    assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22"]
+    assert "virtio-net-pci,netdev=net0,mac=02:6b:76:00:00:01" in opt(argv, "-device")
+    # The console is logged from power-on; nothing waits for a client.
+    serial = next(c for c in opt(argv, "-chardev") if c.startswith("socket,id=ser0"))
+    assert f"logfile={tmp_path / 'serial.log'}" in serial and "wait=off" in serial
+    drives = opt(argv, "-drive")
+    assert drives[0].startswith(f"file={tmp_path / 'disk.qcow2'},format=qcow2")
+    assert "readonly=on" in drives[1]
+    assert "virtio-blk-pci,drive=drive0,bootindex=1" in opt(argv, "-device")
+
+
+def test_kvm_uses_host_cpu(tmp_path):
+    argv = build_argv(spec(tmp_path, accel="kvm"))
+    assert opt(argv, "-accel") == ["kvm"] and opt(argv, "-cpu") == ["host"]
+
+
+def test_cdrom_boot(tmp_path):
+    drives = (Drive(tmp_path / "d.qcow2"), Drive(tmp_path / "inst.iso", "raw", media="cdrom"))
+    argv = build_argv(spec(tmp_path, drives=drives, boot="cdrom"))
+    assert opt(argv, "-boot") == ["order=d"]
+    assert any(d.endswith("media=cdrom,readonly=on") for d in opt(argv, "-drive"))
+
+
+def test_comma_in_path_is_refused(tmp_path):
+    bad = tmp_path / "a,b"
+    with pytest.raises(GuestLaunchError, match="comma"):
+        build_argv(spec(tmp_path, drives=(Drive(bad / "disk.qcow2"),)))
+
+
+def test_bridge_not_supported_by_qemu_backend_yet(tmp_path):
+    with pytest.raises(KvmConfigError, match="bridge=br0"):
+        build_argv(spec(tmp_path, network=NetworkSpec("bridge", "br0")))

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.config import NetworkSpec, Settings, parse_network, resolve
+from pytest_kvm.errors import KvmConfigError
+
+
+def ini_from(values):
+    return lambda key: values.get(key)
+
+
+def test_defaults_when_nothing_given():
+    s = resolve({}, {}, ini_from({}))
+    assert s.memory == 1024 and s.cpus == 2 and s.backend == "qemu"
+    assert s.network == NetworkSpec("user")
+    assert s.images == ()
+
+
+def test_precedence_cli_over_env_over_ini():
+    ini = ini_from({"kvm_memory": "512", "kvm_cpus": "3", "kvm_accel": "kvm"})
+    env = {"PYTEST_KVM_MEMORY": "768", "PYTEST_KVM_CPUS": "4"}
+    s = resolve({"memory": "2048"}, env, ini)
+    assert s.memory == 2048  # command line
+    assert s.cpus == 4  # environment beats ini
+    assert s.accel == "kvm"  # ini beats default
+
+
+def test_marker_beats_command_line():
+    s = resolve({"memory": "2048"}, {}, ini_from({}))
+    assert s.with_marker({"memory": 512}, "t").memory == 512
+
+
+@pytest.mark.parametrize(
+    ("cli", "needle"),
+    [
+        ({"memory": "lots"}, "command line --kvm-memory: 'lots' is not a whole number"),
+        ({"cpus": "0"}, "out of range"),
+        ({"accel": "hvf"}, "is not one of auto, kvm, tcg"),
+        ({"network": "bridge="}, "is not a network spec"),
+        ({"boot_timeout": "-3"}, "out of range"),
+    ],
+)
+def test_bad_values_name_value_and_source(cli, needle):
+    with pytest.raises(KvmConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        resolve(cli, {}, ini_from({}))
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(KvmConfigError, match="environment PYTEST_KVM_CPUS"):
+        resolve({}, {"PYTEST_KVM_CPUS": "two"}, ini_from({}))
+
+
+def test_images_from_env_and_ini():
+    assert resolve({}, {"PYTEST_KVM_IMAGE": "a.qcow2,debian-12"}, ini_from({})).images == (
+        "a.qcow2",
+        "debian-12",
+    )
+    assert resolve({}, {}, ini_from({"kvm_image": ["debian-12"]})).images == ("debian-12",)
+
+
+def test_unknown_marker_key():
+    with pytest.raises(KvmConfigError, match="unknown argument memroy="):
+        Settings().with_marker({"memroy": 1}, "test_x")
+
+
+def test_network_specs():
+    assert parse_network("bridge=br0", "x") == NetworkSpec("bridge", "br0")
+    assert parse_network("libvirt=default", "x") == NetworkSpec("libvirt", "default")
+    for bad in ("bridge", "bridge=a b", "tap=x", "bridge=" + "x" * 20):
+        with pytest.raises(KvmConfigError):
+            parse_network(bad, "x")
+
+
+def test_cache_and_artifacts_are_paths(tmp_path: Path):
+    s = resolve({"cache": str(tmp_path / "c"), "artifacts": "~/arts"}, {}, ini_from({}))
+    assert s.cache == tmp_path / "c"
+    assert s.artifacts == Path.home() / "arts"
