@@ -24,6 +24,7 @@ from .run import RunContext
 GUEST_FIXTURES = ("kvm_guest", "kvm_guest_factory", "kvm_image")
 settings_key = pytest.StashKey[Settings]()
 guests_key = pytest.StashKey[list[Guest]]()
+collect_errors_key = pytest.StashKey[list[str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +65,8 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = resolve(cli, os.environ, config.getini)
         for spec in settings.images:
             check_spec(spec)
+        if settings.images and settings.accel == "kvm":
+            accel.choose("kvm")  # fails now, with the reason, rather than in every test
         if settings.images and settings.backend != "qemu":
             raise KvmConfigError(
                 f"--kvm-backend {settings.backend}: only the qemu backend is available so far"
@@ -109,8 +112,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for spec in settings.images:
             if spec not in base.images:
                 check_spec(spec)
-    except (KvmConfigError, ImageError) as exc:
-        raise pytest.UsageError(f"pytest-kvm: {exc}") from None
+    except (KvmConfigError, ImageError, KvmUnavailable) as exc:
+        # Raised from pytest_collection_modifyitems, where a UsageError ends the run cleanly.
+        metafunc.config.stash.setdefault(collect_errors_key, []).append(str(exc))
+        return
     if settings.images:
         metafunc.parametrize(
             "kvm_image",
@@ -308,6 +313,9 @@ def _save_artifacts(guest: Guest, root: Path, nodeid: str) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    errors = config.stash.get(collect_errors_key, [])
+    if errors:
+        raise pytest.UsageError(f"pytest-kvm: {errors[0]}")
     settings = config.stash.get(settings_key, None)
     if settings is None:
         return
