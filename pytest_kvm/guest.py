@@ -81,7 +81,7 @@ def parse_size(value: int | str | None) -> int | None:
     if not match:
         raise KvmConfigError(f"disk_size={value!r} is not a size like 8G or 512M")
     unit = " KMGT".index(match.group(2).upper() or " ")
-    return int(match.group(1)) * 1024**unit
+    return int(match.group(1)) << (10 * unit)
 
 
 def _tail_text(text: str, lines: int = 10) -> str:
@@ -107,6 +107,7 @@ class Guest:
         self.address = "127.0.0.1"
         self.boot_timings: dict[str, float] = {}
         self.workdir: Path | None = None
+        self._sockdir: Path | None = None
         self.machine: Machine | None = None
         self.console: Console
         self._ssh: SshSession | None = None
@@ -128,8 +129,9 @@ class Guest:
         t0 = time.monotonic()
         try:
             self.workdir = self._run.guest_dir(self.name)
+            self._sockdir = self._run.socket_dir(self.name)
             self.console = Console(
-                self.workdir / "serial.log", self.workdir / "console.sock", self.describe()
+                self.workdir / "serial.log", self._sockdir / "console.sock", self.describe()
             )
             overlay = create_overlay(
                 self.image.path,
@@ -191,6 +193,7 @@ class Guest:
                 mac=self.mac,
                 ssh_port=self._port,
                 boot=self.config.boot,
+                sockdir=self._sockdir,
             )
             machine = QemuMachine(spec)
             try:
@@ -256,8 +259,9 @@ class Guest:
                 if self.machine is not None:
                     self.machine.close()
             finally:
-                if self.workdir is not None:
-                    shutil.rmtree(self.workdir, ignore_errors=True)
+                for path in (self.workdir, self._sockdir):
+                    if path is not None:
+                        shutil.rmtree(path, ignore_errors=True)
 
     def __enter__(self) -> Guest:
         return self.start() if self.workdir is None else self

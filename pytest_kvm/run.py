@@ -19,9 +19,15 @@ class RunContext:
         self.accel = accel
         self.identity = identity or Identity()
         base = os.environ.get("PYTEST_KVM_RUNTIME_DIR") or tempfile.gettempdir()
-        # Short: UNIX socket paths must stay under 108 bytes.
         self.dir = Path(tempfile.mkdtemp(prefix=f"pytest-kvm-{self.identity.run_id}-", dir=base))
         os.chmod(self.dir, 0o700)
+        # UNIX socket paths must fit in 108 bytes: keep them somewhere short.
+        if len(str(self.dir)) <= 60:
+            self.sock_dir = self.dir
+        else:
+            self.sock_dir = Path(
+                tempfile.mkdtemp(prefix=f"pytest-kvm-{self.identity.run_id}-", dir="/tmp")
+            )
         self.client_key = KeyPair.generate(f"pytest-kvm-{self.identity.run_id}").save(
             self.dir / "id_ed25519"
         )
@@ -32,8 +38,17 @@ class RunContext:
         path.mkdir(mode=0o700)
         return path
 
+    def socket_dir(self, name: str) -> Path:
+        """Where a guest's sockets go: its own dir, or one under a short path."""
+        if self.sock_dir == self.dir:
+            return self.dir / name
+        path = self.sock_dir / name
+        path.mkdir(mode=0o700)
+        return path
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)

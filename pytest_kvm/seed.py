@@ -34,6 +34,8 @@ class SeedConfig:
                 "ed25519_public": self.host_key_public,
             },
             "preserve_hostname": False,
+            # Generating locales takes seconds under TCG and fails on minimal images.
+            "locale": False,
             "hostname": self.hostname,
         }
         return "#cloud-config\n" + json.dumps(doc, indent=1) + "\n"

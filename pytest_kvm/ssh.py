@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import select
 import socket
@@ -133,6 +134,17 @@ class SshSession:
         self._client = client
 
     def connect(self, deadline: float, alive: Callable[[], str] | None = None) -> float:
+        # While the guest boots, refused and half-open connections are expected; paramiko
+        # would print each as an ERROR with a traceback. The caller reports the last one.
+        transport_log = logging.getLogger("paramiko.transport")
+        level = transport_log.level
+        transport_log.setLevel(logging.CRITICAL)
+        try:
+            return self._connect_until(deadline, alive)
+        finally:
+            transport_log.setLevel(level)
+
+    def _connect_until(self, deadline: float, alive: Callable[[], str] | None) -> float:
         """Retry until connected or ``deadline`` (monotonic); returns seconds spent.
 
         ``alive()`` returns "" while the guest can still come up, else why not.

@@ -33,6 +33,11 @@ class MachineSpec:
     ssh_port: int
     boot: str = "disk"  # "disk" | "cdrom"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    sockdir: Path | None = None  # UNIX sockets, if ``workdir`` is too long for them
+
+    @property
+    def _sockets(self) -> Path:
+        return self.sockdir or self.workdir
 
     @property
     def serial_log(self) -> Path:
@@ -40,11 +45,15 @@ class MachineSpec:
 
     @property
     def console_socket(self) -> Path:
-        return self.workdir / "console.sock"
+        return self._sockets / "console.sock"
 
     @property
     def qmp_socket(self) -> Path:
-        return self.workdir / "qmp.sock"
+        return self._sockets / "qmp.sock"
+
+    @property
+    def qga_socket(self) -> Path:
+        return self._sockets / "qga.sock"
 
     @property
     def stderr_log(self) -> Path:

@@ -58,7 +58,7 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         "-serial", "chardev:ser0",
         "-device", "virtio-rng-pci",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=qga0,path={spec.workdir / 'qga.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=qga0,path={spec.qga_socket},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
     ]  # fmt: skip
     for index, drive in enumerate(spec.drives):
@@ -249,6 +249,5 @@ class QemuMachine(Machine):
         finally:
             if self._qmp is not None:
                 self._qmp.close()
-            for path in (self.spec.qmp_socket, self.spec.console_socket):
+            for path in (self.spec.qmp_socket, self.spec.console_socket, self.spec.qga_socket):
                 path.unlink(missing_ok=True)
-            (self.spec.workdir / "qga.sock").unlink(missing_ok=True)

@@ -1,0 +1,178 @@
+"""A real guest per test: the Guest API as a user exercises it."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.errors import CommandFailed, GuestCrashed, GuestTimeout
+
+from .conftest import qemu_pids_under, sha256
+
+
+def test_commands_files_and_console(kvm_guest, tmp_path: Path):
+    g = kvm_guest
+    # run: exit status and both streams, separately.
+    r = g.run("echo out; echo err >&2; exit 3")
+    assert (r.exit_status, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    # succeed / fail, and a failure message a person can act on.
+    assert g.succeed("uname -s").strip() == "Linux"
+    assert "No such file" in g.fail("ls /nonexistent")
+    with pytest.raises(CommandFailed) as info:
+        g.succeed("systemctl is-active no-such-unit.service")
+    message = str(info.value)
+    assert message.startswith(f"guest {g.name!r} ({g.image.name}): command ")
+    assert "failed (exit" in message and info.value.exit_status != 0
+    with pytest.raises(CommandFailed, match="expected to fail"):
+        g.fail("true")
+    # It is the guest we asked for: root, the hostname is the guest's name, our MAC.
+    assert g.succeed("id -u").strip() == "0"
+    assert g.succeed("hostname").strip() == g.name
+    assert g.mac in g.succeed("ip -o link")
+    # waits
+    g.wait_for_unit("ssh.service")
+    g.wait_for_port(22)
+    assert g.wait_until_succeeds("test -e /etc/os-release && echo there").strip() == "there"
+    with pytest.raises(GuestTimeout, match=r"never succeeded .*last exit 1"):
+        g.wait_until_succeeds("false", timeout=1)
+    g.run("systemd-run --unit=pytest-kvm-fails --service-type=oneshot false")
+    with pytest.raises(CommandFailed, match=r"unit 'pytest-kvm-fails.service' failed"):
+        g.wait_for_unit("pytest-kvm-fails.service", timeout=30)
+    # command timeout says what it saw
+    with pytest.raises(GuestTimeout, match="did not finish"):
+        g.run("echo started; sleep 30", timeout=0.5)
+    # put/get with a hostile file name, quoted everywhere
+    name = "a file 'with' \"quotes\"; $(touch /tmp/pwned) `x`"
+    local = tmp_path / "source.txt"
+    local.write_text("payload\n" * 100)
+    remote = f"/tmp/{name}"
+    g.put(local, remote)
+    assert g.succeed(f"sha256sum {shlex.quote(remote)}").split()[0] == sha256(local)
+    g.fail("test -e /tmp/pwned")
+    back = g.get(remote, tmp_path / "back.txt")
+    assert back.read_text() == local.read_text()
+    # serial console: logged from power-on, and expect works on it
+    log = g.serial_log.read_text(errors="replace")
+    assert "Linux version" in log
+    m = g.wait_for_console(r"(\S+) login:", timeout=60)
+    assert m.group(1)
+    g.console.skip_to_end()
+    g.succeed("echo pytest-kvm-marker-42 > /dev/ttyS0")
+    g.console.expect("pytest-kvm-marker-42", timeout=30)
+    # timings
+    assert {"overlay", "seed", "qemu_start", "ssh_ready", "total"} <= set(g.boot_timings)
+    assert all(v >= 0 for v in g.boot_timings.values())
+
+
+def test_ssh_command_works_with_openssh_and_pins_the_host_key(kvm_guest, tmp_path: Path):
+    g = kvm_guest
+    argv = [*shlex.split(g.ssh_command), "-o", "BatchMode=yes", "cat /etc/hostname"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == g.name
+    # The same port with a different pinned key is refused: no silent trust.
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{g.ssh_port} ssh-ed25519 {'A' * 68}\n")
+    line = g.ssh_command.replace(str(g.known_hosts), str(wrong))
+    bad = subprocess.run(
+        [*shlex.split(line), "-o", "BatchMode=yes", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0
+    # Private key and known_hosts are private to the user.
+    key = Path(re.search(r"-i (\S+)", g.ssh_command).group(1))
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert oct(key.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_reboot_keeps_state_then_shutdown(kvm_guest):
+    g = kvm_guest
+    boot_before = g.succeed("cat /proc/sys/kernel/random/boot_id")
+    g.succeed("echo kept > /var/lib/pytest-kvm-state && sync")
+    g.reboot()
+    assert g.succeed("cat /proc/sys/kernel/random/boot_id") != boot_before
+    assert g.succeed("cat /var/lib/pytest-kvm-state").strip() == "kept"
+    g.shutdown()
+    assert not g.is_running
+    assert "reboot: Power down" in g.serial_log.read_text(errors="replace")
+
+
+def test_factory_guests_are_separate_and_leave_nothing(kvm_guest_factory, kvm_image):
+    base_hash = sha256(kvm_image.path)
+    a = kvm_guest_factory(name="a")
+    b = kvm_guest_factory(name="b", memory=768, cpus=1)
+    assert a.name != b.name and a.mac != b.mac and a.ssh_port != b.ssh_port
+    a.succeed("echo only-in-a > /root/mark && sync")
+    b.fail("test -e /root/mark")
+    assert b.succeed("nproc").strip() == "1"
+    mem_kib = int(b.succeed("awk '/MemTotal/ {print $2}' /proc/meminfo"))
+    assert 600 * 1024 < mem_kib <= 768 * 1024
+    # kill: the guest is gone, and a command says so instead of hanging.
+    workdir = a.workdir
+    b.kill()
+    with pytest.raises(GuestCrashed, match="QEMU exited"):
+        b.succeed("true")
+    a.close()
+    a.close()  # idempotent
+    assert not workdir.exists()
+    assert qemu_pids_under(workdir) == []
+    assert not a.is_running
+    b.close()
+    # The base image was never written.
+    assert sha256(kvm_image.path) == base_hash
+
+
+@pytest.fixture
+def pytester_guest_run(pytester, image_arg, inner_env):
+    def run(source: str, *args: str):
+        pytester.makepyfile(source)
+        result = pytester.runpytest_subprocess(
+            f"--kvm-image={image_arg}", f"--kvm-artifacts={pytester.path / 'arts'}", *args
+        )
+        return result
+
+    return run
+
+
+def test_failed_test_report_shows_console_and_leaves_nothing(
+    pytester_guest_run, inner_env, pytester
+):
+    result = pytester_guest_run(
+        """
+        def test_fails(kvm_guest):
+            kvm_guest.succeed("echo checking > /dev/console")
+            assert kvm_guest.succeed("cat /etc/hostname").strip() == "not-this"
+        """
+    )
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "kvm console tail: kvm-" in out
+    assert re.search(r"login:|Debian GNU/Linux", out)
+    assert "kvm artifacts: " in out
+    saved = list((pytester.path / "arts").rglob("serial.log"))
+    assert len(saved) == 1 and "Linux version" in saved[0].read_text(errors="replace")
+    # Nothing left: no run dir, no qemu.
+    assert list(inner_env.iterdir()) == []
+    assert qemu_pids_under(inner_env) == []
+
+
+def test_guest_that_never_gets_ready_times_out_saying_what_it_saw(pytester_guest_run, inner_env):
+    result = pytester_guest_run(
+        """
+        def test_boot(kvm_guest):
+            pass
+        """,
+        "--kvm-boot-timeout=1",
+    )
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "GuestTimeout" in out and "not SSH-ready after 3 s" in out
+    assert "last console lines" in out
+    assert list(inner_env.iterdir()) == []
+    assert qemu_pids_under(inner_env) == []
