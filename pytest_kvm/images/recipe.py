@@ -1,0 +1,242 @@
+"""Catalog recipes: the TOML files in ``images/`` that say how to build an image.
+
+A recipe is data only; :mod:`pytest_kvm.images.builder` turns it into a qcow2.
+Loading validates every key, so a typo in a recipe fails at load time with the
+file and key named, not half-way through a five-minute build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageError
+
+#: Bump when the builder's output changes for the same recipe: it is part of
+#: :meth:`Recipe.digest`, so cached images built by an older builder are rebuilt.
+BUILDER_VERSION = "1"
+
+RECIPES_ENV = "PYTEST_KVM_RECIPES"
+
+_MIB = 1024 * 1024
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": _MIB, "G": 1024 * _MIB, "T": 1024 * 1024 * _MIB}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_UNIT_RE = re.compile(r"^[A-Za-z0-9@:._\\-]+\.(service|socket|timer|target|path|mount)$")
+_INITRAMFS_MODULES = ("most", "dep", "netboot", "list")
+_INITRAMFS_COMPRESS = ("gzip", "lz4", "lzop", "xz", "zstd", "bzip2", "lzma")
+_VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated catalog recipe. Sizes are in bytes."""
+
+    name: str  # "debian-12": the file name without .toml
+    path: Path  # the .toml file
+    suite: str  # "bookworm"
+    description: str = ""
+    architecture: str = "amd64"
+    components: tuple[str, ...] = ("main",)
+    variant: str = "apt"  # mmdebstrap --variant
+    packages: tuple[str, ...] = ()
+    disk_size: int = 3 * 1024 * _MIB  # virtual size of the qcow2
+    hostname: str = "debian"
+    kernel_args: tuple[str, ...] = ()  # appended after root=, ro and the consoles
+    dpkg_path_exclude: tuple[str, ...] = ()  # dpkg --path-exclude, kept in the image
+    dpkg_path_include: tuple[str, ...] = ()
+    initramfs_modules: str = "most"  # initramfs.conf MODULES=
+    initramfs_drivers: tuple[str, ...] = ()  # always in the initramfs
+    initramfs_compress: str = "zstd"
+    enable_units: tuple[str, ...] = ()
+    disable_units: tuple[str, ...] = ()  # skipped if the unit is not installed
+    mask_units: tuple[str, ...] = ()
+    source: bytes = field(default=b"", repr=False, compare=False)  # the file as read
+
+    def digest(self) -> str:
+        """sha256 over the recipe file and :data:`BUILDER_VERSION`: the cache key."""
+        h = hashlib.sha256()
+        h.update(f"pytest-kvm-builder {BUILDER_VERSION}\n".encode())
+        h.update(self.source)
+        return h.hexdigest()
+
+
+def recipes_dir() -> Path:
+    """The catalog directory: the repository's ``images/``, or ``$PYTEST_KVM_RECIPES``."""
+    override = os.environ.get(RECIPES_ENV, "").strip()
+    if override:
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parents[2] / "images"
+
+
+def catalog_names() -> list[str]:
+    """Names of the catalog's recipes, sorted."""
+    directory = recipes_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p.stem for p in directory.glob("*.toml") if p.is_file() and _NAME_RE.match(p.stem)
+    )
+
+
+def load_recipe(name: str) -> Recipe:
+    """Load and validate the catalog recipe ``name``."""
+    known = catalog_names()
+    if name not in known:
+        listing = ", ".join(known) if known else f"none (no recipes in {recipes_dir()})"
+        raise ImageError(f"unknown catalog image {name!r}; known: {listing}")
+    return load_recipe_file(recipes_dir() / f"{name}.toml")
+
+
+def parse_size(value: object, where: str) -> int:
+    """``3G``, ``3GiB``, ``512M`` or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ImageError(f"{where}: expected a size like '3G', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    else:
+        raise ImageError(f"{where}: expected a size like '3G', got {value!r}")
+    if size <= 0:
+        raise ImageError(f"{where}: size must be positive, got {value!r}")
+    return size
+
+
+class _Fields:
+    """Typed access to a recipe table that remembers which keys were used."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def value(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def string(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+        value = self.value(key)
+        if value is None:
+            if default is None:
+                raise ImageError(f"{self.where}: missing required key {key!r}")
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise ImageError(f"{self.where}: {key!r} must be a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            raise ImageError(
+                f"{self.where}: {key!r} is {value!r}; expected one of {', '.join(choices)}"
+            )
+        return value
+
+    def strings(self, key: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
+        value = self.value(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ImageError(f"{self.where}: {key!r} must be a list of strings, got {value!r}")
+        for v in value:
+            if any(c.isspace() for c in v) or (pattern is not None and not pattern.match(v)):
+                raise ImageError(f"{self.where}: {key!r} has an invalid entry {v!r}")
+        return tuple(value)
+
+    def table(self, key: str) -> _Fields:
+        value = self.value(key)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ImageError(f"{self.where}: [{key}] must be a table, got {value!r}")
+        return _Fields(value, f"{self.where} [{key}]")
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ImageError(
+                f"{self.where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(self.used))}"
+            )
+
+
+_PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    """Load and validate a recipe from any path; the name is the file's stem."""
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(source.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ImageError(f"recipe {path} is not valid TOML: {exc}") from exc
+
+    where = f"recipe {path}"
+    top = _Fields(data, where)
+    suite = top.string("suite")
+    description = top.string("description", "")
+    architecture = top.string("architecture", "amd64", choices=("amd64",))
+    components = top.strings("components") or ("main",)
+    variant = top.string("variant", "apt", choices=_VARIANTS)
+    packages = top.strings("packages", _PKG_RE)
+    raw_size = top.value("disk_size")
+    disk_size = parse_size("3G" if raw_size is None else raw_size, f"{where}: 'disk_size'")
+    hostname = top.string("hostname", "debian")
+    if not _HOST_RE.match(hostname):
+        raise ImageError(f"{where}: 'hostname' {hostname!r} is not a valid host name")
+    kernel_args = top.strings("kernel_args")
+
+    dpkg = top.table("dpkg")
+    path_exclude = dpkg.strings("path_exclude")
+    path_include = dpkg.strings("path_include")
+    dpkg.check_unknown()
+
+    initramfs = top.table("initramfs")
+    modules = initramfs.string("modules", "most", choices=_INITRAMFS_MODULES)
+    drivers = initramfs.strings("drivers", re.compile(r"^[A-Za-z0-9_-]+$"))
+    compress = initramfs.string("compress", "zstd", choices=_INITRAMFS_COMPRESS)
+    initramfs.check_unknown()
+    if modules == "list" and not drivers:
+        raise ImageError(f"{where}: [initramfs] modules = 'list' needs a 'drivers' list")
+
+    units = top.table("units")
+    enable = units.strings("enable", _UNIT_RE)
+    disable = units.strings("disable", _UNIT_RE)
+    mask = units.strings("mask", _UNIT_RE)
+    units.check_unknown()
+    top.check_unknown()
+
+    minimum = 256 * _MIB
+    if disk_size < minimum:
+        raise ImageError(f"{where}: 'disk_size' must be at least 256M, got {disk_size} bytes")
+    if disk_size % _MIB:
+        raise ImageError(f"{where}: 'disk_size' must be a whole number of MiB")
+
+    return Recipe(
+        name=path.stem,
+        path=path.resolve(),
+        suite=suite,
+        description=description,
+        architecture=architecture,
+        components=components,
+        variant=variant,
+        packages=packages,
+        disk_size=disk_size,
+        hostname=hostname,
+        kernel_args=kernel_args,
+        dpkg_path_exclude=path_exclude,
+        dpkg_path_include=path_include,
+        initramfs_modules=modules,
+        initramfs_drivers=drivers,
+        initramfs_compress=compress,
+        enable_units=enable,
+        disable_units=disable,
+        mask_units=mask,
+        source=source,
+    )

@@ -1,0 +1,187 @@
+"""Loading and validating catalog recipes (temp files only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.errors import ImageError
+from pytest_kvm.images import recipe as recipe_mod
+from pytest_kvm.images.recipe import (
+    RECIPES_ENV,
+    catalog_names,
+    load_recipe,
+    load_recipe_file,
+    parse_size,
+    recipes_dir,
+)
+
+MINIMAL = 'suite = "bookworm"\n'
+
+
+@pytest.fixture
+def catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "images"
+    directory.mkdir()
+    monkeypatch.setenv(RECIPES_ENV, str(directory))
+    return directory
+
+
+def test_the_shipped_catalog_loads() -> None:
+    # the repository's own images/ directory
+    assert "debian-12" in catalog_names()
+    recipe = load_recipe("debian-12")
+    assert recipe.name == "debian-12"
+    assert recipe.suite == "bookworm"
+    assert recipe.path == recipes_dir() / "debian-12.toml"
+    assert "openssh-server" in recipe.packages
+    assert "cloud-init" in recipe.packages
+    assert recipe.disk_size == 3 * 1024**3
+
+
+def test_recipes_dir_defaults_to_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RECIPES_ENV, raising=False)
+    assert recipes_dir() == Path(recipe_mod.__file__).resolve().parents[2] / "images"
+
+
+def test_catalog_names_are_sorted_stems(catalog: Path) -> None:
+    for name in ("zeta", "alpha-1"):
+        (catalog / f"{name}.toml").write_text(MINIMAL)
+    (catalog / "README.md").write_text("not a recipe")
+    assert catalog_names() == ["alpha-1", "zeta"]
+
+
+def test_unknown_name_lists_the_known_ones(catalog: Path) -> None:
+    (catalog / "debian-12.toml").write_text(MINIMAL)
+    (catalog / "debian-13.toml").write_text(MINIMAL)
+    with pytest.raises(ImageError) as info:
+        load_recipe("fedora-40")
+    assert str(info.value) == "unknown catalog image 'fedora-40'; known: debian-12, debian-13"
+
+
+def test_unknown_name_in_an_empty_catalog(catalog: Path) -> None:
+    with pytest.raises(ImageError, match="unknown catalog image 'x'; known: none"):
+        load_recipe("x")
+
+
+def test_path_like_names_are_not_loaded(catalog: Path) -> None:
+    (catalog / "ok.toml").write_text(MINIMAL)
+    with pytest.raises(ImageError, match="unknown catalog image"):
+        load_recipe("../images/ok")
+
+
+def test_defaults(catalog: Path) -> None:
+    (catalog / "mini.toml").write_text(MINIMAL)
+    recipe = load_recipe("mini")
+    assert recipe.components == ("main",)
+    assert recipe.variant == "apt"
+    assert recipe.hostname == "debian"
+    assert recipe.kernel_args == ()
+    assert recipe.initramfs_modules == "most"
+
+
+def test_full_recipe(catalog: Path) -> None:
+    (catalog / "full.toml").write_text(
+        """
+description = "everything"
+suite = "trixie"
+components = ["main", "contrib"]
+variant = "minbase"
+packages = ["openssh-server", "linux-image-amd64"]
+disk_size = "4GiB"
+hostname = "box"
+kernel_args = ["quiet", "net.ifnames=0"]
+
+[dpkg]
+path_exclude = ["/usr/share/doc/*"]
+path_include = ["/usr/share/doc/*/copyright"]
+
+[initramfs]
+modules = "list"
+drivers = ["virtio_blk", "ext4"]
+compress = "lz4"
+
+[units]
+enable = ["ssh.service"]
+disable = ["apt-daily.timer"]
+mask = ["cloud-init-local.service"]
+"""
+    )
+    r = load_recipe("full")
+    assert (r.suite, r.variant, r.hostname) == ("trixie", "minbase", "box")
+    assert r.components == ("main", "contrib")
+    assert r.disk_size == 4 * 1024**3
+    assert r.kernel_args == ("quiet", "net.ifnames=0")
+    assert r.dpkg_path_exclude == ("/usr/share/doc/*",)
+    assert r.initramfs_drivers == ("virtio_blk", "ext4")
+    assert r.initramfs_compress == "lz4"
+    assert r.enable_units == ("ssh.service",)
+    assert r.mask_units == ("cloud-init-local.service",)
+
+
+def test_digest_follows_the_file_and_the_builder_version(
+    catalog: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = catalog / "d.toml"
+    path.write_text(MINIMAL)
+    first = load_recipe("d").digest()
+    assert len(first) == 64
+    assert load_recipe("d").digest() == first
+    path.write_text(MINIMAL + "# a comment changes the cache key too\n")
+    second = load_recipe("d").digest()
+    assert second != first
+    monkeypatch.setattr(recipe_mod, "BUILDER_VERSION", "999")
+    assert load_recipe("d").digest() != second
+
+
+def test_recipe_is_frozen(catalog: Path) -> None:
+    (catalog / "f.toml").write_text(MINIMAL)
+    recipe = load_recipe("f")
+    with pytest.raises(AttributeError):
+        recipe.suite = "sid"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "missing required key 'suite'"),
+        ('suite = "bookworm"\nsuit = "x"\n', "unknown key.*'suit'"),
+        ('suite = "bookworm"\n[initramfs]\nmodule = "list"\n', r"\[initramfs\].*'module'"),
+        ('suite = "bookworm"\npackages = "openssh-server"\n', "'packages' must be a list"),
+        ('suite = "bookworm"\npackages = ["Bad Name"]\n', "invalid entry"),
+        ('suite = "bookworm"\nvariant = "huge"\n', "'variant' is 'huge'"),
+        ('suite = "bookworm"\ndisk_size = "lots"\n', "expected a size"),
+        ('suite = "bookworm"\ndisk_size = "100M"\n', "at least 256M"),
+        ('suite = "bookworm"\nhostname = "Not_Valid"\n', "not a valid host name"),
+        ('suite = "bookworm"\n[initramfs]\nmodules = "list"\n', "needs a 'drivers' list"),
+        ('suite = "bookworm"\n[units]\nenable = ["ssh"]\n', "invalid entry 'ssh'"),
+        ('suite = "bookworm"\ndpkg = 3\n', r"\[dpkg\] must be a table"),
+        ("suite = [", "not valid TOML"),
+    ],
+)
+def test_invalid_recipes_name_file_and_key(catalog: Path, text: str, match: str) -> None:
+    path = catalog / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ImageError, match=match) as info:
+        load_recipe("bad")
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="cannot read recipe"):
+        load_recipe_file(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("3G", 3 * 1024**3), ("3GiB", 3 * 1024**3), ("512M", 512 * 1024**2), (1048576, 1048576)],
+)
+def test_parse_size(value: object, size: int) -> None:
+    assert parse_size(value, "here") == size
+
+
+@pytest.mark.parametrize("value", [True, -1, 0, "3 parsecs", 3.5])
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ImageError, match="here"):
+        parse_size(value, "here")
