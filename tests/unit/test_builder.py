@@ -1,0 +1,125 @@
+"""The builder's pure parts: GRUB placement, sparse copy, command line, preflight."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.errors import ImageError, KvmUnavailable
+from pytest_kvm.images import builder
+from pytest_kvm.images.builder import (
+    PARTITION_START,
+    _copy_sparse,
+    build_image,
+    install_grub,
+    kernel_command_line,
+)
+from pytest_kvm.images.recipe import Recipe
+
+PARTITION_ENTRY = bytes.fromhex("80202100830a08ff00080000")  # bootable, type 83, LBA 2048
+
+
+def fake_disk(path: Path) -> None:
+    mbr = bytearray(512)
+    mbr[0x1B8:0x1BC] = b"\x78\x56\x34\x12"  # disk signature from sfdisk
+    mbr[0x1BE : 0x1BE + len(PARTITION_ENTRY)] = PARTITION_ENTRY
+    mbr[510:512] = b"\x55\xaa"
+    with open(path, "wb") as f:
+        f.write(mbr)
+        f.truncate(PARTITION_START + 4096)
+
+
+def fake_boot() -> bytearray:
+    boot = bytearray(b"\xeb\x63\x90" + bytes(509))
+    struct.pack_into("<Q", boot, 0x5C, 1)
+    boot[0x64] = 0xFF
+    boot[0x66:0x68] = b"\xeb\x05"
+    boot[0x1BE:0x1C0] = b"FL"  # floppy code that must not reach the partition table
+    boot[510:512] = b"\x55\xaa"
+    return boot
+
+
+def fake_core(sectors: int) -> bytearray:
+    core = bytearray(sectors * 512)
+    struct.pack_into("<QHH", core, 500, 2, sectors - 1, 0x820)
+    core[512:516] = b"CORE"
+    return core
+
+
+def test_install_grub_places_boot_and_core_like_grub_setup(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    fake_disk(disk)
+    install_grub(disk, fake_boot(), fake_core(3))
+    data = disk.read_bytes()
+    assert data[0:3] == b"\xeb\x63\x90"
+    assert struct.unpack_from("<Q", data, 0x5C) == (1,)  # core.img at LBA 1
+    assert data[0x64] == 0xFF  # drive from DL
+    assert data[0x66:0x68] == b"\x90\x90"  # drive check patched out, as for hard disks
+    assert data[0x1B8:0x1BC] == b"\x78\x56\x34\x12"  # disk signature kept
+    assert data[0x1BE : 0x1BE + len(PARTITION_ENTRY)] == PARTITION_ENTRY
+    assert data[510:512] == b"\x55\xaa"
+    assert struct.unpack_from("<QH", data, 512 + 500) == (2, 2)  # rest of core at LBA 2
+    assert data[1024:1028] == b"CORE"
+
+
+def test_install_grub_refuses_a_core_bigger_than_the_gap(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    fake_disk(disk)
+    with pytest.raises(ImageError, match="gap"):
+        install_grub(disk, fake_boot(), fake_core(PARTITION_START // 512))
+
+
+def test_install_grub_checks_the_blocklist_length(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    fake_disk(disk)
+    core = fake_core(3)
+    struct.pack_into("<H", core, 508, 7)
+    with pytest.raises(ImageError, match="blocklist"):
+        install_grub(disk, fake_boot(), core)
+
+
+def test_install_grub_needs_a_partition_table(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(PARTITION_START))
+    with pytest.raises(ImageError, match="partition table"):
+        install_grub(disk, fake_boot(), fake_core(3))
+
+
+def test_copy_sparse_keeps_data_at_offset_and_holes(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with open(src, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"A" * 4096)
+        f.seek((64 << 20) - 4096)
+        f.write(b"Z" * 4096)
+    with open(dst, "wb") as f:
+        f.truncate((64 << 20) + PARTITION_START)
+    _copy_sparse(src, dst, PARTITION_START)
+    with open(dst, "rb") as f:
+        f.seek(PARTITION_START + (1 << 20))
+        assert f.read(4096) == b"A" * 4096
+        f.seek(PARTITION_START + (64 << 20) - 4096)
+        assert f.read(4096) == b"Z" * 4096
+    assert dst.stat().st_blocks * 512 < 16 << 20  # still sparse
+
+
+def test_kernel_command_line(tmp_path: Path) -> None:
+    recipe = Recipe(name="x", path=tmp_path / "x.toml", suite="bookworm", kernel_args=("quiet",))
+    assert kernel_command_line(recipe, "1234") == (
+        "root=UUID=1234 ro console=tty0 console=ttyS0,115200n8 quiet"
+    )
+
+
+def test_missing_tools_name_their_debian_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(builder.shutil, "which", lambda tool, path=None: None)
+    recipe = Recipe(name="x", path=tmp_path / "x.toml", suite="bookworm")
+    with pytest.raises(KvmUnavailable) as info:
+        build_image(recipe, tmp_path / "out.qcow2", mirror="http://m.example/debian")
+    assert "apt-get install mmdebstrap" in str(info.value)
+    assert "apt-get install qemu-utils" in str(info.value)
+    assert not (tmp_path / "out.qcow2").exists()
