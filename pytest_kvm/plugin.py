@@ -90,6 +90,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if choice.warning:
         lines.append(choice.warning)
+    if settings.keep_on_failure:
+        lines.append("pytest-kvm: --kvm-keep-on-failure is not implemented yet; guests are removed")
     return lines
 
 
