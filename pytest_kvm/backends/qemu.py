@@ -8,7 +8,6 @@ is idempotent and removes sockets and threads.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -100,7 +99,7 @@ class _Qmp:
             target=self._loop.run_forever, name=f"qmp-{name}", daemon=True
         )
         self._thread.start()
-        self._collector: concurrent.futures.Future[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -124,20 +123,29 @@ class _Qmp:
                 if not alive() or time.monotonic() > deadline:
                     future.cancel()
                     raise TimeoutError("QEMU did not connect to QMP") from None
-        self._collector = asyncio.run_coroutine_threadsafe(self._collect(), self._loop)
+        self._collector = self.run(self._start_collector(), 5)
+
+    async def _start_collector(self) -> asyncio.Task[None]:
+        return asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
         async for event in self.client.events:
             self.events.append(dict(event))
 
+    async def _shutdown(self) -> None:
+        # Closing: the socket may already be gone.
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+
     def close(self) -> None:
         if not self._thread.is_alive():
             return
-        # Closing: the socket may already be gone.
         with contextlib.suppress(Exception):
-            self.run(self.client.disconnect(), 5)
-        if self._collector is not None:
-            self._collector.cancel()
+            self.run(self._shutdown(), 10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():

@@ -176,3 +176,22 @@ def test_guest_that_never_gets_ready_times_out_saying_what_it_saw(pytester_guest
     assert "last console lines" in out
     assert list(inner_env.iterdir()) == []
     assert qemu_pids_under(inner_env) == []
+
+
+def test_console_only_guest_with_a_bigger_disk(kvm_guest_factory):
+    g = kvm_guest_factory(ssh=False, disk_size="4G")
+    # No SSH wait: the test drives the console itself.
+    assert "ssh_ready" not in g.boot_timings
+    with pytest.raises(Exception, match="no SSH connection"):
+        g.run("true")
+    g.wait_for_console(r"login:", timeout=300)
+    info = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(g.workdir / "disk.qcow2")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert '"virtual-size": 4294967296' in info
+    g.shutdown(timeout=60)  # ACPI power button, handled by systemd-logind
+    assert not g.is_running
+    assert "reboot: Power down" in g.serial_log.read_text(errors="replace")
