@@ -1,0 +1,55 @@
+"""QemuMachine's start-up failure path, with a fake QEMU binary (a shell script)."""
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.backends.base import MachineSpec
+from pytest_kvm.backends.qemu import QemuMachine
+from pytest_kvm.config import NetworkSpec
+from pytest_kvm.errors import GuestLaunchError
+
+
+def fake_qemu(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "fake-qemu"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def spec(tmp_path: Path) -> MachineSpec:
+    work = tmp_path / "g"
+    work.mkdir()
+    return MachineSpec("kvm-t-main-01", work, (), 256, 1, "tcg", NetworkSpec("user"),
+                       "02:6b:76:00:00:01", 40022)  # fmt: skip
+
+
+def test_qemu_that_exits_reports_argv_exit_code_and_its_message(tmp_path):
+    binary = fake_qemu(
+        tmp_path,
+        'echo "qemu-system-x86_64: Could not set up host forwarding rule '
+        "'tcp:127.0.0.1:40022-:22'\" >&2; exit 1",
+    )
+    s = spec(tmp_path)
+    machine = QemuMachine(s, binary=str(binary))
+    with pytest.raises(GuestLaunchError) as info:
+        machine.start(connect_timeout=10)
+    err = info.value
+    assert err.exit_code == 1
+    assert err.argv[0] == str(binary)
+    assert "QEMU failed to start (exit 1)" in str(err)
+    assert "host forwarding rule" in str(err)
+    # Cleaned up before raising: no sockets left, close is idempotent.
+    assert not s.qmp_socket.exists()
+    machine.close()
+    assert not machine.is_running()
+
+
+def test_qemu_that_never_connects_is_killed_after_the_timeout(tmp_path):
+    binary = fake_qemu(tmp_path, "exec sleep 60")
+    machine = QemuMachine(spec(tmp_path), binary=str(binary))
+    with pytest.raises(GuestLaunchError, match="did not connect to QMP"):
+        machine.start(connect_timeout=0.5)
+    assert not machine.is_running()
+    assert machine.exit_code() is not None
