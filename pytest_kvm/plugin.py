@@ -14,6 +14,7 @@ import pytest
 from . import accel
 from .backends.qemu import QEMU_BINARY
 from .config import OPTIONS, Settings, resolve
+from .console import tail
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
 from .guest import Guest, GuestConfig
 from .images import Image
@@ -287,18 +288,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for guest in guests:
             if guest.workdir is None or not guest.serial_log.exists():
                 continue
-            section = guest.console.read_all() and _console_tail(guest)
-            report.sections.append((f"kvm console tail: {guest.name}", section))
+            report.sections.append((f"kvm console tail: {guest.name}", tail(guest.serial_log, 30)))
             if settings is not None:
                 saved = _save_artifacts(guest, settings.artifacts, item.nodeid)
                 report.sections.append((f"kvm artifacts: {guest.name}", str(saved)))
     return report
-
-
-def _console_tail(guest: Guest) -> str:
-    from .console import tail
-
-    return tail(guest.serial_log, 30)
 
 
 def _save_artifacts(guest: Guest, root: Path, nodeid: str) -> Path:
