@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
@@ -28,9 +30,13 @@ from .errors import (
 from .images import Image
 from .images.overlay import create_overlay
 from .network import free_port
+from .qga import GuestAgent, GuestAgentError
 from .run import RunContext
 from .seed import SeedConfig, write_seed
 from .ssh import CommandTimeout, KeyPair, SshSession
+
+if TYPE_CHECKING:
+    from .template import Template
 
 _PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -71,6 +77,38 @@ class GuestConfig:
     user: str = "root"
 
 
+@dataclass(frozen=True)
+class BootPlan:
+    """A booted guest whose disk, seed and RAM file go into ``dir`` and survive it,
+    with the keys given here: how a template is made."""
+
+    dir: Path
+    client_key: KeyPair
+    host_key: KeyPair
+
+
+class _Background:
+    """Run ``target`` on a thread; ``join`` returns the exception it raised, if any."""
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self._error: BaseException | None = None
+        self._target = target
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        except BaseException as exc:  # reported by join
+            self._error = exc
+
+    def join(self, timeout: float) -> BaseException | None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return TimeoutError("still running")
+        return self._error
+
+
 def parse_size(value: int | str | None) -> int | None:
     """Bytes from ``8G``, ``512M``, ``1048576``; None stays None."""
     if value is None:
@@ -91,17 +129,36 @@ def _tail_text(text: str, lines: int = 10) -> str:
 class Guest:
     """A disposable virtual machine. The constructor records; ``start()`` acts."""
 
-    def __init__(self, run: RunContext, config: GuestConfig, name: str | None = None) -> None:
+    def __init__(
+        self,
+        run: RunContext,
+        config: GuestConfig,
+        name: str | None = None,
+        *,
+        template: Template | None = None,
+        plan: BootPlan | None = None,
+    ) -> None:
         if config.boot not in ("disk", "cdrom"):
             raise KvmConfigError(f"boot={config.boot!r}: use 'disk' or 'cdrom'")
         if config.boot == "cdrom" and config.cdrom is None:
             raise KvmConfigError("boot='cdrom' needs cdrom=PATH")
         if config.cdrom is not None and not Path(config.cdrom).is_file():
             raise KvmConfigError(f"cdrom={str(config.cdrom)!r} does not exist")
+        if template is not None and (
+            config.cdrom is not None or config.boot != "disk" or not config.ssh
+            or config.disk_size is not None
+        ):  # fmt: skip
+            raise KvmConfigError("cdrom, boot, ssh=False and disk_size need a real boot")
         self._run = run
         self.config = config
+        self.template = template
+        self._plan = plan
+        self._client_key = (
+            plan.client_key if plan else (template.client_key if template else run.client_key)
+        )
         self.name = run.identity.next_name(name)
-        self.mac = run.identity.mac_for(self.name)
+        # A clone on user networking keeps its template's MAC (see _adopt).
+        self.mac = template.mac if template else run.identity.mac_for(self.name)
         self.image = config.image
         self.backend = "qemu"
         self.address = "127.0.0.1"
@@ -133,41 +190,145 @@ class Guest:
             self.console = Console(
                 self.workdir / "serial.log", self._sockdir / "console.sock", self.describe()
             )
-            overlay = create_overlay(
-                self.image.path,
-                self.image.format,
-                self.workdir / "disk.qcow2",
-                size=self._disk_size(),
-            )
-            self.boot_timings["overlay"] = time.monotonic() - t0
-            t1 = time.monotonic()
-            self._host_key = KeyPair.generate(f"host-{self.name}")
-            seed = write_seed(
-                SeedConfig(
-                    instance_id=self.name,
-                    hostname=self.config.hostname or self.name[:63],
-                    authorized_key=self._run.client_key.public_openssh,
-                    host_key_private=self._host_key.private_openssh,
-                    host_key_public=self._host_key.public_openssh,
-                ),
-                self.workdir / "seed.iso",
-            )
-            self.boot_timings["seed"] = time.monotonic() - t1
-            drives = [Drive(overlay, "qcow2"), Drive(seed, "raw", readonly=True)]
-            if self.config.cdrom is not None:
-                drives.append(Drive(Path(self.config.cdrom).resolve(), "raw", media="cdrom"))
-            t2 = time.monotonic()
-            self._launch(tuple(drives))
-            self.boot_timings["qemu_start"] = time.monotonic() - t2
-            if self.config.ssh:
-                t3 = time.monotonic()
-                self._connect(time.monotonic() + self.boot_timeout)
-                self.boot_timings["ssh_ready"] = time.monotonic() - t3
+            if self.template is not None:
+                self._start_clone(self.template)
+            else:
+                self._start_boot()
             self.boot_timings["total"] = time.monotonic() - t0
             return self
         except BaseException:
             self.close()
             raise
+
+    def _start_boot(self) -> None:
+        """Power on from the disk (or CD-ROM) and wait for SSH: a real boot."""
+        assert self.workdir is not None
+        t0 = time.monotonic()
+        plan = self._plan
+        where = plan.dir if plan else self.workdir
+        overlay = create_overlay(
+            self.image.path, self.image.format, where / "disk.qcow2", size=self._disk_size()
+        )
+        self.boot_timings["overlay"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        self._host_key = plan.host_key if plan else KeyPair.generate(f"host-{self.name}")
+        seed = write_seed(
+            SeedConfig(
+                instance_id=self.name,
+                hostname=self.config.hostname or self.name[:63],
+                authorized_key=self._client_key.public_openssh,
+                host_key_private=self._host_key.private_openssh,
+                host_key_public=self._host_key.public_openssh,
+            ),
+            where / "seed.iso",
+        )
+        self.boot_timings["seed"] = time.monotonic() - t1
+        drives = [Drive(overlay, "qcow2"), Drive(seed, "raw", readonly=True)]
+        if self.config.cdrom is not None:
+            drives.append(Drive(Path(self.config.cdrom).resolve(), "raw", media="cdrom"))
+        t2 = time.monotonic()
+        self._launch(tuple(drives), ram_file=plan.dir / "ram" if plan else None, ram_shared=True)
+        self.boot_timings["qemu_start"] = time.monotonic() - t2
+        if self.config.ssh:
+            t3 = time.monotonic()
+            self._connect(time.monotonic() + self.boot_timeout)
+            self.boot_timings["ssh_ready"] = time.monotonic() - t3
+
+    def _start_clone(self, template: Template) -> None:
+        """Restore the template's saved state over a fresh overlay, then make it this guest."""
+        assert self.workdir is not None
+        t0 = time.monotonic()
+        overlay = create_overlay(template.disk, "qcow2", self.workdir / "disk.qcow2")
+        self._host_key = template.host_key
+        # The console log starts with the template's boot, so it is whole from power-on.
+        log = self.workdir / "serial.log"
+        shutil.copyfile(template.serial_log, log)
+        with log.open("a") as out:
+            out.write(f"\n[pytest-kvm] {self.name}: restored from template {template.name}\n")
+        self.console.skip_to_end()
+        self.boot_timings["overlay"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        drives = (Drive(overlay, "qcow2"), Drive(template.seed, "raw", readonly=True))
+        self._launch(drives, ram_file=template.ram, ram_shared=False, incoming=template.state)
+        self.boot_timings["restore"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        # The guest agent makes it this guest while SSH shakes hands.
+        adopt = _Background(self._adopt_by_agent)
+        self._connect(time.monotonic() + 60 * self.timeout_scale)
+        self.boot_timings["ssh_ready"] = time.monotonic() - t2
+        t3 = time.monotonic()
+        if adopt.join(30 * self.timeout_scale) is not None:  # no agent: over SSH
+            result = self.run(self._adopt_script(), timeout=60)
+            if result.exit_status != 0:
+                raise GuestError(
+                    f"{self.describe()}: could not make the restored clone its own machine "
+                    f"(exit {result.exit_status}): {_tail_text(result.stderr or result.stdout)}",
+                    self,
+                )
+        self.boot_timings["adopt"] = time.monotonic() - t3
+
+    def _adopt_script(self) -> str:
+        """Make a restored clone its own machine: the host's time and its own hostname.
+
+        The kernel's random pool reseeds itself: QEMU gives every start a new VM
+        generation ID (vmgenid). On user networking the clone keeps the template's
+        MAC: the slirp ARP and DHCP tables restored with it hold that MAC, and a
+        guest that changes its MAC at run time loses its network."""
+        hostname = shlex.quote(self.config.hostname or self.name[:63])
+        return "\n".join(
+            [
+                "set -e",
+                f"date -u -s @{time.time():.6f} >/dev/null",
+                f"hostname {hostname}",
+                f"printf '%s\\n' {hostname} >/etc/hostname",
+                # cloud-init would put the template's hostname back at the next boot.
+                "if [ -d /etc/cloud/cloud.cfg.d ]; then",
+                "  printf 'preserve_hostname: true\\n' "
+                ">/etc/cloud/cloud.cfg.d/99-pytest-kvm-clone.cfg",
+                "fi",
+            ]
+        )
+
+    def _adopt_by_agent(self) -> None:
+        """The same as ``_adopt_script`` through qemu-ga, with one process started in
+        the guest instead of a shell and three (each costs a lot under TCG)."""
+        assert self._sockdir is not None
+        hostname = (self.config.hostname or self.name[:63]) + "\n"
+        with GuestAgent(self._sockdir / "qga.sock") as agent:
+            agent.connect(10 * self.timeout_scale)
+            started = agent.execute(
+                "guest-exec", path="/bin/date", arg=["-u", "-s", f"@{time.time():.6f}"]
+            )
+            agent.write_file("/proc/sys/kernel/hostname", hostname)
+            agent.write_file("/etc/hostname", hostname)
+            with contextlib.suppress(GuestAgentError):  # an image without cloud-init
+                agent.write_file(
+                    "/etc/cloud/cloud.cfg.d/99-pytest-kvm-clone.cfg", "preserve_hostname: true\n"
+                )
+            deadline = time.monotonic() + 20 * self.timeout_scale
+            while True:
+                status = agent.execute("guest-exec-status", pid=started["pid"])
+                if status.get("exited"):
+                    if status.get("exitcode") != 0:
+                        raise GuestAgentError(f"date exited {status.get('exitcode')}")
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError("date did not finish")
+                time.sleep(0.01)
+
+    def save_state(self, path: Path) -> None:
+        """Close SSH, pause the guest, write its device state to ``path``, stop QEMU.
+
+        RAM is not in the file: it stays in the guest's shared RAM file."""
+        if self.machine is None or not isinstance(self.machine, QemuMachine):
+            raise GuestError(f"{self.describe()}: not running on the qemu backend", self)
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self.machine.save_state(path, timeout=120 * self.timeout_scale)
+        self.machine.qmp("quit")
+        if not self.machine.wait_for_exit(30 * self.timeout_scale):
+            raise GuestError(f"{self.describe()}: QEMU did not quit after saving", self)
 
     def _disk_size(self) -> int | None:
         size = parse_size(self.config.disk_size)
@@ -178,7 +339,13 @@ class Guest:
             )
         return size
 
-    def _launch(self, drives: tuple[Drive, ...]) -> None:
+    def _launch(
+        self,
+        drives: tuple[Drive, ...],
+        ram_file: Path | None = None,
+        ram_shared: bool = False,
+        incoming: Path | None = None,
+    ) -> None:
         assert self.workdir is not None
         for attempt in range(5):
             self._port = free_port()
@@ -194,6 +361,9 @@ class Guest:
                 ssh_port=self._port,
                 boot=self.config.boot,
                 sockdir=self._sockdir,
+                ram_file=ram_file,
+                ram_shared=ram_shared,
+                incoming=incoming,
             )
             machine = QemuMachine(spec)
             try:
@@ -222,7 +392,7 @@ class Guest:
     def _connect(self, deadline: float) -> None:
         assert self._host_key is not None
         session = SshSession("127.0.0.1", self._port, self.config.user,
-                             self._run.client_key, self._host_key)  # fmt: skip
+                             self._client_key, self._host_key)  # fmt: skip
         try:
             session.connect(deadline, alive=self._alive)
         except ConnectionAbortedError as exc:
@@ -296,7 +466,7 @@ class Guest:
     def ssh_command(self) -> str:
         """A command line a person can paste into a shell to reach this guest."""
         argv = [
-            "ssh", "-i", str(self._run.client_key.path), "-p", str(self._port),
+            "ssh", "-i", str(self._client_key.path), "-p", str(self._port),
             "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={self.known_hosts}",
             f"{self.config.user}@{self.address}",
@@ -339,6 +509,10 @@ class Guest:
                 self,
             ) from None
         return CommandResult(cmd, raw.exit_status, raw.stdout, raw.stderr)
+
+    def reconnect(self) -> None:
+        """Close the SSH connection and open a new one."""
+        self._reconnect(60 * self.timeout_scale)
 
     def _reconnect(self, timeout: float) -> None:
         self._session().close()

@@ -21,6 +21,7 @@ from .images import Image
 from .images.store import check_spec, image_name
 from .images.store import resolve as resolve_image
 from .run import RunContext
+from .template import Shape, TemplateStore
 
 GUEST_FIXTURES = ("kvm_guest", "kvm_guest_factory", "kvm_image")
 settings_key = pytest.StashKey[Settings]()
@@ -146,6 +147,7 @@ class _Session:
         self.settings = config.stash[settings_key]
         self._run: RunContext | None = None
         self._images: dict[str, Image] = {}
+        self._templates: TemplateStore | None = None
 
     def progress(self, message: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -169,6 +171,14 @@ class _Session:
             choice = accel.choose(self.settings.accel)
             self._run = RunContext(choice)
         return self._run
+
+    @property
+    def templates(self) -> TemplateStore:
+        if self._templates is None:
+            self._templates = TemplateStore(
+                self.settings.cache / "templates", self.run, self.progress
+            )
+        return self._templates
 
     def image(self, spec: str) -> Image:
         if spec not in self._images:
@@ -227,7 +237,9 @@ def kvm_guest_factory(
             where,
         )
         if shaped.kernel_args:
-            raise KvmConfigError(f"{where}: kernel_args= needs the template feature (not yet)")
+            raise KvmConfigError(
+                f"{where}: kernel_args= is not supported yet (it needs direct kernel boot)"
+            )
         if isinstance(image, Image):
             base = image
         elif image is not None:
@@ -251,7 +263,12 @@ def kvm_guest_factory(
             run = _kvm_session.run
         except KvmUnavailable as exc:
             pytest.skip(f"pytest-kvm: {exc}")
-        guest = Guest(run, config, name)
+        template = None
+        # Restore from a template unless the guest must boot for real.
+        if shaped.snapshot and cdrom is None and boot == "disk" and ssh and disk_size is None:
+            shape = Shape(memory=shaped.memory, cpus=shaped.cpus, network=shaped.network.kind)
+            template = _kvm_session.templates.get(base, shape, shaped.boot_timeout)
+        guest = Guest(run, config, name, template=template)
         started.append(guest)
         guest.start()
         return guest

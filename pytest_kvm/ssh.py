@@ -42,6 +42,18 @@ class KeyPair:
         )
         return cls(private, f"{public} {comment}")
 
+    @classmethod
+    def load(cls, path: Path, comment: str = "pytest-kvm") -> KeyPair:
+        """A private key saved by ``save``, its public half derived from it."""
+        private = path.read_text()
+        key = serialization.load_ssh_private_key(private.encode(), password=None)
+        public = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
+        return cls(private, f"{public} {comment}", path)
+
     def save(self, path: Path) -> KeyPair:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:

@@ -34,6 +34,12 @@ class MachineSpec:
     boot: str = "disk"  # "disk" | "cdrom"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     sockdir: Path | None = None  # UNIX sockets, if ``workdir`` is too long for them
+    # Guest RAM in a file: shared (MAP_SHARED) for a template being made, private
+    # copy-on-write for a clone restored from it.
+    ram_file: Path | None = None
+    ram_shared: bool = False
+    # A saved migration stream to restore at start (the clone path).
+    incoming: Path | None = None
 
     @property
     def _sockets(self) -> Path:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
@@ -56,6 +57,9 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         f"logfile={spec.serial_log},logappend=on",
         "-serial", "chardev:ser0",
         "-device", "virtio-rng-pci",
+        # A new generation ID on every start, restored clones included: the guest
+        # kernel reseeds its random pool when it changes.
+        "-device", "vmgenid,guid=auto",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=qga0,path={spec.qga_socket},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
@@ -78,6 +82,20 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-boot", "order=d"]
     argv += netdev_args(spec.network, netdev_id="net0", ssh_port=spec.ssh_port)
     argv += ["-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
+    if spec.ram_file is not None:
+        _check_path_for_qemu(str(spec.ram_file))
+        share = "on" if spec.ram_shared else "off"
+        argv += [
+            "-object",
+            f"memory-backend-file,id=ram0,size={spec.memory}M,mem-path={spec.ram_file},"
+            f"share={share}",
+            "-machine", "memory-backend=ram0",
+        ]  # fmt: skip
+    if spec.incoming is not None:
+        # The state comes through QMP once the x-ignore-shared capability is set
+        # (QEMU 7.2 has no command-line property for it); no -S, so the guest
+        # resumes by itself once the state is loaded.
+        argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)
     return argv
 
@@ -125,6 +143,11 @@ class _Qmp:
                     raise TimeoutError("QEMU did not connect to QMP") from None
         self._collector = self.run(self._start_collector(), 5)
 
+    async def getfd(self, fd: int, name: str) -> None:
+        """Hand QEMU a descriptor (SCM_RIGHTS), named for later commands."""
+        self.client.send_fd_scm(fd)
+        await self.client.execute("getfd", {"fdname": name})
+
     async def _start_collector(self) -> asyncio.Task[None]:
         return asyncio.create_task(self._collect())
 
@@ -157,6 +180,7 @@ class QemuMachine(Machine):
 
     def __init__(self, spec: MachineSpec, binary: str = QEMU_BINARY) -> None:
         self.spec = spec
+        self._binary = binary
         self._argv = build_argv(spec, binary)
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: _Qmp | None = None
@@ -192,6 +216,8 @@ class QemuMachine(Machine):
                     preexec_fn=_die_with_parent,
                 )
             self._qmp.accept(connect_timeout, self.is_running)
+            if spec.incoming is not None:
+                self._restore(spec.incoming, connect_timeout)
         except BaseException as exc:
             code = self._proc.poll() if self._proc else None
             self.close()
@@ -206,6 +232,60 @@ class QemuMachine(Machine):
                 exit_code=code,
                 console_tail=tail(spec.serial_log, 20),
             ) from (exc if not isinstance(exc, TimeoutError) else None)
+
+    def _restore(self, state: Path, timeout: float) -> None:
+        """Load a state saved by ``save_state``; returns once the guest runs."""
+        assert self._qmp is not None
+        self.qmp(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "x-ignore-shared", "state": True}],
+        )
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._qmp.run(self._qmp.getfd(fd, "state"), 10)
+        finally:
+            os.close(fd)  # QEMU has its own copy now
+        self.qmp("migrate-incoming", uri="fd:state")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp("query-status")["status"]
+            if status == "running":
+                return
+            if status == "paused":  # loaded; saved from a paused guest
+                self.qmp("cont")
+                continue
+            if status not in ("inmigrate", "prelaunch", "restore-vm"):
+                raise RuntimeError(f"restoring the saved state ended in state {status!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the saved state was not loaded within {timeout:.0f} s")
+            time.sleep(0.005)
+
+    def save_state(self, path: Path, timeout: float = 120.0) -> None:
+        """Pause the guest and write its device state (and any RAM not in a shared
+        file) to ``path``; the guest stays paused. Raises if migration fails."""
+        self.qmp("stop")
+        self.qmp(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "x-ignore-shared", "state": True}],
+        )
+        with path.open("wb") as out:
+            assert self._qmp is not None
+            self._qmp.run(self._qmp.getfd(out.fileno(), "state"), 10)
+            self.qmp("migrate", uri="fd:state")
+            deadline = time.monotonic() + timeout
+            while True:
+                info = self.qmp("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"saving the guest state: migration {status}: "
+                        f"{info.get('error-desc', 'no detail')}"
+                    )
+                time.sleep(0.01)
+            out.flush()
+            os.fsync(out.fileno())
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

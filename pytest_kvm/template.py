@@ -1,0 +1,344 @@
+"""Templates: boot an (image, shape) once, save it, restore every test's guest from it.
+
+A template is a directory in the cache (``templates/<image>-<shape>-<key>/``):
+
+- ``disk.qcow2``  the guest's disk when it was saved (an overlay on the base image), frozen
+- ``ram``         guest RAM, written through a shared file mapping while the template ran
+- ``state``       the device state (a QEMU migration stream without the RAM pages)
+- ``seed.iso``    the NoCloud seed it booted with (clones need the same devices)
+- ``serial.log``  its console from power-on, which starts every clone's log
+- ``id_ed25519`` and ``host_ed25519``  the keys its sshd trusts and offers
+- ``meta.json``   written last: the key, the MAC, and each file's size and mtime
+
+It is built in a ``.<name>.building-<pid>`` directory and renamed into place only when
+complete, under a file lock, so a run killed while building leaves nothing that a later
+run would use, and parallel workers build it once. Every process checks a template
+(key, sizes, mtimes, state checksum, ``qemu-img check``) before its first clone; one
+that fails is removed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .backends.qemu import QEMU_BINARY
+from .config import NetworkSpec
+from .errors import GuestError, ImageError, KvmError
+from .guest import BootPlan, Guest, GuestConfig
+from .images import Image
+from .run import RunContext
+from .ssh import KeyPair
+
+# Bump when what goes into a template changes, so old ones are not used.
+TEMPLATE_FORMAT = 1
+TEMPLATE_HOSTNAME = "pytest-kvm-template"
+# What a template waits for before it is saved: boot finished, cloud-init done,
+# and as little page cache as possible in the RAM that clones map.
+SETTLE = (
+    "cloud-init status --wait >/dev/null 2>&1; "
+    "systemctl is-system-running --wait >/dev/null 2>&1; "
+    "sync; echo 3 > /proc/sys/vm/drop_caches; sync"
+)
+WARM = "true"
+_CHECKED_FILES = ("disk.qcow2", "ram", "state", "seed.iso", "id_ed25519", "host_ed25519")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What makes two guests of one image need different templates."""
+
+    memory: int
+    cpus: int
+    network: str = "user"
+    kernel_args: str = ""
+
+    def label(self) -> str:
+        return f"{self.memory}M-{self.cpus}cpu-{self.network}"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A saved, SSH-ready guest that clones are restored from."""
+
+    dir: Path
+    key: str
+    image: Image
+    shape: Shape
+    mac: str
+    client_key: KeyPair
+    host_key: KeyPair
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def ram(self) -> Path:
+        return self.dir / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def seed(self) -> Path:
+        return self.dir / "seed.iso"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.dir / "serial.log"
+
+
+@functools.cache
+def qemu_version(binary: str = QEMU_BINARY) -> str:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KvmError(f"{binary} --version failed: {exc}") from None
+    return out.splitlines()[0].strip() if out else "unknown"
+
+
+def image_identity(image: Image) -> dict[str, object]:
+    """What identifies the base image's content cheaply: path, size, mtime, inode.
+
+    Catalog images also carry their recipe's digest in their file name."""
+    st = image.path.stat()
+    return {
+        "name": image.name,
+        "path": str(image.path.resolve()),
+        "format": image.format,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "inode": st.st_ino,
+    }
+
+
+def template_key(image: Image, shape: Shape, accel: str, qemu: str) -> str:
+    payload = json.dumps(
+        {
+            "format": TEMPLATE_FORMAT,
+            "image": image_identity(image),
+            "shape": asdict(shape),
+            "accel": accel,
+            "qemu": qemu,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_record(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class TemplateStore:
+    """Finds, checks and builds templates under ``root`` (``<cache>/templates``)."""
+
+    def __init__(
+        self,
+        root: Path,
+        run: RunContext,
+        progress: Callable[[str], None] = lambda message: None,
+        lock_timeout: float = 3600.0,
+    ) -> None:
+        self.root = root
+        self.run = run
+        self.progress = progress
+        self.lock_timeout = lock_timeout
+        self._checked: dict[str, Template] = {}
+
+    def get(self, image: Image, shape: Shape, boot_timeout: float) -> Template:
+        """The template for ``image`` at ``shape``: checked, or built now."""
+        key = template_key(image, shape, self.run.accel.name, qemu_version())
+        if key in self._checked:
+            return self._checked[key]
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"{image.name}-{shape.label()}-{key}"
+        lock = FileLock(str(self.root / f".{name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            self.progress(f"pytest-kvm: waiting for another process to make template {name}")
+            try:
+                lock.acquire(timeout=self.lock_timeout)
+            except Timeout:
+                raise KvmError(
+                    f"template {name}: another process held its lock for {self.lock_timeout:.0f} s"
+                ) from None
+        try:
+            template = self._load(self.root / name, key, image, shape)
+            if template is None:
+                template = self._build(name, key, image, shape, boot_timeout)
+        finally:
+            lock.release()
+        self._checked[key] = template
+        return template
+
+    # -- checking ----------------------------------------------------------------------
+
+    def _load(self, path: Path, key: str, image: Image, shape: Shape) -> Template | None:
+        if not path.exists():
+            return None
+        problem = self._problem(path, key)
+        if problem:
+            self.progress(f"pytest-kvm: template {path.name} {problem}; making it again")
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        meta = json.loads((path / "meta.json").read_text())
+        return Template(
+            dir=path,
+            key=key,
+            image=image,
+            shape=shape,
+            mac=meta["mac"],
+            client_key=KeyPair.load(path / "id_ed25519"),
+            host_key=KeyPair.load(path / "host_ed25519"),
+        )
+
+    @staticmethod
+    def _problem(path: Path, key: str) -> str:
+        """Why the template at ``path`` must not be used ("" if it may)."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if meta.get("format") != TEMPLATE_FORMAT or meta.get("key") != key:
+                return "was made by another version or for other settings"
+            for name in _CHECKED_FILES:
+                if _file_record(path / name) != meta["files"][name]:
+                    return f"has a changed {name}"
+            if _sha256(path / "state") != meta["state_sha256"]:
+                return "has a corrupt saved state"
+            check = subprocess.run(
+                ["qemu-img", "check", "-q", "-f", "qcow2", str(path / "disk.qcow2")],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if check.returncode != 0:
+                return f"has a damaged disk ({(check.stderr or check.stdout).strip()[:200]})"
+        except FileNotFoundError as exc:
+            return f"is incomplete ({Path(str(exc.filename)).name} is missing)"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"cannot be read ({exc})"
+        return ""
+
+    # -- building ----------------------------------------------------------------------
+
+    def _build(self, name: str, key: str, image: Image, shape: Shape, timeout: float) -> Template:
+        # We hold the lock: any half-made template of this name is from a dead run.
+        for stale in self.root.glob(f".{name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = self.root / f".{name}.building-{os.getpid()}"
+        work.mkdir(mode=0o700)
+        started = time.monotonic()
+        self.progress(
+            f"pytest-kvm: making template {name}: booting {image.name} once "
+            f"({shape.memory} MiB, {shape.cpus} CPUs; later guests restore it)"
+        )
+        try:
+            client = KeyPair.generate("pytest-kvm-template").save(work / "id_ed25519")
+            host = KeyPair.generate(f"pytest-kvm-template-host-{key}").save(work / "host_ed25519")
+            config = GuestConfig(
+                image=image,
+                memory=shape.memory,
+                cpus=shape.cpus,
+                network=NetworkSpec(shape.network),
+                boot_timeout=timeout,
+                hostname=TEMPLATE_HOSTNAME,
+            )
+            guest = Guest(self.run, config, "template", plan=BootPlan(work, client, host))
+            with guest:  # starts it; closing removes all but the plan's files
+                guest.run(SETTLE, timeout=timeout)
+                # Walk the path every clone takes first (sshd, PAM, a shell) on a new
+                # connection, so its pages are in the saved page cache, not on disk.
+                guest.reconnect()
+                guest.run(WARM, timeout=timeout)
+                guest.save_state(work / "state")
+                shutil.copyfile(guest.serial_log, work / "serial.log")
+                mac = guest.mac
+            self._write_meta(work, key, image, shape, mac)
+            _fsync_dir(work)
+            os.rename(work, self.root / name)
+            _fsync_dir(self.root)
+        except BaseException as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(exc, GuestError | ImageError):
+                raise type(exc)(f"making template {name}: {exc}") from exc
+            raise
+        self.progress(f"pytest-kvm: template {name} ready in {time.monotonic() - started:.0f} s")
+        template = self._load(self.root / name, key, image, shape)
+        if template is None:
+            raise KvmError(f"template {name} failed its own check right after it was made")
+        return template
+
+    @staticmethod
+    def _write_meta(work: Path, key: str, image: Image, shape: Shape, mac: str) -> None:
+        for name in _CHECKED_FILES:
+            fd = os.open(work / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        meta = {
+            "format": TEMPLATE_FORMAT,
+            "key": key,
+            "image": image_identity(image),
+            "shape": asdict(shape),
+            "qemu": qemu_version(),
+            "mac": mac,
+            "created": time.time(),
+            "files": {name: _file_record(work / name) for name in _CHECKED_FILES},
+            "state_sha256": _sha256(work / "state"),
+        }
+        tmp = work / "meta.json.tmp"
+        with tmp.open("w") as out:
+            json.dump(meta, out, indent=2, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(tmp, work / "meta.json")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_templates(root: Path) -> list[tuple[Path, int]]:
+    """Complete templates under ``root`` with their disk use in bytes."""
+    found = []
+    for path in sorted(root.glob("*/meta.json")):
+        used = 0
+        for file in path.parent.iterdir():
+            with contextlib.suppress(OSError):
+                used += file.stat().st_blocks * 512
+        found.append((path.parent, used))
+    return found
