@@ -1,0 +1,142 @@
+"""Guests restored from templates (``--kvm-snapshot``, the default): each one its own machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import qemu_pids_under, sha256
+
+
+def test_clones_are_distinct_machines(kvm_guest_factory):
+    a = kvm_guest_factory()
+    b = kvm_guest_factory(hostname="web-1")
+    # Both restored from the one template of this shape, not booted.
+    assert a.template is not None and a.template == b.template
+    assert "restore" in a.boot_timings and "restore" in b.boot_timings
+    assert "restored from template" in a.serial_log.read_text(errors="replace")
+    # Own host-side ports; own hostnames (the asked-for one, else the guest's name).
+    assert a.ssh_port != b.ssh_port
+    assert a.succeed("hostname").strip() == a.name
+    assert b.succeed("hostname").strip() == "web-1"
+    assert b.succeed("cat /etc/hostname").strip() == "web-1"
+    # The wall clock is the host's, not the template's.
+    for g in (a, b):
+        assert abs(float(g.succeed("date +%s.%N")) - time.time()) < 5
+    # The random pool was reseeded (vmgenid), so the clones do not repeat each other.
+    assert a.succeed("cat /proc/sys/kernel/random/uuid") != b.succeed(
+        "cat /proc/sys/kernel/random/uuid"
+    )
+    assert a.succeed("head -c 32 /dev/urandom | od -An -tx1") != b.succeed(
+        "head -c 32 /dev/urandom | od -An -tx1"
+    )
+    assert "crng reseeded due to virtual machine fork" in a.succeed("dmesg")
+    # The SSH connection is new: the clone has exactly one, ours.
+    established = a.succeed("ss -Htn state established '( sport = :22 )'")
+    assert len(established.strip().splitlines()) == 1
+    # Two clones running at once do not see each other's files.
+    a.succeed("echo from-a > /root/mine && sync")
+    b.succeed("echo from-b > /root/mine && sync")
+    assert a.succeed("cat /root/mine").strip() == "from-a"
+    assert b.succeed("cat /root/mine").strip() == "from-b"
+
+
+def test_clone_survives_reboot_with_its_hostname(kvm_guest_factory):
+    g = kvm_guest_factory(hostname="keeps-its-name")
+    assert g.template is not None
+    g.succeed("echo kept > /var/lib/clone-state && sync")
+    g.reboot()
+    assert g.succeed("cat /var/lib/clone-state").strip() == "kept"
+    assert g.succeed("hostname").strip() == "keeps-its-name"
+    g.succeed("systemctl is-active ssh.service")
+
+
+def test_template_files_are_never_written(kvm_guest_factory):
+    g = kvm_guest_factory()
+    t = g.template
+    assert t is not None
+    files = (t.disk, t.ram, t.state, t.seed)
+    before = {p.name: (p.stat().st_mtime_ns, sha256(p)) for p in files}
+    # Write to the disk and dirty lots of RAM in the clone.
+    g.succeed("dd if=/dev/urandom of=/root/big bs=1M count=32 status=none && sync")
+    g.succeed("head -c 200M /dev/zero | tail -c 1 >/dev/null")
+    g.close()
+    assert {p.name: (p.stat().st_mtime_ns, sha256(p)) for p in files} == before
+    subprocess.run(["qemu-img", "check", "-q", str(t.disk)], check=True)
+
+
+def test_state_from_one_test_is_invisible_in_the_next(pytester, image_arg, inner_env):
+    pytester.makepyfile(
+        """
+        def test_writes(kvm_guest):
+            kvm_guest.succeed("echo leak > /root/leak && sync")
+            kvm_guest.succeed("echo leak > /dev/shm/leak")
+
+        def test_reads(kvm_guest):
+            kvm_guest.fail("test -e /root/leak")
+            kvm_guest.fail("test -e /dev/shm/leak")
+        """
+    )
+    result = pytester.runpytest_subprocess(f"--kvm-image={image_arg}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert list(inner_env.iterdir()) == []
+    assert qemu_pids_under(inner_env) == []
+
+
+@pytest.mark.kvm(snapshot=False)
+def test_marker_snapshot_false_boots_for_real(kvm_guest):
+    assert kvm_guest.template is None
+    assert "restore" not in kvm_guest.boot_timings
+    assert "restored from template" not in kvm_guest.serial_log.read_text(errors="replace")
+    assert kvm_guest.succeed("hostname").strip() == kvm_guest.name
+
+
+def test_killed_template_build_leaves_nothing_a_later_run_uses(
+    pytester, kvm_image, inner_env, tmp_path
+):
+    """SIGKILL the run while it makes a template: the next run makes a whole one."""
+    cache = tmp_path / "cache"
+    templates = cache / "templates"
+    pytester.makepyfile(
+        """
+        def test_one(kvm_guest):
+            assert kvm_guest.template is not None
+            kvm_guest.succeed("true")
+        """
+    )
+    args = [f"--kvm-image={kvm_image.path}", f"--kvm-cache={cache}", "-p", "no:cacheprovider"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTEST_KVM_RUNTIME_DIR": str(inner_env)},
+    )
+    try:
+        # Wait until the template guest is running and writing its RAM file.
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_blocks for p in templates.glob(".*.building-*/ram")):
+            assert proc.poll() is None, "the run ended before it made a template"
+            assert time.monotonic() < deadline, "no template build started"
+            time.sleep(0.2)
+        time.sleep(3)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # QEMU dies with its parent; nothing complete is left.
+    deadline = time.monotonic() + 10
+    while qemu_pids_under(templates) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids_under(templates) == []
+    assert list(templates.glob("*/meta.json")) == []
+    assert [p for p in templates.iterdir() if not p.name.startswith(".")] == []
+    # The next run makes the template from scratch and uses it.
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1)
+    assert len(list(templates.glob("*/meta.json"))) == 1
+    assert list(templates.glob(".*.building-*")) == []
