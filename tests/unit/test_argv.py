@@ -67,3 +67,34 @@ def test_comma_in_path_is_refused(tmp_path):
 def test_bridge_not_supported_by_qemu_backend_yet(tmp_path):
     with pytest.raises(KvmConfigError, match="bridge=br0"):
         build_argv(spec(tmp_path, network=NetworkSpec("bridge", "br0")))
+
+
+def test_template_and_clone_argv_differ_only_where_they_must(tmp_path):
+    ram = tmp_path / "ram"
+    template = build_argv(spec(tmp_path, ram_file=ram, ram_shared=True))
+    clone = build_argv(spec(tmp_path, ram_file=ram, ram_shared=False, incoming=tmp_path / "state"))
+    # RAM is the file: shared while the template runs, private copy-on-write in clones.
+    assert f"memory-backend-file,id=ram0,size=1024M,mem-path={ram},share=on" in opt(
+        template, "-object"
+    )
+    assert f"memory-backend-file,id=ram0,size=1024M,mem-path={ram},share=off" in opt(
+        clone, "-object"
+    )
+    assert "memory-backend=ram0" in opt(clone, "-machine")
+    # The clone waits for its state over QMP; the template does not.
+    assert opt(clone, "-incoming") == ["defer"] and opt(template, "-incoming") == []
+    # Every machine gets a fresh VM generation ID, so restored guests reseed.
+    assert "vmgenid,guid=auto" in opt(template, "-device")
+    # Same devices in the same order, or the saved state would not load.
+    assert opt(template, "-device") == opt(clone, "-device")
+
+
+def test_plain_boot_has_no_ram_file(tmp_path):
+    argv = build_argv(spec(tmp_path))
+    assert opt(argv, "-object") == [] and opt(argv, "-incoming") == []
+    assert opt(argv, "-machine") == ["q35"]
+
+
+def test_ram_file_with_comma_is_refused(tmp_path):
+    with pytest.raises(GuestLaunchError, match="comma"):
+        build_argv(spec(tmp_path, ram_file=tmp_path / "a,b"))

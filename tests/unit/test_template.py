@@ -1,0 +1,126 @@
+"""Template keys and checks, without QEMU guests (qemu-img makes the one real disk)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.accel import AccelChoice
+from pytest_kvm.images import Image
+from pytest_kvm.run import RunContext
+from pytest_kvm.ssh import KeyPair
+from pytest_kvm.template import Shape, TemplateStore, template_key
+
+KEY = "0123456789abcdef"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Image:
+    path = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return Image("base", path, "qcow2", str(path))
+
+
+def make_template(root: Path, image: Image) -> Path:
+    """The files a template build leaves, with its meta.json, in a finished directory."""
+    work = root / "t"
+    work.mkdir(parents=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.path), "-F", "qcow2",
+         str(work / "disk.qcow2")],
+        check=True,
+    )  # fmt: skip
+    (work / "ram").write_bytes(b"\0" * 4096)
+    (work / "state").write_bytes(os.urandom(2048))
+    (work / "seed.iso").write_bytes(b"seed")
+    (work / "serial.log").write_text("boot\n")
+    KeyPair.generate().save(work / "id_ed25519")
+    KeyPair.generate().save(work / "host_ed25519")
+    TemplateStore._write_meta(work, KEY, image, Shape(1024, 2), "02:6b:76:00:00:01")
+    return work
+
+
+def test_key_follows_everything_that_shapes_a_template(image, tmp_path):
+    base = template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2")
+    assert base == template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2")
+    others = {
+        template_key(image, Shape(2048, 2), "tcg", "QEMU 7.2"),
+        template_key(image, Shape(1024, 1), "tcg", "QEMU 7.2"),
+        template_key(image, Shape(1024, 2, kernel_args="quiet"), "tcg", "QEMU 7.2"),
+        template_key(image, Shape(1024, 2), "kvm", "QEMU 7.2"),
+        template_key(image, Shape(1024, 2), "tcg", "QEMU 8.2"),
+    }
+    assert base not in others and len(others) == 5
+    # A rewritten base image (new mtime) is a different template.
+    os.utime(image.path, ns=(1, 1))
+    assert template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2") != base
+
+
+def test_a_complete_template_passes_its_check(image, tmp_path):
+    work = make_template(tmp_path, image)
+    assert TemplateStore._problem(work, KEY) == ""
+    assert "other settings" in TemplateStore._problem(work, "f" * 16)
+
+
+def flip_byte_keep_mtime(path: Path) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda w: (w / "ram").unlink(), "incomplete (ram is missing)"),
+        (lambda w: (w / "meta.json").unlink(), "incomplete (meta.json is missing)"),
+        (lambda w: (w / "state").write_bytes(b"short"), "changed state"),
+        (lambda w: flip_byte_keep_mtime(w / "state"), "corrupt saved state"),
+        (lambda w: (w / "disk.qcow2").write_bytes(b"x" * 512), "changed disk.qcow2"),
+        (lambda w: (w / "meta.json").write_text("{"), "cannot be read"),
+    ],
+)
+def test_a_damaged_template_is_never_trusted(image, tmp_path, damage, problem):
+    work = make_template(tmp_path, image)
+    damage(work)
+    assert problem in TemplateStore._problem(work, KEY)
+
+
+def test_a_damaged_disk_with_the_recorded_size_and_mtime_fails_qemu_img_check(image, tmp_path):
+    work = make_template(tmp_path, image)
+    disk = work / "disk.qcow2"
+    st = disk.stat()
+    data = bytearray(disk.read_bytes())
+    data[0:4] = b"XXXX"  # no longer a qcow2 header
+    disk.write_bytes(bytes(data))
+    os.utime(disk, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "damaged disk" in TemplateStore._problem(work, KEY)
+
+
+def test_loading_a_damaged_template_removes_it(image, tmp_path):
+    work = make_template(tmp_path, image)
+    (work / "state").write_bytes(b"")
+    messages: list[str] = []
+    run = RunContext(AccelChoice("tcg", "test"))
+    try:
+        store = TemplateStore(tmp_path, run, messages.append)
+        assert store._load(work, KEY, image, Shape(1024, 2)) is None
+    finally:
+        run.close()
+    assert not work.exists()
+    assert "making it again" in messages[0] and "changed state" in messages[0]
+
+
+def test_meta_records_the_clone_facts(image, tmp_path):
+    work = make_template(tmp_path, image)
+    meta = json.loads((work / "meta.json").read_text())
+    assert meta["mac"] == "02:6b:76:00:00:01" and meta["key"] == KEY
+    assert meta["shape"] == dataclasses.asdict(Shape(1024, 2))
+    assert set(meta["files"]) == {"disk.qcow2", "ram", "state", "seed.iso", "id_ed25519",
+                                  "host_ed25519"}  # fmt: skip
