@@ -61,6 +61,13 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         if path not in known:
             size = f"{path.stat().st_size / 2**20:.0f}M"
             print(f"{path.stem:<16} {'stale':<10} {size:>8}  {path} (older recipe)")
+    from .template import list_templates
+
+    templates = list_templates(cache / "templates")
+    if templates:
+        print("\nTEMPLATES (booted guests that tests are restored from; delete to drop)")
+        for path, used in templates:
+            print(f"  {path}  {used / 2**20:.0f}M on disk")
     return 0
 
 

@@ -28,6 +28,7 @@ from .errors import (
     KvmConfigError,
 )
 from .images import Image
+from .images.kernel import BootFiles
 from .images.overlay import create_overlay
 from .network import free_port
 from .qga import GuestAgent, GuestAgentError
@@ -75,6 +76,10 @@ class GuestConfig:
     boot: str = "disk"
     ssh: bool = True
     user: str = "root"
+    # Extra kernel arguments: a direct kernel boot with ``boot_files`` (read from
+    # the image), their command line plus these.
+    kernel_args: str = ""
+    boot_files: BootFiles | None = None
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,13 @@ class Guest:
             raise KvmConfigError(f"cdrom={str(config.cdrom)!r} does not exist")
         if template is not None and (
             config.cdrom is not None or config.boot != "disk" or not config.ssh
-            or config.disk_size is not None
+            or config.disk_size is not None or config.kernel_args
         ):  # fmt: skip
-            raise KvmConfigError("cdrom, boot, ssh=False and disk_size need a real boot")
+            raise KvmConfigError(
+                "cdrom, boot, ssh=False, disk_size and kernel_args need a real boot"
+            )
+        if config.kernel_args and config.boot_files is None:
+            raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
         self._run = run
         self.config = config
         self.template = template
@@ -227,7 +236,12 @@ class Guest:
         if self.config.cdrom is not None:
             drives.append(Drive(Path(self.config.cdrom).resolve(), "raw", media="cdrom"))
         t2 = time.monotonic()
-        self._launch(tuple(drives), ram_file=plan.dir / "ram" if plan else None, ram_shared=True)
+        self._launch(
+            tuple(drives),
+            ram_file=plan.dir / "ram" if plan else None,
+            ram_shared=True,
+            boot_files=self.config.boot_files if self.config.kernel_args else None,
+        )
         self.boot_timings["qemu_start"] = time.monotonic() - t2
         if self.config.ssh:
             t3 = time.monotonic()
@@ -245,7 +259,6 @@ class Guest:
         shutil.copyfile(template.serial_log, log)
         with log.open("a") as out:
             out.write(f"\n[pytest-kvm] {self.name}: restored from template {template.name}\n")
-        self.console.skip_to_end()
         self.boot_timings["overlay"] = time.monotonic() - t0
         t1 = time.monotonic()
         drives = (Drive(overlay, "qcow2"), Drive(template.seed, "raw", readonly=True))
@@ -345,6 +358,7 @@ class Guest:
         ram_file: Path | None = None,
         ram_shared: bool = False,
         incoming: Path | None = None,
+        boot_files: BootFiles | None = None,
     ) -> None:
         assert self.workdir is not None
         for attempt in range(5):
@@ -364,6 +378,9 @@ class Guest:
                 ram_file=ram_file,
                 ram_shared=ram_shared,
                 incoming=incoming,
+                kernel=boot_files.kernel if boot_files else None,
+                initrd=boot_files.initrd if boot_files else None,
+                append=f"{boot_files.cmdline} {self.config.kernel_args}" if boot_files else "",
             )
             machine = QemuMachine(spec)
             try:

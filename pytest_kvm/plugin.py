@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from .console import tail
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
 from .guest import Guest, GuestConfig
 from .images import Image
+from .images.kernel import BootFiles, boot_files
 from .images.store import check_spec, image_name
 from .images.store import resolve as resolve_image
 from .run import RunContext
@@ -148,6 +150,7 @@ class _Session:
         self._run: RunContext | None = None
         self._images: dict[str, Image] = {}
         self._templates: TemplateStore | None = None
+        self._boot_files: dict[Path, BootFiles] = {}
 
     def progress(self, message: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -171,6 +174,14 @@ class _Session:
             choice = accel.choose(self.settings.accel)
             self._run = RunContext(choice)
         return self._run
+
+    def boot_files(self, image: Image) -> BootFiles:
+        if image.path not in self._boot_files:
+            force_tcg = self.run.accel.name != "kvm"
+            self._boot_files[image.path] = boot_files(
+                image, self.settings.cache, force_tcg, self.progress
+            )
+        return self._boot_files[image.path]
 
     @property
     def templates(self) -> TemplateStore:
@@ -236,10 +247,6 @@ def kvm_guest_factory(
             },
             where,
         )
-        if shaped.kernel_args:
-            raise KvmConfigError(
-                f"{where}: kernel_args= is not supported yet (it needs direct kernel boot)"
-            )
         if isinstance(image, Image):
             base = image
         elif image is not None:
@@ -258,14 +265,22 @@ def kvm_guest_factory(
             disk_size=disk_size,
             boot=boot,
             ssh=ssh,
+            kernel_args=shaped.kernel_args,
         )
         try:
             run = _kvm_session.run
         except KvmUnavailable as exc:
             pytest.skip(f"pytest-kvm: {exc}")
+        if shaped.kernel_args:
+            # A real boot of the image's own kernel with the extra arguments.
+            files = _kvm_session.boot_files(base)
+            config = dataclasses.replace(config, boot_files=files)
         template = None
         # Restore from a template unless the guest must boot for real.
-        if shaped.snapshot and cdrom is None and boot == "disk" and ssh and disk_size is None:
+        if (
+            shaped.snapshot and cdrom is None and boot == "disk" and ssh
+            and disk_size is None and not shaped.kernel_args
+        ):  # fmt: skip
             shape = Shape(memory=shaped.memory, cpus=shaped.cpus, network=shaped.network.kind)
             template = _kvm_session.templates.get(base, shape, shaped.boot_timeout)
         guest = Guest(run, config, name, template=template)

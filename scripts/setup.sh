@@ -10,6 +10,7 @@ APT_PACKAGES=(
   e2fsprogs fdisk dosfstools
   openssh-client                        # ssh_command, tests of host-key pinning
   python3 python3-venv python3-guestfs  # libguestfs' binding comes from Debian
+  linux-image-amd64                     # libguestfs builds its appliance from a host kernel
   dpkg-dev                              # examples build a .deb
 )
 missing=()

@@ -40,6 +40,11 @@ class MachineSpec:
     ram_shared: bool = False
     # A saved migration stream to restore at start (the clone path).
     incoming: Path | None = None
+    # Direct kernel boot (kernel_args): QEMU loads these instead of the firmware
+    # booting the disk.
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
 
     @property
     def _sockets(self) -> Path:

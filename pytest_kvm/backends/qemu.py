@@ -80,6 +80,10 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-device", f"virtio-blk-pci,drive=drive{index}{bootindex}"]
     if spec.boot == "cdrom":
         argv += ["-boot", "order=d"]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel), "-append", spec.append]
+        if spec.initrd is not None:
+            argv += ["-initrd", str(spec.initrd)]
     argv += netdev_args(spec.network, netdev_id="net0", ssh_port=spec.ssh_port)
     argv += ["-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
     if spec.ram_file is not None:

@@ -64,7 +64,10 @@ def test_commands_files_and_console(kvm_guest, tmp_path: Path):
     g.succeed("echo pytest-kvm-marker-42 > /dev/ttyS0")
     g.console.expect("pytest-kvm-marker-42", timeout=30)
     # timings
-    assert {"overlay", "seed", "qemu_start", "ssh_ready", "total"} <= set(g.boot_timings)
+    if g.template is None:
+        assert {"overlay", "seed", "qemu_start", "ssh_ready", "total"} <= set(g.boot_timings)
+    else:
+        assert {"overlay", "restore", "ssh_ready", "adopt", "total"} <= set(g.boot_timings)
     assert all(v >= 0 for v in g.boot_timings.values())
 
 
@@ -169,11 +172,34 @@ def test_guest_that_never_gets_ready_times_out_saying_what_it_saw(pytester_guest
             pass
         """,
         "--kvm-boot-timeout=1",
+        "--kvm-no-snapshot",
     )
     result.assert_outcomes(errors=1)
     out = result.stdout.str()
     assert "GuestTimeout" in out and "not SSH-ready after 3 s" in out
     assert "last console lines" in out
+    assert list(inner_env.iterdir()) == []
+    assert qemu_pids_under(inner_env) == []
+
+
+def test_template_that_never_gets_ready_times_out_and_leaves_no_template(
+    pytester, kvm_image, inner_env, tmp_path
+):
+    cache = tmp_path / "cache"
+    pytester.makepyfile(
+        """
+        def test_boot(kvm_guest):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        f"--kvm-image={kvm_image.path}", f"--kvm-cache={cache}", "--kvm-boot-timeout=1"
+    )
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "making template" in out and "not SSH-ready after 3 s" in out
+    templates = cache / "templates"
+    assert [p.name for p in templates.iterdir() if not p.name.endswith(".lock")] == []
     assert list(inner_env.iterdir()) == []
     assert qemu_pids_under(inner_env) == []
 

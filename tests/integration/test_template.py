@@ -140,3 +140,14 @@ def test_killed_template_build_leaves_nothing_a_later_run_uses(
     result.assert_outcomes(passed=1)
     assert len(list(templates.glob("*/meta.json"))) == 1
     assert list(templates.glob(".*.building-*")) == []
+
+
+@pytest.mark.kvm(kernel_args="pytest_kvm.marker=42 quiet")
+def test_kernel_args_boot_the_images_kernel_for_real(kvm_guest):
+    g = kvm_guest
+    assert g.template is None and "restore" not in g.boot_timings
+    cmdline = g.succeed("cat /proc/cmdline").split()
+    assert "pytest_kvm.marker=42" in cmdline and "quiet" in cmdline
+    # The image's own command line is kept: root file system and serial console.
+    assert any(arg.startswith("root=") for arg in cmdline)
+    assert "console=ttyS0,115200n8" in cmdline

@@ -98,3 +98,18 @@ def test_plain_boot_has_no_ram_file(tmp_path):
 def test_ram_file_with_comma_is_refused(tmp_path):
     with pytest.raises(GuestLaunchError, match="comma"):
         build_argv(spec(tmp_path, ram_file=tmp_path / "a,b"))
+
+
+def test_direct_kernel_boot_argv(tmp_path):
+    argv = build_argv(
+        spec(
+            tmp_path,
+            kernel=tmp_path / "vmlinuz",
+            initrd=tmp_path / "initrd.img",
+            append="root=UUID=abc ro console=ttyS0 quiet",
+        )
+    )
+    assert opt(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
+    assert opt(argv, "-initrd") == [str(tmp_path / "initrd.img")]
+    # One argv element: no shell, so spaces need no quoting.
+    assert opt(argv, "-append") == ["root=UUID=abc ro console=ttyS0 quiet"]
