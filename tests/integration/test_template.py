@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +130,13 @@ def test_killed_template_build_leaves_nothing_a_later_run_uses(
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        # What reaping a dead run will do: its socket directory under /tmp (used when
+        # the runtime dir's path is too long for UNIX sockets) has the run's prefix.
+        for run_dir in inner_env.glob("pytest-kvm-*"):
+            prefix = "-".join(run_dir.name.split("-")[:3])
+            for sock_dir in Path("/tmp").glob(f"{prefix}-*"):
+                shutil.rmtree(sock_dir, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
     # QEMU dies with its parent; nothing complete is left.
     deadline = time.monotonic() + 10
     while qemu_pids_under(templates) and time.monotonic() < deadline:
@@ -151,3 +160,33 @@ def test_kernel_args_boot_the_images_kernel_for_real(kvm_guest):
     # The image's own command line is kept: root file system and serial console.
     assert any(arg.startswith("root=") for arg in cmdline)
     assert "console=ttyS0,115200n8" in cmdline
+
+
+def test_parallel_workers_make_a_template_once_and_share_it(pytester, kvm_image, tmp_path):
+    cache = tmp_path / "cache"
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    pytester.makepyfile(
+        f"""
+        import json, os, pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_guest(kvm_guest, n):
+            meta = json.loads((kvm_guest.template.dir / "meta.json").read_text())
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            with open({str(seen)!r} + f"/{{worker}}-{{n}}", "w") as out:
+                out.write(f"{{kvm_guest.template.name}} {{meta['created']}}")
+            kvm_guest.succeed("true")
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        f"--kvm-image={kvm_image.path}", f"--kvm-cache={cache}", "-n", "2", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=4)
+    records = {p.name: p.read_text() for p in seen.iterdir()}
+    workers = {name.split("-")[0] for name in records}
+    assert workers == {"gw0", "gw1"}, records
+    # Both workers used one template, made once (one creation time).
+    assert len(set(records.values())) == 1, records
+    assert len(list((cache / "templates").glob("*/meta.json"))) == 1
+    assert list((cache / "templates").glob(".*.building-*")) == []
