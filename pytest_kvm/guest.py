@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from .template import Template
 
 _PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -95,7 +98,8 @@ class BootPlan:
 class _Background:
     """Run ``target`` on a thread; ``join`` returns the exception it raised, if any."""
 
-    def __init__(self, target: Callable[[], None]) -> None:
+    def __init__(self, target: Callable[[], None] | None) -> None:
+        """``target=None``: nothing runs, and ``join`` reports that as an error."""
         self._error: BaseException | None = None
         self._target = target
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -103,6 +107,8 @@ class _Background:
 
     def _run(self) -> None:
         try:
+            if self._target is None:
+                raise LookupError("nothing to run")
             self._target()
         except BaseException as exc:  # reported by join
             self._error = exc
@@ -155,6 +161,11 @@ class Guest:
         ):  # fmt: skip
             raise KvmConfigError(
                 "cdrom, boot, ssh=False, disk_size and kernel_args need a real boot"
+            )
+        if config.hostname is not None and not _HOSTNAME.match(config.hostname):
+            raise KvmConfigError(
+                f"hostname={config.hostname!r} is not a host name (letters, digits and '-', "
+                "dot-separated labels, at most 63 characters)"
             )
         if config.kernel_args and config.boot_files is None:
             raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
@@ -266,7 +277,7 @@ class Guest:
         self.boot_timings["restore"] = time.monotonic() - t1
         t2 = time.monotonic()
         # The guest agent makes it this guest while SSH shakes hands.
-        adopt = _Background(self._adopt_by_agent)
+        adopt = _Background(self._adopt_by_agent if template.agent else None)
         self._connect(time.monotonic() + 60 * self.timeout_scale)
         self.boot_timings["ssh_ready"] = time.monotonic() - t2
         t3 = time.monotonic()
@@ -329,6 +340,33 @@ class Guest:
                     raise TimeoutError("date did not finish")
                 time.sleep(0.01)
 
+    def _wait_connections_closed(self, timeout: float) -> None:
+        """Until QEMU's user network has no TCP connection left (only its forwards), so
+        that no clone starts with the template's SSH connection half-open."""
+        assert self.machine is not None
+        if self.config.network.kind != "user":
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            table = self.machine.qmp("human-monitor-command", **{"command-line": "info usernet"})
+            if not any(
+                line.strip().startswith("TCP[") and "HOST_FORWARD" not in line
+                for line in str(table).splitlines()
+            ):
+                return
+            time.sleep(0.05)
+
+    def agent_answers(self, timeout: float = 5.0) -> bool:
+        """Whether qemu-ga answers on the guest's agent channel."""
+        assert self._sockdir is not None
+        try:
+            with GuestAgent(self._sockdir / "qga.sock") as agent:
+                agent.connect(timeout * self.timeout_scale)
+                agent.execute("guest-ping", timeout=timeout * self.timeout_scale)
+            return True
+        except (OSError, TimeoutError, GuestAgentError):
+            return False
+
     def save_state(self, path: Path) -> None:
         """Close SSH, pause the guest, write its device state to ``path``, stop QEMU.
 
@@ -338,6 +376,7 @@ class Guest:
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
+        self._wait_connections_closed(10 * self.timeout_scale)
         self.machine.save_state(path, timeout=120 * self.timeout_scale)
         self.machine.qmp("quit")
         if not self.machine.wait_for_exit(30 * self.timeout_scale):

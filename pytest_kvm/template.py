@@ -42,7 +42,7 @@ from .run import RunContext
 from .ssh import KeyPair
 
 # Bump when what goes into a template changes, so old ones are not used.
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 TEMPLATE_HOSTNAME = "pytest-kvm-template"
 # What a template waits for before it is saved: boot finished, cloud-init done,
 # and as little page cache as possible in the RAM that clones map.
@@ -79,6 +79,7 @@ class Template:
     mac: str
     client_key: KeyPair
     host_key: KeyPair
+    agent: bool = False  # qemu-ga answered in the template, so it will in clones
 
     @property
     def name(self) -> str:
@@ -218,6 +219,7 @@ class TemplateStore:
             image=image,
             shape=shape,
             mac=meta["mac"],
+            agent=bool(meta["agent"]),
             client_key=KeyPair.load(path / "id_ed25519"),
             host_key=KeyPair.load(path / "host_ed25519"),
         )
@@ -279,10 +281,11 @@ class TemplateStore:
                 # connection, so its pages are in the saved page cache, not on disk.
                 guest.reconnect()
                 guest.run(WARM, timeout=timeout)
+                agent = guest.agent_answers()
                 guest.save_state(work / "state")
                 shutil.copyfile(guest.serial_log, work / "serial.log")
                 mac = guest.mac
-            self._write_meta(work, key, image, shape, mac)
+            self._write_meta(work, key, image, shape, mac, agent)
             _fsync_dir(work)
             os.rename(work, self.root / name)
             _fsync_dir(self.root)
@@ -298,7 +301,9 @@ class TemplateStore:
         return template
 
     @staticmethod
-    def _write_meta(work: Path, key: str, image: Image, shape: Shape, mac: str) -> None:
+    def _write_meta(
+        work: Path, key: str, image: Image, shape: Shape, mac: str, agent: bool
+    ) -> None:
         for name in _CHECKED_FILES:
             fd = os.open(work / name, os.O_RDONLY)
             try:
@@ -312,6 +317,7 @@ class TemplateStore:
             "shape": asdict(shape),
             "qemu": qemu_version(),
             "mac": mac,
+            "agent": agent,
             "created": time.time(),
             "files": {name: _file_record(work / name) for name in _CHECKED_FILES},
             "state_sha256": _sha256(work / "state"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pytest_kvm.guest import Guest
 
 from .conftest import qemu_pids_under, sha256
 
@@ -190,3 +193,15 @@ def test_parallel_workers_make_a_template_once_and_share_it(pytester, kvm_image,
     assert len(set(records.values())) == 1, records
     assert len(list((cache / "templates").glob("*/meta.json"))) == 1
     assert list((cache / "templates").glob(".*.building-*")) == []
+
+
+def test_clone_of_a_template_without_guest_agent_is_made_its_own_over_ssh(kvm_guest_factory):
+    g = kvm_guest_factory()
+    assert g.template is not None and g.template.agent  # the catalog image has qemu-ga
+    # As for an image without qemu-ga: clock and hostname go over SSH instead.
+    template = dataclasses.replace(g.template, agent=False)
+    config = dataclasses.replace(g.config, hostname="over-ssh")
+    with Guest(g._run, config, template=template) as clone:
+        assert clone.succeed("hostname").strip() == "over-ssh"
+        assert clone.succeed("cat /etc/hostname").strip() == "over-ssh"
+        assert abs(float(clone.succeed("date +%s.%N")) - time.time()) < 5

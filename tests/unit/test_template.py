@@ -41,7 +41,7 @@ def make_template(root: Path, image: Image) -> Path:
     (work / "serial.log").write_text("boot\n")
     KeyPair.generate().save(work / "id_ed25519")
     KeyPair.generate().save(work / "host_ed25519")
-    TemplateStore._write_meta(work, KEY, image, Shape(1024, 2), "02:6b:76:00:00:01")
+    TemplateStore._write_meta(work, KEY, image, Shape(1024, 2), "02:6b:76:00:00:01", True)
     return work
 
 
@@ -120,7 +120,7 @@ def test_loading_a_damaged_template_removes_it(image, tmp_path):
 def test_meta_records_the_clone_facts(image, tmp_path):
     work = make_template(tmp_path, image)
     meta = json.loads((work / "meta.json").read_text())
-    assert meta["mac"] == "02:6b:76:00:00:01" and meta["key"] == KEY
+    assert meta["mac"] == "02:6b:76:00:00:01" and meta["key"] == KEY and meta["agent"] is True
     assert meta["shape"] == dataclasses.asdict(Shape(1024, 2))
     assert set(meta["files"]) == {"disk.qcow2", "ram", "state", "seed.iso", "id_ed25519",
                                   "host_ed25519"}  # fmt: skip
