@@ -38,6 +38,7 @@ from .config import NetworkSpec
 from .errors import GuestError, ImageError, KvmError
 from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
+from .images.builder import fsync_dir
 from .run import RunContext
 from .ssh import KeyPair
 
@@ -286,9 +287,9 @@ class TemplateStore:
                 shutil.copyfile(guest.serial_log, work / "serial.log")
                 mac = guest.mac
             self._write_meta(work, key, image, shape, mac, agent)
-            _fsync_dir(work)
+            fsync_dir(work)
             os.rename(work, self.root / name)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException as exc:
             shutil.rmtree(work, ignore_errors=True)
             if isinstance(exc, GuestError | ImageError):
@@ -328,14 +329,6 @@ class TemplateStore:
             out.flush()
             os.fsync(out.fileno())
         os.rename(tmp, work / "meta.json")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_templates(root: Path) -> list[tuple[Path, int]]:

@@ -135,7 +135,7 @@ def build_image(
     try:
         _Build(recipe, work, mirror, tools, progress).run(work / "disk.qcow2")
         os.replace(work / "disk.qcow2", out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         _remove_tree(work, progress)
     size = out.stat().st_blocks * 512
@@ -751,7 +751,7 @@ def _write(path: Path, text: str, *, mode: int = 0o644, keep_owner: bool = False
     os.replace(tmp, path)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
