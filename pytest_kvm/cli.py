@@ -61,13 +61,26 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         if path not in known:
             size = f"{path.stat().st_size / 2**20:.0f}M"
             print(f"{path.stem:<16} {'stale':<10} {size:>8}  {path} (older recipe)")
-    from .template import list_templates
+    from .template import list_templates, stale_reason
 
     templates = list_templates(cache / "templates")
     if templates:
-        print("\nTEMPLATES (booted guests that tests are restored from; delete to drop)")
+        print("\nTEMPLATES (booted guests that tests are restored from)")
         for path, used in templates:
-            print(f"  {path}  {used / 2**20:.0f}M on disk")
+            stale = stale_reason(path)
+            print(f"  {path}  {used / 2**20:.0f}M" + (f"  stale: {stale}" if stale else ""))
+        print("`pytest-kvm template prune` removes stale ones (--all: every one)")
+    return 0
+
+
+def cmd_template_prune(args: argparse.Namespace) -> int:
+    from .template import prune
+
+    removed = prune(Path(args.cache) / "templates", everything=args.all)
+    for path, why in removed:
+        print(f"removed {path}: {why}")
+    if not removed:
+        print("nothing to remove")
     return 0
 
 
@@ -125,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(func=cmd_image_build)
     listing = image.add_parser("list", help="catalog and cache")
     listing.set_defaults(func=cmd_image_list)
+    template = sub.add_parser("template", help="booted templates in the cache").add_subparsers(
+        dest="template_command", required=True
+    )
+    pruning = template.add_parser("prune", help="remove stale and half-made templates")
+    pruning.add_argument("--all", action="store_true", help="remove every template")
+    pruning.set_defaults(func=cmd_template_prune)
     doctor = sub.add_parser("doctor", help="what works on this machine")
     doctor.set_defaults(func=cmd_doctor)
     args = parser.parse_args(argv)

@@ -331,6 +331,59 @@ class TemplateStore:
         os.rename(tmp, work / "meta.json")
 
 
+def stale_reason(path: Path) -> str:
+    """Why the template at ``path`` can never be used again ("" if it still can):
+    its base image changed or is gone, QEMU changed, or its format is old."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != TEMPLATE_FORMAT:
+            return "made by another pytest-kvm version"
+        image = meta["image"]
+        base = Path(image["path"])
+        if not base.exists():
+            return f"its base image {base} is gone"
+        st = base.stat()
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (
+            image["size"], image["mtime_ns"], image["inode"]
+        ):  # fmt: skip
+            return f"its base image {base} changed"
+        if meta.get("qemu") != qemu_version():
+            return f"made with {meta.get('qemu')}"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable ({exc})"
+    return ""
+
+
+def prune(root: Path, everything: bool = False) -> list[tuple[Path, str]]:
+    """Remove stale templates (all, with ``everything``) and half-made ones of dead
+    builders; skip any whose lock another process holds. Returns what went, and why."""
+    removed: list[tuple[Path, str]] = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.iterdir()):
+        if not path.is_dir():
+            continue
+        name = path.name
+        if name.startswith("."):  # .<name>.building-<pid>
+            name, _, _ = name[1:].rpartition(".building-")
+            why = "half made"
+        else:
+            why = "removed on request" if everything else stale_reason(path)
+        if not why:
+            continue
+        lock = FileLock(str(root / f".{name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # being built or checked right now
+        try:  # the lock file stays: a waiter may hold it open
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            lock.release()
+        removed.append((path, why))
+    return removed
+
+
 def list_templates(root: Path) -> list[tuple[Path, int]]:
     """Complete templates under ``root`` with their disk use in bytes."""
     found = []

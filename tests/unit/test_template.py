@@ -124,3 +124,38 @@ def test_meta_records_the_clone_facts(image, tmp_path):
     assert meta["shape"] == dataclasses.asdict(Shape(1024, 2))
     assert set(meta["files"]) == {"disk.qcow2", "ram", "state", "seed.iso", "id_ed25519",
                                   "host_ed25519"}  # fmt: skip
+
+
+def test_prune_removes_stale_and_half_made_templates_only(image, tmp_path):
+    from filelock import FileLock
+
+    from pytest_kvm.template import prune, stale_reason
+
+    root = tmp_path / "templates"
+    fresh = make_template(root, image)
+    assert stale_reason(fresh) == ""
+    half = root / ".base-1024M-2cpu-user-0123.building-99999"
+    half.mkdir()
+    assert prune(root) == [(half, "half made")]
+    assert fresh.exists()
+    # The base image is rewritten: the template can never be used again.
+    os.utime(image.path, ns=(1, 1))
+    assert "changed" in stale_reason(fresh)
+    # Not while another process holds its lock (building or checking it).
+    held = FileLock(str(root / f".{fresh.name}.lock"))
+    held.acquire()
+    try:
+        assert prune(root) == []
+    finally:
+        held.release()
+    assert [p.name for p, _ in prune(root)] == [fresh.name] and not fresh.exists()
+
+
+def test_prune_all_and_a_missing_base(image, tmp_path):
+    from pytest_kvm.template import prune, stale_reason
+
+    fresh = make_template(tmp_path / "templates", image)
+    other = make_template(tmp_path / "other", image)
+    image.path.unlink()
+    assert "is gone" in stale_reason(fresh)
+    assert prune(tmp_path / "other", everything=True) == [(other, "removed on request")]
