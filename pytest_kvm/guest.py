@@ -84,6 +84,14 @@ class GuestConfig:
     kernel_args: str = ""
     boot_files: BootFiles | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here, before a template is made or anything starts.
+        if self.hostname is not None and not _HOSTNAME.match(self.hostname):
+            raise KvmConfigError(
+                f"hostname={self.hostname!r} is not a host name (letters, digits and '-', "
+                "dot-separated labels, at most 63 characters)"
+            )
+
 
 @dataclass(frozen=True)
 class BootPlan:
@@ -161,11 +169,6 @@ class Guest:
         ):  # fmt: skip
             raise KvmConfigError(
                 "cdrom, boot, ssh=False, disk_size and kernel_args need a real boot"
-            )
-        if config.hostname is not None and not _HOSTNAME.match(config.hostname):
-            raise KvmConfigError(
-                f"hostname={config.hostname!r} is not a host name (letters, digits and '-', "
-                "dot-separated labels, at most 63 characters)"
             )
         if config.kernel_args and config.boot_files is None:
             raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
