@@ -106,8 +106,7 @@ class BootPlan:
 class _Background:
     """Run ``target`` on a thread; ``join`` returns the exception it raised, if any."""
 
-    def __init__(self, target: Callable[[], None] | None) -> None:
-        """``target=None``: nothing runs, and ``join`` reports that as an error."""
+    def __init__(self, target: Callable[[], None]) -> None:
         self._error: BaseException | None = None
         self._target = target
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -115,8 +114,6 @@ class _Background:
 
     def _run(self) -> None:
         try:
-            if self._target is None:
-                raise LookupError("nothing to run")
             self._target()
         except BaseException as exc:  # reported by join
             self._error = exc
@@ -280,11 +277,11 @@ class Guest:
         self.boot_timings["restore"] = time.monotonic() - t1
         t2 = time.monotonic()
         # The guest agent makes it this guest while SSH shakes hands.
-        adopt = _Background(self._adopt_by_agent if template.agent else None)
+        adopt = _Background(self._adopt_by_agent) if template.agent else None
         self._connect(time.monotonic() + 60 * self.timeout_scale)
         self.boot_timings["ssh_ready"] = time.monotonic() - t2
         t3 = time.monotonic()
-        if adopt.join(30 * self.timeout_scale) is not None:  # no agent: over SSH
+        if adopt is None or adopt.join(30 * self.timeout_scale) is not None:  # over SSH
             result = self.run(self._adopt_script(), timeout=60)
             if result.exit_status != 0:
                 raise GuestError(
