@@ -21,9 +21,13 @@ class NetworkSpec:
 
     kind: str  # "user" | "bridge" | "libvirt"
     name: str = ""
+    # bridge only: "" lets the plugin choose (its own tap with CAP_NET_ADMIN, else
+    # qemu-bridge-helper); otherwise the helper binary QEMU must use.
+    helper: str = ""
 
     def __str__(self) -> str:
-        return self.kind if not self.name else f"{self.kind}={self.name}"
+        text = self.kind if not self.name else f"{self.kind}={self.name}"
+        return f"{text},helper={self.helper}" if self.helper else text
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,12 @@ def _text(value: Any, where: str) -> str:
     return text
 
 
-_BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+# A Linux interface name: at most 15 bytes, no '/', ':' or white space.
+_BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _LIBVIRT_NET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# The helper QEMU runs for -netdev bridge (Debian's qemu-system-common ships it).
+DEFAULT_BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
+_NETWORK_FORMS = "use user, bridge=NAME, bridge=NAME,helper[=PATH] or libvirt=NETWORK"
 
 
 def parse_network(value: Any, where: str) -> NetworkSpec:
@@ -135,14 +143,27 @@ def parse_network(value: Any, where: str) -> NetworkSpec:
     text = str(value).strip()
     if text == "user":
         return NetworkSpec("user")
-    kind, sep, name = text.partition("=")
-    if sep and kind == "bridge" and _BRIDGE_NAME.match(name):
-        return NetworkSpec("bridge", name)
-    if sep and kind == "libvirt" and _LIBVIRT_NET.match(name):
+    head, _, options = text.partition(",")
+    kind, sep, name = head.partition("=")
+    if sep and kind == "bridge":
+        if not _BRIDGE_NAME.match(name):
+            raise KvmConfigError(
+                f"{where}: {value!r}: {name!r} is not a bridge name (1 to 15 letters, "
+                "digits, '.', '-' or '_')"
+            )
+        helper = ""
+        if options:
+            opt, has_path, path = options.partition("=")
+            if opt != "helper" or (has_path and not path.startswith("/")):
+                raise KvmConfigError(
+                    f"{where}: {value!r}: after the bridge name only helper or "
+                    "helper=/ABSOLUTE/PATH may follow"
+                )
+            helper = path if has_path else DEFAULT_BRIDGE_HELPER
+        return NetworkSpec("bridge", name, helper)
+    if sep and kind == "libvirt" and not options and _LIBVIRT_NET.match(name):
         return NetworkSpec("libvirt", name)
-    raise KvmConfigError(
-        f"{where}: {value!r} is not a network spec; use user, bridge=NAME or libvirt=NETWORK"
-    )
+    raise KvmConfigError(f"{where}: {value!r} is not a network spec; {_NETWORK_FORMS}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +193,12 @@ OPTIONS: dict[str, Option] = {
     for o in (
         Option("backend", _choice(BACKENDS), "who runs guests: qemu (default) or libvirt", "NAME"),
         Option("uri", _text, "libvirt connection URI", "URI"),
-        Option("network", parse_network, "user (default), bridge=NAME, libvirt=NETWORK", "SPEC"),
+        Option(
+            "network",
+            parse_network,
+            "user (default), bridge=NAME[,helper[=PATH]], libvirt=NETWORK",
+            "SPEC",
+        ),
         Option("accel", _choice(ACCELS), "auto (default), kvm or tcg", "ACCEL"),
         Option("memory", _positive_int(128, 1024 * 1024), "guest memory in MiB (1024)", "MIB"),
         Option("cpus", _positive_int(1, 256), "guest vCPUs (2)", "N"),

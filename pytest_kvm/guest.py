@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import shlex
 import shutil
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from .backends.base import Drive, Machine, MachineSpec
+from .backends.base import Drive, Machine, MachineSpec, Nic
 from .backends.qemu import QemuMachine
 from .config import NetworkSpec
 from .console import Console, tail
@@ -30,11 +31,26 @@ from .errors import (
 from .images import Image
 from .images.kernel import BootFiles
 from .images.overlay import create_overlay
-from .network import free_port
+from .network import (
+    USER_NET_HOST,
+    MacReservation,
+    Tap,
+    bridge_fdb_macs,
+    bridge_problem,
+    check_port_number,
+    free_port,
+    has_net_admin,
+    helper_problem,
+    ipv4_from_agent,
+    ipv4_from_console,
+    no_tap_message,
+    port_in_use,
+)
 from .qga import GuestAgent, GuestAgentError
 from .run import RunContext
 from .seed import SeedConfig, write_seed
 from .ssh import CommandTimeout, KeyPair, SshSession
+from .vlan import Vlan, VlanPort
 
 if TYPE_CHECKING:
     from .template import Template
@@ -83,6 +99,9 @@ class GuestConfig:
     # the image), their command line plus these.
     kernel_args: str = ""
     boot_files: BootFiles | None = None
+    # One more NIC per entry, on that kvm_vlan segment; None: a NIC on no segment
+    # (what a template is made with, so that its clones can join one).
+    vlans: tuple[Vlan | None, ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
@@ -138,6 +157,36 @@ def parse_size(value: int | str | None) -> int | None:
     return int(match.group(1)) << (10 * unit)
 
 
+# Find the NIC by its old or new MAC, give it the new one, then a static address.
+_VLAN_SCRIPT = r"""
+pytest_kvm_vlan() {
+  dev=
+  for d in /sys/class/net/*; do
+    a=$(cat "$d/address")
+    if [ "$a" = "$1" ] || [ "$a" = "$2" ]; then dev=${d##*/}; fi
+  done
+  if [ -z "$dev" ]; then echo "no network interface with MAC $1 or $2" >&2; return 3; fi
+  ip link set dev "$dev" address "$2"
+  if systemctl is-active -q systemd-networkd 2>/dev/null; then
+    mkdir -p /etc/systemd/network
+    printf "$4" >"/etc/systemd/network/05-pytest-kvm-$2.network"
+    networkctl reload
+    networkctl reconfigure "$dev"
+  else
+    ip address flush dev "$dev"
+    ip address add "$3" dev "$dev"
+    ip link set dev "$dev" up
+  fi
+  i=0
+  until ip -o -4 address show dev "$dev" | grep -qF " ${3} "; do
+    i=$((i + 1))
+    if [ "$i" -gt 200 ]; then echo "$dev never got $3" >&2; return 4; fi
+    sleep 0.1
+  done
+}
+"""
+
+
 def _tail_text(text: str, lines: int = 10) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -169,6 +218,10 @@ class Guest:
             )
         if config.kernel_args and config.boot_files is None:
             raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
+        if template is not None and config.network.kind != "user":
+            raise KvmConfigError(f"network {config.network}: guests boot for real (no template)")
+        if template is not None and len(template.vlan_macs) != len(config.vlans):
+            raise KvmConfigError("the template has another number of vlan NICs")
         self._run = run
         self.config = config
         self.template = template
@@ -181,7 +234,13 @@ class Guest:
         self.mac = template.mac if template else run.identity.mac_for(self.name)
         self.image = config.image
         self.backend = "qemu"
-        self.address = "127.0.0.1"
+        # Where the test reaches the guest's SSH: the forward on 127.0.0.1 (user), or
+        # the address the guest got by DHCP (bridge), learned once it has one.
+        self.address = "127.0.0.1" if config.network.kind == "user" else ""
+        self._mac_reservation: MacReservation | None = None
+        self._tap: Tap | None = None
+        self._vlan_ports: list[tuple[Vlan | None, Nic, VlanPort | None]] = []
+        self._forwards: dict[int, int] = {}
         self.boot_timings: dict[str, float] = {}
         self.workdir: Path | None = None
         self._sockdir: Path | None = None
@@ -210,10 +269,15 @@ class Guest:
             self.console = Console(
                 self.workdir / "serial.log", self._sockdir / "console.sock", self.describe()
             )
+            self._prepare_network()
             if self.template is not None:
                 self._start_clone(self.template)
             else:
                 self._start_boot()
+            if self._vlan_ports and self.config.ssh:
+                t1 = time.monotonic()
+                self._configure_vlans()
+                self.boot_timings["vlan"] = time.monotonic() - t1
             self.boot_timings["total"] = time.monotonic() - t0
             return self
         except BaseException:
@@ -254,9 +318,14 @@ class Guest:
             boot_files=self.config.boot_files if self.config.kernel_args else None,
         )
         self.boot_timings["qemu_start"] = time.monotonic() - t2
+        deadline = time.monotonic() + self.boot_timeout
+        if self.config.network.kind == "bridge" and self.config.ssh:
+            t3 = time.monotonic()
+            self.address = self._learn_address(deadline)
+            self.boot_timings["address"] = time.monotonic() - t3
         if self.config.ssh:
             t3 = time.monotonic()
-            self._connect(time.monotonic() + self.boot_timeout)
+            self._connect(deadline)
             self.boot_timings["ssh_ready"] = time.monotonic() - t3
 
     def _start_clone(self, template: Template) -> None:
@@ -400,8 +469,26 @@ class Guest:
         boot_files: BootFiles | None = None,
     ) -> None:
         assert self.workdir is not None
-        for attempt in range(5):
-            self._port = free_port()
+        tap_fd = self._tap.open() if self._tap is not None else None
+        try:
+            self._launch_qemu(drives, ram_file, ram_shared, incoming, boot_files, tap_fd)
+        finally:
+            if self._tap is not None:
+                self._tap.close()  # QEMU holds the tap now; it goes when QEMU exits
+
+    def _launch_qemu(
+        self,
+        drives: tuple[Drive, ...],
+        ram_file: Path | None,
+        ram_shared: bool,
+        incoming: Path | None,
+        boot_files: BootFiles | None,
+        tap_fd: int | None,
+    ) -> None:
+        assert self.workdir is not None
+        user = self.config.network.kind == "user"
+        for attempt in range(5 if user else 1):
+            self._port = free_port() if user else 22
             spec = MachineSpec(
                 name=self.name,
                 workdir=self.workdir,
@@ -420,6 +507,8 @@ class Guest:
                 kernel=boot_files.kernel if boot_files else None,
                 initrd=boot_files.initrd if boot_files else None,
                 append=f"{boot_files.cmdline} {self.config.kernel_args}" if boot_files else "",
+                tap_fd=tap_fd,
+                nics=tuple(nic for _, nic, _ in self._vlan_ports),
             )
             machine = QemuMachine(spec)
             try:
@@ -447,7 +536,7 @@ class Guest:
 
     def _connect(self, deadline: float) -> None:
         assert self._host_key is not None
-        session = SshSession("127.0.0.1", self._port, self.config.user,
+        session = SshSession(self.address, self._port, self.config.user,
                              self._client_key, self._host_key)  # fmt: skip
         try:
             session.connect(deadline, alive=self._alive)
@@ -463,7 +552,7 @@ class Guest:
             ) from None
         except paramiko.BadHostKeyException as exc:
             raise GuestError(
-                f"{self.describe()}: the host on 127.0.0.1:{self._port} offered host key "
+                f"{self.describe()}: the host on {self.address}:{self._port} offered host key "
                 f"{exc.key.get_fingerprint().hex()}, not the one pinned for this guest; "
                 "refusing to connect",
                 self,
@@ -485,6 +574,13 @@ class Guest:
                 if self.machine is not None:
                     self.machine.close()
             finally:
+                if self._tap is not None:
+                    self._tap.close()
+                for vlan, _, _ in self._vlan_ports:
+                    if vlan is not None:
+                        vlan.detach(self.name)
+                if self._mac_reservation is not None:
+                    self._mac_reservation.release()
                 for path in (self.workdir, self._sockdir):
                     if path is not None:
                         shutil.rmtree(path, ignore_errors=True)
@@ -494,6 +590,190 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- network ------------------------------------------------------------------------
+
+    def _prepare_network(self) -> None:
+        """Check the network, reserve the bridge MAC and tap, attach to vlans."""
+        assert self._sockdir is not None
+        spec = self.config.network
+        if spec.kind == "bridge":
+            problem = bridge_problem(spec.name)
+            if problem:
+                raise KvmConfigError(f"{self.describe()}: network {spec}: {problem}")
+            if spec.helper:
+                reason = helper_problem(spec.helper, spec.name)
+                if reason:
+                    raise KvmConfigError(f"{self.describe()}: network {spec}: {reason}")
+            elif has_net_admin():
+                self._tap = Tap(spec.name)
+            else:
+                from .config import DEFAULT_BRIDGE_HELPER
+
+                reason = helper_problem(DEFAULT_BRIDGE_HELPER, spec.name)
+                if reason:
+                    raise KvmConfigError(f"{self.describe()}: {no_tap_message(spec.name, reason)}")
+                self.config = dataclasses.replace(
+                    self.config, network=dataclasses.replace(spec, helper=DEFAULT_BRIDGE_HELPER)
+                )
+            self._mac_reservation = MacReservation.reserve(taken=bridge_fdb_macs(spec.name))
+            self.mac = self._mac_reservation.mac
+        elif spec.kind != "user":
+            raise KvmConfigError(
+                f"{self.describe()}: network {spec} is not supported by the qemu backend"
+            )
+        for index, vlan in enumerate(self.config.vlans):
+            netdev_id = f"vlan{index}"
+            mac = self._run.identity.mac_for(f"{self.name}/{netdev_id}")
+            if vlan is None:  # a template's NIC: on a hub of its own, connected to nothing
+                nic = Nic(netdev_id, f"hubport,id={netdev_id},hubid={index + 1}", mac)
+                self._vlan_ports.append((None, nic, None))
+                continue
+            port = vlan.attach(self.name, netdev_id, mac, self._sockdir / f"{netdev_id}.sock")
+            self._vlan_ports.append((vlan, Nic(netdev_id, port.netdev_arg(), mac), port))
+
+    def _learn_address(self, deadline: float) -> str:
+        """The IPv4 address the guest's NIC got by DHCP: from the guest agent, or from
+        cloud-init's network table on the console."""
+        assert self._sockdir is not None
+        agent: GuestAgent | None = None
+        seen = "the guest agent never answered"
+        try:
+            while True:
+                dead = self._alive()
+                if dead:
+                    raise GuestCrashed(
+                        f"{dead}; last console lines:\n{tail(self.console.log_path, 20)}", self
+                    )
+                address = ipv4_from_console(tail(self.console.log_path, 200), self.mac)
+                if address:
+                    return address
+                try:
+                    if agent is None:
+                        agent = GuestAgent(self._sockdir / "qga.sock")
+                        agent.connect(2.0)
+                    interfaces = agent.execute("guest-network-get-interfaces", timeout=5.0)
+                    address = ipv4_from_agent(interfaces or [], self.mac)
+                    if address:
+                        return address
+                    seen = f"the guest agent reported no IPv4 address for MAC {self.mac}"
+                except (OSError, TimeoutError, GuestAgentError) as exc:
+                    if agent is not None:
+                        agent.close()
+                    agent = None
+                    if not isinstance(exc, TimeoutError):
+                        seen = f"the guest agent: {exc}"
+                if time.monotonic() > deadline:
+                    raise GuestTimeout(
+                        f"{self.describe()}: no DHCP address on bridge "
+                        f"{self.config.network.name!r} for MAC {self.mac} after "
+                        f"{self.boot_timeout:.0f} s ({seen}); is a DHCP server on that "
+                        f"segment? Last console lines:\n{tail(self.console.log_path, 20)}",
+                        self,
+                    )
+                time.sleep(1.0)
+        finally:
+            if agent is not None:
+                agent.close()
+
+    def _configure_vlans(self) -> None:
+        """Give each vlan NIC its MAC and static address inside the guest.
+
+        A clone's NIC still has its template's MAC: the guest sets the new one (QEMU
+        follows it). With systemd-networkd the address goes into a .network file,
+        so it survives carrier loss (``set_link``) and reboots; otherwise ``ip``."""
+        lines = ["set -e"]
+        for index, (_, nic, port) in enumerate(self._vlan_ports):
+            if port is None:
+                continue
+            old = self.template.vlan_macs[index] if self.template is not None else nic.mac
+            cidr = f"{port.address}/{port.prefixlen}"
+            unit = (
+                f"[Match]\\nMACAddress={nic.mac}\\n[Link]\\nRequiredForOnline=no\\n"
+                f"[Network]\\nAddress={cidr}\\nLinkLocalAddressing=no\\nIPv6AcceptRA=no\\n"
+                "ConfigureWithoutCarrier=yes\\nIgnoreCarrierLoss=yes\\n"
+            )
+            lines.append(
+                f"pytest_kvm_vlan {shlex.quote(old)} {shlex.quote(nic.mac)} "
+                f"{shlex.quote(cidr)} {shlex.quote(unit)}"
+            )
+        script = _VLAN_SCRIPT + "\n".join(lines)
+        result = self.run(script, timeout=60)
+        if result.exit_status != 0:
+            raise GuestError(
+                f"{self.describe()}: could not configure its vlan NICs "
+                f"(exit {result.exit_status}): {_tail_text(result.stderr or result.stdout)}",
+                self,
+            )
+
+    @property
+    def host_address(self) -> str | None:
+        """The address at which the guest reaches the host (user networking only):
+        a connection to ``host_address:PORT`` arrives at 127.0.0.1:PORT on the host."""
+        return USER_NET_HOST if self.config.network.kind == "user" else None
+
+    @property
+    def vlan_macs(self) -> tuple[str, ...]:
+        """The MACs of the guest's vlan NICs, in order."""
+        return tuple(nic.mac for _, nic, _ in self._vlan_ports)
+
+    @property
+    def forwarded_ports(self) -> dict[int, int]:
+        """guest port -> host port on 127.0.0.1, SSH's included."""
+        ports = {22: self._port} if self.config.network.kind == "user" else {}
+        return {**ports, **self._forwards}
+
+    def forward_port(self, guest_port: int, host_port: int | None = None) -> int:
+        """Forward TCP ``127.0.0.1:host_port`` on the host to ``guest_port`` in the
+        guest (user networking); returns the host port, chosen free if not given."""
+        __tracebackhide__ = True
+        check_port_number(guest_port, "guest_port")
+        what = f"{self.describe()}: forward_port({guest_port}"
+        if self.config.network.kind != "user":
+            raise KvmConfigError(
+                f"{what}): forwarding is for user networking; on {self.config.network} "
+                f"reach the guest at guest.address ({self.address}) directly"
+            )
+        if host_port is not None:
+            check_port_number(host_port, "host_port")
+            what += f", host_port={host_port})"
+            if port_in_use(host_port):
+                raise KvmConfigError(f"{what}: 127.0.0.1:{host_port} is already in use on the host")
+        else:
+            what += ")"
+        answer = ""
+        for _ in range(5):
+            port = host_port or free_port()
+            rule = f"tcp:127.0.0.1:{port}-:{guest_port}"
+            answer = str(
+                self.qmp("human-monitor-command", **{"command-line": f"hostfwd_add net0 {rule}"})
+            )
+            if not answer.strip():
+                self._forwards[guest_port] = port
+                return port
+            if host_port is not None:
+                break
+        raise GuestError(f"{what}: QEMU refused: {answer.strip()}", self)
+
+    def set_link(self, up: bool, vlan: Vlan | None = None) -> None:
+        """Plug (``up=True``) or pull the virtual cable of a NIC: the one on ``vlan``;
+        by default the guest's only vlan NIC, or its primary NIC if it has none (on
+        user and bridge networks that also cuts the test's SSH)."""
+        ports = [(v, nic) for v, nic, port in self._vlan_ports if port is not None]
+        if vlan is not None:
+            matching = [nic for v, nic in ports if v is vlan]
+            if not matching:
+                raise KvmConfigError(f"{self.describe()}: set_link: not on vlan {vlan.name!r}")
+            netdev = matching[0].netdev_id
+        elif len(ports) == 1:
+            netdev = ports[0][1].netdev_id
+        elif not ports:
+            netdev = "net0"
+        else:
+            raise KvmConfigError(
+                f"{self.describe()}: set_link: the guest is on {len(ports)} vlans; say which"
+            )
+        self.qmp("set_link", name=netdev, up=bool(up))
 
     # -- facts --------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from .images.store import check_spec, image_name
 from .images.store import resolve as resolve_image
 from .run import RunContext
 from .template import Shape, TemplateStore
+from .vlan import Vlan
 
 GUEST_FIXTURES = ("kvm_guest", "kvm_guest_factory", "kvm_image")
+_vlan_numbers = itertools.count(1)
 settings_key = pytest.StashKey[Settings]()
 guests_key = pytest.StashKey[list[Guest]]()
 collect_errors_key = pytest.StashKey[list[str]]()
@@ -236,6 +239,7 @@ def kvm_guest_factory(
         boot: str = "disk",
         ssh: bool = True,
         hostname: str | None = None,
+        vlan: Vlan | Sequence[Vlan] | None = None,
     ) -> Guest:
         __tracebackhide__ = True
         where = f"{request.node.nodeid}: kvm_guest_factory"
@@ -254,6 +258,10 @@ def kvm_guest_factory(
             base = _kvm_session.image(str(image))
         else:
             base = kvm_image
+        vlans = (vlan,) if isinstance(vlan, Vlan) else tuple(vlan or ())
+        for segment in vlans:
+            if not isinstance(segment, Vlan):
+                raise KvmConfigError(f"{where}: vlan={segment!r} is not a kvm_vlan segment")
         config = GuestConfig(
             image=base,
             memory=shaped.memory,
@@ -266,6 +274,7 @@ def kvm_guest_factory(
             boot=boot,
             ssh=ssh,
             kernel_args=shaped.kernel_args,
+            vlans=vlans,
         )
         try:
             run = _kvm_session.run
@@ -276,12 +285,19 @@ def kvm_guest_factory(
             files = _kvm_session.boot_files(base)
             config = dataclasses.replace(config, boot_files=files)
         template = None
-        # Restore from a template unless the guest must boot for real.
+        # Restore from a template unless the guest must boot for real. A bridge
+        # guest boots: it needs its own MAC and DHCP lease from its first breath.
         if (
             shaped.snapshot and cdrom is None and boot == "disk" and ssh
             and disk_size is None and not shaped.kernel_args
+            and shaped.network.kind == "user"
         ):  # fmt: skip
-            shape = Shape(memory=shaped.memory, cpus=shaped.cpus, network=shaped.network.kind)
+            shape = Shape(
+                memory=shaped.memory,
+                cpus=shaped.cpus,
+                network=shaped.network.kind,
+                vlans=len(vlans),
+            )
             template = _kvm_session.templates.get(base, shape, shaped.boot_timeout)
         guest = Guest(run, config, name, template=template)
         started.append(guest)
@@ -303,6 +319,22 @@ def _close_all(guests: list[Guest]) -> None:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def kvm_vlan(_kvm_session: _Session) -> Iterator[Vlan]:
+    """A private layer-2 segment for this test's guests: ``kvm_guest_factory(vlan=...)``.
+
+    Rootless (QEMU dgram sockets and a switch in this process); every guest on it gets
+    a static address, ``kvm_vlan.address_of(guest)``, in 192.168.76.0/24."""
+    try:
+        run = _kvm_session.run
+    except KvmUnavailable as exc:
+        pytest.skip(f"pytest-kvm: {exc}")
+    number = next(_vlan_numbers)
+    vlan = Vlan(f"vlan{number}", run.sock_dir / f"vlan{number}")
+    with vlan:
+        yield vlan
 
 
 @pytest.fixture

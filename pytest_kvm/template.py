@@ -43,7 +43,7 @@ from .run import RunContext
 from .ssh import KeyPair
 
 # Bump when what goes into a template changes, so old ones are not used.
-TEMPLATE_FORMAT = 2
+TEMPLATE_FORMAT = 3
 TEMPLATE_HOSTNAME = "pytest-kvm-template"
 # What a template waits for before it is saved: boot finished, cloud-init done,
 # and as little page cache as possible in the RAM that clones map.
@@ -64,9 +64,11 @@ class Shape:
     cpus: int
     network: str = "user"
     kernel_args: str = ""
+    vlans: int = 0  # NICs for kvm_vlan segments, beyond the primary one
 
     def label(self) -> str:
-        return f"{self.memory}M-{self.cpus}cpu-{self.network}"
+        nics = f"-{self.vlans}vlan" if self.vlans else ""
+        return f"{self.memory}M-{self.cpus}cpu-{self.network}{nics}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Template:
     client_key: KeyPair
     host_key: KeyPair
     agent: bool = False  # qemu-ga answered in the template, so it will in clones
+    vlan_macs: tuple[str, ...] = ()  # its vlan NICs' MACs, which clones change
 
     @property
     def name(self) -> str:
@@ -221,6 +224,7 @@ class TemplateStore:
             shape=shape,
             mac=meta["mac"],
             agent=bool(meta["agent"]),
+            vlan_macs=tuple(meta.get("vlan_macs", ())),
             client_key=KeyPair.load(path / "id_ed25519"),
             host_key=KeyPair.load(path / "host_ed25519"),
         )
@@ -274,6 +278,7 @@ class TemplateStore:
                 network=NetworkSpec(shape.network),
                 boot_timeout=timeout,
                 hostname=TEMPLATE_HOSTNAME,
+                vlans=(None,) * shape.vlans,
             )
             guest = Guest(self.run, config, "template", plan=BootPlan(work, client, host))
             with guest:  # starts it; closing removes all but the plan's files
@@ -286,7 +291,8 @@ class TemplateStore:
                 guest.save_state(work / "state")
                 shutil.copyfile(guest.serial_log, work / "serial.log")
                 mac = guest.mac
-            self._write_meta(work, key, image, shape, mac, agent)
+                vlan_macs = guest.vlan_macs
+            self._write_meta(work, key, image, shape, mac, agent, vlan_macs)
             fsync_dir(work)
             os.rename(work, self.root / name)
             fsync_dir(self.root)
@@ -303,7 +309,13 @@ class TemplateStore:
 
     @staticmethod
     def _write_meta(
-        work: Path, key: str, image: Image, shape: Shape, mac: str, agent: bool
+        work: Path,
+        key: str,
+        image: Image,
+        shape: Shape,
+        mac: str,
+        agent: bool,
+        vlan_macs: tuple[str, ...] = (),
     ) -> None:
         for name in _CHECKED_FILES:
             fd = os.open(work / name, os.O_RDONLY)
@@ -318,6 +330,7 @@ class TemplateStore:
             "shape": asdict(shape),
             "qemu": qemu_version(),
             "mac": mac,
+            "vlan_macs": list(vlan_macs),
             "agent": agent,
             "created": time.time(),
             "files": {name: _file_record(work / name) for name in _CHECKED_FILES},

@@ -19,6 +19,15 @@ class Drive:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A NIC beyond the primary one: its ``-netdev`` value (with ``id=``) and MAC."""
+
+    netdev_id: str
+    netdev: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """Everything a backend needs to start one guest; paths live in ``workdir``."""
 
@@ -45,6 +54,9 @@ class MachineSpec:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
+    # bridge: a tap device this process opened, inherited by QEMU.
+    tap_fd: int | None = None
+    nics: tuple[Nic, ...] = ()
 
     @property
     def _sockets(self) -> Path:

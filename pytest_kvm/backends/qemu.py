@@ -84,8 +84,11 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-kernel", str(spec.kernel), "-append", spec.append]
         if spec.initrd is not None:
             argv += ["-initrd", str(spec.initrd)]
-    argv += netdev_args(spec.network, netdev_id="net0", ssh_port=spec.ssh_port)
+    argv += netdev_args(spec.network, netdev_id="net0", ssh_port=spec.ssh_port, tap_fd=spec.tap_fd)
     argv += ["-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
+    for nic in spec.nics:
+        argv += ["-netdev", nic.netdev]
+        argv += ["-device", f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}"]
     if spec.ram_file is not None:
         _check_path_for_qemu(str(spec.ram_file))
         share = "on" if spec.ram_shared else "off"
@@ -216,6 +219,7 @@ class QemuMachine(Machine):
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     close_fds=True,
+                    pass_fds=(spec.tap_fd,) if spec.tap_fd is not None else (),
                     start_new_session=True,  # Ctrl-C reaches pytest, which tears down
                     preexec_fn=_die_with_parent,
                 )

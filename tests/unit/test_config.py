@@ -37,7 +37,8 @@ def test_marker_beats_command_line():
         ({"memory": "lots"}, "command line --kvm-memory: 'lots' is not a whole number"),
         ({"cpus": "0"}, "out of range"),
         ({"accel": "hvf"}, "is not one of auto, kvm, tcg"),
-        ({"network": "bridge="}, "is not a network spec"),
+        ({"network": "bridge="}, "is not a bridge name"),
+        ({"network": "wifi"}, "is not a network spec"),
         ({"boot_timeout": "-3"}, "out of range"),
     ],
 )
@@ -67,8 +68,21 @@ def test_unknown_marker_key():
 def test_network_specs():
     assert parse_network("bridge=br0", "x") == NetworkSpec("bridge", "br0")
     assert parse_network("libvirt=default", "x") == NetworkSpec("libvirt", "default")
-    for bad in ("bridge", "bridge=a b", "tap=x", "bridge=" + "x" * 20):
-        with pytest.raises(KvmConfigError):
+    helper = "/usr/lib/qemu/qemu-bridge-helper"
+    assert parse_network("bridge=br0,helper", "x") == NetworkSpec("bridge", "br0", helper)
+    assert parse_network("bridge=br0,helper=/opt/h", "x") == NetworkSpec("bridge", "br0", "/opt/h")
+    assert str(NetworkSpec("bridge", "br0", "/opt/h")) == "bridge=br0,helper=/opt/h"
+    for bad, says in (
+        ("bridge", "not a network spec"),
+        ("bridge=a b", "is not a bridge name"),
+        ("bridge=a/b", "is not a bridge name"),
+        ("tap=x", "not a network spec"),
+        ("bridge=" + "x" * 20, "is not a bridge name"),
+        ("bridge=br0,helper=rel/path", "helper=/ABSOLUTE/PATH"),
+        ("bridge=br0,vhost", "helper=/ABSOLUTE/PATH"),
+        ("libvirt=default,x", "not a network spec"),
+    ):
+        with pytest.raises(KvmConfigError, match=says):
             parse_network(bad, "x")
 
 
