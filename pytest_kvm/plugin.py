@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -154,6 +155,7 @@ class _Session:
         self._images: dict[str, Image] = {}
         self._templates: TemplateStore | None = None
         self._boot_files: dict[Path, BootFiles] = {}
+        self._lock = threading.RLock()
 
     def progress(self, message: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -169,6 +171,10 @@ class _Session:
 
     @property
     def run(self) -> RunContext:
+        with self._lock:  # guests may be started from several threads at once
+            return self._make_run()
+
+    def _make_run(self) -> RunContext:
         if self._run is None:
             if shutil.which(QEMU_BINARY) is None:
                 raise KvmUnavailable(
@@ -188,6 +194,10 @@ class _Session:
 
     @property
     def templates(self) -> TemplateStore:
+        with self._lock:
+            return self._template_store()
+
+    def _template_store(self) -> TemplateStore:
         if self._templates is None:
             self._templates = TemplateStore(
                 self.settings.cache / "templates", self.run, self.progress

@@ -8,6 +8,7 @@ is idempotent and removes sockets and threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -18,7 +19,7 @@ import time
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from qemu.qmp import QMPClient
 
@@ -35,6 +36,28 @@ T = TypeVar("T")
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+# The parent-death signal fires when the *thread* that forked the child ends, not
+# only the process. Guests may be started from short-lived threads (a test's thread
+# pool), so every QEMU is forked by this one thread, which lives as long as we do.
+_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qemu-spawn")
+
+
+def _spawn(argv: list[str], log: IO[bytes], pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            pass_fds=pass_fds,
+            start_new_session=True,  # Ctrl-C reaches pytest, which tears down
+            preexec_fn=_die_with_parent,
+        )
+
+    return _spawner.submit(spawn).result()
 
 
 def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
@@ -213,16 +236,8 @@ class QemuMachine(Machine):
             self._qmp = _Qmp(spec.name)
             self._qmp.start_server(str(spec.qmp_socket))
             with spec.stderr_log.open("wb") as log:
-                self._proc = subprocess.Popen(
-                    self._argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    close_fds=True,
-                    pass_fds=(spec.tap_fd,) if spec.tap_fd is not None else (),
-                    start_new_session=True,  # Ctrl-C reaches pytest, which tears down
-                    preexec_fn=_die_with_parent,
-                )
+                fds = (spec.tap_fd,) if spec.tap_fd is not None else ()
+                self._proc = _spawn(self._argv, log, fds)
             self._qmp.accept(connect_timeout, self.is_running)
             if spec.incoming is not None:
                 self._restore(spec.incoming, connect_timeout)

@@ -46,3 +46,11 @@ def inner_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     runtime.mkdir()
     monkeypatch.setenv("PYTEST_KVM_RUNTIME_DIR", str(runtime))
     return runtime
+
+
+@pytest.fixture
+def cache_arg(request: pytest.FixtureRequest) -> str:
+    """``--kvm-cache`` naming this run's cache, for inner runs whose HOME differs."""
+    from pytest_kvm.plugin import settings_key
+
+    return f"--kvm-cache={request.config.stash[settings_key].cache}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,16 @@ def test_console_only_guest_with_a_bigger_disk(kvm_guest_factory):
     g.shutdown(timeout=60)  # ACPI power button, handled by systemd-logind
     assert not g.is_running
     assert "reboot: Power down" in g.serial_log.read_text(errors="replace")
+
+
+def test_guest_started_from_a_thread_outlives_the_thread(kvm_guest_factory):
+    """QEMU's parent-death signal follows the thread that forked it: a guest started
+    from a short-lived thread (a test's pool) must not die when that thread ends."""
+    started = []
+    worker = threading.Thread(target=lambda: started.append(kvm_guest_factory()))
+    worker.start()
+    worker.join()
+    time.sleep(1)
+    guest = started[0]
+    assert guest.is_running
+    assert guest.succeed("echo alive").strip() == "alive"

@@ -64,8 +64,8 @@ def test_comma_in_path_is_refused(tmp_path):
         build_argv(spec(tmp_path, drives=(Drive(bad / "disk.qcow2"),)))
 
 
-def test_bridge_not_supported_by_qemu_backend_yet(tmp_path):
-    with pytest.raises(KvmConfigError, match="bridge=br0"):
+def test_bridge_without_tap_or_helper_is_refused(tmp_path):
+    with pytest.raises(KvmConfigError, match="bridge=br0: no tap device and no helper"):
         build_argv(spec(tmp_path, network=NetworkSpec("bridge", "br0")))
 
 
@@ -113,3 +113,23 @@ def test_direct_kernel_boot_argv(tmp_path):
     assert opt(argv, "-initrd") == [str(tmp_path / "initrd.img")]
     # One argv element: no shell, so spaces need no quoting.
     assert opt(argv, "-append") == ["root=UUID=abc ro console=ttyS0 quiet"]
+
+
+def test_bridge_tap_and_vlan_nics(tmp_path):
+    from pytest_kvm.backends.base import Nic
+
+    nics = (
+        Nic("vlan0", "dgram,id=vlan0,local.type=unix,local.path=/r/a,remote.type=unix,"
+                     "remote.path=/r/s", "02:6b:76:00:00:02"),
+        Nic("vlan1", "hubport,id=vlan1,hubid=2", "02:6b:76:00:00:03"),
+    )  # fmt: skip
+    argv = build_argv(spec(tmp_path, network=NetworkSpec("bridge", "br0"), tap_fd=9, nics=nics))
+    assert opt(argv, "-netdev") == ["tap,id=net0,fd=9,vhost=off", nics[0].netdev, nics[1].netdev]
+    devices = opt(argv, "-device")
+    nic_devices = [d for d in devices if d.startswith("virtio-net-pci")]
+    # Primary first, then the vlan NICs in order: a clone's devices match its template's.
+    assert nic_devices == [
+        "virtio-net-pci,netdev=net0,mac=02:6b:76:00:00:01",
+        "virtio-net-pci,netdev=vlan0,mac=02:6b:76:00:00:02",
+        "virtio-net-pci,netdev=vlan1,mac=02:6b:76:00:00:03",
+    ]

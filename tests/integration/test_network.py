@@ -1,0 +1,300 @@
+"""Networks with real guests: user forwards, kvm_vlan segments, and bridges with DHCP.
+
+Bridge tests build their bridge and DHCP server (dnsmasq) inside a network namespace
+(tests/integration/netns.py) and run an inner pytest there, so nothing touches the
+host's own interfaces.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.errors import KvmConfigError
+
+from .conftest import qemu_pids_under
+from .netns import BRIDGE, BridgeNetns, namespaces
+
+# Fetch a URL inside the guest (python3 comes with cloud-init).
+FETCH = "python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "  # noqa: E501
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of host TCP sockets listening on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            host, _, hexport = local.rpartition(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.add(host)
+    return found
+
+
+def test_forward_port_reaches_a_guest_service_on_loopback_only(kvm_guest):
+    kvm_guest.succeed(
+        "mkdir -p /srv/www && echo hello-from-guest >/srv/www/index.html && "
+        "(cd /srv/www && nohup python3 -m http.server 8080 >/dev/null 2>&1 &)"
+    )
+    kvm_guest.wait_for_port(8080)
+    port = kvm_guest.forward_port(8080)
+    assert kvm_guest.forwarded_ports[8080] == port
+    assert kvm_guest.forwarded_ports[22] == kvm_guest.ssh_port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+    assert b"hello-from-guest" in reply
+    # Bound to 127.0.0.1 (0100007F in /proc/net/tcp), nowhere else.
+    assert _listening_addresses(port) == {"0100007F"}
+    assert _listening_addresses(kvm_guest.ssh_port) == {"0100007F"}
+
+
+def test_guest_reaches_the_host_at_its_host_address(kvm_guest):
+    received: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                received.append(conn.recv(100))
+                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello-from-host")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        assert kvm_guest.host_address == "10.0.2.2"
+        out = kvm_guest.succeed(FETCH + f"http://{kvm_guest.host_address}:{port}/ping")
+        thread.join(30)
+    assert out.strip() == "hello-from-host"
+    assert received and received[0].startswith(b"GET /ping")
+
+
+def test_forward_to_a_host_port_in_use_is_a_clear_error(kvm_guest):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(KvmConfigError, match=f"127.0.0.1:{port} is already in use"):
+            kvm_guest.forward_port(80, host_port=port)
+    with pytest.raises(KvmConfigError, match="not a TCP port number"):
+        kvm_guest.forward_port(70000)
+    # The guest and its SSH are unaffected.
+    assert kvm_guest.succeed("echo ok").strip() == "ok"
+
+
+def _serve_tcp(guest, port: int) -> None:
+    guest.succeed(
+        f"nohup python3 -m http.server {port} --directory /etc >/dev/null 2>&1 &", timeout=30
+    )
+    guest.wait_for_port(port)
+
+
+def test_two_guests_on_a_vlan_talk_and_stop_when_a_link_is_down(kvm_guest_factory, kvm_vlan):
+    a = kvm_guest_factory(vlan=kvm_vlan)
+    b = kvm_guest_factory(vlan=kvm_vlan)
+    addr_a, addr_b = kvm_vlan.address_of(a), kvm_vlan.address_of(b)
+    assert addr_a != addr_b
+    assert a.vlan_macs[0] != b.vlan_macs[0]
+    # Each guest has its static address on the NIC with its own MAC.
+    for guest, addr in ((a, addr_a), (b, addr_b)):
+        dev = guest.succeed(
+            f"grep -l {guest.vlan_macs[0]} /sys/class/net/*/address | cut -d/ -f5"
+        ).strip()
+        assert f"{addr}/24" in guest.succeed(f"ip -4 -o address show dev {dev}")
+    _serve_tcp(b, 8000)
+    url = f"http://{addr_b}:8000/hostname"
+    assert a.succeed(FETCH + url).strip() == b.succeed("cat /etc/hostname").strip()
+
+    b.set_link(up=False)
+    down = a.run(FETCH + url)
+    assert down.exit_status != 0 and "timed out" in down.stderr
+    # The test's own SSH to b (user network) is unaffected.
+    assert b.succeed("echo still-here").strip() == "still-here"
+
+    b.set_link(up=True)
+    a.wait_until_succeeds(FETCH + url, timeout=60)
+
+
+def test_vlan_is_private_to_its_guests(kvm_guest_factory, kvm_vlan):
+    """A guest not on the segment does not see it; the segment's sockets are private."""
+    on = kvm_guest_factory(vlan=kvm_vlan)
+    off = kvm_guest_factory()
+    _serve_tcp(on, 8001)
+    assert off.run(FETCH + f"http://{kvm_vlan.address_of(on)}:8001/").exit_status != 0
+    assert kvm_vlan.switch_path.stat().st_mode & 0o077 == 0
+    assert kvm_vlan.directory.stat().st_mode & 0o077 == 0
+    with pytest.raises(KvmConfigError, match="is not on vlan"):
+        kvm_vlan.address_of(off)
+
+
+# -- bridges, inside a network namespace ------------------------------------------------
+
+INNER_BRIDGE = """
+import concurrent.futures
+import os
+import socket
+
+import pytest
+
+from pytest_kvm.errors import KvmConfigError
+
+LEASES = os.environ["PKVM_TEST_LEASES"]
+
+
+def lease_for(mac):
+    for line in open(LEASES):
+        fields = line.split()
+        if len(fields) >= 3 and fields[1].lower() == mac.lower():
+            return fields[2]
+    return None
+
+
+def check_reachable(guest):
+    try:
+        _check_reachable(guest)
+    except BaseException:
+        print(guest.run("journalctl -b -u systemd-networkd -o short-monotonic; ip address").stdout)
+        raise
+
+
+def _check_reachable(guest):
+    assert guest.ssh_port == 22 and guest.address.startswith("10.77.0.")
+    # The guest itself holds the address, on the NIC with its MAC.
+    assert guest.mac in guest.succeed("cat /sys/class/net/*/address").split()
+    assert f"{guest.address}/24" in guest.succeed("ip -4 -o address show").split()
+    # The DHCP server on the bridge gave it that address.
+    assert lease_for(guest.mac) == guest.address
+    # The test process reaches its sshd on the bridge address, not through a forward.
+    with socket.create_connection((guest.address, 22), timeout=30) as conn:
+        assert conn.recv(4) == b"SSH-"
+    assert guest.host_address is None
+
+
+@pytest.mark.kvm(network="bridge=br0", memory=512, cpus=1)
+def test_four_guests_started_at_once(kvm_guest_factory):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        guests = list(pool.map(lambda _: kvm_guest_factory(), range(4)))
+    assert len({g.mac for g in guests}) == 4
+    assert len({g.address for g in guests}) == 4
+    for guest in guests:
+        assert int(guest.mac.split(":")[0], 16) & 2  # locally administered
+        check_reachable(guest)
+    # One tap per guest on the bridge, besides the veth port the suite made.
+    taps = [p for p in os.listdir("/sys/class/net/br0/brif") if p != "veth0"]
+    assert len(taps) == 4, taps
+    # Guests reach each other across the bridge.
+    a, b = guests[0], guests[1]
+    a.succeed(f"timeout 20 bash -c 'exec 3<>/dev/tcp/{b.address}/22; head -c 4 <&3'")
+    with pytest.raises(KvmConfigError, match="forwarding is for user networking"):
+        a.forward_port(80)
+
+
+@pytest.mark.kvm(network="bridge=br0,helper", memory=512, cpus=1)
+def test_qemu_bridge_helper(kvm_guest):
+    check_reachable(kvm_guest)
+
+
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("bridge=nosuch0", "there is no network interface 'nosuch0'"),
+        ("bridge=veth1", "'veth1' is not a bridge"),
+        ("bridge=veth0", "'veth0' is a bridge port"),
+    ],
+)
+def test_bad_bridge(kvm_guest_factory, spec, says):
+    with pytest.raises(KvmConfigError, match=says) as info:
+        kvm_guest_factory(network=spec)
+    assert "\\n" not in str(info.value)
+"""
+
+INNER_NO_CAP = """
+import pytest
+
+from pytest_kvm.errors import KvmConfigError
+
+
+@pytest.mark.kvm(network="bridge=br0")
+def test_without_net_admin(kvm_guest_factory):
+    with pytest.raises(KvmConfigError, match="needs root or CAP_NET_ADMIN") as info:
+        kvm_guest_factory()
+    message = str(info.value)
+    assert "qemu-bridge-helper" in message and "allow br0" in message
+    assert "\\n" not in message
+"""
+
+
+@pytest.fixture
+def bridge_netns(tmp_path: Path) -> Iterator[BridgeNetns]:
+    ns = BridgeNetns(tmp_path / "netns")
+    ns.workdir.mkdir()
+    with ns:
+        yield ns
+    # Nothing is left: no namespace (so no bridge or tap), no dnsmasq.
+    assert ns.name not in namespaces()
+    assert ns.dnsmasq is None
+
+
+def test_bridge_guests_get_dhcp_addresses_and_unique_macs(
+    pytester, image_arg, cache_arg, inner_env, bridge_netns, monkeypatch
+):
+    pytester.makepyfile(test_inner=INNER_BRIDGE)
+    monkeypatch.setenv("PKVM_TEST_LEASES", str(bridge_netns.leases))
+    argv = bridge_netns.with_bridge_acl(
+        f"allow {BRIDGE}",
+        sys.executable, "-m", "pytest", str(pytester.path), f"--kvm-image={image_arg}",
+        cache_arg, "-p", "no:cacheprovider", "-v", "-rA",
+    )  # fmt: skip
+    result = pytester.run(*argv, timeout=1800)
+    result.assert_outcomes(passed=5)
+    leases = bridge_netns.leases.read_text().splitlines()
+    assert len(leases) == 5  # four at once, and the helper's guest
+    # After the run: no guest, no tap on the bridge, no qemu.
+    assert bridge_netns.links("tun") == []
+    assert bridge_netns.ports() == ["veth0"]
+    assert not qemu_pids_under(inner_env)
+    assert list(inner_env.iterdir()) == []
+
+
+def test_bridge_without_net_admin_says_how_to_use_the_helper(
+    pytester, image_arg, cache_arg, inner_env, bridge_netns
+):
+    pytester.makepyfile(test_inner=INNER_NO_CAP)
+    argv = bridge_netns.exec_argv(
+        "setpriv", "--bounding-set", "-net_admin", "--",
+        sys.executable, "-m", "pytest", str(pytester.path), f"--kvm-image={image_arg}",
+        cache_arg, "-p", "no:cacheprovider",
+    )  # fmt: skip
+    result = pytester.run(*argv, timeout=600)
+    result.assert_outcomes(passed=1)
+    assert bridge_netns.links("tun") == []
+
+
+def test_bridge_namespace_is_gone_after_a_failing_inner_test(pytester, image_arg, tmp_path):
+    """The suite's own clean-up: even when the test inside fails, the namespace,
+    bridge and dnsmasq are gone afterwards."""
+    ns = BridgeNetns(tmp_path / "ns")
+    ns.workdir.mkdir()
+    pid = None
+    try:
+        with ns:
+            pid = ns.dnsmasq.pid if ns.dnsmasq else None
+            pytester.makepyfile(test_fail="def test_fail():\n    assert False\n")
+            result = pytester.run(
+                *ns.exec_argv(sys.executable, "-m", "pytest", str(pytester.path), "-p",
+                              "no:cacheprovider"),
+                timeout=300,
+            )  # fmt: skip
+            result.assert_outcomes(failed=1)
+            raise RuntimeError("the test fails here")
+    except RuntimeError:
+        pass
+    assert ns.name not in namespaces()
+    assert pid is not None and not Path(f"/proc/{pid}").exists()
