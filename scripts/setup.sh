@@ -12,6 +12,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-guestfs  # libguestfs' binding comes from Debian
   linux-image-amd64                     # libguestfs builds its appliance from a host kernel
   dpkg-dev                              # examples build a .deb
+  iproute2 dnsmasq-base                 # bridge tests: a bridge and DHCP in a network namespace
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

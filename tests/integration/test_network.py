@@ -66,7 +66,10 @@ def test_guest_reaches_the_host_at_its_host_address(kvm_guest):
         def serve() -> None:
             conn, _ = server.accept()
             with conn:
-                received.append(conn.recv(100))
+                request = b""
+                while b"\r\n\r\n" not in request:  # all of it: unread data means a RST
+                    request += conn.recv(4096)
+                received.append(request)
                 conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello-from-host")
 
         thread = threading.Thread(target=serve, daemon=True)

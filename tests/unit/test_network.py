@@ -150,3 +150,36 @@ def test_addresses_from_the_agent_and_the_console():
     )
     assert ipv4_from_console(console, "02:6b:76:aa:bb:cc") == "10.77.0.61"
     assert ipv4_from_console(console, "02:6b:76:00:00:01") is None
+
+
+def _reserve_from_a_small_space(directory: str, count: int, results, release) -> None:
+    import secrets as real_secrets
+
+    # 16 possible MACs for everyone: collisions are certain without the reservation.
+    real_secrets.token_bytes = lambda n: bytes([0, 0, real_secrets.randbelow(16)])
+    held = [MacReservation.reserve(directory=Path(directory)) for _ in range(count)]
+    results.put([r.mac for r in held])
+    release.get(timeout=60)  # hold them until the parent has every process's MACs
+
+
+def test_mac_reservations_are_unique_across_processes(tmp_path: Path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    results, release = ctx.Queue(), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_reserve_from_a_small_space, args=(str(tmp_path / "m"), 3, results, release)
+        )
+        for _ in range(4)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        macs = [mac for _ in procs for mac in results.get(timeout=30)]
+    finally:
+        for _ in procs:
+            release.put(None)
+    for proc in procs:
+        proc.join(30)
+    assert len(macs) == 12 and len(set(macs)) == 12
