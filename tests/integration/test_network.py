@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm.errors import KvmConfigError
+from pytest_kvm.network import MAC_DIR
 
 from .conftest import qemu_pids_under
 from .netns import BRIDGE, BridgeNetns, namespaces
@@ -249,6 +250,7 @@ def test_bridge_guests_get_dhcp_addresses_and_unique_macs(
     pytester, image_arg, cache_arg, inner_env, bridge_netns, monkeypatch
 ):
     pytester.makepyfile(test_inner=INNER_BRIDGE)
+    reserved_before = set(MAC_DIR.glob("*"))
     monkeypatch.setenv("PKVM_TEST_LEASES", str(bridge_netns.leases))
     argv = bridge_netns.with_bridge_acl(
         f"allow {BRIDGE}",
@@ -262,6 +264,7 @@ def test_bridge_guests_get_dhcp_addresses_and_unique_macs(
     # After the run: no guest, no tap on the bridge, no qemu.
     assert bridge_netns.links("tun") == []
     assert bridge_netns.ports() == ["veth0"]
+    assert set(MAC_DIR.glob("*")) == reserved_before  # every MAC reservation released
     assert not qemu_pids_under(inner_env)
     assert list(inner_env.iterdir()) == []
 
