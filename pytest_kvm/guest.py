@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import re
@@ -241,6 +242,7 @@ class Guest:
         self._tap: Tap | None = None
         self._vlan_ports: list[tuple[Vlan | None, Nic, VlanPort | None]] = []
         self._forwards: dict[int, int] = {}
+        self._vlans_done = False  # the agent configured the vlan NICs already
         self.boot_timings: dict[str, float] = {}
         self.workdir: Path | None = None
         self._sockdir: Path | None = None
@@ -274,7 +276,7 @@ class Guest:
                 self._start_clone(self.template)
             else:
                 self._start_boot()
-            if self._vlan_ports and self.config.ssh:
+            if self._vlan_ports and self.config.ssh and not self._vlans_done:
                 t1 = time.monotonic()
                 self._configure_vlans()
                 self.boot_timings["vlan"] = time.monotonic() - t1
@@ -350,7 +352,7 @@ class Guest:
         self._connect(time.monotonic() + 60 * self.timeout_scale)
         self.boot_timings["ssh_ready"] = time.monotonic() - t2
         t3 = time.monotonic()
-        if adopt is None or adopt.join(30 * self.timeout_scale) is not None:  # over SSH
+        if adopt is None or adopt.join(90 * self.timeout_scale) is not None:  # over SSH
             result = self.run(self._adopt_script(), timeout=60)
             if result.exit_status != 0:
                 raise GuestError(
@@ -398,16 +400,29 @@ class Guest:
                 agent.write_file(
                     "/etc/cloud/cloud.cfg.d/99-pytest-kvm-clone.cfg", "preserve_hostname: true\n"
                 )
-            deadline = time.monotonic() + 20 * self.timeout_scale
-            while True:
-                status = agent.execute("guest-exec-status", pid=started["pid"])
-                if status.get("exited"):
-                    if status.get("exitcode") != 0:
-                        raise GuestAgentError(f"date exited {status.get('exitcode')}")
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError("date did not finish")
-                time.sleep(0.01)
+            self._agent_wait(agent, started["pid"], "date", 20 * self.timeout_scale)
+            if self._vlan_ports:  # while SSH still shakes hands
+                started = agent.execute(
+                    "guest-exec", path="/bin/sh", arg=["-c", self._vlan_script()],
+                    **{"capture-output": True},
+                )  # fmt: skip
+                self._agent_wait(agent, started["pid"], "the vlan set-up", 60 * self.timeout_scale)
+                self._vlans_done = True
+
+    @staticmethod
+    def _agent_wait(agent: GuestAgent, pid: int, what: str, timeout: float) -> None:
+        """Until a guest-exec'd process ends; raises if it failed or took too long."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = agent.execute("guest-exec-status", pid=pid)
+            if status.get("exited"):
+                if status.get("exitcode") != 0:
+                    err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+                    raise GuestAgentError(f"{what} exited {status.get('exitcode')}: {err}")
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not finish")
+            time.sleep(0.01)
 
     def _wait_connections_closed(self, timeout: float) -> None:
         """Until QEMU's user network has no TCP connection left (only its forwards), so
@@ -682,6 +697,15 @@ class Guest:
         A clone's NIC still has its template's MAC: the guest sets the new one (QEMU
         follows it). With systemd-networkd the address goes into a .network file,
         so it survives carrier loss (``set_link``) and reboots; otherwise ``ip``."""
+        result = self.run(self._vlan_script(), timeout=60)
+        if result.exit_status != 0:
+            raise GuestError(
+                f"{self.describe()}: could not configure its vlan NICs "
+                f"(exit {result.exit_status}): {_tail_text(result.stderr or result.stdout)}",
+                self,
+            )
+
+    def _vlan_script(self) -> str:
         lines = ["set -e"]
         for index, (_, nic, port) in enumerate(self._vlan_ports):
             if port is None:
@@ -697,14 +721,7 @@ class Guest:
                 f"pytest_kvm_vlan {shlex.quote(old)} {shlex.quote(nic.mac)} "
                 f"{shlex.quote(cidr)} {shlex.quote(unit)}"
             )
-        script = _VLAN_SCRIPT + "\n".join(lines)
-        result = self.run(script, timeout=60)
-        if result.exit_status != 0:
-            raise GuestError(
-                f"{self.describe()}: could not configure its vlan NICs "
-                f"(exit {result.exit_status}): {_tail_text(result.stderr or result.stdout)}",
-                self,
-            )
+        return _VLAN_SCRIPT + "\n".join(lines)
 
     @property
     def host_address(self) -> str | None:
