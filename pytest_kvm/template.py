@@ -266,7 +266,8 @@ class TemplateStore:
         started = time.monotonic()
         self.progress(
             f"pytest-kvm: making template {name}: booting {image.name} once "
-            f"({shape.memory} MiB, {shape.cpus} CPUs; later guests restore it)"
+            f"({shape.memory} MiB, {shape.cpus} CPU{'s' if shape.cpus > 1 else ''}; "
+            "later guests restore it)"
         )
         try:
             client = KeyPair.generate("pytest-kvm-template").save(work / "id_ed25519")
