@@ -188,6 +188,26 @@ pytest_kvm_vlan() {
 """
 
 
+# Wait for cloud-init, then print the IPv4 address of the NIC with MAC {mac} (60 s).
+_SETTLE_BRIDGE = r"""
+if command -v cloud-init >/dev/null; then cloud-init status --wait >/dev/null || true; fi
+i=0
+while [ "$i" -lt 300 ]; do
+  for d in /sys/class/net/*; do
+    if [ "$(cat "$d/address")" = {mac} ]; then
+      a=$(ip -4 -o address show dev "${{d##*/}}" scope global |
+          sed -n 's/.* inet \([0-9.]*\)\/.*/\1/p' | head -n 1)
+      if [ -n "$a" ]; then echo "$a"; exit 0; fi
+    fi
+  done
+  i=$((i + 1))
+  sleep 0.2
+done
+echo "no IPv4 address on the NIC with MAC {mac}" >&2
+exit 1
+"""
+
+
 def _tail_text(text: str, lines: int = 10) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -329,6 +349,10 @@ class Guest:
             t3 = time.monotonic()
             self._connect(deadline)
             self.boot_timings["ssh_ready"] = time.monotonic() - t3
+        if self.config.network.kind == "bridge" and self.config.ssh:
+            t4 = time.monotonic()
+            self._settle_bridge(deadline)
+            self.boot_timings["settle"] = time.monotonic() - t4
 
     def _start_clone(self, template: Template) -> None:
         """Restore the template's saved state over a fresh overlay, then make it this guest."""
@@ -690,6 +714,26 @@ class Guest:
         finally:
             if agent is not None:
                 agent.close()
+
+    def _settle_bridge(self, deadline: float) -> None:
+        """A bridge guest is ready once cloud-init is done and its DHCP address holds:
+        while cloud-init still runs, the guest's network may still change under a
+        test that reaches it from outside (seen: an address gone for a moment)."""
+        remaining = max(30.0, deadline - time.monotonic())
+        result = self.run(_SETTLE_BRIDGE.format(mac=shlex.quote(self.mac)),
+                          timeout=remaining / self.timeout_scale)  # fmt: skip
+        address = result.stdout.strip()
+        if result.exit_status != 0 or not address:
+            raise GuestTimeout(
+                f"{self.describe()}: its NIC {self.mac} on bridge "
+                f"{self.config.network.name!r} lost its IPv4 address {self.address} while "
+                f"booting and did not get one back: {_tail_text(result.stderr, 3)}",
+                self,
+            )
+        if address != self.address:
+            self.address = address
+            self._session().close()
+            self._connect(deadline)
 
     def _configure_vlans(self) -> None:
         """Give each vlan NIC its MAC and static address inside the guest.

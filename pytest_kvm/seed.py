@@ -25,7 +25,16 @@ class SeedConfig:
         # JSON is valid YAML: no quoting mistakes whatever the values contain.
         doc = {
             "disable_root": False,
-            "ssh_pwauth": False,
+            # Password log-ins off through a drop-in written before sshd starts, not
+            # ssh_pwauth: that edits sshd_config later and restarts sshd while
+            # tests may already be connecting (they were refused).
+            "write_files": [
+                {
+                    "path": "/etc/ssh/sshd_config.d/10-pytest-kvm.conf",
+                    "permissions": "0644",
+                    "content": "PasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+                }
+            ],
             "ssh_authorized_keys": [self.authorized_key],
             "ssh_deletekeys": True,
             "ssh_genkeytypes": [],

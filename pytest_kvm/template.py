@@ -43,7 +43,7 @@ from .run import RunContext
 from .ssh import KeyPair
 
 # Bump when what goes into a template changes, so old ones are not used.
-TEMPLATE_FORMAT = 3
+TEMPLATE_FORMAT = 4
 TEMPLATE_HOSTNAME = "pytest-kvm-template"
 # What a template waits for before it is saved: boot finished, cloud-init done,
 # and as little page cache as possible in the RAM that clones map.

@@ -236,3 +236,13 @@ def test_guest_started_from_a_thread_outlives_the_thread(kvm_guest_factory):
     guest = started[0]
     assert guest.is_running
     assert guest.succeed("echo alive").strip() == "alive"
+
+
+def test_sshd_refuses_passwords_and_cloud_init_never_restarted_it(kvm_guest):
+    """Password log-ins are off from sshd's first start (a drop-in from the seed), so
+    cloud-init has no reason to restart sshd while tests connect."""
+    assert "passwordauthentication no" in kvm_guest.succeed("sshd -T").lower().splitlines()
+    kvm_guest.succeed("cloud-init status --wait >/dev/null")
+    log = kvm_guest.succeed("journalctl -b -u ssh.service --no-pager -o cat")
+    assert "Started ssh.service" in log or "Started OpenBSD" in log
+    assert "Stopping" not in log and "Stopped" not in log

@@ -7,6 +7,7 @@ host's own interfaces.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -235,8 +236,15 @@ def test_without_net_admin(kvm_guest_factory):
 """
 
 
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="bridge tests make a network namespace: run them as root"
+)
+
+
 @pytest.fixture
 def bridge_netns(tmp_path: Path) -> Iterator[BridgeNetns]:
+    if os.geteuid() != 0:
+        pytest.skip("bridge tests make a network namespace: run them as root")
     ns = BridgeNetns(tmp_path / "netns")
     ns.workdir.mkdir()
     with ns:
@@ -283,6 +291,7 @@ def test_bridge_without_net_admin_says_how_to_use_the_helper(
     assert bridge_netns.links("tun") == []
 
 
+@needs_root
 def test_bridge_namespace_is_gone_after_a_failing_inner_test(pytester, image_arg, tmp_path):
     """The suite's own clean-up: even when the test inside fails, the namespace,
     bridge and dnsmasq are gone afterwards."""

@@ -18,6 +18,11 @@ def test_seed_carries_key_host_key_and_hostname(tmp_path):
     assert doc["ssh_authorized_keys"] == [client.public_openssh]
     assert doc["ssh_keys"]["ed25519_private"] == host.private_openssh
     assert doc["disable_root"] is False
+    # Not ssh_pwauth: cloud-init would restart sshd after it first answered.
+    assert "ssh_pwauth" not in doc
+    (drop_in,) = doc["write_files"]
+    assert drop_in["path"] == "/etc/ssh/sshd_config.d/10-pytest-kvm.conf"
+    assert "PasswordAuthentication no" in drop_in["content"]
     assert doc["hostname"] == "web'1;rm -rf"  # carried as data, never through a shell
     assert json.loads(files["meta-data"])["instance-id"] == "i-1"
 
