@@ -19,7 +19,7 @@ import paramiko
 
 from .backends.base import Drive, Machine, MachineSpec, Nic
 from .backends.qemu import QemuMachine
-from .config import NetworkSpec
+from .config import DEFAULT_BRIDGE_HELPER, NetworkSpec
 from .console import Console, tail
 from .errors import (
     CommandFailed,
@@ -647,8 +647,6 @@ class Guest:
             elif has_net_admin():
                 self._tap = Tap(spec.name)
             else:
-                from .config import DEFAULT_BRIDGE_HELPER
-
                 reason = helper_problem(DEFAULT_BRIDGE_HELPER, spec.name)
                 if reason:
                     raise KvmConfigError(f"{self.describe()}: {no_tap_message(spec.name, reason)}")
