@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .customize import Customization
 from .errors import KvmConfigError
 
 BACKENDS = ("qemu", "libvirt")
@@ -47,11 +48,21 @@ class Settings:
     artifacts: Path = Path(".pytest-kvm/artifacts")
     cache: Path = field(default_factory=lambda: default_cache_dir())
     kernel_args: str = ""
+    image_secret: Path | None = None
+    # Marker files=, hostname=, run=: applied with libguestfs before the guest boots.
+    customize: Customization = field(default_factory=Customization)
 
     def with_marker(self, kwargs: Mapping[str, Any], where: str) -> Settings:
         """Apply ``@pytest.mark.kvm(...)`` overrides, validating each value."""
         changes: dict[str, Any] = {}
+        custom = {k: kwargs[k] for k in CUSTOMIZE_KEYS if k in kwargs}
+        if custom:
+            changes["customize"] = self.customize.merged(
+                Customization.build(**custom, where=f"{where} (@pytest.mark.kvm)")
+            )
         for key, value in kwargs.items():
+            if key in CUSTOMIZE_KEYS:
+                continue
             if key not in MARKER_KEYS:
                 raise KvmConfigError(
                     f"{where}: unknown argument {key}= in @pytest.mark.kvm; "
@@ -120,6 +131,30 @@ def _path(value: Any, where: str) -> Path:
     if not text.strip() or "\0" in text:
         raise KvmConfigError(f"{where}: {value!r} is not a usable path")
     return Path(text).expanduser()
+
+
+def _secret_file(value: Any, where: str) -> Path:
+    """A file holding an image's key: it must exist, be ours and be private, like an
+    SSH private key; its bytes are the key exactly (no newline is stripped)."""
+    path = _path(value, where).resolve()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise KvmConfigError(f"{where}: secret file {str(path)!r}: {exc.strerror}") from None
+    if not path.is_file():
+        raise KvmConfigError(f"{where}: secret file {str(path)!r} is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise KvmConfigError(f"{where}: secret file {str(path)!r} is not owned by this user")
+    if st.st_mode & 0o077:
+        raise KvmConfigError(
+            f"{where}: secret file {str(path)!r} is readable by others "
+            f"(mode {st.st_mode & 0o777:o}); chmod 600 it"
+        )
+    if st.st_size == 0:
+        raise KvmConfigError(f"{where}: secret file {str(path)!r} is empty")
+    if "," in str(path):
+        raise KvmConfigError(f"{where}: secret file {str(path)!r}: QEMU cannot take ',' in paths")
+    return path
 
 
 def _text(value: Any, where: str) -> str:
@@ -208,9 +243,18 @@ OPTIONS: dict[str, Option] = {
         Option("artifacts", _path, "where failed tests' logs go", "DIR"),
         Option("cache", _path, "built and downloaded images (~/.cache/pytest-kvm)", "DIR"),
         Option("kernel_args", _text, "extra kernel command line (forces a real boot)", "ARGS"),
+        Option(
+            "image_secret",
+            _secret_file,
+            "private file (0600) holding the key of LUKS-encrypted qcow2 images",
+            "FILE",
+        ),
     )
 }
-MARKER_KEYS = frozenset({"image", "memory", "cpus", "network", "snapshot", "kernel_args"})
+CUSTOMIZE_KEYS = ("files", "hostname", "run")
+MARKER_KEYS = frozenset(
+    {"image", "memory", "cpus", "network", "snapshot", "kernel_args", *CUSTOMIZE_KEYS}
+)
 
 
 def resolve(

@@ -21,6 +21,7 @@ from .backends.base import Drive, Machine, MachineSpec, Nic
 from .backends.qemu import QemuMachine
 from .config import DEFAULT_BRIDGE_HELPER, NetworkSpec
 from .console import Console, tail
+from .customize import Access, DiskHandle, DiskSource, GuestDisk, inject_access
 from .errors import (
     CommandFailed,
     GuestCrashed,
@@ -81,6 +82,14 @@ class CommandResult:
         return self.exit_status != 0
 
 
+def check_hostname(hostname: object, where: str = "") -> None:
+    if not isinstance(hostname, str) or not _HOSTNAME.match(hostname):
+        raise KvmConfigError(
+            f"{where + ': ' if where else ''}hostname={hostname!r} is not a host name "
+            "(letters, digits and '-', dot-separated labels, at most 63 characters)"
+        )
+
+
 @dataclass(frozen=True)
 class GuestConfig:
     """How one guest is made; resolved from settings, marker and factory arguments."""
@@ -106,11 +115,8 @@ class GuestConfig:
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
-        if self.hostname is not None and not _HOSTNAME.match(self.hostname):
-            raise KvmConfigError(
-                f"hostname={self.hostname!r} is not a host name (letters, digits and '-', "
-                "dot-separated labels, at most 63 characters)"
-            )
+        if self.hostname is not None:
+            check_hostname(self.hostname)
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,11 @@ class Guest:
             )
         if config.kernel_args and config.boot_files is None:
             raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
+        if template is not None and config.image.is_encrypted:
+            raise KvmConfigError(
+                f"image {config.image.name}: encrypted images boot for real (a template's "
+                "saved RAM would hold the decrypted disk in the clear)"
+            )
         if template is not None and config.network.kind != "user":
             raise KvmConfigError(f"network {config.network}: guests boot for real (no template)")
         if template is not None and len(template.vlan_macs) != len(config.vlans):
@@ -272,6 +283,8 @@ class Guest:
         self._host_key: KeyPair | None = None
         self._port = 0
         self._closed = False
+        self._overlay: Path | None = None
+        self._disk: GuestDisk | None = None
         scale = run.accel.timeout_scale
         self.boot_timeout = config.boot_timeout * scale
         self.timeout_scale = scale
@@ -312,12 +325,20 @@ class Guest:
         t0 = time.monotonic()
         plan = self._plan
         where = plan.dir if plan else self.workdir
+        image = self.image
         overlay = create_overlay(
-            self.image.path, self.image.format, where / "disk.qcow2", size=self._disk_size()
-        )
+            image.path, image.format, where / "disk.qcow2",
+            size=self._disk_size() or (image.virtual_size if image.is_encrypted else None),
+            secret=image.secret if image.is_encrypted else None,
+        )  # fmt: skip
+        self._overlay = overlay
         self.boot_timings["overlay"] = time.monotonic() - t0
         t1 = time.monotonic()
         self._host_key = plan.host_key if plan else KeyPair.generate(f"host-{self.name}")
+        if not image.cloud_init and self.config.ssh:
+            self._inject_access(overlay)
+            self.boot_timings["inject"] = time.monotonic() - t1
+            t1 = time.monotonic()
         seed = write_seed(
             SeedConfig(
                 instance_id=self.name,
@@ -329,7 +350,7 @@ class Guest:
             where / "seed.iso",
         )
         self.boot_timings["seed"] = time.monotonic() - t1
-        drives = [Drive(overlay, "qcow2"), Drive(seed, "raw", readonly=True)]
+        drives = [Drive(overlay, "qcow2", **self._disk_keys()), Drive(seed, "raw", readonly=True)]
         if self.config.cdrom is not None:
             drives.append(Drive(Path(self.config.cdrom).resolve(), "raw", media="cdrom"))
         t2 = time.monotonic()
@@ -359,6 +380,7 @@ class Guest:
         assert self.workdir is not None
         t0 = time.monotonic()
         overlay = create_overlay(template.disk, "qcow2", self.workdir / "disk.qcow2")
+        self._overlay = overlay
         self._host_key = template.host_key
         # The console log starts with the template's boot, so it is whole from power-on.
         log = self.workdir / "serial.log"
@@ -490,6 +512,81 @@ class Guest:
         if not self.machine.wait_for_exit(30 * self.timeout_scale):
             raise GuestError(f"{self.describe()}: QEMU did not quit after saving", self)
 
+    def _disk_keys(self) -> dict[str, Any]:
+        """Drive arguments for this guest's overlay: the keys of an encrypted chain."""
+        if not self.image.is_encrypted:
+            return {}
+        return {"encrypted": (True, *self.image.encrypted), "secret": self.image.secret}
+
+    def _disk_source(self, overlay: Path) -> DiskSource:
+        keys = self._disk_keys()
+        return DiskSource(overlay, "qcow2", keys.get("encrypted", ()), keys.get("secret"))
+
+    def _inject_access(self, overlay: Path) -> None:
+        """An image without cloud-init: write what the seed would have set up."""
+        assert self._host_key is not None
+        source = self._disk_source(overlay)
+        access = Access(
+            user=self.config.user,
+            authorized_key=self._client_key.public_openssh,
+            host_key_private=self._host_key.private_openssh,
+            host_key_public=self._host_key.public_openssh,
+            hostname=self.config.hostname or self.name[:63],
+        )
+        with DiskHandle(source, readonly=False, force_tcg=self._run.accel.name != "kvm",
+                        what=f"the disk of {self.describe()}") as disk:  # fmt: skip
+            inject_access(disk, access)
+
+    @property
+    def disk(self) -> GuestDisk:
+        """The stopped guest's disk, read-only through libguestfs: ``read_text(path)``,
+        ``ls(path)``, ``exists(path)``, ``journal()``. Stop the guest first
+        (``shutdown()`` or ``kill()``); it is readable until the guest is closed."""
+        if self._closed or self._overlay is None:
+            raise GuestError(f"{self.describe()}: has no disk (not started, or closed)", self)
+        if self.is_running:
+            raise GuestError(
+                f"{self.describe()}: guest.disk reads a stopped guest's disk; "
+                "call guest.shutdown() or guest.kill() first",
+                self,
+            )
+        if self._disk is None:
+            self._disk = GuestDisk(self._disk_source(self._overlay), self._run.accel.name != "kvm",
+                                   f"the disk of {self.describe()}")  # fmt: skip
+        return self._disk
+
+    def journal_text(self, timeout: float = 60) -> tuple[str, str]:
+        """The journal of the guest's current boot and where it came from: over SSH
+        while it answers; else the guest is stopped (after a sync through the guest
+        agent where that answers) and its journal is read from its disk."""
+        ssh = self._ssh
+        if self.is_running and ssh is not None and ssh.is_active():
+            # Straight on the session: no reconnecting, no waiting scaled for TCG.
+            with contextlib.suppress(CommandTimeout, OSError, EOFError, paramiko.SSHException):
+                raw = ssh.exec("journalctl -b --no-pager -o short", timeout)
+                if raw.exit_status == 0:
+                    return raw.stdout, "journalctl over SSH"
+        synced = ""
+        if self.is_running:
+            synced = self._sync_by_agent(timeout)
+            self.kill()
+        return self.disk.journal(), f"the disk, read with libguestfs{synced}"
+
+    def _sync_by_agent(self, timeout: float) -> str:
+        """Ask journald and the kernel to write everything to disk, through qemu-ga."""
+        if self._sockdir is None:
+            return ""
+        try:
+            with GuestAgent(self._sockdir / "qga.sock") as agent:
+                agent.connect(5 * self.timeout_scale)
+                started = agent.execute(
+                    "guest-exec", path="/bin/sh", arg=["-c", "journalctl --sync; sync"]
+                )
+                self._agent_wait(agent, started["pid"], "journalctl --sync", timeout)
+        except (GuestAgentError, GuestError, OSError):
+            return " (the guest agent did not answer: the last entries may be missing)"
+        return " after journalctl --sync through the guest agent"
+
     def _disk_size(self) -> int | None:
         size = parse_size(self.config.disk_size)
         if size is not None and size < self.image.virtual_size:
@@ -604,6 +701,8 @@ class Guest:
             return
         self._closed = True
         try:
+            if self._disk is not None:
+                self._disk.close()
             if self._ssh is not None:
                 self._ssh.close()
             if hasattr(self, "console"):

@@ -7,7 +7,7 @@ import itertools
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,14 @@ import pytest
 
 from . import accel
 from .backends.qemu import QEMU_BINARY
-from .config import OPTIONS, Settings, resolve
+from .config import CUSTOMIZE_KEYS, OPTIONS, Settings, resolve
 from .console import tail
+from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
 from .guest import Guest, GuestConfig
 from .images import Image
 from .images.kernel import BootFiles, boot_files
-from .images.store import check_spec, image_name
+from .images.store import check_encryption, check_spec, classify, image_name
 from .images.store import resolve as resolve_image
 from .run import RunContext
 from .template import Shape, TemplateStore
@@ -64,8 +65,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=): "
-        "override pytest-kvm settings for a test, class or module",
+        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, files=, hostname=, "
+        "run=): override pytest-kvm settings for a test, class or module; files/hostname/run "
+        "customise the disk with libguestfs before the guest boots",
     )
     cli = {name: config.getoption("kvm_" + name) for name in OPTIONS}
     cli["image"] = config.getoption("kvm_image")
@@ -73,6 +75,8 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = resolve(cli, os.environ, config.getini)
         for spec in settings.images:
             check_spec(spec)
+            if classify(spec) == "path":  # an encrypted image needs its key, now
+                check_encryption(Path(spec).expanduser(), spec, settings.image_secret)
         if settings.images and settings.accel == "kvm":
             accel.choose("kvm")  # fails now, with the reason, rather than in every test
         if settings.images and settings.backend != "qemu":
@@ -205,9 +209,25 @@ class _Session:
         return self._templates
 
     def image(self, spec: str) -> Image:
-        if spec not in self._images:
-            self._images[spec] = resolve_image(spec, self.settings.cache, self.progress)
-        return self._images[spec]
+        with self._lock:
+            if spec not in self._images:
+                image = resolve_image(
+                    spec, self.settings.cache, self.progress, self.settings.image_secret
+                )
+                if classify(spec) == "path" and guestfs_available():
+                    # Without libguestfs an image is assumed to run cloud-init.
+                    has = probe_cloud_init(image, self.settings.cache, self.force_tcg)
+                    image = dataclasses.replace(image, cloud_init=has)
+                self._images[spec] = image
+            return self._images[spec]
+
+    @property
+    def force_tcg(self) -> bool:
+        return self.run.accel.name != "kvm"
+
+    def customized(self, image: Image, custom: Customization) -> Image:
+        """``image`` with ``custom`` applied before boot: a cached layer, built once."""
+        return customized_image(image, custom, self.settings.cache, self.force_tcg, self.progress)
 
     def close(self) -> None:
         if self._run is not None:
@@ -250,9 +270,25 @@ def kvm_guest_factory(
         ssh: bool = True,
         hostname: str | None = None,
         vlan: Vlan | Sequence[Vlan] | None = None,
+        customize: Customization | Mapping[str, Any] | None = None,
     ) -> Guest:
         __tracebackhide__ = True
         where = f"{request.node.nodeid}: kvm_guest_factory"
+        custom = settings.customize
+        if isinstance(customize, Customization):
+            custom = custom.merged(customize)
+        elif isinstance(customize, Mapping):
+            unknown = set(customize) - set(CUSTOMIZE_KEYS)
+            if unknown:
+                raise KvmConfigError(
+                    f"{where}: customize= takes {', '.join(CUSTOMIZE_KEYS)}; "
+                    f"not {', '.join(sorted(map(str, unknown)))}"
+                )
+            custom = custom.merged(Customization.build(**customize, where=where))
+        elif customize is not None:
+            raise KvmConfigError(
+                f"{where}: customize= takes a Customization or a dict of files=, hostname=, run="
+            )
         shaped = settings.with_marker(
             {
                 k: v
@@ -268,6 +304,12 @@ def kvm_guest_factory(
             base = _kvm_session.image(str(image))
         else:
             base = kvm_image
+        if custom:
+            try:
+                base = _kvm_session.customized(base, custom)
+            except KvmUnavailable as exc:
+                pytest.skip(f"pytest-kvm: {exc}")
+            hostname = hostname or custom.hostname
         vlans = (vlan,) if isinstance(vlan, Vlan) else tuple(vlan or ())
         for segment in vlans:
             if not isinstance(segment, Vlan):
@@ -300,7 +342,7 @@ def kvm_guest_factory(
         if (
             shaped.snapshot and cdrom is None and boot == "disk" and ssh
             and disk_size is None and not shaped.kernel_args
-            and shaped.network.kind == "user"
+            and shaped.network.kind == "user" and not base.is_encrypted
         ):  # fmt: skip
             shape = Shape(
                 memory=shaped.memory,
@@ -379,6 +421,12 @@ def _save_artifacts(guest: Guest, root: Path, nodeid: str) -> Path:
     (folder / "boot-timings.txt").write_text(
         "".join(f"{k}: {v:.3f}\n" for k, v in guest.boot_timings.items())
     )
+    try:
+        text, source = guest.journal_text(timeout=30)
+        (folder / "journal.txt").write_text(text)
+        (folder / "journal-source.txt").write_text(source + "\n")
+    except (KvmError, OSError) as exc:  # KvmUnavailable: no libguestfs
+        (folder / "journal-source.txt").write_text(f"no journal: {exc}\n")
     return folder
 
 

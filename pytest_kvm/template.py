@@ -122,18 +122,7 @@ def qemu_version(binary: str = QEMU_BINARY) -> str:
 
 
 def image_identity(image: Image) -> dict[str, object]:
-    """What identifies the base image's content cheaply: path, size, mtime, inode.
-
-    Catalog images also carry their recipe's digest in their file name."""
-    st = image.path.stat()
-    return {
-        "name": image.name,
-        "path": str(image.path.resolve()),
-        "format": image.format,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "inode": st.st_ino,
-    }
+    return image.identity()
 
 
 def template_key(image: Image, shape: Shape, accel: str, qemu: str) -> str:

@@ -16,6 +16,10 @@ class Drive:
     format: str = "qcow2"
     media: str = "disk"  # "disk" | "cdrom"
     readonly: bool = False
+    # A LUKS-encrypted qcow2 chain: which layers are encrypted (top first) and the
+    # private file QEMU reads their key from (a secret object, never argv).
+    encrypted: tuple[bool, ...] = ()
+    secret: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from qemu.qmp import QMPClient
 
 from ..console import tail
 from ..errors import GuestLaunchError
+from ..images.overlay import key_secret_opts, secret_object
 from ..network import netdev_args
 from .base import Machine, MachineSpec
 
@@ -87,9 +88,16 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         "-chardev", f"socket,id=qga0,path={spec.qga_socket},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
     ]  # fmt: skip
+    secrets = {drive.secret for drive in spec.drives if drive.secret is not None}
+    if len(secrets) > 1:
+        raise GuestLaunchError("drives encrypted with different secrets are not supported")
+    for secret in secrets:
+        argv += ["-object", secret_object(secret)]
     for index, drive in enumerate(spec.drives):
         _check_path_for_qemu(str(drive.path))
         opts = f"file={drive.path},format={drive.format},if=none,id=drive{index}"
+        if drive.secret is not None and any(drive.encrypted):
+            opts += "," + key_secret_opts(drive.encrypted)
         if drive.media == "cdrom":
             argv += ["-drive", opts + ",media=cdrom,readonly=on"]
             argv += ["-device", f"ide-cd,drive=drive{index},bus=ide.{index}"]

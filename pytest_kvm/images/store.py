@@ -15,7 +15,14 @@ from filelock import FileLock
 
 from ..errors import ImageError, KvmConfigError
 from . import Image
-from .overlay import image_info, qemu_img
+from .overlay import (
+    check_secret,
+    encrypted_chain,
+    image_info,
+    key_secret_opts,
+    qemu_img,
+    secret_object,
+)
 
 _NAME = re.compile(r"^[a-z][a-z0-9.+-]*$")
 _URL = re.compile(r"^(https?|file)://", re.IGNORECASE)
@@ -68,6 +75,8 @@ def validate_path(path: Path, given: str) -> tuple[str, int]:
         raise ImageError(f"image {given!r} is not a usable disk image: {exc}") from None
     fmt = str(info.get("format", ""))
     size = int(info.get("virtual-size", 0))
+    if fmt == "qcow2" and info.get("encrypted"):
+        return fmt, size  # checked with its key, by check_encryption
     if fmt == "qcow2":
         proc = qemu_img("check", "-U", "--output=json", "--", str(path), timeout=300)
         report = _json_or_empty(proc.stdout)
@@ -114,13 +123,49 @@ def image_name(spec: str) -> str:
     return stem or spec
 
 
-def resolve(spec: str, cache: Path, progress: Callable[[str], None] = print) -> Image:
+def check_encryption(path: Path, given: str, secret: Path | None) -> tuple[bool, ...]:
+    """Which layers of the image are LUKS-encrypted (top first); an ImageError if it
+    is encrypted and ``secret`` is missing or does not unlock it."""
+    encrypted = encrypted_chain(path)
+    if not encrypted:
+        return ()
+    if secret is None:
+        raise ImageError(
+            f"image {given!r} is encrypted (qcow2 LUKS): give the file holding its secret "
+            "with --kvm-image-secret FILE"
+        )
+    problem = check_secret(path, encrypted, secret)
+    if problem:
+        raise ImageError(
+            f"image {given!r}: the secret in {str(secret)!r} does not unlock it ({problem})"
+        )
+    proc = qemu_img(
+        "check", "-U", "--output=json", "--object", secret_object(secret), "--image-opts",
+        f"driver=qcow2,file.filename={path},{key_secret_opts(encrypted)}", timeout=300,
+    )  # fmt: skip
+    report = _json_or_empty(proc.stdout)
+    errors = _count(report, "corruptions") + _count(report, "check-errors")
+    if proc.returncode not in (0, 3) or errors:
+        raise ImageError(f"image {given!r} is a damaged qcow2: {proc.stderr.strip()[-200:]}")
+    return encrypted
+
+
+def resolve(
+    spec: str,
+    cache: Path,
+    progress: Callable[[str], None] = print,
+    secret: Path | None = None,
+) -> Image:
     """The Image for ``spec``, building a catalog image into ``cache`` if needed."""
     kind = classify(spec)
     if kind == "path":
         path = Path(spec).expanduser().resolve()
         fmt, size = validate_path(path, spec)
-        return Image(image_name(spec), path, fmt, spec, size)
+        encrypted = check_encryption(path, spec, secret) if fmt == "qcow2" else ()
+        return Image(
+            image_name(spec), path, fmt, spec, size,
+            encrypted=encrypted, secret=secret if encrypted else None,
+        )  # fmt: skip
     check_spec(spec)
     return build_cached(spec, cache, progress)
 
@@ -144,5 +189,9 @@ def build_cached(name: str, cache: Path, progress: Callable[[str], None] = print
         if not path.exists():
             progress(f"pytest-kvm: building image {name} into {path} (first use)")
             build_image(recipe, path, progress=progress)
+        from ..customize import facts_path, write_facts
+
+        if not facts_path(path).exists():
+            write_facts(path, cloud_init="cloud-init" in recipe.packages)
     fmt, size = validate_path(path, name)
     return Image(name, path, fmt, name, size)
