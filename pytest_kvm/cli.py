@@ -70,13 +70,20 @@ def cmd_image_list(args: argparse.Namespace) -> int:
             stale = stale_reason(path)
             print(f"  {path}  {used / 2**20:.0f}M" + (f"  stale: {stale}" if stale else ""))
         print("`pytest-kvm template prune` removes stale ones (--all: every one)")
+    layers = sorted((cache / "layers").glob("*.qcow2"))
+    if layers:
+        print("\nCUSTOMISATION LAYERS (files=, hostname=, run= applied with libguestfs)")
+        for path in layers:
+            print(f"  {path}  {path.stat().st_size / 2**20:.0f}M")
     return 0
 
 
 def cmd_template_prune(args: argparse.Namespace) -> int:
+    from .customize import prune_layers
     from .template import prune
 
     removed = prune(Path(args.cache) / "templates", everything=args.all)
+    removed += [(p, "its base image is gone") for p in prune_layers(Path(args.cache))]
     for path, why in removed:
         print(f"removed {path}: {why}")
     if not removed:
@@ -93,6 +100,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for tool, package in (
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("qemu-img", "qemu-utils"),
+        ("qemu-nbd", "qemu-utils"),
         ("mmdebstrap", "mmdebstrap"),
         ("grub-mkimage", "grub-common"),
         ("mkfs.ext4", "e2fsprogs"),
@@ -141,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     template = sub.add_parser("template", help="booted templates in the cache").add_subparsers(
         dest="template_command", required=True
     )
-    pruning = template.add_parser("prune", help="remove stale and half-made templates")
+    pruning = template.add_parser(
+        "prune", help="remove stale and half-made templates, and layers whose base is gone"
+    )
     pruning.add_argument("--all", action="store_true", help="remove every template")
     pruning.set_defaults(func=cmd_template_prune)
     doctor = sub.add_parser("doctor", help="what works on this machine")

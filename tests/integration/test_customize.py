@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvm.customize import Customization, customized_image
+from pytest_kvm.customize import Customization, customized_image, guestfs_available
 from pytest_kvm.errors import GuestError
 
 from .conftest import qemu_pids_under, sha256
 
-pytest.importorskip("guestfs", reason="libguestfs tests need python3-guestfs")
+needs_guestfs = pytest.mark.skipif(
+    not guestfs_available(), reason="libguestfs tests need python3-guestfs"
+)
 
 
 def qemu_img_info(path: Path) -> dict:
@@ -29,6 +31,7 @@ def _layers(cache: Path) -> list[Path]:
     return sorted((cache / "layers").glob("*.qcow2"))
 
 
+@needs_guestfs
 def test_customisation_is_in_the_booted_guest_and_built_once(
     pytester, kvm_image, image_arg, cache_arg, inner_env
 ):
@@ -83,6 +86,7 @@ def test_customisation_is_in_the_booted_guest_and_built_once(
     assert list(inner_env.iterdir()) == []
 
 
+@needs_guestfs
 @pytest.mark.kvm(snapshot=False)  # one guest: a boot costs less than a template
 def test_factory_customize_and_bad_customisations(kvm_guest_factory, tmp_path):
     script = tmp_path / "tool.sh"
@@ -98,6 +102,7 @@ def test_factory_customize_and_bad_customisations(kvm_guest_factory, tmp_path):
         kvm_guest_factory(customize={"user": "bob"})
 
 
+@needs_guestfs
 def test_stopped_guests_disk_can_be_read(kvm_guest):
     g = kvm_guest
     token = secrets.token_hex(6)
@@ -118,6 +123,7 @@ def test_stopped_guests_disk_can_be_read(kvm_guest):
     assert "Reached target" in journal and "System Power Off" in journal
 
 
+@needs_guestfs
 def test_failed_test_with_a_dead_network_still_saves_the_journal(
     pytester, image_arg, cache_arg, inner_env
 ):
@@ -163,6 +169,7 @@ def image_without_cloud_init(request, tmp_path_factory) -> Path:
     return customized_image(base, custom, tmp_path_factory.mktemp("nocloud"), True).path
 
 
+@needs_guestfs
 @pytest.mark.kvm(snapshot=False)
 def test_image_without_cloud_init_gets_key_network_and_host_name(
     kvm_guest_factory, image_without_cloud_init
@@ -206,6 +213,7 @@ def encrypted_image(request, tmp_path_factory) -> tuple[Path, Path, str]:
     return image, key, secret
 
 
+@needs_guestfs
 def test_encrypted_image_boots_with_its_secret_and_customises(
     pytester, encrypted_image, cache_arg, inner_env
 ):
@@ -254,6 +262,7 @@ def test_encrypted_image_boots_with_its_secret_and_customises(
     assert qemu_pids_under(inner_env) == []
 
 
+@needs_guestfs
 def test_encrypted_image_without_or_with_a_wrong_secret_is_refused(
     pytester, encrypted_image, tmp_path
 ):
@@ -274,3 +283,37 @@ def test_encrypted_image_without_or_with_a_wrong_secret_is_refused(
     result = pytester.runpytest_subprocess(f"--kvm-image={image}", f"--kvm-image-secret={wrong}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*is readable by others (mode 644); chmod 600 it*"])
+
+
+def test_without_libguestfs_its_features_are_unavailable_and_the_rest_works(
+    pytester, image_arg, cache_arg, inner_env
+):
+    pytester.makeconftest(
+        """
+        import sys
+
+        sys.modules["guestfs"] = None  # import guestfs now raises ImportError
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_kvm.errors import KvmUnavailable
+
+        @pytest.mark.kvm(files={"/etc/x": "y"})
+        def test_customised(kvm_guest):
+            pass
+
+        def test_plain_guest_and_disk(kvm_guest):
+            assert kvm_guest.succeed("echo works") == "works\\n"
+            kvm_guest.kill()
+            with pytest.raises(KvmUnavailable, match="apt|python3-guestfs"):
+                kvm_guest.disk.exists("/etc")
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        f"--kvm-image={image_arg}", cache_arg, "-p", "no:cacheprovider", "-rs"
+    )
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*libguestfs is not installed*(Debian package: python3-guestfs)*"])
+    assert list(inner_env.iterdir()) == []
