@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import subprocess
 import tempfile
@@ -73,6 +74,18 @@ def guestfs_available() -> bool:
 
 # -- what to change --------------------------------------------------------------------
 
+_HOSTNAME = re.compile(
+    r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
+
+
+def check_hostname(hostname: object, where: str = "") -> None:
+    if not isinstance(hostname, str) or not _HOSTNAME.match(hostname):
+        raise KvmConfigError(
+            f"{where + ': ' if where else ''}hostname={hostname!r} is not a host name "
+            "(letters, digits and '-', dot-separated labels, at most 63 characters)"
+        )
+
 
 @dataclass(frozen=True)
 class FileSpec:
@@ -106,8 +119,6 @@ class Customization:
             for guest_path, value in files.items():
                 specs.append(_file_spec(guest_path, value, where))
         if hostname is not None:
-            from .guest import check_hostname
-
             check_hostname(hostname, where)
         commands: tuple[str, ...] = ()
         if run is not None:
@@ -384,12 +395,6 @@ class DiskHandle:
             kept = [line for line in lines if not line.startswith("127.0.1.1")]
             g.write("/etc/hosts", ("\n".join([*kept, f"127.0.1.1\t{hostname}"]) + "\n").encode())
 
-    # -- reading ---------------------------------------------------------------------
-
-    def read_bytes(self, path: str) -> bytes:
-        data: bytes = self.g.read_file(path)
-        return data
-
 
 # -- customisation layers ---------------------------------------------------------------
 
@@ -412,6 +417,7 @@ def customized_image(
     """``image`` with ``custom`` applied: a cached qcow2 layer over it, built once
     (under a file lock, so parallel workers build it once too)."""
     key = layer_key(image, custom)
+    encrypted = (True, *image.encrypted) if image.is_encrypted else ()
     path = cache / "layers" / f"{image.name}-{key}.qcow2"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -422,7 +428,6 @@ def customized_image(
             try:
                 create_overlay(image.path, image.format, work, size=image.virtual_size,
                                secret=image.secret if image.is_encrypted else None)  # fmt: skip
-                encrypted = (True, *image.encrypted) if image.is_encrypted else ()
                 source = DiskSource(work, "qcow2", encrypted, image.secret)
                 with DiskHandle(source, readonly=False, force_tcg=force_tcg,
                                 what=f"the customisation of {image.name}") as disk:  # fmt: skip
@@ -436,7 +441,7 @@ def customized_image(
         name=f"{image.name}+{key[:8]}",
         path=path,
         format="qcow2",
-        encrypted=(True, *image.encrypted) if image.is_encrypted else (),
+        encrypted=encrypted,
     )
 
 

@@ -21,7 +21,14 @@ from .backends.base import Drive, Machine, MachineSpec, Nic
 from .backends.qemu import QemuMachine
 from .config import DEFAULT_BRIDGE_HELPER, NetworkSpec
 from .console import Console, tail
-from .customize import Access, DiskHandle, DiskSource, GuestDisk, inject_access
+from .customize import (
+    Access,
+    DiskHandle,
+    DiskSource,
+    GuestDisk,
+    check_hostname,
+    inject_access,
+)
 from .errors import (
     CommandFailed,
     GuestCrashed,
@@ -58,9 +65,6 @@ if TYPE_CHECKING:
     from .template import Template
 
 _PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
-)
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -80,14 +84,6 @@ class CommandResult:
     @property
     def failed(self) -> bool:
         return self.exit_status != 0
-
-
-def check_hostname(hostname: object, where: str = "") -> None:
-    if not isinstance(hostname, str) or not _HOSTNAME.match(hostname):
-        raise KvmConfigError(
-            f"{where + ': ' if where else ''}hostname={hostname!r} is not a host name "
-            "(letters, digits and '-', dot-separated labels, at most 63 characters)"
-        )
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,19 @@ def image_name(spec: str) -> str:
 
 def check_encryption(path: Path, given: str, secret: Path | None) -> tuple[bool, ...]:
     """Which layers of the image are LUKS-encrypted (top first); an ImageError if it
-    is encrypted and ``secret`` is missing or does not unlock it."""
+    is encrypted and ``secret`` is missing or does not unlock it. Checked once per
+    image file and key in a process (each check costs a key derivation)."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_ino, st.st_mtime_ns, str(secret))
+    if memo not in _checked:
+        _checked[memo] = _check_encryption(path, given, secret)
+    return _checked[memo]
+
+
+_checked: dict[tuple[str, int, int, str], tuple[bool, ...]] = {}
+
+
+def _check_encryption(path: Path, given: str, secret: Path | None) -> tuple[bool, ...]:
     encrypted = encrypted_chain(path)
     if not encrypted:
         return ()

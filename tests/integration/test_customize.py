@@ -262,7 +262,6 @@ def test_encrypted_image_boots_with_its_secret_and_customises(
     assert qemu_pids_under(inner_env) == []
 
 
-@needs_guestfs
 def test_encrypted_image_without_or_with_a_wrong_secret_is_refused(
     pytester, encrypted_image, tmp_path
 ):
