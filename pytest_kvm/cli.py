@@ -122,6 +122,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         line(True, "libguestfs", "python binding importable (python3-guestfs)")
     except ImportError:
         line(False, "libguestfs", "optional; apt-get install python3-guestfs")
+    line(*_libvirt_status())
     cache = Path(args.cache)
     probe = cache if cache.exists() else cache.parent
     while not probe.exists():
@@ -129,6 +130,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     free = shutil.disk_usage(probe).free / 2**30
     line(free > 5, "cache", f"{cache}: {free:.1f} GiB free")
     return 0 if ok else 1
+
+
+def _libvirt_status() -> tuple[bool, str, str]:
+    """(usable, "libvirt", detail): optional, for --kvm-backend libvirt."""
+    from .backends.libvirt import connect, load_libvirt
+    from .config import default_uri
+    from .errors import KvmError
+
+    try:
+        load_libvirt()
+    except KvmError as exc:
+        return False, "libvirt", f"optional; {exc}"
+    uri = default_uri()
+    try:
+        conn = connect(uri)
+        version = conn.getLibVersion()
+    except KvmError as exc:
+        return False, "libvirt", f"optional; {exc}"
+    v = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
+    return True, "libvirt", f"{uri} answers (libvirt {v})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,11 @@ class Settings:
 
     images: tuple[str, ...] = ()
     backend: str = "qemu"
+    # The libvirt URI of this process: one of ``uris``, by xdist worker number.
     uri: str = ""
+    uris: tuple[str, ...] = ()
+    # libvirt: the storage pool for images and overlays ("" = our own "pytest-kvm").
+    pool: str = ""
     network: NetworkSpec = field(default_factory=lambda: NetworkSpec("user"))
     accel: str = "auto"
     memory: int = 1024
@@ -223,11 +227,30 @@ class Option:
         return "PYTEST_KVM_" + self.name.upper()
 
 
+_URI = re.compile(r"^[a-z][a-z0-9]*(\+[a-z0-9]+)?://\S*$")
+
+
+def _uris(value: Any, where: str) -> tuple[str, ...]:
+    """One URI, several (repeated option, a list in ini), or several separated by
+    spaces (environment)."""
+    items = value.split() if isinstance(value, str) else [str(v) for v in value]
+    if not items:
+        raise KvmConfigError(f"{where}: no libvirt URI given")
+    for item in items:
+        if not _URI.match(item):
+            raise KvmConfigError(
+                f"{where}: {item!r} is not a libvirt URI (qemu:///system, "
+                "qemu+ssh://user@host/system)"
+            )
+    return tuple(items)
+
+
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in (
         Option("backend", _choice(BACKENDS), "who runs guests: qemu (default) or libvirt", "NAME"),
-        Option("uri", _text, "libvirt connection URI", "URI"),
+        Option("uri", _uris, "libvirt connection URI; repeatable: xdist workers take turns", "URI"),
+        Option("pool", _text, "libvirt storage pool for images and overlays (pytest-kvm)", "NAME"),
         Option(
             "network",
             parse_network,
@@ -255,6 +278,19 @@ CUSTOMIZE_KEYS = ("files", "hostname", "run")
 MARKER_KEYS = frozenset(
     {"image", "memory", "cpus", "network", "snapshot", "kernel_args", *CUSTOMIZE_KEYS}
 )
+
+
+def uri_for_worker(uris: tuple[str, ...], worker: str | None) -> str:
+    """xdist worker gwN takes URI N modulo their number; the controller the first."""
+    if not uris:
+        return ""
+    number = int(worker[2:]) if worker and worker.startswith("gw") and worker[2:].isdigit() else 0
+    return uris[number % len(uris)]
+
+
+def default_uri() -> str:
+    """libvirt's URI when none is given: the system daemon for root."""
+    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
 
 
 def resolve(
@@ -298,6 +334,6 @@ def resolve(
         if not str(image).strip() or "\0" in str(image):
             raise KvmConfigError(f"{where}: {image!r} is not an image path, URL or name")
     values["images"] = tuple(str(i).strip() for i in images)
-    if "uri" not in values:
-        values["uri"] = "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+    values["uris"] = values.pop("uri", None) or (default_uri(),)
+    values["uri"] = uri_for_worker(values["uris"], env.get("PYTEST_XDIST_WORKER"))
     return Settings(**values)

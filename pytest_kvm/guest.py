@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from .backends.base import Drive, Machine, MachineSpec, Nic
+from .backends.libvirt import LibvirtAgent, LibvirtMachine, LibvirtTarget, jump_for
 from .backends.qemu import QemuMachine
 from .config import DEFAULT_BRIDGE_HELPER, NetworkSpec
 from .console import Console, tail
@@ -108,6 +109,10 @@ class GuestConfig:
     # One more NIC per entry, on that kvm_vlan segment; None: a NIC on no segment
     # (what a template is made with, so that its clones can join one).
     vlans: tuple[Vlan | None, ...] = ()
+    # Who runs the guest: QEMU directly ("qemu") or libvirt, where ``libvirt`` says
+    # which hypervisor, pool and owner labels.
+    backend: str = "qemu"
+    libvirt: LibvirtTarget | None = None
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
@@ -261,7 +266,14 @@ class Guest:
         # A clone on user networking keeps its template's MAC (see _adopt).
         self.mac = template.mac if template else run.identity.mac_for(self.name)
         self.image = config.image
-        self.backend = "qemu"
+        self.backend = config.backend
+        if config.backend == "libvirt" and config.libvirt is None:
+            raise KvmConfigError("the libvirt backend needs its target (URI and pool)")
+        if config.backend == "libvirt" and template is not None:
+            raise KvmConfigError("templates are not supported on the libvirt backend yet")
+        # A remote hypervisor: its guests' forwards are on its host's 127.0.0.1, reached
+        # through that host's SSH.
+        self._jump = jump_for(config.libvirt.uri) if config.libvirt else None
         # Where the test reaches the guest's SSH: the forward on 127.0.0.1 (user), or
         # the address the guest got by DHCP (bridge), learned once it has one.
         self.address = "127.0.0.1" if config.network.kind == "user" else ""
@@ -431,7 +443,7 @@ class Guest:
         the guest instead of a shell and three (each costs a lot under TCG)."""
         assert self._sockdir is not None
         hostname = (self.config.hostname or self.name[:63]) + "\n"
-        with GuestAgent(self._sockdir / "qga.sock") as agent:
+        with self._agent() as agent:
             agent.connect(10 * self.timeout_scale)
             started = agent.execute(
                 "guest-exec", path="/bin/date", arg=["-u", "-s", f"@{time.time():.6f}"]
@@ -452,7 +464,7 @@ class Guest:
                 self._vlans_done = True
 
     @staticmethod
-    def _agent_wait(agent: GuestAgent, pid: int, what: str, timeout: float) -> None:
+    def _agent_wait(agent: GuestAgent | LibvirtAgent, pid: int, what: str, timeout: float) -> None:
         """Until a guest-exec'd process ends; raises if it failed or took too long."""
         deadline = time.monotonic() + timeout
         while True:
@@ -482,11 +494,18 @@ class Guest:
                 return
             time.sleep(0.05)
 
+    def _agent(self) -> GuestAgent | LibvirtAgent:
+        """A connection to the guest's qemu-ga: its socket, or through libvirt."""
+        if isinstance(self.machine, LibvirtMachine):
+            return self.machine.agent()
+        assert self._sockdir is not None
+        return GuestAgent(self._sockdir / "qga.sock")
+
     def agent_answers(self, timeout: float = 5.0) -> bool:
         """Whether qemu-ga answers on the guest's agent channel."""
         assert self._sockdir is not None
         try:
-            with GuestAgent(self._sockdir / "qga.sock") as agent:
+            with self._agent() as agent:
                 agent.connect(timeout * self.timeout_scale)
                 agent.execute("guest-ping", timeout=timeout * self.timeout_scale)
             return True
@@ -497,7 +516,7 @@ class Guest:
         """Close SSH, pause the guest, write its device state to ``path``, stop QEMU.
 
         RAM is not in the file: it stays in the guest's shared RAM file."""
-        if self.machine is None or not isinstance(self.machine, QemuMachine):
+        if not isinstance(self.machine, QemuMachine):
             raise GuestError(f"{self.describe()}: not running on the qemu backend", self)
         if self._ssh is not None:
             self._ssh.close()
@@ -547,6 +566,8 @@ class Guest:
                 self,
             )
         if self._disk is None:
+            if isinstance(self.machine, LibvirtMachine):  # the overlay lives in the pool
+                self.machine.download_overlay(self._overlay, self.image.path)
             self._disk = GuestDisk(self._disk_source(self._overlay), self._run.accel.name != "kvm",
                                    f"the disk of {self.describe()}")  # fmt: skip
         return self._disk
@@ -573,7 +594,7 @@ class Guest:
         if self._sockdir is None:
             return ""
         try:
-            with GuestAgent(self._sockdir / "qga.sock") as agent:
+            with self._agent() as agent:
                 agent.connect(5 * self.timeout_scale)
                 started = agent.execute(
                     "guest-exec", path="/bin/sh", arg=["-c", "journalctl --sync; sync"]
@@ -642,9 +663,17 @@ class Guest:
                 tap_fd=tap_fd,
                 nics=tuple(nic for _, nic, _ in self._vlan_ports),
             )
-            machine = QemuMachine(spec)
+            machine: Machine
+            if self.config.backend == "libvirt":
+                assert self.config.libvirt is not None
+                machine = LibvirtMachine(spec, self.config.libvirt, self._run.accel.name)
+            else:
+                machine = QemuMachine(spec)
             try:
                 machine.start()
+                if isinstance(machine, LibvirtMachine):
+                    self.machine = machine  # closed with the guest, also if this fails
+                    self._forward_ssh(machine)
             except GuestLaunchError as exc:
                 exc.guest = self
                 # Another process took the port between our check and QEMU's bind.
@@ -653,6 +682,17 @@ class Guest:
                 raise
             self.machine = machine
             return
+
+    def _forward_ssh(self, machine: LibvirtMachine) -> None:
+        """SSH on 127.0.0.1 of the libvirt host, added once the domain runs."""
+        for attempt in range(5):
+            try:
+                machine.forward(self._port, 22)
+                return
+            except GuestLaunchError:
+                if attempt == 4:
+                    raise
+                self._port = free_port()  # taken since we looked
 
     def _alive(self) -> str:
         """ "" while the guest may still answer; else what happened to it."""
@@ -669,7 +709,7 @@ class Guest:
     def _connect(self, deadline: float) -> None:
         assert self._host_key is not None
         session = SshSession(self.address, self._port, self.config.user,
-                             self._client_key, self._host_key)  # fmt: skip
+                             self._client_key, self._host_key, self._jump)  # fmt: skip
         try:
             session.connect(deadline, alive=self._alive)
         except ConnectionAbortedError as exc:
@@ -768,7 +808,7 @@ class Guest:
         """The IPv4 address the guest's NIC got by DHCP: from the guest agent, or from
         cloud-init's network table on the console."""
         assert self._sockdir is not None
-        agent: GuestAgent | None = None
+        agent: GuestAgent | LibvirtAgent | None = None
         seen = "the guest agent never answered"
         try:
             while True:
@@ -782,7 +822,7 @@ class Guest:
                     return address
                 try:
                     if agent is None:
-                        agent = GuestAgent(self._sockdir / "qga.sock")
+                        agent = self._agent()
                         agent.connect(2.0)
                     interfaces = agent.execute("guest-network-get-interfaces", timeout=5.0)
                     address = ipv4_from_agent(interfaces or [], self.mac)
@@ -891,7 +931,7 @@ class Guest:
         if host_port is not None:
             check_port_number(host_port, "host_port")
             what += f", host_port={host_port})"
-            if port_in_use(host_port):
+            if self._jump is None and port_in_use(host_port):
                 raise KvmConfigError(f"{what}: 127.0.0.1:{host_port} is already in use on the host")
         else:
             what += ")"
@@ -900,7 +940,10 @@ class Guest:
             port = host_port or free_port()
             rule = f"tcp:127.0.0.1:{port}-:{guest_port}"
             answer = str(
-                self.qmp("human-monitor-command", **{"command-line": f"hostfwd_add net0 {rule}"})
+                self.qmp(
+                    "human-monitor-command",
+                    **{"command-line": f"hostfwd_add {self._primary_netdev} {rule}"},
+                )
             )
             if not answer.strip():
                 self._forwards[guest_port] = port
@@ -908,6 +951,10 @@ class Guest:
             if host_port is not None:
                 break
         raise GuestError(f"{what}: QEMU refused: {answer.strip()}", self)
+
+    @property
+    def _primary_netdev(self) -> str:
+        return "hostnet0" if self.backend == "libvirt" else "net0"
 
     def set_link(self, up: bool, vlan: Vlan | None = None) -> None:
         """Plug (``up=True``) or pull the virtual cable of a NIC: the one on ``vlan``;
@@ -922,7 +969,7 @@ class Guest:
         elif len(ports) == 1:
             netdev = ports[0][1].netdev_id
         elif not ports:
-            netdev = "net0"
+            netdev = self._primary_netdev
         else:
             raise KvmConfigError(
                 f"{self.describe()}: set_link: the guest is on {len(ports)} vlans; say which"
@@ -959,6 +1006,7 @@ class Guest:
             "ssh", "-i", str(self._client_key.path), "-p", str(self._port),
             "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={self.known_hosts}",
+            *(["-J", self._jump.spec] if self._jump else []),
             f"{self.config.user}@{self.address}",
         ]  # fmt: skip
         return shlex.join(argv)
@@ -1202,6 +1250,20 @@ class Guest:
     @property
     def is_running(self) -> bool:
         return self.machine is not None and self.machine.is_running()
+
+    def resource_usage(self) -> str:
+        """What the guest consumed so far, from libvirt's domain statistics: CPU time,
+        peak resident memory, bytes written to its disks ("" on the qemu backend)."""
+        if not isinstance(self.machine, LibvirtMachine):
+            return ""
+        stats = self.machine.stats()
+        if not stats:
+            return ""
+        return (
+            f"cpu {stats['cpu_time_ns'] / 1e9:.1f} s, "
+            f"peak memory {stats['peak_rss_kib'] / 1024:.0f} MiB, "
+            f"disk written {stats['disk_written_bytes'] / 2**20:.1f} MiB"
+        )
 
     def qmp(self, command: str, **args: Any) -> Any:
         assert self.machine is not None

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 
 from . import accel
+from .backends import libvirt as libvirt_backend
+from .backends.libvirt import LibvirtTarget
 from .backends.qemu import QEMU_BINARY
 from .config import CUSTOMIZE_KEYS, OPTIONS, Settings, resolve
 from .console import tail
@@ -48,7 +51,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("kvm_image", "default --kvm-image values", type="linelist")
     for opt in OPTIONS.values():
         dest = "kvm_" + opt.name
-        if opt.name in ("snapshot", "keep_on_failure"):
+        if opt.name == "uri":
+            group.addoption(opt.flag, action="append", dest=dest, default=None,
+                            metavar=opt.metavar, help=opt.help)  # fmt: skip
+        elif opt.name in ("snapshot", "keep_on_failure"):
             group.addoption(opt.flag, action="store_true", dest=dest, default=None, help=opt.help)
             if opt.name == "snapshot":
                 group.addoption(
@@ -79,13 +85,27 @@ def pytest_configure(config: pytest.Config) -> None:
                 check_encryption(Path(spec).expanduser(), spec, settings.image_secret)
         if settings.images and settings.accel == "kvm":
             accel.choose("kvm")  # fails now, with the reason, rather than in every test
-        if settings.images and settings.backend != "qemu":
-            raise KvmConfigError(
-                f"--kvm-backend {settings.backend}: only the qemu backend is available so far"
-            )
+        if settings.images and settings.backend == "libvirt":
+            check_libvirt(settings)  # a bad URI or pool fails the run now, once
     except (KvmConfigError, ImageError, KvmUnavailable) as exc:
         raise pytest.UsageError(f"pytest-kvm: {exc}") from None
     config.stash[settings_key] = settings
+
+
+def check_libvirt(settings: Settings) -> None:
+    """Connect to the libvirt URI and find the pool: clear errors naming the URI."""
+    uri = settings.uri
+    problem = libvirt_backend.remote_problem(uri)
+    if problem:
+        raise KvmConfigError(problem)
+    if settings.network.kind != "user":
+        raise KvmConfigError(
+            f"--kvm-network {settings.network}: the libvirt backend supports user "
+            "networking only so far"
+        )
+    conn = libvirt_backend.connect(uri)
+    pool = libvirt_backend.storage_pool(conn, uri, settings.pool or libvirt_backend.DEFAULT_POOL)
+    libvirt_backend.reap_orphan_volumes(pool)  # what runs killed on this machine left
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -230,8 +250,11 @@ class _Session:
         return customized_image(image, custom, self.settings.cache, self.force_tcg, self.progress)
 
     def close(self) -> None:
-        if self._run is not None:
-            self._run.close()
+        try:
+            if self._run is not None:
+                self._run.close()
+        finally:
+            libvirt_backend.close_connections()
 
 
 @pytest.fixture
@@ -327,11 +350,23 @@ def kvm_guest_factory(
             ssh=ssh,
             kernel_args=shaped.kernel_args,
             vlans=vlans,
+            backend=shaped.backend,
         )
         try:
             run = _kvm_session.run
         except KvmUnavailable as exc:
             pytest.skip(f"pytest-kvm: {exc}")
+        if shaped.backend == "libvirt":
+            labels = (
+                ("run", run.identity.run_id), ("worker", run.identity.worker),
+                ("pid", str(os.getpid())), ("host", socket.gethostname()),
+                ("test", request.node.nodeid),
+            )  # fmt: skip
+            target = LibvirtTarget(
+                shaped.uri, shaped.pool or libvirt_backend.DEFAULT_POOL, labels,
+                shaped.cache / "locks", shaped.accel,
+            )  # fmt: skip
+            config = dataclasses.replace(config, libvirt=target)
         if shaped.kernel_args:
             # A real boot of the image's own kernel with the extra arguments.
             files = _kvm_session.boot_files(base)
@@ -343,6 +378,7 @@ def kvm_guest_factory(
             shaped.snapshot and cdrom is None and boot == "disk" and ssh
             and disk_size is None and not shaped.kernel_args
             and shaped.network.kind == "user" and not base.is_encrypted
+            and shaped.backend == "qemu"  # libvirt: no template fast path yet
         ):  # fmt: skip
             shape = Shape(
                 memory=shaped.memory,
@@ -398,6 +434,11 @@ def kvm_guest(kvm_guest_factory: GuestFactory) -> Guest:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
+    if call.when == "call":
+        for guest in item.stash.get(guests_key, []):
+            usage = guest.resource_usage()
+            if usage:
+                report.sections.append((f"kvm resources: {guest.name}", usage))
     if report.failed and call.when in ("call", "setup"):
         guests = item.stash.get(guests_key, [])
         settings = item.config.stash.get(settings_key, None)

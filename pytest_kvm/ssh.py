@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import getpass
 import logging
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +91,64 @@ class RawResult:
     stderr: str
 
 
+class SshJump:
+    """An SSH connection to a hypervisor host, through which guests' forwarded ports
+    on that host's 127.0.0.1 are reached (``ssh -J``).
+
+    Authenticates like ``ssh`` would, with the user's agent or ``~/.ssh`` keys, and
+    trusts only host keys already in ``~/.ssh/known_hosts`` (or the system's). One
+    connection serves every guest; it is made again if it drops."""
+
+    def __init__(self, user: str | None, host: str, port: int | None) -> None:
+        self.user = user or getpass.getuser()
+        self.host = host
+        self.port = port or 22
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def spec(self) -> str:
+        """``user@host:port``, as ``ssh -J`` takes it."""
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def _transport(self, timeout: float) -> paramiko.Transport:
+        with self._lock:
+            client = self._client
+            transport = client.get_transport() if client is not None else None
+            if transport is not None and transport.is_active():
+                return transport
+            if client is not None:
+                client.close()
+            client = paramiko.SSHClient()
+            client.load_system_host_keys()
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(
+                    self.host, port=self.port, username=self.user,
+                    timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                )  # fmt: skip
+            except BaseException:
+                client.close()
+                raise
+            self._client = client
+            transport = client.get_transport()
+            assert transport is not None
+            transport.set_keepalive(15)
+            return transport
+
+    def channel(self, host: str, port: int, timeout: float) -> paramiko.Channel:
+        """A TCP connection from the hypervisor host to ``host:port`` (its loopback)."""
+        transport = self._transport(timeout)
+        return transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                      timeout=timeout)  # fmt: skip
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
 class SshSession:
     """One paramiko connection to a guest, with the guest's host key pinned."""
 
@@ -99,12 +159,14 @@ class SshSession:
         user: str,
         client_key: KeyPair,
         host_key: KeyPair,
+        jump: SshJump | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.user = user
         self.client_key = client_key
         self.host_key = host_key
+        self.jump = jump
         self._client: paramiko.SSHClient | None = None
 
     @property
@@ -125,11 +187,13 @@ class SshSession:
         name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
         client.get_host_keys().add(name, "ssh-ed25519", self.host_key.public_key())
         try:
+            sock = self.jump.channel(self.host, self.port, timeout) if self.jump else None
             client.connect(
                 self.host,
                 port=self.port,
                 username=self.user,
                 pkey=self.client_key.pkey(),
+                sock=sock,
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,

@@ -13,6 +13,9 @@ APT_PACKAGES=(
   linux-image-amd64                     # libguestfs builds its appliance from a host kernel
   dpkg-dev                              # examples build a .deb
   iproute2 dnsmasq-base                 # bridge tests: a bridge and DHCP in a network namespace
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients  # the libvirt backend
+  libvirt-dev pkg-config gcc python3-dev  # building libvirt-python (it has no wheels)
+  openssh-server                        # the "remote" hypervisor of the tests: sshd on 127.0.0.1
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -22,11 +25,21 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Install services without starting them: the libvirt tests start their own
+  # libvirtd in a network namespace, and stop it (tests/integration/libvirtd.py).
+  policy=/usr/sbin/policy-rc.d
+  made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+  fi
+  status=0
+  apt-get install -y -q --no-install-recommends "${missing[@]}" || status=$?
+  [ -z "$made_policy" ] || rm -f "$policy"
+  [ "$status" -eq 0 ] || exit "$status"
 fi
 
 # The venv sees Debian's python3-guestfs through the system site packages.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest_kvm' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest_kvm, libvirt' 2>/dev/null; then
   echo "setup: creating .venv"
   /usr/bin/python3 -m venv --system-site-packages .venv
   .venv/bin/python -m pip install -q --upgrade pip

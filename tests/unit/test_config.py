@@ -90,3 +90,16 @@ def test_cache_and_artifacts_are_paths(tmp_path: Path):
     s = resolve({"cache": str(tmp_path / "c"), "artifacts": "~/arts"}, {}, ini_from({}))
     assert s.cache == tmp_path / "c"
     assert s.artifacts == Path.home() / "arts"
+
+
+def test_libvirt_uris_repeat_and_workers_take_turns():
+    uris = ["qemu:///system", "qemu+ssh://root@hv1/system", "qemu+ssh://root@hv2/system"]
+    s = resolve({"uri": uris}, {"PYTEST_XDIST_WORKER": "gw4"}, lambda key: None)
+    assert s.uris == tuple(uris)
+    assert s.uri == uris[1]  # gw4: 4 mod 3
+    s = resolve({"uri": uris}, {}, lambda key: None)
+    assert s.uri == uris[0]  # no xdist: the first
+    env = {"PYTEST_KVM_URI": "qemu:///system  qemu+ssh://hv/system", "PYTEST_XDIST_WORKER": "gw1"}
+    assert resolve({}, env, lambda key: None).uri == "qemu+ssh://hv/system"
+    with pytest.raises(KvmConfigError, match="command line --kvm-uri: 'hv1' is not a libvirt URI"):
+        resolve({"uri": ["hv1"]}, {}, lambda key: None)

@@ -1,0 +1,849 @@
+"""The libvirt backend: guests as transient libvirt domains, local or remote.
+
+Everything goes through the libvirt API, so a local ``qemu:///system`` and a remote
+``qemu+ssh://host/system`` take the same path:
+
+- The guest's base image is uploaded once per host into a storage pool (a volume
+  named by the image's checksum, completed by a marker volume), and the guest's
+  overlay (created locally, tiny) is uploaded next to it, rebased onto that volume.
+- The domain is created with ``createXML`` paused and auto-destroyed when our
+  connection closes (also when this process dies), its console is opened as a
+  libvirt stream and copied into the guest's local serial log, then it runs.
+- QMP commands go through ``qemuMonitorCommand`` and guest-agent commands through
+  ``qemuAgentCommand``; SSH is forwarded to 127.0.0.1 on the hypervisor's host
+  with the user network's ``hostfwd_add``.
+
+Lifecycle like the qemu backend's: the constructor records, ``start()`` acts,
+``close()`` is idempotent and removes the domain and the guest's volumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from filelock import FileLock
+
+from ..console import tail
+from ..errors import GuestLaunchError, ImageError, KvmConfigError, KvmUnavailable
+from ..images.overlay import image_info, qemu_img
+from ..qga import GuestAgentError
+from ..ssh import SshJump
+from .base import Machine, MachineSpec
+
+METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
+DEFAULT_POOL = "pytest-kvm"
+_USER_NETDEV = "hostnet0"  # libvirt's id for the first <interface>'s netdev
+
+
+def load_libvirt() -> tuple[ModuleType, ModuleType]:
+    """``libvirt`` and ``libvirt_qemu``, or KvmUnavailable naming what to install."""
+    try:
+        import libvirt
+        import libvirt_qemu
+    except ImportError:
+        raise KvmUnavailable(
+            "the libvirt backend needs libvirt-python (pip install libvirt-python; "
+            "building it needs Debian's libvirt-dev, pkg-config and gcc)"
+        ) from None
+    return libvirt, libvirt_qemu
+
+
+def _quiet_errors(libvirt: ModuleType) -> None:
+    # libvirt prints every error to stderr by default; we raise them instead.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` reaches another host (a transport or a host name)."""
+    parsed = urllib.parse.urlsplit(uri)
+    transport = parsed.scheme.partition("+")[2]
+    return bool(parsed.hostname) or transport not in ("", "unix")
+
+
+SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
+
+
+def remote_problem(uri: str) -> str:
+    """ "" if guests on ``uri`` can be reached, else why not: a remote hypervisor is
+    reached through its host's SSH, so its URI must use an SSH transport."""
+    if not is_remote(uri):
+        return ""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme.partition("+")[2] not in SSH_TRANSPORTS:
+        return (
+            f"--kvm-uri {uri}: guests on a remote hypervisor are reached through its "
+            "host's SSH; use qemu+ssh://USER@HOST/system"
+        )
+    return ""
+
+
+_jumps: dict[str, SshJump] = {}
+
+
+def jump_for(uri: str) -> SshJump | None:
+    """The SSH connection to ``uri``'s host (one per URI and process), or None for a
+    local hypervisor, whose guests' forwards are on our own 127.0.0.1."""
+    if not is_remote(uri):
+        return None
+    with _connections_lock:
+        if uri not in _jumps:
+            parsed = urllib.parse.urlsplit(uri)
+            assert parsed.hostname is not None
+            _jumps[uri] = SshJump(parsed.username, parsed.hostname, parsed.port)
+        return _jumps[uri]
+
+
+# -- connections --------------------------------------------------------------------
+
+
+_connections: dict[str, Any] = {}
+_connections_lock = threading.Lock()
+
+
+def connect(uri: str) -> Any:
+    """One libvirt connection per URI and process, checked to be a QEMU hypervisor.
+
+    Every failure is a KvmConfigError naming the URI and saying why."""
+    libvirt, _ = load_libvirt()
+    with _connections_lock:
+        conn = _connections.get(uri)
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if conn.isAlive():
+                    return conn
+        _quiet_errors(libvirt)
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise KvmConfigError(_connect_message(uri, exc)) from None
+        try:
+            kind = conn.getType()
+        except libvirt.libvirtError as exc:
+            conn.close()
+            raise KvmConfigError(f"--kvm-uri {uri}: {_first_line(exc)}") from None
+        if kind != "QEMU":
+            conn.close()
+            raise KvmConfigError(
+                f"--kvm-uri {uri}: that hypervisor is {kind}, not QEMU; pytest-kvm runs "
+                "QEMU guests (use qemu:///system, qemu:///session or qemu+ssh://HOST/system)"
+            )
+        _connections[uri] = conn
+        return conn
+
+
+def close_connections() -> None:
+    """Close every cached connection: libvirt destroys their auto-destroy domains."""
+    with _connections_lock:
+        for conn in _connections.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+        _connections.clear()
+        for jump in _jumps.values():
+            jump.close()
+        _jumps.clear()
+
+
+def _connect_message(uri: str, exc: Exception) -> str:
+    text = _first_line(exc)
+    lowered = text.lower()
+    # Refused by the daemon: file permissions on its socket, or polkit (which needs
+    # the system bus to ask) for users outside the libvirt group.
+    denied = ("permission denied", "authentication", "polkit", "system bus", "access denied")
+    if any(word in lowered for word in denied):
+        hint = "you may not use it: run as root, join the 'libvirt' group, or use qemu:///session"
+    elif "no such file" in lowered or "connection refused" in lowered:
+        hint = "is libvirtd running there? (Debian: libvirt-daemon-system; start libvirtd)"
+    elif "no connection driver" in lowered or "unsupported" in lowered:
+        hint = "this libvirt has no driver for it (Debian: libvirt-daemon-driver-qemu)"
+    else:
+        hint = "check the URI, the host and its libvirtd"
+    return f"--kvm-uri {uri}: cannot connect ({text}); {hint}"
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+# -- storage ------------------------------------------------------------------------
+
+
+def storage_pool(conn: Any, uri: str, name: str) -> Any:
+    """The pool named ``name``, started. Our own default pool is created when missing;
+    any other missing pool is an error naming the URI."""
+    libvirt, _ = load_libvirt()
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        if name != DEFAULT_POOL:
+            known = ", ".join(sorted(conn.listStoragePools() + conn.listDefinedStoragePools()))
+            raise KvmConfigError(
+                f"--kvm-uri {uri}: storage pool {name!r} does not exist "
+                f"(pools there: {known or 'none'}); create it or leave --kvm-pool unset"
+            ) from None
+        pool = _define_default_pool(conn, uri)
+    try:
+        if not pool.isActive():
+            pool.create(0)
+        pool.refresh(0)
+    except libvirt.libvirtError as exc:
+        raise KvmConfigError(
+            f"--kvm-uri {uri}: storage pool {name!r} cannot be started: {_first_line(exc)}"
+        ) from None
+    return pool
+
+
+def _define_default_pool(conn: Any, uri: str) -> Any:
+    libvirt, _ = load_libvirt()
+    if urllib.parse.urlsplit(uri).path.rstrip("/") == "/session":
+        if is_remote(uri):
+            raise KvmConfigError(
+                f"--kvm-uri {uri}: name a storage pool of that session with --kvm-pool"
+            )
+        target = Path.home() / ".local/share/libvirt/images" / DEFAULT_POOL
+    else:
+        target = Path("/var/lib/libvirt/images") / DEFAULT_POOL
+    xml = (
+        f"<pool type='dir'><name>{DEFAULT_POOL}</name><target><path>{target}</path>"
+        "<permissions><mode>0711</mode></permissions></target></pool>"
+    )
+    try:
+        pool = conn.storagePoolDefineXML(xml, 0)
+        pool.build(0)
+        pool.setAutostart(True)
+    except libvirt.libvirtError as exc:
+        with contextlib.suppress(libvirt.libvirtError):  # another worker made it
+            return conn.storagePoolLookupByName(DEFAULT_POOL)
+        raise KvmConfigError(
+            f"--kvm-uri {uri}: cannot create storage pool {DEFAULT_POOL!r} at {target}: "
+            f"{_first_line(exc)}"
+        ) from None
+    return pool
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, remembered next to the image cache by (path, size, mtime)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    memo = Path(tempfile.gettempdir()) / "pytest-kvm-sums" / key.hexdigest()[:32]
+    with contextlib.suppress(OSError):
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}")
+        tmp.write_text(value)
+        tmp.replace(memo)
+    return value
+
+
+def _send_file(conn: Any, vol: Any, path: Path) -> None:
+    stream = conn.newStream(0)
+    size = path.stat().st_size
+    vol.upload(stream, 0, size, 0)
+    try:
+        with path.open("rb") as src:
+            stream.sendAll(lambda _stream, nbytes, _src: _src.read(nbytes), src)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.abort()
+        raise
+
+
+def _volume_xml(
+    name: str,
+    capacity: int,
+    fmt: str,
+    backing: str | None = None,
+    backing_format: str = "qcow2",
+) -> str:
+    root = ET.Element("volume")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "capacity").text = str(capacity)
+    target = ET.SubElement(root, "target")
+    ET.SubElement(target, "format", type=fmt)
+    perms = ET.SubElement(target, "permissions")
+    ET.SubElement(perms, "mode").text = "0600"
+    if backing is not None:
+        store = ET.SubElement(root, "backingStore")
+        ET.SubElement(store, "path").text = backing
+        ET.SubElement(store, "format", type=backing_format)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _lookup(pool: Any, name: str) -> Any | None:
+    libvirt, _ = load_libvirt()
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
+    """The pool's volume holding the image at ``path`` (flattened if it has a backing
+    chain), uploaded once per host: named by its checksum, complete when its marker
+    volume exists. Parallel workers of this machine upload it once (a file lock)."""
+    info = image_info(path)
+    flatten = bool(info.get("backing-filename")) or info.get("format") != "qcow2"
+    digest = file_sha256(path)[:20]
+    name = f"{path.stem[:40]}-{digest}.qcow2"
+    marker = name + ".ok"
+    host = hashlib.sha256(conn.getURI().encode()).hexdigest()[:12]
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / f"upload-{host}-{name}.lock")):
+        pool.refresh(0)
+        vol = _lookup(pool, name)
+        if vol is not None and _lookup(pool, marker) is not None:
+            return vol
+        if vol is not None:  # an upload that did not finish
+            vol.delete(0)
+        source = path
+        tmpdir: Path | None = None
+        try:
+            if flatten:
+                tmpdir = Path(tempfile.mkdtemp(prefix="pytest-kvm-flat-", dir=lock_dir))
+                source = tmpdir / "flat.qcow2"
+                proc = qemu_img("convert", "-O", "qcow2", "--", str(path), str(source),
+                                timeout=1800)  # fmt: skip
+                if proc.returncode != 0:
+                    raise ImageError(f"cannot flatten {str(path)!r}: {proc.stderr.strip()}")
+            size = source.stat().st_size
+            vol = pool.createXML(_volume_xml(name, size, "qcow2"), 0)
+            _send_file(conn, vol, source)
+            pool.createXML(_volume_xml(marker, 0, "raw"), 0)
+        finally:
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        return pool.storageVolLookupByName(name)
+
+
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_VOLUME = re.compile(r"^pytest-kvm-.+\.h([0-9a-f]{6})\.p(\d+)\.\d+\.[a-z0-9]+$")
+_reaped: set[str] = set()
+
+
+def volume_name(domain_name: str, index: int, fmt: str) -> str:
+    """A guest's volume: its domain, this machine and process, the drive's index. The
+    owner in the name lets a later run on this machine remove what a killed run left."""
+    return f"{domain_name}.h{_HOST_TAG}.p{os.getpid()}.{index}.{fmt}"
+
+
+def reap_orphan_volumes(pool: Any) -> list[str]:
+    """Delete guest volumes in ``pool`` left by runs of this machine whose process is
+    gone (their domains died with their connections). Once per pool and process;
+    returns the names deleted."""
+    libvirt, _ = load_libvirt()
+    key = f"{pool.connect().getURI()}#{pool.name()}"
+    if key in _reaped:
+        return []
+    _reaped.add(key)
+    gone = []
+    for vol in pool.listAllVolumes(0):
+        match = _VOLUME.match(vol.name())
+        if match is None or match.group(1) != _HOST_TAG or _alive(int(match.group(2))):
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            vol.delete(0)
+            gone.append(vol.name())
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the domain ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LibvirtTarget:
+    """Where and as whom a guest runs on libvirt."""
+
+    uri: str
+    pool: str = DEFAULT_POOL
+    labels: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    lock_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "pytest-kvm-locks")
+    # --kvm-accel as given: "auto" on a remote host trusts its domain capabilities.
+    accel: str = "auto"
+
+
+def domain_xml(
+    spec: MachineSpec,
+    domain_name: str,
+    domain_type: str,
+    disks: list[tuple[str, str, str, str]],
+    labels: tuple[tuple[str, str], ...] = (),
+) -> str:
+    """The transient domain for ``spec``. ``disks``: (pool, volume, format, device)."""
+    ET.register_namespace("pytestkvm", METADATA_NS)
+    root = ET.Element("domain", type=domain_type)
+    ET.SubElement(root, "name").text = domain_name
+    ET.SubElement(root, "genid")  # a new VM generation ID every start
+    meta = ET.SubElement(root, "metadata")
+    owner = ET.SubElement(meta, f"{{{METADATA_NS}}}owner")
+    for key, value in labels:
+        owner.set(key, value)
+    ET.SubElement(root, "memory", unit="MiB").text = str(spec.memory)
+    ET.SubElement(root, "vcpu").text = str(spec.cpus)
+    os_el = ET.SubElement(root, "os")
+    ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
+    if spec.kernel is not None:
+        raise GuestLaunchError("kernel_args (direct kernel boot) is not supported on libvirt yet")
+    ET.SubElement(os_el, "boot", dev="cdrom" if spec.boot == "cdrom" else "hd")
+    features = ET.SubElement(root, "features")
+    ET.SubElement(features, "acpi")
+    if domain_type == "kvm":
+        ET.SubElement(root, "cpu", mode="host-passthrough")
+    else:
+        ET.SubElement(root, "cpu", mode="maximum", match="exact")
+    ET.SubElement(root, "on_poweroff").text = "destroy"
+    ET.SubElement(root, "on_reboot").text = "restart"
+    ET.SubElement(root, "on_crash").text = "destroy"
+    devices = ET.SubElement(root, "devices")
+    for index, (pool, volume, fmt, device) in enumerate(disks):
+        disk = ET.SubElement(devices, "disk", type="volume", device=device)
+        driver = ET.SubElement(disk, "driver", name="qemu", type=fmt)
+        ET.SubElement(disk, "source", pool=pool, volume=volume)
+        if device == "disk":
+            driver.set("cache", "unsafe")
+            driver.set("discard", "unmap")
+            ET.SubElement(disk, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+            if index == 0 and spec.boot == "disk":
+                pass
+        else:
+            ET.SubElement(disk, "target", dev=f"sd{chr(ord('a') + index)}", bus="sata")
+            ET.SubElement(disk, "readonly")
+    if spec.network.kind != "user":
+        raise GuestLaunchError(f"network {spec.network} is not supported on libvirt yet")
+    nic = ET.SubElement(devices, "interface", type="user")
+    ET.SubElement(nic, "mac", address=spec.mac)
+    ET.SubElement(nic, "model", type="virtio")
+    serial = ET.SubElement(devices, "serial", type="pty")
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="pty")
+    ET.SubElement(console, "target", type="serial", port="0")
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+    rng = ET.SubElement(devices, "rng", model="virtio")
+    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+    ET.SubElement(devices, "memballoon", model="none")
+    return ET.tostring(root, encoding="unicode")
+
+
+def remote_domain_type(conn: Any) -> str:
+    """``kvm`` if the hypervisor's host offers KVM for x86_64 q35 guests, else ``qemu``.
+
+    Our own probe runs here, not there; pass --kvm-accel tcg for a host whose KVM
+    cannot run standard guests (a PVM host, say)."""
+    libvirt, _ = load_libvirt()
+    try:
+        conn.getDomainCapabilities(None, "x86_64", "q35", "kvm", 0)
+    except libvirt.libvirtError:
+        return "qemu"
+    return "kvm"
+
+
+class _ConsolePump:
+    """Copies the domain's console stream into the local serial log, and what is
+    written to a local UNIX socket (``Console.send``) into the stream."""
+
+    def __init__(self, stream: Any, log: Path, sock_path: Path) -> None:
+        self._stream = stream
+        self._log = log.open("ab", buffering=0)
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self._server.bind(str(sock_path))
+        finally:
+            os.umask(old)
+        self._server.listen(4)
+        self._sock_path = sock_path
+        self._stop = threading.Event()
+        self._send_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="libvirt-console", daemon=True)
+        self._acceptor = threading.Thread(target=self._accept, name="console-in", daemon=True)
+        self._reader.start()
+        self._acceptor.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._stream.recv(65536)
+            except Exception:
+                return
+            if not data or isinstance(data, int):  # end of stream (or -2: would block)
+                if data == -2:
+                    time.sleep(0.02)
+                    continue
+                return
+            self._log.write(data)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pass_in, args=(conn,), daemon=True).start()
+
+    def _pass_in(self, conn: socket.socket) -> None:
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                with self._send_lock, contextlib.suppress(Exception):
+                    self._stream.send(data)
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._server.close()
+        self._sock_path.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            self._stream.abort()
+        self._reader.join(5)
+        self._log.close()
+
+
+class LibvirtAgent:
+    """qemu-ga through libvirt (``qemuAgentCommand``): the GuestAgent interface."""
+
+    def __init__(self, domain: Any) -> None:
+        self._domain = domain
+
+    def connect(self, timeout: float) -> None:
+        self.execute("guest-ping", timeout=timeout)
+
+    def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
+        return self.execute_args(command, arguments, timeout)
+
+    def execute_args(self, command: str, arguments: dict[str, Any], timeout: float = 10.0) -> Any:
+        libvirt, libvirt_qemu = load_libvirt()
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(
+                self._domain, json.dumps(message), max(1, int(timeout)), 0
+            )
+        except libvirt.libvirtError as exc:
+            text = _first_line(exc)
+            if "timeout" in text.lower() or "not connected" in text.lower():
+                raise TimeoutError(f"{command}: {text}") from None
+            raise GuestAgentError(f"{command}: {text}") from None
+        return json.loads(reply).get("return")
+
+    def write_file(self, path: str, text: str) -> None:
+        import base64
+
+        handle = self.execute("guest-file-open", path=path, mode="w")
+        try:
+            data = base64.b64encode(text.encode()).decode()
+            self.execute_args("guest-file-write", {"handle": handle, "buf-b64": data})
+        finally:
+            self.execute("guest-file-close", handle=handle)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LibvirtAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LibvirtMachine(Machine):
+    """One transient libvirt domain."""
+
+    def __init__(self, spec: MachineSpec, target: LibvirtTarget, accel: str) -> None:
+        if any(drive.secret is not None for drive in spec.drives):
+            raise KvmConfigError("encrypted images are not supported on the libvirt backend yet")
+        if spec.ram_file is not None or spec.incoming is not None:
+            raise KvmConfigError("templates are not supported on the libvirt backend yet")
+        if spec.nics or spec.tap_fd is not None:
+            raise KvmConfigError("vlans and bridges are not supported on the libvirt backend yet")
+        self.spec = spec
+        self.target = target
+        self._accel = accel
+        self.domain_type = "kvm" if accel == "kvm" else "qemu"
+        self.domain_name = f"pytest-kvm-{spec.name}"
+        self._conn: Any = None
+        self._domain: Any = None
+        self._pool: Any = None
+        self._volumes: list[Any] = []
+        self._pump: _ConsolePump | None = None
+        self._xml = ""
+        self._closed = False
+        self._exit: int | None = None
+        self.peak_rss_kib = 0
+        self._sampler: threading.Thread | None = None
+        self._sampling = threading.Event()
+
+    # -- start ----------------------------------------------------------------------
+
+    @property
+    def argv(self) -> list[str]:
+        """The domain XML stands in for a command line here."""
+        return [f"libvirt {self.target.uri} domain {self.domain_name}", self._xml]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return []
+
+    def start(self) -> None:
+        if self._conn is not None:
+            raise RuntimeError("machine already started")
+        libvirt, _ = load_libvirt()
+        spec = self.spec
+        try:
+            self._conn = connect(self.target.uri)
+            self._pool = storage_pool(self._conn, self.target.uri, self.target.pool)
+            reap_orphan_volumes(self._pool)
+            if is_remote(self.target.uri) and self.target.accel == "auto":
+                self.domain_type = remote_domain_type(self._conn)
+            disks = self._upload_disks()
+            self._xml = domain_xml(spec, self.domain_name, self.domain_type, disks,
+                                   self.target.labels)  # fmt: skip
+            flags = libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED
+            self._domain = self._conn.createXML(self._xml, flags)
+            stream = self._conn.newStream(0)
+            self._domain.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+            self._pump = _ConsolePump(stream, spec.serial_log, spec.console_socket)
+            self._domain.resume()
+            self._sampling.clear()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        except KvmConfigError:
+            self.close()
+            raise
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            detail = _first_line(exc) if isinstance(exc, libvirt.libvirtError) else str(exc)
+            raise GuestLaunchError(
+                f"guest {spec.name!r}: libvirt ({self.target.uri}) could not start domain "
+                f"{self.domain_name}: {detail}",
+                argv=self.argv,
+                console_tail=tail(spec.serial_log, 20),
+            ) from None
+
+    def _upload_disks(self) -> list[tuple[str, str, str, str]]:
+        """Each drive as a volume of the pool: the overlay rebased onto the uploaded
+        image, read-only drives (the seed) copied as they are."""
+        pool_name = self.target.pool
+        disks: list[tuple[str, str, str, str]] = []
+        for index, drive in enumerate(self.spec.drives):
+            name = volume_name(self.domain_name, index, drive.format)
+            stale = _lookup(self._pool, name)
+            if stale is not None:
+                stale.delete(0)
+            if index == 0 and drive.media == "disk":
+                info = image_info(drive.path)
+                backing = info.get("full-backing-filename") or info.get("backing-filename")
+                if not backing:
+                    raise GuestLaunchError(f"{drive.path} has no backing image to upload")
+                base = upload_image(self._conn, self._pool, Path(backing), self.target.lock_dir)
+                upload = drive.path.with_name(drive.path.name + ".libvirt")
+                shutil.copyfile(drive.path, upload)
+                try:
+                    proc = qemu_img("rebase", "-u", "-F", "qcow2", "-b", base.path(), "--",
+                                    str(upload))  # fmt: skip
+                    if proc.returncode != 0:
+                        raise GuestLaunchError(f"cannot rebase the overlay: {proc.stderr.strip()}")
+                    vol = self._pool.createXML(
+                        _volume_xml(name, upload.stat().st_size, "qcow2", base.path()), 0
+                    )
+                    self._volumes.append(vol)
+                    _send_file(self._conn, vol, upload)
+                finally:
+                    upload.unlink(missing_ok=True)
+                disks.append((pool_name, name, "qcow2", "disk"))
+                continue
+            vol = self._pool.createXML(
+                _volume_xml(name, drive.path.stat().st_size, drive.format), 0
+            )
+            self._volumes.append(vol)
+            _send_file(self._conn, vol, drive.path)
+            device = "cdrom" if drive.media == "cdrom" or drive.readonly else "disk"
+            disks.append((pool_name, name, drive.format, device))
+        return disks
+
+    # -- running --------------------------------------------------------------------
+
+    def _sample(self) -> None:
+        while not self._sampling.wait(1.0):
+            stats = self.stats()
+            if not stats:
+                return
+
+    def stats(self) -> dict[str, int]:
+        """CPU time (ns), resident memory now and at its peak so far (KiB), bytes
+        written to disks, from libvirt's domain statistics; {} once it is gone."""
+        libvirt, _ = load_libvirt()
+        domain = self._domain
+        if domain is None:
+            return {}
+        flags = (
+            libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+            | libvirt.VIR_DOMAIN_STATS_BALLOON
+            | libvirt.VIR_DOMAIN_STATS_BLOCK
+        )
+        try:
+            [(_, raw)] = self._conn.domainListGetStats([domain], flags)
+        except (libvirt.libvirtError, ValueError):
+            return {}
+        rss = int(raw.get("balloon.rss", 0))
+        self.peak_rss_kib = max(self.peak_rss_kib, rss)
+        written = sum(
+            int(raw.get(f"block.{i}.wr.bytes", 0)) for i in range(int(raw.get("block.count", 0)))
+        )
+        return {
+            "cpu_time_ns": int(raw.get("cpu.time", 0)),
+            "rss_kib": rss,
+            "peak_rss_kib": self.peak_rss_kib,
+            "disk_written_bytes": written,
+        }
+
+    def is_running(self) -> bool:
+        libvirt, _ = load_libvirt()
+        if self._domain is None or self._exit is not None:
+            return False
+        try:
+            running = bool(self._domain.isActive())
+        except libvirt.libvirtError:
+            running = False
+        if not running:
+            self._exit = 0
+        return running
+
+    def exit_code(self) -> int | None:
+        return None if self.is_running() else self._exit
+
+    def qmp(self, command: str, **args: Any) -> Any:
+        libvirt, libvirt_qemu = load_libvirt()
+        if not self.is_running():
+            raise ConnectionError(f"guest {self.spec.name!r} is not running")
+        message: dict[str, Any] = {"execute": command}
+        if args:
+            message["arguments"] = args
+        try:
+            reply = json.loads(
+                libvirt_qemu.qemuMonitorCommand(self._domain, json.dumps(message), 0)
+            )
+        except libvirt.libvirtError as exc:
+            raise ConnectionError(f"guest {self.spec.name!r}: {_first_line(exc)}") from None
+        if "error" in reply:
+            raise RuntimeError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def forward(self, host_port: int, guest_port: int) -> None:
+        """TCP 127.0.0.1:host_port on the hypervisor's host to the guest's port."""
+        rule = f"hostfwd_add {_USER_NETDEV} tcp:127.0.0.1:{host_port}-:{guest_port}"
+        out = str(self.qmp("human-monitor-command", **{"command-line": rule}) or "").strip()
+        if out:
+            raise GuestLaunchError(f"host forwarding rule 127.0.0.1:{host_port}: {out}")
+
+    def agent(self) -> LibvirtAgent:
+        if self._domain is None:
+            raise GuestAgentError("the domain is not running")
+        return LibvirtAgent(self._domain)
+
+    def wait_for_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.is_running():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """ACPI power-off, then destroy."""
+        libvirt, _ = load_libvirt()
+        if not self.is_running():
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            self._domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            if self.wait_for_exit(timeout):
+                return
+        self.kill()
+
+    def kill(self) -> None:
+        libvirt, _ = load_libvirt()
+        if self._domain is not None and self.is_running():
+            with contextlib.suppress(libvirt.libvirtError):
+                self._domain.destroy()
+            self._exit = -9
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sampling.set()
+        try:
+            self.kill()
+        finally:
+            if self._pump is not None:
+                self._pump.close()
+            if self._sampler is not None:
+                self._sampler.join(5)
+            for vol in self._volumes:
+                with contextlib.suppress(Exception):
+                    vol.delete(0)
+            self._volumes.clear()
+
+    def download_overlay(self, dest: Path, backing: Path) -> None:
+        """Copy the guest's overlay volume back to ``dest``, rebased onto the local
+        ``backing`` image, for libguestfs (``guest.disk``)."""
+        if not self._volumes:
+            raise GuestLaunchError("the guest has no overlay volume")
+        vol = self._volumes[0]
+        stream = self._conn.newStream(0)
+        vol.download(stream, 0, 0, 0)
+        tmp = dest.with_name(dest.name + ".download")
+        try:
+            with tmp.open("wb") as out:
+                stream.recvAll(lambda _s, data, _o: _o.write(data), out)
+            stream.finish()
+            proc = subprocess.run(
+                ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(backing), "--", str(tmp)],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise GuestLaunchError(f"cannot rebase the downloaded overlay: {proc.stderr}")
+            tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)

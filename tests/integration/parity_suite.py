@@ -1,0 +1,130 @@
+"""One guest suite for every backend: test_libvirt.py runs it with ``--kvm-backend qemu``
+and with ``--kvm-backend libvirt`` and both runs must pass.
+
+Not collected by itself (no ``test_`` prefix); PKVM_EXPECT_BACKEND says which backend
+the run is on, so a run that silently fell back to the other one fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import socket
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.errors import CommandFailed
+
+BACKEND = os.environ.get("PKVM_EXPECT_BACKEND", "qemu")
+JUMP = os.environ.get("PKVM_EXPECT_JUMP", "")  # a remote hypervisor's SSH, user@host:port
+OWNER = "{https://github.com/pytest-kvm/pytest-kvm/ns/1}owner"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_commands_files_and_console(kvm_guest, tmp_path: Path, request):
+    g = kvm_guest
+    assert g.backend == BACKEND
+    assert (f"-J {JUMP} " in g.ssh_command) if JUMP else ("-J" not in g.ssh_command)
+    r = g.run("echo out; echo err >&2; exit 3")
+    assert (r.exit_status, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    with pytest.raises(CommandFailed):
+        g.succeed("false")
+    assert g.succeed("hostname").strip() == g.name
+    assert g.mac in g.succeed("ip -o link")
+    # put/get with a hostile name, quoted everywhere
+    name = "a file 'with' \"quotes\"; $(touch PWNED)"
+    local = tmp_path / "source.txt"
+    local.write_text("payload\n" * 100)
+    g.put(local, f"/tmp/{name}")
+    assert g.succeed(f"sha256sum {shlex.quote('/tmp/' + name)}").split()[0] == _sha256(local)
+    assert g.succeed("find / -xdev -name PWNED") == ""
+    assert g.get(f"/tmp/{name}", tmp_path / "back.txt").read_text() == local.read_text()
+    # OpenSSH with the pinned host key
+    argv = [*shlex.split(g.ssh_command), "-o", "BatchMode=yes", "cat /etc/hostname"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == g.name
+    # The serial console: logged from power-on, read and typed into.
+    assert "Linux version" in g.serial_log.read_text(errors="replace")
+    g.wait_for_console(r"\S+ login:", timeout=120)
+    g.console.skip_to_end()
+    g.succeed("echo pytest-kvm-marker-42 > /dev/ttyS0")
+    g.console.expect("pytest-kvm-marker-42", timeout=30)
+    g.console.skip_to_end()
+    g.console.send("nosuchuser\n")  # getty asks for a password next
+    g.console.expect("Password:", timeout=60)
+    if BACKEND == "libvirt":
+        _check_domain(g, request.node.nodeid)
+
+
+def _check_domain(g, nodeid: str) -> None:
+    """What libvirt knows of the guest: a transient domain of ours, labelled."""
+    name = g.machine.domain_name
+    listed = subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", "list", "--transient", "--name"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert name in listed
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", name],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    root = ET.fromstring(xml)
+    assert root.get("type") == ("kvm" if g._run.accel.name == "kvm" else "qemu")
+    owner = root.find(f"metadata/{OWNER}")
+    assert owner is not None
+    assert owner.get("run") == g._run.identity.run_id
+    assert owner.get("pid") == str(os.getpid())
+    assert owner.get("test") == nodeid
+    assert root.find("devices/graphics") is None  # no display unless one is asked for
+    [disk] = [d for d in root.findall("devices/disk") if d.get("device") == "disk"]
+    assert disk.find("source").get("pool") == "pytest-kvm"
+    assert (
+        disk.find("backingStore/source")
+        .get("file")
+        .startswith("/var/lib/libvirt/images/pytest-kvm/")
+    )
+
+
+def test_forward_port_agent_and_monitor(kvm_guest):
+    g = kvm_guest
+    g.succeed(
+        "mkdir -p /srv/www && echo hello-from-guest >/srv/www/index.html && "
+        "(cd /srv/www && nohup python3 -m http.server 8080 >/dev/null 2>&1 &)"
+    )
+    g.wait_for_port(8080)
+    port = g.forward_port(8080)
+    assert g.forwarded_ports[8080] == port
+    # On a remote hypervisor the forward is on its host's 127.0.0.1: through the jump.
+    conn = (g._jump.channel("127.0.0.1", port, 30) if JUMP
+            else socket.create_connection(("127.0.0.1", port), timeout=30))  # fmt: skip
+    with conn:
+        conn.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+    assert b"hello-from-guest" in reply
+    assert g.agent_answers()
+    assert g.qmp("query-status")["status"] == "running"
+
+
+def test_reboot_shutdown_and_the_stopped_disk(kvm_guest):
+    g = kvm_guest
+    boot_before = g.succeed("cat /proc/sys/kernel/random/boot_id")
+    g.succeed("echo kept > /var/lib/pytest-kvm-state && sync")
+    g.reboot()
+    assert g.succeed("cat /proc/sys/kernel/random/boot_id") != boot_before
+    g.succeed("logger -t parity still-here-after-reboot")
+    g.shutdown()
+    assert not g.is_running
+    assert "reboot: Power down" in g.serial_log.read_text(errors="replace")
+    pytest.importorskip("guestfs", reason="guest.disk needs python3-guestfs")
+    assert g.disk.read_text("/var/lib/pytest-kvm-state") == "kept\n"
+    assert "still-here-after-reboot" in g.disk.journal()

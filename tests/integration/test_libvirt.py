@@ -1,0 +1,225 @@
+"""The libvirt backend against a real libvirtd, QEMU and guests.
+
+The module starts libvirtd and virtlogd itself when none runs, in a network namespace
+of its own (tests/integration/libvirtd.py), and stops them afterwards. Inner runs go
+into that namespace, where the guests' forwarded ports are. The parity suite
+(parity_suite.py) runs there on both backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm import accel
+
+from .conftest import qemu_pids_under
+from .libvirtd import Libvirtd, Sshd, missing, virsh
+
+HERE = Path(__file__).resolve().parent
+POOL_DIR = Path("/var/lib/libvirt/images/pytest-kvm")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="starts libvirtd: run as root"),
+    pytest.mark.skipif(bool(missing()), reason=missing() or "ok"),
+]
+
+
+@pytest.fixture(scope="module")
+def libvirtd(tmp_path_factory) -> Iterator[Libvirtd]:
+    daemon = Libvirtd(tmp_path_factory.mktemp("libvirtd"))
+    with daemon:
+        yield daemon
+    if daemon.started:  # ours: gone, with its namespace
+        assert all(proc.poll() is not None for proc in daemon.procs) or not daemon.procs
+
+
+def _ours() -> list[str]:
+    """Our domains (running), by name."""
+    return [n for n in virsh("list", "--name").split() if n.startswith("pytest-kvm-")]
+
+
+def _guest_volumes() -> list[str]:
+    """Volumes of guests (overlays, seeds) left in our pool; uploaded images excluded."""
+    lines = virsh("vol-list", "pytest-kvm").splitlines()
+    return [line.split()[0] for line in lines if line.split()[0].startswith("pytest-kvm-")]
+
+
+def _pytest_argv(image_arg: str, cache_arg: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
+            f"--kvm-image={image_arg}", cache_arg]  # fmt: skip
+
+
+def _inner(libvirtd, pytester, image_arg, cache_arg, *extra: str) -> list[str]:
+    return libvirtd.wrap([*_pytest_argv(image_arg, cache_arg), *extra])
+
+
+@pytest.mark.parametrize("backend", ["qemu", "libvirt", "libvirt-remote"])
+def test_parity_suite_passes_on_both_backends(
+    backend, libvirtd, pytester, image_arg, cache_arg, inner_env, monkeypatch, tmp_path
+):
+    """The same suite on the qemu backend, on local libvirt, and on libvirt "remote":
+    qemu+ssh:// through an sshd on 127.0.0.1, guests reached through SSH jumps."""
+    pytester.copy_example(str(HERE / "parity_suite.py"))
+    monkeypatch.setenv("PKVM_EXPECT_BACKEND", backend.partition("-")[0])
+    suite = str(pytester.path / "parity_suite.py")
+    with contextlib.ExitStack() as stack:
+        if backend == "libvirt-remote":
+            sshd = stack.enter_context(Sshd(libvirtd, tmp_path / "sshd"))
+            monkeypatch.setenv("PKVM_EXPECT_JUMP", "root@127.0.0.1:22")
+            # The remote host's accelerator is ours: say it (auto would trust libvirt's
+            # capabilities, which offer KVM on a host whose KVM cannot run the guest).
+            argv = libvirtd.wrap([
+                sys.executable, str(HERE / "in_overlay.py"), "/root", str(sshd.home.parent),
+                "--", *_pytest_argv(image_arg, cache_arg), "--kvm-backend=libvirt",
+                "--kvm-uri=qemu+ssh://root@127.0.0.1/system",
+                f"--kvm-accel={accel.choose('auto').name}", suite,
+            ])  # fmt: skip
+        else:
+            argv = _inner(libvirtd, pytester, image_arg, cache_arg,
+                          f"--kvm-backend={backend}", suite)  # fmt: skip
+        result = pytester.run(*argv, timeout=1800)
+    result.assert_outcomes(passed=3)
+    if backend != "qemu":
+        # What each test's guest consumed, in its report.
+        result.stdout.fnmatch_lines(
+            ["*kvm resources: kvm-*", "cpu *.* s, peak memory * MiB, disk written *.* MiB"]
+        )
+    assert _ours() == []
+    assert _guest_volumes() == []
+    assert not qemu_pids_under(inner_env)
+    assert list(inner_env.iterdir()) == []
+
+
+def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_arg, inner_env):
+    """Two runs, one upload: the image's volume is the same file, untouched."""
+    pytester.makepyfile(test_one="def test_one(kvm_guest):\n    kvm_guest.succeed('true')\n")
+    argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
+    pytester.run(*argv, timeout=900).assert_outcomes(passed=1)
+    images = sorted(p for p in POOL_DIR.iterdir() if p.name.startswith("debian-12-"))
+    assert [p.name for p in images if p.name.endswith(".ok")]  # the completion marker
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in images}
+    pytester.run(*argv, timeout=900).assert_outcomes(passed=1)
+    after = {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in POOL_DIR.iterdir()
+        if p.name.startswith("debian-12-")
+    }
+    assert after == before
+    assert _guest_volumes() == []
+
+
+INNER_KILLED = """
+import os, time
+from pathlib import Path
+
+def test_hangs(kvm_guest):
+    Path(os.environ["PKVM_TEST_READY"]).write_text(kvm_guest.machine.domain_name)
+    time.sleep(600)
+"""
+
+
+def test_domain_dies_with_the_run_that_made_it(
+    libvirtd, pytester, image_arg, cache_arg, inner_env, tmp_path, monkeypatch
+):
+    """The domain is auto-destroyed when its connection closes: a SIGKILLed run
+    leaves no running guest behind."""
+    ready = tmp_path / "ready"
+    monkeypatch.setenv("PKVM_TEST_READY", str(ready))
+    pytester.makepyfile(test_inner=INNER_KILLED)
+    argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
+    proc = subprocess.Popen(argv, cwd=pytester.path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 900
+        while not ready.exists():
+            assert proc.poll() is None, "the inner run ended before its guest was up"
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        name = ready.read_text()
+        assert name in _ours()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # ip netns exec execs: this is pytest itself
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while name in _ours() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert name not in _ours()
+    # Its volumes stay until the next run on this machine starts, which removes them.
+    assert [v for v in _guest_volumes() if v.startswith(name + ".")]
+    pytester.makepyfile(test_inner="def test_nothing():\n    pass\n")
+    pytester.run(*argv, timeout=300).assert_outcomes(passed=1)
+    assert _guest_volumes() == []
+
+
+def _usage_error(result) -> str:
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    return result.stderr.str()
+
+
+def test_bad_uris_and_pools_are_clear_errors(libvirtd, pytester, image_arg, cache_arg, tmp_path):
+    pytester.makepyfile(test_one="def test_one(kvm_guest):\n    pass\n")
+    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--kvm-image={image_arg}",
+            cache_arg, "--kvm-backend=libvirt"]  # fmt: skip
+
+    # Not QEMU: libvirt's built-in test driver.
+    err = _usage_error(pytester.run(*base, "--kvm-uri=test:///default"))
+    assert "--kvm-uri test:///default: that hypervisor is TEST, not QEMU" in err
+
+    # Nothing answers on that socket.
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-daemon.sock"
+    err = _usage_error(pytester.run(*base, f"--kvm-uri={uri}"))
+    assert f"--kvm-uri {uri}: cannot connect" in err
+    assert "is libvirtd running there?" in err
+
+    # A pool that does not exist.
+    err = _usage_error(pytester.run(*base, "--kvm-pool=no-such-pool"))
+    assert "--kvm-uri qemu:///system: storage pool 'no-such-pool' does not exist" in err
+
+    # A malformed URI.
+    err = _usage_error(pytester.run(*base, "--kvm-uri=qemu:///nowhere"))
+    assert "--kvm-uri qemu:///nowhere: cannot connect" in err
+
+    # A remote hypervisor without SSH: its guests could not be reached.
+    err = _usage_error(pytester.run(*base, "--kvm-uri=qemu+tcp://127.0.0.1:1/system"))
+    assert "use qemu+ssh://USER@HOST/system" in err
+
+    # An SSH host nobody listens on.
+    err = _usage_error(pytester.run(*base, "--kvm-uri=qemu+ssh://root@127.0.0.1:1/system"))
+    assert "--kvm-uri qemu+ssh://root@127.0.0.1:1/system: cannot connect" in err
+
+    # Not a URI at all.
+    err = _usage_error(pytester.run(*base, "--kvm-uri=system"))
+    assert "'system' is not a libvirt URI" in err
+
+
+def test_system_uri_without_permission_is_a_clear_error(libvirtd, image_arg):
+    """An unprivileged user on qemu:///system: told what to do, not a traceback."""
+    where = Path(tempfile.mkdtemp(prefix="pkvm-unpriv-"))  # pytest's tmp is root-only
+    try:
+        os.chmod(where, 0o777)
+        (where / "test_one.py").write_text("def test_one(kvm_guest):\n    pass\n")
+        argv = [
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(where),
+            f"--kvm-image={image_arg}", "--kvm-backend=libvirt", "--kvm-uri=qemu:///system",
+            f"--kvm-cache={where / 'cache'}",
+        ]  # fmt: skip
+        env = {**os.environ, "HOME": str(where)}
+        proc = subprocess.run(argv, cwd=where, env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+    finally:
+        shutil.rmtree(where)
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
+    assert "--kvm-uri qemu:///system: cannot connect" in proc.stderr
+    assert "you may not use it" in proc.stderr

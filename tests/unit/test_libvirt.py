@@ -1,0 +1,149 @@
+"""The libvirt backend's logic: URIs, domain and volume XML, error messages."""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.backends.base import Drive, MachineSpec
+from pytest_kvm.backends.libvirt import (
+    _VOLUME,
+    METADATA_NS,
+    LibvirtMachine,
+    LibvirtTarget,
+    _connect_message,
+    _volume_xml,
+    connect,
+    domain_xml,
+    is_remote,
+    volume_name,
+)
+from pytest_kvm.config import NetworkSpec
+from pytest_kvm.errors import GuestLaunchError, KvmConfigError
+
+DISKS = [("pytest-kvm", "pytest-kvm-g-0.qcow2", "qcow2", "disk"),
+         ("pytest-kvm", "pytest-kvm-g-1.raw", "raw", "cdrom")]  # fmt: skip
+
+
+def spec(tmp_path: Path, **kw) -> MachineSpec:
+    base = dict(
+        name="kvm-ab12-main-01",
+        workdir=tmp_path,
+        drives=(Drive(tmp_path / "disk.qcow2"), Drive(tmp_path / "seed.iso", "raw", readonly=True)),
+        memory=768,
+        cpus=2,
+        accel="tcg",
+        network=NetworkSpec("user"),
+        mac="02:6b:76:00:00:01",
+        ssh_port=40022,
+    )
+    base.update(kw)
+    return MachineSpec(**base)
+
+
+@pytest.mark.parametrize(
+    ("uri", "remote"),
+    [
+        ("qemu:///system", False),
+        ("qemu:///session", False),
+        ("qemu+unix:///system?socket=/tmp/s", False),
+        ("qemu+ssh://root@127.0.0.1/system", True),
+        ("qemu+tcp://host/system", True),
+        ("qemu://host/system", True),
+        ("test:///default", False),
+    ],
+)
+def test_remote_uris(uri, remote):
+    assert is_remote(uri) is remote
+
+
+def test_domain_xml_is_a_labelled_tcg_domain_on_pool_volumes(tmp_path):
+    labels = (("run", "ab12"), ("worker", "gw1"), ("pid", "42"), ("test", "t.py::x[a b]"))
+    root = ET.fromstring(domain_xml(spec(tmp_path), "pytest-kvm-x", "qemu", DISKS, labels))
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "pytest-kvm-x"
+    owner = root.find(f"metadata/{{{METADATA_NS}}}owner")
+    assert owner is not None and dict(owner.attrib) == dict(labels)
+    assert root.find("memory").text == "768" and root.find("memory").get("unit") == "MiB"
+    assert root.find("cpu").get("mode") == "maximum"
+    assert root.find("genid") is not None
+    disk, cdrom = root.findall("devices/disk")
+    assert disk.find("source").attrib == {"pool": "pytest-kvm", "volume": "pytest-kvm-g-0.qcow2"}
+    assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}
+    assert disk.find("driver").get("type") == "qcow2"
+    assert cdrom.get("device") == "cdrom" and cdrom.find("readonly") is not None
+    nic = root.find("devices/interface")
+    assert nic.get("type") == "user" and nic.find("mac").get("address") == "02:6b:76:00:00:01"
+    channel = root.find("devices/channel/target")
+    assert channel.get("name") == "org.qemu.guest_agent.0"
+    assert root.find("devices/serial").get("type") == "pty"
+    assert root.find("devices/graphics") is None  # nothing listens without being asked
+
+
+def test_domain_xml_on_kvm_passes_the_host_cpu(tmp_path):
+    root = ET.fromstring(domain_xml(spec(tmp_path), "d", "kvm", DISKS))
+    assert root.get("type") == "kvm" and root.find("cpu").get("mode") == "host-passthrough"
+
+
+def test_domain_xml_escapes_hostile_labels(tmp_path):
+    hostile = "t.py::x['\"<&>]"
+    text = domain_xml(spec(tmp_path), "d", "qemu", DISKS, (("test", hostile),))
+    owner = ET.fromstring(text).find(f"metadata/{{{METADATA_NS}}}owner")
+    assert owner.get("test") == hostile
+
+
+def test_what_libvirt_cannot_do_yet_is_refused_clearly(tmp_path):
+    with pytest.raises(GuestLaunchError, match="bridge=br0 is not supported on libvirt yet"):
+        domain_xml(spec(tmp_path, network=NetworkSpec("bridge", "br0")), "d", "qemu", DISKS)
+    target = LibvirtTarget("qemu:///system")
+    with pytest.raises(KvmConfigError, match="templates are not supported"):
+        LibvirtMachine(spec(tmp_path, ram_file=tmp_path / "ram"), target, "tcg")
+    encrypted = (Drive(tmp_path / "d.qcow2", encrypted=(True,), secret=tmp_path / "k"),)
+    with pytest.raises(KvmConfigError, match="encrypted images are not supported"):
+        LibvirtMachine(spec(tmp_path, drives=encrypted), target, "tcg")
+
+
+def test_volume_xml_is_private_and_declares_its_backing():
+    root = ET.fromstring(_volume_xml("o.qcow2", 3 << 30, "qcow2", "/pool/base.qcow2"))
+    assert root.findtext("name") == "o.qcow2" and root.findtext("capacity") == str(3 << 30)
+    assert root.find("target/permissions/mode").text == "0600"
+    assert root.find("backingStore/path").text == "/pool/base.qcow2"
+    assert root.find("backingStore/format").get("type") == "qcow2"
+
+
+@pytest.mark.parametrize(
+    ("error", "hint"),
+    [
+        ("Failed to connect socket to '/run/libvirt/libvirt-sock': Permission denied",
+         "you may not use it"),
+        ("internal error: Unable to get system bus connection: Could not connect",
+         "you may not use it"),
+        ("authentication unavailable: no polkit agent available", "you may not use it"),
+        ("Failed to connect socket to '/x': No such file or directory", "is libvirtd running"),
+        ("Cannot recv data: ssh: connect to host h port 22: Connection refused",
+         "is libvirtd running"),
+        ("no connection driver available for foo:///", "has no driver for it"),
+    ],
+)  # fmt: skip
+def test_connect_errors_name_the_uri_and_a_way_out(error, hint):
+    message = _connect_message("qemu:///system", Exception(error + "\nsecond line"))
+    assert message.startswith(f"--kvm-uri qemu:///system: cannot connect ({error})")
+    assert hint in message
+    assert "second line" not in message
+
+
+def test_a_hypervisor_that_is_not_qemu_is_refused():
+    pytest.importorskip("libvirt")
+    with pytest.raises(KvmConfigError, match="that hypervisor is TEST, not QEMU"):
+        connect("test:///default")
+
+
+def test_volume_names_carry_their_owner():
+    name = volume_name("pytest-kvm-kvm-ab12-gw0-03", 1, "raw")
+    match = _VOLUME.match(name)
+    assert match is not None and int(match.group(2)) == os.getpid()
+    assert _VOLUME.match("debian-12-390b636410b7-d172f09eb6082e42b51d.qcow2") is None
+    assert _VOLUME.match("debian-12-390b636410b7-d172f09eb6082e42b51d.qcow2.ok") is None
