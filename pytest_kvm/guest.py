@@ -59,7 +59,7 @@ from .network import (
 from .qga import GuestAgent, GuestAgentError
 from .run import RunContext
 from .seed import SeedConfig, write_seed
-from .ssh import CommandTimeout, KeyPair, SshSession
+from .ssh import CommandTimeout, JumpFailed, KeyPair, SshSession
 from .vlan import Vlan, VlanPort
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ class Guest:
         )
         self.boot_timings["qemu_start"] = time.monotonic() - t2
         deadline = time.monotonic() + self.boot_timeout
-        if self.config.network.kind == "bridge" and self.config.ssh:
+        if self.config.network.kind != "user" and self.config.ssh:
             t3 = time.monotonic()
             self.address = self._learn_address(deadline)
             self.boot_timings["address"] = time.monotonic() - t3
@@ -378,7 +378,7 @@ class Guest:
             t3 = time.monotonic()
             self._connect(deadline)
             self.boot_timings["ssh_ready"] = time.monotonic() - t3
-        if self.config.network.kind == "bridge" and self.config.ssh:
+        if self.config.network.kind != "user" and self.config.ssh:
             t4 = time.monotonic()
             self._settle_bridge(deadline)
             self.boot_timings["settle"] = time.monotonic() - t4
@@ -722,6 +722,8 @@ class Guest:
                 f"last console lines:\n{tail(self.console.log_path, 20)}",
                 self,
             ) from None
+        except JumpFailed as exc:
+            raise GuestError(f"{self.describe()}: {exc}", self) from None
         except paramiko.BadHostKeyException as exc:
             raise GuestError(
                 f"{self.describe()}: the host on {self.address}:{self._port} offered host key "
@@ -771,7 +773,19 @@ class Guest:
         """Check the network, reserve the bridge MAC and tap, attach to vlans."""
         assert self._sockdir is not None
         spec = self.config.network
-        if spec.kind == "bridge":
+        if self.config.backend == "libvirt" and spec.kind != "user":
+            # libvirt makes the tap; a MAC of our own, kept off local bridges' FDBs.
+            if spec.kind == "bridge" and spec.helper:
+                raise KvmConfigError(
+                    f"{self.describe()}: network {spec}: the libvirt backend makes its own "
+                    "taps; drop ',helper'"
+                )
+            local = self._jump is None and spec.kind == "bridge"
+            self._mac_reservation = MacReservation.reserve(
+                taken=bridge_fdb_macs(spec.name) if local else set()
+            )
+            self.mac = self._mac_reservation.mac
+        elif spec.kind == "bridge":
             problem = bridge_problem(spec.name)
             if problem:
                 raise KvmConfigError(f"{self.describe()}: network {spec}: {problem}")
@@ -818,6 +832,8 @@ class Guest:
                         f"{dead}; last console lines:\n{tail(self.console.log_path, 20)}", self
                     )
                 address = ipv4_from_console(tail(self.console.log_path, 200), self.mac)
+                if not address and isinstance(self.machine, LibvirtMachine):
+                    address = self.machine.leased_address(self.mac)  # libvirt's DHCP
                 if address:
                     return address
                 try:
@@ -837,8 +853,8 @@ class Guest:
                         seen = f"the guest agent: {exc}"
                 if time.monotonic() > deadline:
                     raise GuestTimeout(
-                        f"{self.describe()}: no DHCP address on bridge "
-                        f"{self.config.network.name!r} for MAC {self.mac} after "
+                        f"{self.describe()}: no DHCP address on {self.config.network} "
+                        f"for MAC {self.mac} after "
                         f"{self.boot_timeout:.0f} s ({seen}); is a DHCP server on that "
                         f"segment? Last console lines:\n{tail(self.console.log_path, 20)}",
                         self,
@@ -1214,7 +1230,12 @@ class Guest:
         deadline = time.monotonic() + limit
         while True:
             self._connect(deadline)
-            now = self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+            try:
+                now = self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+            except (GuestCrashed, GuestTimeout):
+                raise
+            except GuestError:  # reached the old boot's sshd as it went away
+                now = ""
             if now and now != old_boot:
                 return
             self._session().close()

@@ -98,12 +98,9 @@ def check_libvirt(settings: Settings) -> None:
     problem = libvirt_backend.remote_problem(uri)
     if problem:
         raise KvmConfigError(problem)
-    if settings.network.kind != "user":
-        raise KvmConfigError(
-            f"--kvm-network {settings.network}: the libvirt backend supports user "
-            "networking only so far"
-        )
     conn = libvirt_backend.connect(uri)
+    if settings.network.kind == "libvirt":
+        libvirt_backend.check_network(conn, uri, settings.network.name)
     pool = libvirt_backend.storage_pool(conn, uri, settings.pool or libvirt_backend.DEFAULT_POOL)
     libvirt_backend.reap_orphan_volumes(pool)  # what runs killed on this machine left
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import logging
 import os
+import pwd
 import select
 import socket
 import threading
@@ -91,13 +93,19 @@ class RawResult:
     stderr: str
 
 
+class JumpFailed(Exception):
+    """The SSH connection to a hypervisor's host failed: no retry will help."""
+
+
 class SshJump:
     """An SSH connection to a hypervisor host, through which guests' forwarded ports
     on that host's 127.0.0.1 are reached (``ssh -J``).
 
     Authenticates like ``ssh`` would, with the user's agent or ``~/.ssh`` keys, and
-    trusts only host keys already in ``~/.ssh/known_hosts`` (or the system's). One
-    connection serves every guest; it is made again if it drops."""
+    trusts only host keys already in ``~/.ssh/known_hosts`` (or the system's). Like
+    ``ssh`` (and libvirt's ssh transport), ``~`` is the home directory of the user
+    in the password database, not ``$HOME``. One connection serves every guest; it
+    is made again if it drops."""
 
     def __init__(self, user: str | None, host: str, port: int | None) -> None:
         self.user = user or getpass.getuser()
@@ -119,17 +127,27 @@ class SshJump:
                 return transport
             if client is not None:
                 client.close()
+            dot_ssh = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
             client = paramiko.SSHClient()
-            client.load_system_host_keys()
+            client.load_system_host_keys()  # ~/.ssh/known_hosts by $HOME
+            with contextlib.suppress(OSError):
+                client.load_system_host_keys(str(dot_ssh / "known_hosts"))
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            keys = [str(dot_ssh / name) for name in ("id_ed25519", "id_ecdsa", "id_rsa")
+                    if (dot_ssh / name).exists()]  # fmt: skip
             try:
                 client.connect(
-                    self.host, port=self.port, username=self.user,
+                    self.host, port=self.port, username=self.user, key_filename=keys or None,  # type: ignore[arg-type]
+                    look_for_keys=False, allow_agent=True,
                     timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                 )  # fmt: skip
-            except BaseException:
+            except (OSError, EOFError, paramiko.SSHException) as exc:
                 client.close()
-                raise
+                raise JumpFailed(
+                    f"SSH to the hypervisor's host {self.spec} failed: {exc or type(exc).__name__}"
+                    f" (keys tried: {', '.join(keys) or 'the agent only'}; its host key must be "
+                    f"in {dot_ssh / 'known_hosts'})"
+                ) from None
             self._client = client
             transport = client.get_transport()
             assert transport is not None

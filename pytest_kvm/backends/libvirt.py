@@ -183,6 +183,24 @@ def _first_line(exc: Exception) -> str:
 # -- storage ------------------------------------------------------------------------
 
 
+def check_network(conn: Any, uri: str, name: str) -> None:
+    """A libvirt network named ``name`` exists there and is started."""
+    libvirt, _ = load_libvirt()
+    try:
+        net = conn.networkLookupByName(name)
+    except libvirt.libvirtError:
+        known = ", ".join(sorted(conn.listNetworks() + conn.listDefinedNetworks()))
+        raise KvmConfigError(
+            f"--kvm-uri {uri}: libvirt network {name!r} does not exist "
+            f"(networks there: {known or 'none'})"
+        ) from None
+    if not net.isActive():
+        raise KvmConfigError(
+            f"--kvm-uri {uri}: libvirt network {name!r} is not started "
+            f"(virsh -c {uri} net-start {name})"
+        )
+
+
 def storage_pool(conn: Any, uri: str, name: str) -> Any:
     """The pool named ``name``, started. Our own default pool is created when missing;
     any other missing pool is an error naming the URI."""
@@ -439,9 +457,17 @@ def domain_xml(
         else:
             ET.SubElement(disk, "target", dev=f"sd{chr(ord('a') + index)}", bus="sata")
             ET.SubElement(disk, "readonly")
-    if spec.network.kind != "user":
-        raise GuestLaunchError(f"network {spec.network} is not supported on libvirt yet")
-    nic = ET.SubElement(devices, "interface", type="user")
+    kind = spec.network.kind
+    if kind == "user":
+        nic = ET.SubElement(devices, "interface", type="user")
+    elif kind == "libvirt":  # a libvirt network: NAT, DHCP by its dnsmasq
+        nic = ET.SubElement(devices, "interface", type="network")
+        ET.SubElement(nic, "source", network=spec.network.name)
+    elif kind == "bridge":  # an existing bridge on the hypervisor's host
+        nic = ET.SubElement(devices, "interface", type="bridge")
+        ET.SubElement(nic, "source", bridge=spec.network.name)
+    else:
+        raise GuestLaunchError(f"network {spec.network} is not supported on libvirt")
     ET.SubElement(nic, "mac", address=spec.mac)
     ET.SubElement(nic, "model", type="virtio")
     serial = ET.SubElement(devices, "serial", type="pty")
@@ -776,6 +802,25 @@ class LibvirtMachine(Machine):
         out = str(self.qmp("human-monitor-command", **{"command-line": rule}) or "").strip()
         if out:
             raise GuestLaunchError(f"host forwarding rule 127.0.0.1:{host_port}: {out}")
+
+    def leased_address(self, mac: str) -> str:
+        """The IPv4 address a libvirt network's DHCP server leased to ``mac``, or ""."""
+        libvirt, _ = load_libvirt()
+        if self._domain is None or self.spec.network.kind != "libvirt":
+            return ""
+        try:
+            found = self._domain.interfaceAddresses(
+                libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0
+            )
+        except libvirt.libvirtError:
+            return ""
+        for info in (found or {}).values():
+            if str(info.get("hwaddr", "")).lower() != mac.lower():
+                continue
+            for addr in info.get("addrs") or []:
+                if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                    return str(addr["addr"])
+        return ""
 
     def agent(self) -> LibvirtAgent:
         if self._domain is None:

@@ -34,8 +34,11 @@ def namespaces() -> set[str]:
 class BridgeNetns:
     """``start`` builds it; ``close`` (idempotent) tears it all down."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.name = f"pkvm-test-{os.getpid()}-{secrets.token_hex(3)}"
+    def __init__(self, workdir: Path, netns: str | None = None) -> None:
+        # In a namespace of its own, or (``netns``) in an existing one, which then
+        # outlives it: close removes the bridge and veth pair instead.
+        self._existing = netns is not None
+        self.name = netns or f"pkvm-test-{os.getpid()}-{secrets.token_hex(3)}"
         self.workdir = workdir
         self.leases = workdir / "dnsmasq.leases"
         self.log = workdir / "dnsmasq.log"
@@ -47,7 +50,8 @@ class BridgeNetns:
         if not Path(dnsmasq).exists():
             raise RuntimeError("dnsmasq is not installed (Debian package dnsmasq-base)")
         try:
-            ip("netns", "add", self.name)
+            if not self._existing:
+                ip("netns", "add", self.name)
             self._made = True
             n = ("-n", self.name)
             ip(*n, "link", "set", "lo", "up")
@@ -118,7 +122,11 @@ class BridgeNetns:
                 proc.wait()
         if self._made:
             self._made = False
-            subprocess.run(["ip", "netns", "delete", self.name], check=False)
+            if self._existing:
+                for link in (BRIDGE, "veth0"):
+                    subprocess.run(["ip", "-n", self.name, "link", "del", link], check=False)
+            else:
+                subprocess.run(["ip", "netns", "delete", self.name], check=False)
 
     def __enter__(self) -> BridgeNetns:
         return self.start()

@@ -223,3 +223,68 @@ def test_system_uri_without_permission_is_a_clear_error(libvirtd, image_arg):
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
     assert "--kvm-uri qemu:///system: cannot connect" in proc.stderr
     assert "you may not use it" in proc.stderr
+
+
+INNER_NETWORKS = """
+import pytest, subprocess
+from pytest_kvm.errors import KvmConfigError
+
+
+def _leased(network, mac):
+    out = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "net-dhcp-leases", network],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split()[4].split("/")[0] for line in out.splitlines() if mac in line]
+
+
+@pytest.mark.kvm(network="libvirt=default")
+def test_nat(kvm_guest):
+    g = kvm_guest
+    assert g.address.startswith("192.168.122.")
+    assert _leased("default", g.mac) == [g.address]
+    assert g.address in g.succeed("ip -4 -o addr")
+    # The network's own side answers (libvirt's dnsmasq serves DNS on it).
+    g.succeed("timeout 10 bash -c '</dev/tcp/192.168.122.1/53'")
+    with pytest.raises(KvmConfigError, match="forwarding is for user networking"):
+        g.forward_port(80)
+    assert g.ssh_command.endswith(f"root@{g.address}")
+
+
+@pytest.mark.kvm(network="bridge=br0")
+def test_bridge(kvm_guest):
+    g = kvm_guest
+    assert g.address.startswith("10.77.0.")
+    assert g.address in g.succeed("ip -4 -o addr")
+    leases = open(__import__("os").environ["PKVM_TEST_LEASES"]).read()
+    assert f"{g.mac} {g.address}" in leases
+"""
+
+
+def test_libvirt_nat_network_and_bridge(
+    libvirtd, pytester, image_arg, cache_arg, inner_env, tmp_path, monkeypatch
+):
+    """libvirt's own NAT network ("default", started in the daemon's namespace) and a
+    bridge with a DHCP server there: guests get addresses from them, reached directly."""
+    if libvirtd.netns is None:
+        pytest.skip("needs the libvirtd of its own namespace (a libvirtd already runs)")
+    from pytest_kvm.network import MAC_DIR
+
+    from .netns import BridgeNetns
+
+    virsh("net-start", "default")
+    bridge = BridgeNetns(tmp_path / "bridge", netns=libvirtd.netns)
+    bridge.workdir.mkdir()
+    reserved = set(MAC_DIR.glob("*")) if MAC_DIR.exists() else set()
+    try:
+        with bridge:
+            monkeypatch.setenv("PKVM_TEST_LEASES", str(bridge.leases))
+            pytester.makepyfile(test_inner=INNER_NETWORKS)
+            argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
+            result = pytester.run(*argv, timeout=1800)
+            result.assert_outcomes(passed=2)
+            # libvirt's taps are gone with the domains.
+            assert bridge.ports() == ["veth0"]
+            assert [link for link in bridge.links() if link.startswith("vnet")] == []
+    finally:
+        virsh("net-destroy", "default")
+    assert _ours() == [] and _guest_volumes() == []
+    assert (set(MAC_DIR.glob("*")) if MAC_DIR.exists() else set()) == reserved

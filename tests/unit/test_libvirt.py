@@ -96,8 +96,8 @@ def test_domain_xml_escapes_hostile_labels(tmp_path):
 
 
 def test_what_libvirt_cannot_do_yet_is_refused_clearly(tmp_path):
-    with pytest.raises(GuestLaunchError, match="bridge=br0 is not supported on libvirt yet"):
-        domain_xml(spec(tmp_path, network=NetworkSpec("bridge", "br0")), "d", "qemu", DISKS)
+    with pytest.raises(GuestLaunchError, match="kernel_args"):
+        domain_xml(spec(tmp_path, kernel=tmp_path / "vmlinuz"), "d", "qemu", DISKS)
     target = LibvirtTarget("qemu:///system")
     with pytest.raises(KvmConfigError, match="templates are not supported"):
         LibvirtMachine(spec(tmp_path, ram_file=tmp_path / "ram"), target, "tcg")
@@ -147,3 +147,15 @@ def test_volume_names_carry_their_owner():
     assert match is not None and int(match.group(2)) == os.getpid()
     assert _VOLUME.match("debian-12-390b636410b7-d172f09eb6082e42b51d.qcow2") is None
     assert _VOLUME.match("debian-12-390b636410b7-d172f09eb6082e42b51d.qcow2.ok") is None
+
+
+@pytest.mark.parametrize(
+    ("network", "kind", "source"),
+    [(NetworkSpec("libvirt", "default"), "network", {"network": "default"}),
+     (NetworkSpec("bridge", "br0"), "bridge", {"bridge": "br0"})],
+)  # fmt: skip
+def test_domain_xml_networks(tmp_path, network, kind, source):
+    root = ET.fromstring(domain_xml(spec(tmp_path, network=network), "d", "qemu", DISKS))
+    nic = root.find("devices/interface")
+    assert nic.get("type") == kind and nic.find("source").attrib == source
+    assert nic.find("mac").get("address") == "02:6b:76:00:00:01"
