@@ -673,7 +673,8 @@ class Guest:
                 machine.start()
                 if isinstance(machine, LibvirtMachine):
                     self.machine = machine  # closed with the guest, also if this fails
-                    self._forward_ssh(machine)
+                    if user:
+                        self._forward_ssh(machine)
             except GuestLaunchError as exc:
                 exc.guest = self
                 # Another process took the port between our check and QEMU's bind.

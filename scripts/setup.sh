@@ -14,6 +14,7 @@ APT_PACKAGES=(
   dpkg-dev                              # examples build a .deb
   iproute2 dnsmasq-base                 # bridge tests: a bridge and DHCP in a network namespace
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients  # the libvirt backend
+  libvirt-daemon-config-network iptables  # libvirt's "default" NAT network
   libvirt-dev pkg-config gcc python3-dev  # building libvirt-python (it has no wheels)
   openssh-server                        # the "remote" hypervisor of the tests: sshd on 127.0.0.1
 )

@@ -93,6 +93,11 @@ class Libvirtd:
         return self
 
     def close(self) -> None:
+        if self.started:
+            # libvirt's network dnsmasqs outlive libvirtd: stop the networks first.
+            with contextlib.suppress(subprocess.CalledProcessError, OSError):
+                for name in virsh("net-list", "--name").split():
+                    virsh("net-destroy", name)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)

@@ -60,8 +60,30 @@ def test_commands_files_and_console(kvm_guest, tmp_path: Path, request):
     g.console.skip_to_end()
     g.console.send("nosuchuser\n")  # getty asks for a password next
     g.console.expect("Password:", timeout=60)
+    _forward_port_agent_and_monitor(g)
     if BACKEND == "libvirt":
         _check_domain(g, request.node.nodeid)
+
+
+def _forward_port_agent_and_monitor(g) -> None:
+    g.succeed(
+        "mkdir -p /srv/www && echo hello-from-guest >/srv/www/index.html && "
+        "(cd /srv/www && nohup python3 -m http.server 8080 >/dev/null 2>&1 &)"
+    )
+    g.wait_for_port(8080)
+    port = g.forward_port(8080)
+    assert g.forwarded_ports[8080] == port
+    # On a remote hypervisor the forward is on its host's 127.0.0.1: through the jump.
+    conn = (g._jump.channel("127.0.0.1", port, 30) if JUMP
+            else socket.create_connection(("127.0.0.1", port), timeout=30))  # fmt: skip
+    with conn:
+        conn.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+    assert b"hello-from-guest" in reply
+    assert g.agent_answers()
+    assert g.qmp("query-status")["status"] == "running"
 
 
 def _check_domain(g, nodeid: str) -> None:
@@ -91,28 +113,6 @@ def _check_domain(g, nodeid: str) -> None:
         .get("file")
         .startswith("/var/lib/libvirt/images/pytest-kvm/")
     )
-
-
-def test_forward_port_agent_and_monitor(kvm_guest):
-    g = kvm_guest
-    g.succeed(
-        "mkdir -p /srv/www && echo hello-from-guest >/srv/www/index.html && "
-        "(cd /srv/www && nohup python3 -m http.server 8080 >/dev/null 2>&1 &)"
-    )
-    g.wait_for_port(8080)
-    port = g.forward_port(8080)
-    assert g.forwarded_ports[8080] == port
-    # On a remote hypervisor the forward is on its host's 127.0.0.1: through the jump.
-    conn = (g._jump.channel("127.0.0.1", port, 30) if JUMP
-            else socket.create_connection(("127.0.0.1", port), timeout=30))  # fmt: skip
-    with conn:
-        conn.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
-        reply = b""
-        while chunk := conn.recv(4096):
-            reply += chunk
-    assert b"hello-from-guest" in reply
-    assert g.agent_answers()
-    assert g.qmp("query-status")["status"] == "running"
 
 
 def test_reboot_shutdown_and_the_stopped_disk(kvm_guest):

@@ -9,6 +9,7 @@ into that namespace, where the guests' forwarded ports are. The parity suite
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -89,7 +90,7 @@ def test_parity_suite_passes_on_both_backends(
             argv = _inner(libvirtd, pytester, image_arg, cache_arg,
                           f"--kvm-backend={backend}", suite)  # fmt: skip
         result = pytester.run(*argv, timeout=1800)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=2)
     if backend != "qemu":
         # What each test's guest consumed, in its report.
         result.stdout.fnmatch_lines(
@@ -103,7 +104,10 @@ def test_parity_suite_passes_on_both_backends(
 
 def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_arg, inner_env):
     """Two runs, one upload: the image's volume is the same file, untouched."""
-    pytester.makepyfile(test_one="def test_one(kvm_guest):\n    kvm_guest.succeed('true')\n")
+    # A domain that starts is enough: no need to wait for its SSH.
+    pytester.makepyfile(
+        test_one="def test_one(kvm_guest_factory):\n    kvm_guest_factory(ssh=False)\n"
+    )
     argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
     pytester.run(*argv, timeout=900).assert_outcomes(passed=1)
     images = sorted(p for p in POOL_DIR.iterdir() if p.name.startswith("debian-12-"))
@@ -123,8 +127,9 @@ INNER_KILLED = """
 import os, time
 from pathlib import Path
 
-def test_hangs(kvm_guest):
-    Path(os.environ["PKVM_TEST_READY"]).write_text(kvm_guest.machine.domain_name)
+def test_hangs(kvm_guest_factory):
+    guest = kvm_guest_factory(ssh=False)
+    Path(os.environ["PKVM_TEST_READY"]).write_text(guest.machine.domain_name)
     time.sleep(600)
 """
 
@@ -288,3 +293,41 @@ def test_libvirt_nat_network_and_bridge(
         virsh("net-destroy", "default")
     assert _ours() == [] and _guest_volumes() == []
     assert (set(MAC_DIR.glob("*")) if MAC_DIR.exists() else set()) == reserved
+
+
+INNER_SPREAD = """
+import os, json
+
+
+def test_record(kvm_guest_factory):
+    g = kvm_guest_factory(ssh=False)
+    line = json.dumps([os.environ["PYTEST_XDIST_WORKER"], g.machine.target.uri])
+    with open(os.environ["PKVM_TEST_RECORD"], "a") as out:
+        out.write(line + "\\n")
+"""
+
+
+def test_uris_are_spread_over_xdist_workers(
+    libvirtd, pytester, image_arg, cache_arg, inner_env, tmp_path, monkeypatch
+):
+    """--kvm-uri twice with -n 2: worker gw0 runs its guests on the first URI, gw1 on
+    the second (here the same libvirtd, once through SSH)."""
+    if libvirtd.netns is None:
+        pytest.skip("needs the libvirtd of its own namespace (a libvirtd already runs)")
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv("PKVM_TEST_RECORD", str(record))
+    pytester.makepyfile(test_a=INNER_SPREAD, test_b=INNER_SPREAD)  # one file per worker
+    remote = "qemu+ssh://root@127.0.0.1/system"
+    with Sshd(libvirtd, tmp_path / "sshd") as sshd:
+        argv = libvirtd.wrap([
+            sys.executable, str(HERE / "in_overlay.py"), "/root", str(sshd.home.parent),
+            "--", *_pytest_argv(image_arg, cache_arg), "--kvm-backend=libvirt",
+            "--kvm-uri=qemu:///system", f"--kvm-uri={remote}", "-n", "2",
+            "--dist=loadfile", f"--kvm-accel={accel.choose('auto').name}",
+            str(pytester.path),
+        ])  # fmt: skip
+        result = pytester.run(*argv, timeout=900)
+    result.assert_outcomes(passed=2)
+    seen = dict(json.loads(line) for line in record.read_text().splitlines())
+    assert seen == {"gw0": "qemu:///system", "gw1": remote}
+    assert _ours() == [] and _guest_volumes() == []

@@ -159,3 +159,16 @@ def test_domain_xml_networks(tmp_path, network, kind, source):
     nic = root.find("devices/interface")
     assert nic.get("type") == kind and nic.find("source").attrib == source
     assert nic.find("mac").get("address") == "02:6b:76:00:00:01"
+
+
+def test_remote_hypervisors_need_an_ssh_transport():
+    from pytest_kvm.backends.libvirt import jump_for, remote_problem
+
+    assert remote_problem("qemu:///system") == ""
+    assert remote_problem("qemu+ssh://root@hv/system") == ""
+    assert remote_problem("qemu+libssh2://root@hv/system") == ""
+    assert "use qemu+ssh://USER@HOST/system" in remote_problem("qemu+tcp://hv/system")
+    assert jump_for("qemu:///system") is None
+    jump = jump_for("qemu+ssh://alice@hv:2222/system")
+    assert jump is not None and jump.spec == "alice@hv:2222"
+    assert jump_for("qemu+ssh://alice@hv:2222/system") is jump  # one per URI
