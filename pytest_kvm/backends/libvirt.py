@@ -19,6 +19,7 @@ Lifecycle like the qemu backend's: the constructor records, ``start()`` acts,
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -452,8 +453,6 @@ def domain_xml(
             driver.set("cache", "unsafe")
             driver.set("discard", "unmap")
             ET.SubElement(disk, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
-            if index == 0 and spec.boot == "disk":
-                pass
         else:
             ET.SubElement(disk, "target", dev=f"sd{chr(ord('a') + index)}", bus="sata")
             ET.SubElement(disk, "readonly")
@@ -592,8 +591,6 @@ class LibvirtAgent:
         return json.loads(reply).get("return")
 
     def write_file(self, path: str, text: str) -> None:
-        import base64
-
         handle = self.execute("guest-file-open", path=path, mode="w")
         try:
             data = base64.b64encode(text.encode()).decode()
