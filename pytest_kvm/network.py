@@ -177,7 +177,8 @@ def bridge_fdb_macs(bridge: str) -> set[str]:
         return set()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with that PID exists (ours or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -221,7 +222,7 @@ class MacReservation:
                     owner = int(path.read_text().split()[0])
                 except (OSError, ValueError, IndexError):
                     return False  # being written, or not ours to judge
-                if _pid_alive(owner):
+                if pid_alive(owner):
                     return False
                 with contextlib.suppress(OSError):  # its owner died: take it over
                     path.unlink()

@@ -20,7 +20,26 @@ class GuestAgentError(Exception):
     pass
 
 
-class GuestAgent:
+class AgentCalls:
+    """Agent commands built on ``execute``/``execute_args``, for every transport."""
+
+    def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
+        return self.execute_args(command, arguments, timeout)
+
+    def execute_args(self, command: str, arguments: dict[str, Any], timeout: float = 10.0) -> Any:
+        raise NotImplementedError
+
+    def write_file(self, path: str, text: str) -> None:
+        """Write (truncate) a file in the guest."""
+        handle = self.execute("guest-file-open", path=path, mode="w")
+        try:
+            data = base64.b64encode(text.encode()).decode()
+            self.execute_args("guest-file-write", {"handle": handle, "buf-b64": data})
+        finally:
+            self.execute("guest-file-close", handle=handle)
+
+
+class GuestAgent(AgentCalls):
     """One connection to qemu-ga; ``close`` is idempotent."""
 
     def __init__(self, path: Path) -> None:
@@ -45,9 +64,6 @@ class GuestAgent:
             if reply.get("return") == token:
                 return
 
-    def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
-        return self.execute_args(command, arguments, timeout)
-
     def execute_args(self, command: str, arguments: dict[str, Any], timeout: float = 10.0) -> Any:
         message: dict[str, Any] = {"execute": command}
         if arguments:
@@ -58,15 +74,6 @@ class GuestAgent:
             error = reply["error"]
             raise GuestAgentError(f"{command}: {error.get('desc', error)}")
         return reply.get("return")
-
-    def write_file(self, path: str, text: str) -> None:
-        """Write (truncate) a file in the guest."""
-        handle = self.execute("guest-file-open", path=path, mode="w")
-        try:
-            data = base64.b64encode(text.encode()).decode()
-            self.execute_args("guest-file-write", {"handle": handle, "buf-b64": data})
-        finally:
-            self.execute("guest-file-close", handle=handle)
 
     def _send(self, message: dict[str, Any]) -> None:
         if self._sock is None:

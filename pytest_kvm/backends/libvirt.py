@@ -19,7 +19,6 @@ Lifecycle like the qemu backend's: the constructor records, ``start()`` acts,
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -43,7 +42,8 @@ from filelock import FileLock
 from ..console import tail
 from ..errors import GuestLaunchError, ImageError, KvmConfigError, KvmUnavailable
 from ..images.overlay import image_info, qemu_img
-from ..qga import GuestAgentError
+from ..network import pid_alive
+from ..qga import AgentCalls, GuestAgentError
 from ..ssh import SshJump
 from .base import Machine, MachineSpec
 
@@ -379,22 +379,12 @@ def reap_orphan_volumes(pool: Any) -> list[str]:
     gone = []
     for vol in pool.listAllVolumes(0):
         match = _VOLUME.match(vol.name())
-        if match is None or match.group(1) != _HOST_TAG or _alive(int(match.group(2))):
+        if match is None or match.group(1) != _HOST_TAG or pid_alive(int(match.group(2))):
             continue
         with contextlib.suppress(libvirt.libvirtError):
             vol.delete(0)
             gone.append(vol.name())
     return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- the domain ---------------------------------------------------------------------
@@ -562,7 +552,7 @@ class _ConsolePump:
         self._log.close()
 
 
-class LibvirtAgent:
+class LibvirtAgent(AgentCalls):
     """qemu-ga through libvirt (``qemuAgentCommand``): the GuestAgent interface."""
 
     def __init__(self, domain: Any) -> None:
@@ -570,9 +560,6 @@ class LibvirtAgent:
 
     def connect(self, timeout: float) -> None:
         self.execute("guest-ping", timeout=timeout)
-
-    def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
-        return self.execute_args(command, arguments, timeout)
 
     def execute_args(self, command: str, arguments: dict[str, Any], timeout: float = 10.0) -> Any:
         libvirt, libvirt_qemu = load_libvirt()
@@ -589,14 +576,6 @@ class LibvirtAgent:
                 raise TimeoutError(f"{command}: {text}") from None
             raise GuestAgentError(f"{command}: {text}") from None
         return json.loads(reply).get("return")
-
-    def write_file(self, path: str, text: str) -> None:
-        handle = self.execute("guest-file-open", path=path, mode="w")
-        try:
-            data = base64.b64encode(text.encode()).decode()
-            self.execute_args("guest-file-write", {"handle": handle, "buf-b64": data})
-        finally:
-            self.execute("guest-file-close", handle=handle)
 
     def close(self) -> None:
         pass

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 
-def main() -> None:
-    target, work, sep, *command = sys.argv[1:]
-    if sep != "--" or not command:
-        raise SystemExit("usage: in_overlay.py DIR WORK -- COMMAND...")
+def overlay(target: str, work: str) -> None:
+    """Mount an overlay on ``target`` with ``work/upper`` as its upper layer, in this
+    (private) mount namespace only."""
     upper, scratch = Path(work) / "upper", Path(work) / "work"
     upper.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -28,6 +27,13 @@ def main() -> None:
          f"lowerdir={target},upperdir={upper},workdir={scratch}", target],
         check=True,
     )  # fmt: skip
+
+
+def main() -> None:
+    target, work, sep, *command = sys.argv[1:]
+    if sep != "--" or not command:
+        raise SystemExit("usage: in_overlay.py DIR WORK -- COMMAND...")
+    overlay(target, work)
     os.execvp(command[0], command)
 
 

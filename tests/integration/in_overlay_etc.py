@@ -8,25 +8,17 @@ Meant to run under ``ip netns exec``, which gives it a private mount namespace
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from in_overlay import overlay  # run as a script: its directory is on sys.path
 
 
 def main() -> None:
     work, acl, sep, *command = sys.argv[1:]
     if sep != "--" or not command:
         raise SystemExit("usage: in_overlay_etc.py WORK ACL -- COMMAND...")
-    upper, scratch = Path(work) / "upper", Path(work) / "work"
-    upper.mkdir(parents=True, exist_ok=True)
-    scratch.mkdir(parents=True, exist_ok=True)
-    # Only this mount namespace: make sure nothing propagates back to the host.
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o",
-         f"lowerdir=/etc,upperdir={upper},workdir={scratch}", "/etc"],
-        check=True,
-    )  # fmt: skip
+    overlay("/etc", work)
     Path("/etc/qemu").mkdir(exist_ok=True)
     Path("/etc/qemu/bridge.conf").write_text(acl + "\n")
     os.execvp(command[0], command)

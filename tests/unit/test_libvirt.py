@@ -24,24 +24,14 @@ from pytest_kvm.backends.libvirt import (
 from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import GuestLaunchError, KvmConfigError
 
+from .test_argv import spec as argv_spec
+
 DISKS = [("pytest-kvm", "pytest-kvm-g-0.qcow2", "qcow2", "disk"),
          ("pytest-kvm", "pytest-kvm-g-1.raw", "raw", "cdrom")]  # fmt: skip
 
 
 def spec(tmp_path: Path, **kw) -> MachineSpec:
-    base = dict(
-        name="kvm-ab12-main-01",
-        workdir=tmp_path,
-        drives=(Drive(tmp_path / "disk.qcow2"), Drive(tmp_path / "seed.iso", "raw", readonly=True)),
-        memory=768,
-        cpus=2,
-        accel="tcg",
-        network=NetworkSpec("user"),
-        mac="02:6b:76:00:00:01",
-        ssh_port=40022,
-    )
-    base.update(kw)
-    return MachineSpec(**base)
+    return argv_spec(tmp_path, **{"memory": 768, **kw})
 
 
 @pytest.mark.parametrize(
