@@ -129,7 +129,10 @@ from pathlib import Path
 
 def test_hangs(kvm_guest_factory):
     guest = kvm_guest_factory(ssh=False)
-    Path(os.environ["PKVM_TEST_READY"]).write_text(guest.machine.domain_name)
+    ready = Path(os.environ["PKVM_TEST_READY"])
+    run = guest._run
+    ready.with_suffix(".tmp").write_text(f"{guest.machine.domain_name}\\n{run.dir}\\n{run.sock_dir}")
+    ready.with_suffix(".tmp").replace(ready)
     time.sleep(600)
 """
 
@@ -151,7 +154,7 @@ def test_domain_dies_with_the_run_that_made_it(
             assert proc.poll() is None, "the inner run ended before its guest was up"
             assert time.monotonic() < deadline
             time.sleep(1)
-        name = ready.read_text()
+        name, *run_dirs = ready.read_text().splitlines()
         assert name in _ours()
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # ip netns exec execs: this is pytest itself
@@ -165,6 +168,9 @@ def test_domain_dies_with_the_run_that_made_it(
     pytester.makepyfile(test_inner="def test_nothing():\n    pass\n")
     pytester.run(*argv, timeout=300).assert_outcomes(passed=1)
     assert _guest_volumes() == []
+    # A killed run's private directories stay until a reaper exists (issue 9).
+    for path in run_dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _usage_error(result) -> str:
