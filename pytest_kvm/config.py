@@ -49,6 +49,8 @@ class Settings:
     boot_timeout: float = 300.0
     snapshot: bool = True
     keep_on_failure: bool = False
+    # A VNC display on 127.0.0.1 (password in a private file) for every guest.
+    vnc: bool = False
     artifacts: Path = Path(".pytest-kvm/artifacts")
     cache: Path = field(default_factory=lambda: default_cache_dir())
     kernel_args: str = ""
@@ -263,6 +265,7 @@ OPTIONS: dict[str, Option] = {
         Option("boot_timeout", _seconds, "seconds to SSH-ready, scaled under TCG (300)", "S"),
         Option("snapshot", _bool, "restore guests from a booted template", ""),
         Option("keep_on_failure", _bool, "leave a failed test's guest running", ""),
+        Option("vnc", _bool, "a VNC display on 127.0.0.1, with a password, per guest", ""),
         Option("artifacts", _path, "where failed tests' logs go", "DIR"),
         Option("cache", _path, "built and downloaded images (~/.cache/pytest-kvm)", "DIR"),
         Option("kernel_args", _text, "extra kernel command line (forces a real boot)", "ARGS"),
@@ -276,7 +279,7 @@ OPTIONS: dict[str, Option] = {
 }
 CUSTOMIZE_KEYS = ("files", "hostname", "run")
 MARKER_KEYS = frozenset(
-    {"image", "memory", "cpus", "network", "snapshot", "kernel_args", *CUSTOMIZE_KEYS}
+    {"image", "memory", "cpus", "network", "snapshot", "kernel_args", "vnc", *CUSTOMIZE_KEYS}
 )
 
 

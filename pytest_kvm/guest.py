@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import os
 import re
 import shlex
 import shutil
@@ -30,6 +31,17 @@ from .customize import (
     check_hostname,
     inject_access,
 )
+from .display import (
+    PNG_MAGIC,
+    VGA_TEXT_ADDRESS,
+    VGA_TEXT_BYTES,
+    key_chord,
+    ppm_to_png,
+    qmp_keys,
+    text_chords,
+    vga_text,
+    vnc_password,
+)
 from .errors import (
     CommandFailed,
     GuestCrashed,
@@ -40,7 +52,8 @@ from .errors import (
 )
 from .images import Image
 from .images.kernel import BootFiles
-from .images.overlay import create_overlay
+from .images.overlay import create_blank_disk, create_overlay, flatten_image
+from .media import check_install_media
 from .network import (
     USER_NET_HOST,
     MacReservation,
@@ -67,6 +80,9 @@ if TYPE_CHECKING:
 
 _PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+# An installer's empty disk: unless disk_size= says otherwise; never smaller than this.
+DEFAULT_BLANK_DISK = 8 << 30
+MIN_BLANK_DISK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,15 @@ class GuestConfig:
     # the image), their command line plus these.
     kernel_args: str = ""
     boot_files: BootFiles | None = None
+    # Installers: an empty disk of ``disk_size`` instead of an overlay of the image
+    # (boot="cdrom", or a network-boot style kernel/initrd/append).
+    blank: bool = False
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    # A graphics card (screenshots, key presses); VNC on 127.0.0.1 with a password.
+    display: bool = False
+    vnc: bool = False
     # One more NIC per entry, on that kvm_vlan segment; None: a NIC on no segment
     # (what a template is made with, so that its clones can join one).
     vlans: tuple[Vlan | None, ...] = ()
@@ -235,14 +260,31 @@ class Guest:
             raise KvmConfigError(f"boot={config.boot!r}: use 'disk' or 'cdrom'")
         if config.boot == "cdrom" and config.cdrom is None:
             raise KvmConfigError("boot='cdrom' needs cdrom=PATH")
-        if config.cdrom is not None and not Path(config.cdrom).is_file():
-            raise KvmConfigError(f"cdrom={str(config.cdrom)!r} does not exist")
+        if config.cdrom is not None:
+            if config.boot == "cdrom":
+                check_install_media(Path(config.cdrom))
+            elif not Path(config.cdrom).is_file():
+                raise KvmConfigError(f"cdrom={str(config.cdrom)!r} does not exist")
+        if config.kernel is not None and config.boot == "cdrom":
+            raise KvmConfigError("kernel= and boot='cdrom' are two ways to boot: pick one")
+        if (config.initrd is not None or config.append) and config.kernel is None:
+            raise KvmConfigError("initrd= and append= need kernel=")
+        if config.kernel is not None and config.kernel_args:
+            raise KvmConfigError("kernel= boots that kernel: give its arguments in append=")
+        if config.blank:
+            size = parse_size(config.disk_size)
+            if size is not None and size < MIN_BLANK_DISK:
+                raise KvmConfigError(
+                    f"disk_size={config.disk_size!r} is too small for a disk to install "
+                    f"on (at least {MIN_BLANK_DISK >> 20} MiB)"
+                )
         if template is not None and (
             config.cdrom is not None or config.boot != "disk" or not config.ssh
-            or config.disk_size is not None or config.kernel_args
+            or config.disk_size is not None or config.kernel_args or config.blank
+            or config.kernel is not None
         ):  # fmt: skip
             raise KvmConfigError(
-                "cdrom, boot, ssh=False, disk_size and kernel_args need a real boot"
+                "cdrom, boot, ssh=False, disk_size, kernel and kernel_args need a real boot"
             )
         if config.kernel_args and config.boot_files is None:
             raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
@@ -253,6 +295,8 @@ class Guest:
             )
         if template is not None and config.network.kind != "user":
             raise KvmConfigError(f"network {config.network}: guests boot for real (no template)")
+        if template is not None and template.shape.display != (config.display or config.vnc):
+            raise KvmConfigError("the template has no display (or one this guest does not)")
         if template is not None and len(template.vlan_macs) != len(config.vlans):
             raise KvmConfigError("the template has another number of vlan NICs")
         self._run = run
@@ -293,6 +337,13 @@ class Guest:
         self._closed = False
         self._overlay: Path | None = None
         self._disk: GuestDisk | None = None
+        self._shots = 0
+        self._disk_fetched = False
+        # (host, port) of the VNC display (--kvm-vnc), once running.
+        self.vnc: tuple[str, int] | None = None
+        # Starts another guest like this one's factory: set by kvm_guest_factory, so
+        # that boot_installed() can boot this guest's disk.
+        self.boot_disk: Callable[..., Guest] | None = None
         scale = run.accel.timeout_scale
         self.boot_timeout = config.boot_timeout * scale
         self.timeout_scale = scale
@@ -300,6 +351,9 @@ class Guest:
     # -- lifecycle -------------------------------------------------------------------
 
     def describe(self) -> str:
+        if self.config.blank:
+            media = self.config.cdrom or self.config.kernel
+            return f"guest {self.name!r} (installing from {Path(str(media)).name})"
         return f"guest {self.name!r} ({self.image.name})"
 
     def start(self) -> Guest:
@@ -334,39 +388,51 @@ class Guest:
         plan = self._plan
         where = plan.dir if plan else self.workdir
         image = self.image
-        overlay = create_overlay(
-            image.path, image.format, where / "disk.qcow2",
-            size=self._disk_size() or (image.virtual_size if image.is_encrypted else None),
-            secret=image.secret if image.is_encrypted else None,
-        )  # fmt: skip
+        if self.config.blank:
+            overlay = create_blank_disk(
+                where / "disk.qcow2", parse_size(self.config.disk_size) or DEFAULT_BLANK_DISK
+            )
+        else:
+            overlay = create_overlay(
+                image.path, image.format, where / "disk.qcow2",
+                size=self._disk_size() or (image.virtual_size if image.is_encrypted else None),
+                secret=image.secret if image.is_encrypted else None,
+            )  # fmt: skip
         self._overlay = overlay
         self.boot_timings["overlay"] = time.monotonic() - t0
         t1 = time.monotonic()
         self._host_key = plan.host_key if plan else KeyPair.generate(f"host-{self.name}")
-        if not image.cloud_init and self.config.ssh:
+        if not image.cloud_init and self.config.ssh and not self.config.blank:
             self._inject_access(overlay)
             self.boot_timings["inject"] = time.monotonic() - t1
             t1 = time.monotonic()
-        seed = write_seed(
-            SeedConfig(
-                instance_id=self.name,
-                hostname=self.config.hostname or self.name[:63],
-                authorized_key=self._client_key.public_openssh,
-                host_key_private=self._host_key.private_openssh,
-                host_key_public=self._host_key.public_openssh,
-            ),
-            where / "seed.iso",
-        )
-        self.boot_timings["seed"] = time.monotonic() - t1
-        drives = [Drive(overlay, "qcow2", **self._disk_keys()), Drive(seed, "raw", readonly=True)]
+        drives = [Drive(overlay, "qcow2", **self._disk_keys())]
+        if self.config.ssh or not self.config.blank:
+            # An installer on a blank disk gets no seed: nothing would read it, and
+            # it would be one more disk in the installer's list.
+            seed = write_seed(
+                SeedConfig(
+                    instance_id=self.name,
+                    hostname=self.config.hostname or self.name[:63],
+                    authorized_key=self._client_key.public_openssh,
+                    host_key_private=self._host_key.private_openssh,
+                    host_key_public=self._host_key.public_openssh,
+                ),
+                where / "seed.iso",
+            )
+            drives.append(Drive(seed, "raw", readonly=True))
+            self.boot_timings["seed"] = time.monotonic() - t1
         if self.config.cdrom is not None:
             drives.append(Drive(Path(self.config.cdrom).resolve(), "raw", media="cdrom"))
+        boot_files = self.config.boot_files if self.config.kernel_args else None
+        if self.config.kernel is not None:
+            boot_files = BootFiles(self.config.kernel, self.config.initrd, self.config.append)
         t2 = time.monotonic()
         self._launch(
             tuple(drives),
             ram_file=plan.dir / "ram" if plan else None,
             ram_shared=True,
-            boot_files=self.config.boot_files if self.config.kernel_args else None,
+            boot_files=boot_files,
         )
         self.boot_timings["qemu_start"] = time.monotonic() - t2
         deadline = time.monotonic() + self.boot_timeout
@@ -566,11 +632,20 @@ class Guest:
                 self,
             )
         if self._disk is None:
-            if isinstance(self.machine, LibvirtMachine):  # the overlay lives in the pool
-                self.machine.download_overlay(self._overlay, self.image.path)
-            self._disk = GuestDisk(self._disk_source(self._overlay), self._run.accel.name != "kvm",
+            self._disk = GuestDisk(self._disk_source(self._fetch_disk()),
+                                   self._run.accel.name != "kvm",
                                    f"the disk of {self.describe()}")  # fmt: skip
         return self._disk
+
+    def _fetch_disk(self) -> Path:
+        """The stopped guest's disk as a local file: on libvirt the overlay lives in
+        the pool and is downloaded once."""
+        assert self._overlay is not None
+        if isinstance(self.machine, LibvirtMachine) and not self._disk_fetched:
+            backing = None if self.config.blank else self.image.path
+            self.machine.download_overlay(self._overlay, backing)
+            self._disk_fetched = True
+        return self._overlay
 
     def journal_text(self, timeout: float = 60) -> tuple[str, str]:
         """The journal of the guest's current boot and where it came from: over SSH
@@ -640,6 +715,15 @@ class Guest:
     ) -> None:
         assert self.workdir is not None
         user = self.config.network.kind == "user"
+        if self.config.vnc:
+            # Read by the backend (libvirt puts it in the domain XML; for QEMU it is
+            # set over QMP once running): never argv, never a log.
+            secret = self.workdir / "vnc-password"
+            with contextlib.suppress(FileNotFoundError):
+                secret.unlink()
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(vnc_password() + "\n")
         for attempt in range(5 if user else 1):
             self._port = free_port() if user else 22
             spec = MachineSpec(
@@ -659,9 +743,13 @@ class Guest:
                 incoming=incoming,
                 kernel=boot_files.kernel if boot_files else None,
                 initrd=boot_files.initrd if boot_files else None,
-                append=f"{boot_files.cmdline} {self.config.kernel_args}" if boot_files else "",
+                append=f"{boot_files.cmdline} {self.config.kernel_args}".strip()
+                if boot_files
+                else "",
                 tap_fd=tap_fd,
                 nics=tuple(nic for _, nic, _ in self._vlan_ports),
+                display=self.config.display or self.config.vnc,
+                vnc=self.config.vnc,
             )
             machine: Machine
             if self.config.backend == "libvirt":
@@ -682,6 +770,8 @@ class Guest:
                     continue
                 raise
             self.machine = machine
+            if self.config.vnc:
+                self._start_vnc()
             return
 
     def _forward_ssh(self, machine: LibvirtMachine) -> None:
@@ -1256,11 +1346,164 @@ class Guest:
         __tracebackhide__ = True
         assert self.machine is not None
         if not self.machine.wait_for_exit(timeout * self.timeout_scale):
+            screen = self.screen_text()
+            shown = f"; the screen shows:\n{screen}\n---" if screen else ""
             raise GuestTimeout(
-                f"{self.describe()}: still running after {timeout * self.timeout_scale:.0f} s; "
+                f"{self.describe()}: did not power off within "
+                f"{timeout * self.timeout_scale:.0f} s{shown}; "
                 f"last console lines:\n{tail(self.console.log_path, 20)}",
                 self,
             )
+
+    # -- installers: display, keys, disks -----------------------------------------
+
+    def _start_vnc(self) -> None:
+        """QEMU: set the VNC password (refused to all until then); both: learn the port."""
+        assert self.machine is not None and self.workdir is not None
+        if not isinstance(self.machine, LibvirtMachine):
+            password = (self.workdir / "vnc-password").read_text().strip()
+            self.machine.qmp("set_password", protocol="vnc", password=password)
+        info = self.machine.qmp("query-vnc") or {}
+        self.vnc = (str(info.get("host", "127.0.0.1")), int(info.get("service", 0)))
+        self._run.progress(
+            f"pytest-kvm: {self.describe()}: VNC on {self.vnc[0]}:{self.vnc[1]} "
+            f"(display :{self.vnc[1] - 5900}), password in {self.vnc_password_file}"
+        )
+
+    @property
+    def vnc_password_file(self) -> Path | None:
+        """The private file holding this guest's VNC password (--kvm-vnc), else None."""
+        if not self.config.vnc or self.workdir is None:
+            return None
+        return self.workdir / "vnc-password"
+
+    def _need_display(self, what: str) -> Machine:
+        if self.machine is None or not self.machine.is_running():
+            raise GuestError(f"{self.describe()}: {what} needs a running guest", self)
+        if not (self.config.display or self.config.vnc):
+            raise GuestError(
+                f"{self.describe()}: {what} needs a display: pass display=True to "
+                "kvm_guest_factory or run with --kvm-vnc (installer guests have one)",
+                self,
+            )
+        return self.machine
+
+    def screenshot(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """A PNG of the guest's display, written to ``path`` (default: in the guest's
+        directory, numbered) and returned."""
+        machine = self._need_display("a screenshot")
+        assert self.workdir is not None
+        self._shots += 1
+        dest = Path(path) if path is not None else self.workdir / f"screen-{self._shots:03d}.png"
+        if isinstance(machine, LibvirtMachine):
+            data = machine.screenshot()
+        else:
+            raw = self.workdir / f".screendump-{self._shots}"
+            try:
+                try:
+                    machine.qmp("screendump", filename=str(raw), format="png")
+                except RuntimeError:  # a QEMU built without PNG support
+                    machine.qmp("screendump", filename=str(raw))
+                data = raw.read_bytes()
+            finally:
+                raw.unlink(missing_ok=True)
+        if not data.startswith(PNG_MAGIC):
+            data = ppm_to_png(data)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        return dest
+
+    def send_keys(self, *keys: str, delay: float = 0.05) -> None:
+        """Press keys on the guest's keyboard, one chord per argument:
+        ``send_keys("down", "down", "ret")``, ``send_keys("ctrl-alt-delete")``."""
+        machine = self._need_display("send_keys")
+        chords = [key_chord(key) for key in keys]
+        for chord in chords:
+            machine.qmp("send-key", keys=qmp_keys(chord))
+            time.sleep(delay)
+
+    def type_text(self, text: str, delay: float = 0.02) -> None:
+        """Type ``text`` on the guest's keyboard (US layout; newline is Enter)."""
+        machine = self._need_display("type_text")
+        for chord in text_chords(text):
+            machine.qmp("send-key", keys=qmp_keys(chord))
+            time.sleep(delay)
+
+    def screen_text(self) -> str:
+        """The text on the screen while it is in VGA text mode (BIOS, boot loader, a
+        console without a framebuffer driver); "" in a graphics mode or without a
+        display. Read through the monitor: briefly borrows the VGA index register."""
+        machine = self.machine
+        if (
+            machine is None
+            or not machine.is_running()
+            or not (self.config.display or self.config.vnc)
+        ):
+            return ""
+
+        def hmp(line: str) -> str:
+            return str(machine.qmp("human-monitor-command", **{"command-line": line}) or "")
+
+        try:
+            # A Linux console scrolls by moving the CRT controller's start address
+            # through the 32 KiB text buffer: read it (registers 0x0c/0x0d) first.
+            index = hmp("i /b 0x3d4").rsplit("=", 1)[-1].strip()
+            start = 0
+            for register in (0x0C, 0x0D):
+                hmp(f"o /b 0x3d4 {register:#x}")
+                start = (start << 8) | int(hmp("i /b 0x3d5").rsplit("=", 1)[-1].strip(), 16)
+            hmp(f"o /b 0x3d4 {index}")
+            address = VGA_TEXT_ADDRESS + min(2 * start, 0x8000 - VGA_TEXT_BYTES)
+            out = hmp(f"xp /{VGA_TEXT_BYTES}xb {address:#x}")
+        except (ConnectionError, RuntimeError, OSError, ValueError):
+            return ""
+        data = bytes(int(v, 16) for v in re.findall(r"\b0x([0-9a-f]{2})\b", out))
+        return vga_text(data)
+
+    @property
+    def disk_image(self) -> Path:
+        """This guest's own disk (a qcow2 in its directory; an installer's installed
+        disk): what ``kvm_guest_factory(disk=...)`` boots. It goes with the guest."""
+        if self._overlay is None or self._closed:
+            raise GuestError(f"{self.describe()}: it has no disk (not started, or closed)", self)
+        if isinstance(self.machine, LibvirtMachine):
+            self._stopped("disk_image")
+        return self._fetch_disk()
+
+    def _stopped(self, what: str) -> None:
+        if self.machine is not None and self.machine.is_running():
+            raise GuestError(
+                f"{self.describe()}: {what} needs it stopped; call wait_for_shutdown() "
+                "or shutdown() first",
+                self,
+            )
+
+    def boot_installed(self, **factory_args: Any) -> Guest:
+        """Boot what an installer wrote: a new SSH-ready guest on an overlay of this
+        guest's disk (this disk is not changed). Arguments go to kvm_guest_factory."""
+        self._stopped("boot_installed()")
+        if self.boot_disk is None:
+            raise GuestError(
+                f"{self.describe()}: boot_installed() needs a guest made by "
+                "kvm_guest_factory; boot the disk with kvm_guest_factory(disk=...)",
+                self,
+            )
+        return self.boot_disk(disk=self.disk_image, **factory_args)
+
+    def save_image(self, path: str | os.PathLike[str]) -> Path:
+        """Keep this guest's disk as a standalone qcow2 image at ``path`` (whole or not
+        at all), for later tests: ``--kvm-image PATH`` or ``factory(image=PATH)``."""
+        self._stopped("save_image()")
+        if self.image.is_encrypted and not self.config.blank:
+            raise KvmConfigError(
+                f"{self.describe()}: save_image() of an encrypted guest is not supported"
+            )
+        dest = Path(path)
+        if dest.is_dir():
+            raise KvmConfigError(f"save_image({str(path)!r}): that is a directory")
+        if not dest.parent.is_dir():
+            raise KvmConfigError(f"save_image({str(path)!r}): {str(dest.parent)!r} does not exist")
+        return flatten_image(self.disk_image, dest)
 
     def kill(self) -> None:
         """Pull the plug."""

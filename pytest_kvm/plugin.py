@@ -28,6 +28,7 @@ from .images import Image
 from .images.kernel import BootFiles, boot_files
 from .images.store import check_encryption, check_spec, classify, image_name
 from .images.store import resolve as resolve_image
+from .media import AnswerServer, check_boot_file
 from .run import RunContext
 from .template import Shape, TemplateStore
 from .vlan import Vlan
@@ -54,7 +55,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if opt.name == "uri":
             group.addoption(opt.flag, action="append", dest=dest, default=None,
                             metavar=opt.metavar, help=opt.help)  # fmt: skip
-        elif opt.name in ("snapshot", "keep_on_failure"):
+        elif opt.name in ("snapshot", "keep_on_failure", "vnc"):
             group.addoption(opt.flag, action="store_true", dest=dest, default=None, help=opt.help)
             if opt.name == "snapshot":
                 group.addoption(
@@ -202,7 +203,7 @@ class _Session:
                     f"{QEMU_BINARY} is not installed (Debian package: qemu-system-x86)"
                 )
             choice = accel.choose(self.settings.accel)
-            self._run = RunContext(choice)
+            self._run = RunContext(choice, progress=self.progress)
         return self._run
 
     def boot_files(self, image: Image) -> BootFiles:
@@ -237,6 +238,15 @@ class _Session:
                     image = dataclasses.replace(image, cloud_init=has)
                 self._images[spec] = image
             return self._images[spec]
+
+    def disk_image(self, path: Path) -> Image:
+        """A guest's disk (what an installer wrote) as an image to boot: not cached by
+        name, since each test's disks are its own."""
+        image = resolve_image(str(path), self.settings.cache, self.progress, None)
+        if guestfs_available():
+            has = probe_cloud_init(image, self.settings.cache, self.force_tcg)
+            image = dataclasses.replace(image, cloud_init=has)
+        return dataclasses.replace(image, name=f"disk of {path.parent.name}")
 
     @property
     def force_tcg(self) -> bool:
@@ -291,9 +301,28 @@ def kvm_guest_factory(
         hostname: str | None = None,
         vlan: Vlan | Sequence[Vlan] | None = None,
         customize: Customization | Mapping[str, Any] | None = None,
+        disk: str | os.PathLike[str] | None = None,
+        kernel: str | os.PathLike[str] | None = None,
+        initrd: str | os.PathLike[str] | None = None,
+        append: str = "",
+        display: bool = False,
     ) -> Guest:
         __tracebackhide__ = True
         where = f"{request.node.nodeid}: kvm_guest_factory"
+        if disk is not None and image is not None:
+            raise KvmConfigError(f"{where}: disk= boots that disk; image= is not needed")
+        if disk is not None:
+            disk_path = Path(disk)
+            if not disk_path.is_file():
+                raise KvmConfigError(f"{where}: disk={str(disk)!r} does not exist")
+            image = str(disk_path.resolve())
+        kernel_path = check_boot_file(Path(kernel), "kernel") if kernel is not None else None
+        initrd_path = check_boot_file(Path(initrd), "initrd") if initrd is not None else None
+        if not isinstance(append, str):
+            raise KvmConfigError(f"{where}: append= takes the kernel command line as a string")
+        # Installers start on an empty disk: from install media, or a network-boot
+        # style kernel, unless disk= says which disk.
+        blank = disk is None and (boot == "cdrom" or kernel is not None)
         custom = settings.customize
         if isinstance(customize, Customization):
             custom = custom.merged(customize)
@@ -319,6 +348,8 @@ def kvm_guest_factory(
         )
         if isinstance(image, Image):
             base = image
+        elif image is not None and disk is not None:
+            base = _kvm_session.disk_image(Path(image))
         elif image is not None:
             check_spec(str(image))
             base = _kvm_session.image(str(image))
@@ -348,6 +379,12 @@ def kvm_guest_factory(
             kernel_args=shaped.kernel_args,
             vlans=vlans,
             backend=shaped.backend,
+            blank=blank,
+            kernel=kernel_path,
+            initrd=initrd_path,
+            append=append,
+            display=display or blank,
+            vnc=shaped.vnc,
         )
         try:
             run = _kvm_session.run
@@ -373,7 +410,8 @@ def kvm_guest_factory(
         # guest boots: it needs its own MAC and DHCP lease from its first breath.
         if (
             shaped.snapshot and cdrom is None and boot == "disk" and ssh
-            and disk_size is None and not shaped.kernel_args
+            and disk_size is None and not shaped.kernel_args and disk is None
+            and kernel is None and not display
             and shaped.network.kind == "user" and not base.is_encrypted
             and shaped.backend == "qemu"  # libvirt: no template fast path yet
         ):  # fmt: skip
@@ -382,9 +420,11 @@ def kvm_guest_factory(
                 cpus=shaped.cpus,
                 network=shaped.network.kind,
                 vlans=len(vlans),
+                display=shaped.vnc,
             )
             template = _kvm_session.templates.get(base, shape, shaped.boot_timeout)
         guest = Guest(run, config, name, template=template)
+        guest.boot_disk = factory
         started.append(guest)
         guest.start()
         return guest
@@ -404,6 +444,18 @@ def _close_all(guests: list[Guest]) -> None:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def kvm_http() -> Iterator[AnswerServer]:
+    """Answer files (preseed, autoinstall, kickstart) over HTTP for this test's guests:
+    ``url = kvm_http.serve("preseed.cfg", text)`` is the URL a guest on user networking
+    uses; the server listens on 127.0.0.1 only and stops after the test."""
+    server = AnswerServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .accel import AccelChoice
@@ -15,8 +16,15 @@ from .ssh import KeyPair
 class RunContext:
     """One per pytest process (controller or xdist worker); ``close`` removes it all."""
 
-    def __init__(self, accel: AccelChoice, identity: Identity | None = None) -> None:
+    def __init__(
+        self,
+        accel: AccelChoice,
+        identity: Identity | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.accel = accel
+        # Lines for the terminal (what a guest waits for, where its VNC is).
+        self.progress: Callable[[str], None] = progress or (lambda message: None)
         self.identity = identity or Identity()
         base = os.environ.get("PYTEST_KVM_RUNTIME_DIR") or tempfile.gettempdir()
         self.dir = Path(tempfile.mkdtemp(prefix=f"pytest-kvm-{self.identity.run_id}-", dir=base))

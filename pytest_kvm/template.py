@@ -65,10 +65,20 @@ class Shape:
     network: str = "user"
     kernel_args: str = ""
     vlans: int = 0  # NICs for kvm_vlan segments, beyond the primary one
+    display: bool = False  # a graphics card (--kvm-vnc): clones must have it too
 
     def label(self) -> str:
         nics = f"-{self.vlans}vlan" if self.vlans else ""
-        return f"{self.memory}M-{self.cpus}cpu-{self.network}{nics}"
+        vga = "-vga" if self.display else ""
+        return f"{self.memory}M-{self.cpus}cpu-{self.network}{nics}{vga}"
+
+    def key_fields(self) -> dict[str, object]:
+        """What goes into the template key: fields at their defaults are left out, so
+        templates made before a field existed keep their keys."""
+        fields = asdict(self)
+        if not self.display:
+            del fields["display"]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ def template_key(image: Image, shape: Shape, accel: str, qemu: str) -> str:
         {
             "format": TEMPLATE_FORMAT,
             "image": image_identity(image),
-            "shape": asdict(shape),
+            "shape": shape.key_fields(),
             "accel": accel,
             "qemu": qemu,
         },
@@ -269,6 +279,7 @@ class TemplateStore:
                 boot_timeout=timeout,
                 hostname=TEMPLATE_HOSTNAME,
                 vlans=(None,) * shape.vlans,
+                display=shape.display,
             )
             guest = Guest(self.run, config, "template", plan=BootPlan(work, client, host))
             with guest:  # starts it; closing removes all but the plan's files

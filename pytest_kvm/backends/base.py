@@ -61,6 +61,10 @@ class MachineSpec:
     # bridge: a tap device this process opened, inherited by QEMU.
     tap_fd: int | None = None
     nics: tuple[Nic, ...] = ()
+    # A graphics card (std VGA) for screenshots and key presses; VNC on 127.0.0.1
+    # (password-protected, set through QMP after start) to watch it live.
+    display: bool = False
+    vnc: bool = False
 
     @property
     def _sockets(self) -> Path:

@@ -467,6 +467,16 @@ def domain_xml(
     ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
     rng = ET.SubElement(devices, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+    if spec.display or spec.vnc:
+        video = ET.SubElement(devices, "video")
+        ET.SubElement(video, "model", type="vga")
+    if spec.vnc:
+        # On the hypervisor's 127.0.0.1; libvirt sets the password over the monitor.
+        password = (spec.workdir / "vnc-password").read_text().strip()
+        graphics = ET.SubElement(
+            devices, "graphics", type="vnc", autoport="yes", listen="127.0.0.1", passwd=password
+        )
+        ET.SubElement(graphics, "listen", type="address", address="127.0.0.1")
     ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(root, encoding="unicode")
 
@@ -676,8 +686,14 @@ class LibvirtMachine(Machine):
             if index == 0 and drive.media == "disk":
                 info = image_info(drive.path)
                 backing = info.get("full-backing-filename") or info.get("backing-filename")
-                if not backing:
-                    raise GuestLaunchError(f"{drive.path} has no backing image to upload")
+                if not backing:  # an installer's blank disk: uploaded as it is
+                    vol = self._pool.createXML(
+                        _volume_xml(name, drive.path.stat().st_size, "qcow2"), 0
+                    )
+                    self._volumes.append(vol)
+                    _send_file(self._conn, vol, drive.path)
+                    disks.append((pool_name, name, "qcow2", "disk"))
+                    continue
                 base = upload_image(self._conn, self._pool, Path(backing), self.target.lock_dir)
                 upload = drive.path.with_name(drive.path.name + ".libvirt")
                 shutil.copyfile(drive.path, upload)
@@ -846,9 +862,26 @@ class LibvirtMachine(Machine):
                     vol.delete(0)
             self._volumes.clear()
 
-    def download_overlay(self, dest: Path, backing: Path) -> None:
+    def screenshot(self) -> bytes:
+        """The display as the image libvirt sends (PPM from QEMU)."""
+        libvirt, _ = load_libvirt()
+        if self._domain is None:
+            raise GuestLaunchError("the domain is not running")
+        stream = self._conn.newStream(0)
+        chunks: list[bytes] = []
+        try:
+            self._domain.screenshot(stream, 0, 0)
+            stream.recvAll(lambda _s, data, out: out.append(data), chunks)
+            stream.finish()
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            raise GuestLaunchError(f"screenshot: {_first_line(exc)}") from None
+        return b"".join(chunks)
+
+    def download_overlay(self, dest: Path, backing: Path | None) -> None:
         """Copy the guest's overlay volume back to ``dest``, rebased onto the local
-        ``backing`` image, for libguestfs (``guest.disk``)."""
+        ``backing`` image (None: a disk of its own), for libguestfs and saving."""
         if not self._volumes:
             raise GuestLaunchError("the guest has no overlay volume")
         vol = self._volumes[0]
@@ -859,12 +892,14 @@ class LibvirtMachine(Machine):
             with tmp.open("wb") as out:
                 stream.recvAll(lambda _s, data, _o: _o.write(data), out)
             stream.finish()
-            proc = subprocess.run(
-                ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(backing), "--", str(tmp)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if proc.returncode != 0:
-                raise GuestLaunchError(f"cannot rebase the downloaded overlay: {proc.stderr}")
+            if backing is not None:
+                proc = subprocess.run(
+                    ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(backing), "--",
+                     str(tmp)],
+                    capture_output=True, text=True, check=False, timeout=300,
+                )  # fmt: skip
+                if proc.returncode != 0:
+                    raise GuestLaunchError(f"cannot rebase the downloaded overlay: {proc.stderr}")
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -109,6 +109,11 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-drive", opts]
         bootindex = ",bootindex=1" if index == 0 and spec.boot == "disk" else ""
         argv += ["-device", f"virtio-blk-pci,drive=drive{index}{bootindex}"]
+    if spec.display or spec.vnc:
+        argv += ["-device", "VGA"]
+    if spec.vnc:
+        # The first free display from :0 up; nobody gets in before set_password.
+        argv += ["-vnc", "127.0.0.1:0,to=99,password=on"]
     if spec.boot == "cdrom":
         argv += ["-boot", "order=d"]
     if spec.kernel is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,6 +55,34 @@ def create_overlay(
         raise ImageError(f"cannot create overlay {str(path)!r}: {_last_line(proc.stderr)}")
     path.chmod(0o600)
     return path
+
+
+def create_blank_disk(path: Path, size: int) -> Path:
+    """An empty qcow2 of ``size`` bytes at ``path``: the disk an installer writes."""
+    args = ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=65536",
+            "--", str(path), str(size)]  # fmt: skip
+    proc = _qemu_img_luks(args, path, encrypted=False)
+    if proc.returncode != 0:
+        raise ImageError(f"cannot create disk {str(path)!r}: {_last_line(proc.stderr)}")
+    path.chmod(0o600)
+    return path
+
+
+def flatten_image(source: Path, dest: Path, timeout: float = 1800) -> Path:
+    """A standalone qcow2 copy of ``source`` and its backing chain, written to a
+    temporary name next to ``dest`` and renamed into place, so ``dest`` is whole or
+    absent."""
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    args = ["convert", "-q", "-O", "qcow2", "--", str(source), str(tmp)]
+    try:
+        proc = _qemu_img_luks(args, tmp, encrypted=False, timeout=timeout)
+        if proc.returncode != 0:
+            raise ImageError(f"cannot save {str(source)!r}: {_last_line(proc.stderr)}")
+        tmp.chmod(0o644)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def encrypt_image(
