@@ -219,12 +219,28 @@ def storage_pool(conn: Any, uri: str, name: str) -> Any:
     try:
         if not pool.isActive():
             pool.create(0)
-        pool.refresh(0)
+        refresh_pool(pool)
     except libvirt.libvirtError as exc:
         raise KvmConfigError(
             f"--kvm-uri {uri}: storage pool {name!r} cannot be started: {_first_line(exc)}"
         ) from None
     return pool
+
+
+def refresh_pool(pool: Any, wait: float = 120.0) -> None:
+    """Re-read the pool's directory. libvirt refuses while any volume of it is being
+    uploaded ("has asynchronous jobs running": another worker's overlay): wait for
+    that, a refresh only syncs what libvirt knows with the directory."""
+    libvirt, _ = load_libvirt()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as exc:
+            if "asynchronous jobs" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.25)
 
 
 def _define_default_pool(conn: Any, uri: str) -> Any:
@@ -330,7 +346,7 @@ def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
     host = hashlib.sha256(conn.getURI().encode()).hexdigest()[:12]
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_dir / f"upload-{host}-{name}.lock")):
-        pool.refresh(0)
+        refresh_pool(pool)
         vol = _lookup(pool, name)
         if vol is not None and _lookup(pool, marker) is not None:
             return vol

@@ -137,7 +137,7 @@ def test_bad_install_media_is_refused_before_anything_starts(kvm_guest_factory, 
         kvm_guest_factory(kernel=_host_boot_files()[0], disk_size="1M", ssh=False)
     with pytest.raises(KvmConfigError, match="initrd= and append= need kernel="):
         kvm_guest_factory(append="console=ttyS0", ssh=False)
-    with pytest.raises(KvmConfigError, match="kernel='.*' does not exist"):
+    with pytest.raises(KvmConfigError, match=r"kernel='.*' does not exist"):
         kvm_guest_factory(kernel=tmp_path / "vmlinuz", ssh=False)
-    with pytest.raises(KvmConfigError, match="disk='.*' does not exist"):
+    with pytest.raises(KvmConfigError, match=r"disk='.*' does not exist"):
         kvm_guest_factory(disk=tmp_path / "installed.qcow2")

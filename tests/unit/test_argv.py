@@ -133,3 +133,14 @@ def test_bridge_tap_and_vlan_nics(tmp_path):
         "virtio-net-pci,netdev=vlan0,mac=02:6b:76:00:00:02",
         "virtio-net-pci,netdev=vlan1,mac=02:6b:76:00:00:03",
     ]
+
+
+def test_display_and_vnc(tmp_path):
+    plain = build_argv(spec(tmp_path))
+    assert "VGA" not in opt(plain, "-device") and "-vnc" not in plain
+    shown = build_argv(spec(tmp_path, display=True))
+    assert "VGA" in opt(shown, "-device") and "-vnc" not in shown
+    watched = build_argv(spec(tmp_path, vnc=True))
+    assert "VGA" in opt(watched, "-device")
+    # Loopback only, a free display found by QEMU, and a password (set over QMP).
+    assert opt(watched, "-vnc") == ["127.0.0.1:0,to=99,password=on"]

@@ -162,3 +162,15 @@ def test_remote_hypervisors_need_an_ssh_transport():
     jump = jump_for("qemu+ssh://alice@hv:2222/system")
     assert jump is not None and jump.spec == "alice@hv:2222"
     assert jump_for("qemu+ssh://alice@hv:2222/system") is jump  # one per URI
+
+
+def test_domain_xml_display_and_vnc(tmp_path):
+    shown = ET.fromstring(domain_xml(spec(tmp_path, display=True), "d", "qemu", DISKS))
+    assert shown.find("devices/video/model").get("type") == "vga"
+    assert shown.find("devices/graphics") is None
+    (tmp_path / "vnc-password").write_text("s3cretPW\n")
+    watched = ET.fromstring(domain_xml(spec(tmp_path, vnc=True), "d", "qemu", DISKS))
+    graphics = watched.find("devices/graphics")
+    assert graphics.get("type") == "vnc" and graphics.get("passwd") == "s3cretPW"
+    assert graphics.get("listen") == "127.0.0.1"
+    assert graphics.find("listen").attrib == {"type": "address", "address": "127.0.0.1"}

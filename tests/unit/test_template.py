@@ -54,8 +54,12 @@ def test_key_follows_everything_that_shapes_a_template(image, tmp_path):
         template_key(image, Shape(1024, 2, kernel_args="quiet"), "tcg", "QEMU 7.2"),
         template_key(image, Shape(1024, 2), "kvm", "QEMU 7.2"),
         template_key(image, Shape(1024, 2), "tcg", "QEMU 8.2"),
+        template_key(image, Shape(1024, 2, display=True), "tcg", "QEMU 7.2"),  # --kvm-vnc
     }
-    assert base not in others and len(others) == 5
+    assert base not in others and len(others) == 6
+    assert Shape(1024, 2, display=True).label().endswith("-vga")
+    # Without a display the key is what it was before that field existed.
+    assert "display" not in Shape(1024, 2).key_fields()
     # A rewritten base image (new mtime) is a different template.
     os.utime(image.path, ns=(1, 1))
     assert template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2") != base
