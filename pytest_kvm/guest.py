@@ -1377,6 +1377,11 @@ class Guest:
             return None
         return self.workdir / "vnc-password"
 
+    @property
+    def has_display(self) -> bool:
+        """It has a graphics card: installers, display=True, --kvm-vnc."""
+        return self.config.display or self.config.vnc
+
     def _need_display(self, what: str) -> Machine:
         if self.machine is None or not self.machine.is_running():
             raise GuestError(f"{self.describe()}: {what} needs a running guest", self)

@@ -511,6 +511,21 @@ def _save_artifacts(guest: Guest, root: Path, nodeid: str) -> Path:
     (folder / "boot-timings.txt").write_text(
         "".join(f"{k}: {v:.3f}\n" for k, v in guest.boot_timings.items())
     )
+    if guest.has_display and guest.is_running:
+        # What an installer showed when the test failed: the picture and, in a text
+        # mode, the text.
+        try:
+            guest.screenshot(folder / "screen.png")
+            text = guest.screen_text()
+            if text:
+                (folder / "screen.txt").write_text(text + "\n")
+        except (KvmError, OSError, ConnectionError, RuntimeError, ValueError) as exc:
+            (folder / "screen-error.txt").write_text(f"no screenshot: {exc}\n")
+    if guest.config.blank:
+        (folder / "journal-source.txt").write_text(
+            "no journal: an installer's guest (its disk holds what it was installing)\n"
+        )
+        return folder
     try:
         text, source = guest.journal_text(timeout=30)
         (folder / "journal.txt").write_text(text)

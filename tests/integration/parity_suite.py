@@ -128,3 +128,49 @@ def test_reboot_shutdown_and_the_stopped_disk(kvm_guest):
     pytest.importorskip("guestfs", reason="guest.disk needs python3-guestfs")
     assert g.disk.read_text("/var/lib/pytest-kvm-state") == "kept\n"
     assert "still-here-after-reboot" in g.disk.journal()
+
+
+def _rfb_security_types(g, port: int) -> list[int]:
+    """The start of the VNC (RFB 3.8) handshake: the authentications offered. On a
+    remote hypervisor the display is on its 127.0.0.1: through the jump."""
+    conn = (g._jump.channel("127.0.0.1", port, 30) if JUMP
+            else socket.create_connection(("127.0.0.1", port), timeout=30))  # fmt: skip
+    with conn:
+        assert conn.recv(12).startswith(b"RFB 003.")
+        conn.sendall(b"RFB 003.008\n")
+        count = conn.recv(1)[0]
+        return list(conn.recv(count))
+
+
+@pytest.mark.kvm(vnc=True)
+def test_install_media_on_a_blank_disk_with_display_and_vnc(kvm_guest_factory, tmp_path):
+    """An installer's plumbing: boot a CD on an empty disk, no SSH; the console, the
+    screen (picture and text), VNC with a password, power-off, the disk kept."""
+    from tiny_boot import build_tiny_iso
+
+    iso = build_tiny_iso(tmp_path / "tiny install.iso")
+    inst = kvm_guest_factory(cdrom=iso, boot="cdrom", disk_size="64M", ssh=False)
+    assert inst.backend == BACKEND
+    inst.console.expect("press a key to power off", timeout=120)
+    assert "Booting from DVD/CD" in inst.screen_text()
+    shot = inst.screenshot(tmp_path / "bios.png")
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 1000
+    assert inst.vnc is not None and inst.vnc[0] == "127.0.0.1"
+    assert _rfb_security_types(inst, inst.vnc[1]) == [2]  # VNC password auth only
+    password = inst.vnc_password_file.read_text().strip()
+    if BACKEND == "libvirt":
+        xml = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "dumpxml", inst.machine.domain_name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        graphics = ET.fromstring(xml).find("devices/graphics")
+        assert graphics is not None and graphics.get("type") == "vnc"
+        assert password not in xml  # libvirt shows it only with --security-info
+    assert password not in " ".join(inst.machine.argv)
+    inst.console.send("x")
+    inst.wait_for_shutdown(timeout=60)
+    # The disk it ran with: empty, 64 MiB, kept as a standalone image.
+    saved = inst.save_image(tmp_path / "saved.qcow2")
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(saved)],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert '"virtual-size": 67108864' in info and "backing-filename" not in info

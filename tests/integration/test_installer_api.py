@@ -141,3 +141,38 @@ def test_bad_install_media_is_refused_before_anything_starts(kvm_guest_factory, 
         kvm_guest_factory(kernel=tmp_path / "vmlinuz", ssh=False)
     with pytest.raises(KvmConfigError, match=r"disk='.*' does not exist"):
         kvm_guest_factory(disk=tmp_path / "installed.qcow2")
+
+
+INNER_FAILING_INSTALLER = """
+from pathlib import Path
+
+
+def test_installer_fails(kvm_guest_factory):
+    kernel = sorted(Path("/boot").glob("vmlinuz-*"))[-1]
+    initrd = sorted(Path("/boot").glob("initrd.img-*"))[-1]
+    inst = kvm_guest_factory(kernel=kernel, initrd=initrd, disk_size="32M", ssh=False,
+                             append="console=tty0 console=ttyS0 nomodeset break=mount")
+    inst.console.expect(r"\\(initramfs\\) ", timeout=300)
+    inst.console.send("echo The-installer-gave-up > /dev/tty0\\n")
+    inst.wait_for_console("\\\\(initramfs\\\\) ", timeout=60)
+    inst.wait_for_shutdown(timeout=2)
+"""
+
+
+def test_failed_installer_leaves_screenshot_and_screen_text(pytester, image_arg, inner_env):
+    """An installer test that fails: its artifacts hold the display's screenshot and
+    the text on its screen; the timeout message shows that text too."""
+    pytester.makepyfile(test_inner=INNER_FAILING_INSTALLER)
+    arts = pytester.path / "arts"
+    result = pytester.runpytest_subprocess(
+        f"--kvm-image={image_arg}", f"--kvm-artifacts={arts}", timeout=900
+    )
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "did not power off within 6 s; the screen shows:" in out
+    assert "The-installer-gave-up" in out.split("the screen shows:", 1)[1]
+    [shot] = arts.rglob("screen.png")
+    width, height = png_size(shot.read_bytes())
+    assert width >= 640 and height >= 400
+    assert "The-installer-gave-up" in (shot.parent / "screen.txt").read_text()
+    assert list(inner_env.iterdir()) == []

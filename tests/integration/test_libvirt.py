@@ -72,6 +72,7 @@ def test_parity_suite_passes_on_both_backends(
     """The same suite on the qemu backend, on local libvirt, and on libvirt "remote":
     qemu+ssh:// through an sshd on 127.0.0.1, guests reached through SSH jumps."""
     pytester.copy_example(str(HERE / "parity_suite.py"))
+    pytester.copy_example(str(HERE / "tiny_boot.py"))
     monkeypatch.setenv("PKVM_EXPECT_BACKEND", backend.partition("-")[0])
     suite = str(pytester.path / "parity_suite.py")
     with contextlib.ExitStack() as stack:
@@ -90,7 +91,7 @@ def test_parity_suite_passes_on_both_backends(
             argv = _inner(libvirtd, pytester, image_arg, cache_arg,
                           f"--kvm-backend={backend}", suite)  # fmt: skip
         result = pytester.run(*argv, timeout=1800)
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
     if backend != "qemu":
         # What each test's guest consumed, in its report.
         result.stdout.fnmatch_lines(
@@ -289,8 +290,11 @@ def test_libvirt_nat_network_and_bridge(
         with bridge:
             monkeypatch.setenv("PKVM_TEST_LEASES", str(bridge.leases))
             pytester.makepyfile(test_inner=INNER_NETWORKS)
-            argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
-            result = pytester.run(*argv, timeout=1800)
+            # A guest boots in about 45 s here: one that cannot be reached fails with
+            # what it saw after 100 s (x3 under TCG), well inside the run's limit.
+            argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt",
+                          "--kvm-boot-timeout=100")  # fmt: skip
+            result = pytester.run(*argv, timeout=1500)
             result.assert_outcomes(passed=2)
             # libvirt's taps are gone with the domains.
             assert bridge.ports() == ["veth0"]
