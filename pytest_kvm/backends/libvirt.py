@@ -644,8 +644,10 @@ class LibvirtMachine(Machine):
 
     @property
     def argv(self) -> list[str]:
-        """The domain XML stands in for a command line here."""
-        return [f"libvirt {self.target.uri} domain {self.domain_name}", self._xml]
+        """The domain XML stands in for a command line here (it goes into failure
+        artifacts: the VNC password is blanked, as ``virsh dumpxml`` does)."""
+        xml = re.sub(r'\spasswd="[^"]*"', ' passwd="(hidden)"', self._xml)
+        return [f"libvirt {self.target.uri} domain {self.domain_name}", xml]
 
     @property
     def events(self) -> list[dict[str, Any]]:

@@ -174,3 +174,12 @@ def test_domain_xml_display_and_vnc(tmp_path):
     assert graphics.get("type") == "vnc" and graphics.get("passwd") == "s3cretPW"
     assert graphics.get("listen") == "127.0.0.1"
     assert graphics.find("listen").attrib == {"type": "address", "address": "127.0.0.1"}
+
+
+def test_the_xml_shown_as_argv_hides_the_vnc_password(tmp_path):
+    (tmp_path / "vnc-password").write_text("s3cretPW\n")
+    machine = LibvirtMachine(spec(tmp_path, vnc=True), LibvirtTarget("qemu:///system"), "tcg")
+    machine._xml = domain_xml(machine.spec, "d", "qemu", DISKS)
+    assert "s3cretPW" in machine._xml  # libvirt needs it...
+    shown = "\n".join(machine.argv)  # ...artifacts must not have it
+    assert "s3cretPW" not in shown and 'passwd="(hidden)"' in shown
