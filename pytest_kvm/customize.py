@@ -529,7 +529,7 @@ class Access:
     authorized_key: str
     host_key_private: str
     host_key_public: str
-    hostname: str
+    hostname: str | None  # None: keep the image's
 
 
 def inject_access(disk: DiskHandle, access: Access) -> None:
@@ -554,7 +554,8 @@ def inject_access(disk: DiskHandle, access: Access) -> None:
     disk.write_file("/etc/ssh/ssh_host_ed25519_key.pub",
                     access.host_key_public.encode() + b"\n", 0o644)  # fmt: skip
     disk.write_file("/etc/ssh/sshd_config.d/10-pytest-kvm.conf", SSHD_DROP_IN, 0o644)
-    disk.set_hostname(access.hostname)
+    if access.hostname is not None:
+        disk.set_hostname(access.hostname)
     unit = next(
         (p for p in ("/lib/systemd/system/systemd-networkd.service",
                      "/usr/lib/systemd/system/systemd-networkd.service") if g.is_file(p)),

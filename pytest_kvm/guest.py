@@ -131,6 +131,9 @@ class GuestConfig:
     # A graphics card (screenshots, key presses); VNC on 127.0.0.1 with a password.
     display: bool = False
     vnc: bool = False
+    # A disk an installer wrote (disk=): it keeps its own host name unless
+    # hostname= is given.
+    installed: bool = False
     # One more NIC per entry, on that kvm_vlan segment; None: a NIC on no segment
     # (what a template is made with, so that its clones can join one).
     vlans: tuple[Vlan | None, ...] = ()
@@ -413,7 +416,7 @@ class Guest:
             seed = write_seed(
                 SeedConfig(
                     instance_id=self.name,
-                    hostname=self.config.hostname or self.name[:63],
+                    hostname=self._seed_hostname(),
                     authorized_key=self._client_key.public_openssh,
                     host_key_private=self._host_key.private_openssh,
                     host_key_public=self._host_key.public_openssh,
@@ -612,7 +615,7 @@ class Guest:
             authorized_key=self._client_key.public_openssh,
             host_key_private=self._host_key.private_openssh,
             host_key_public=self._host_key.public_openssh,
-            hostname=self.config.hostname or self.name[:63],
+            hostname=self._seed_hostname(),
         )
         with DiskHandle(source, readonly=False, force_tcg=self._run.accel.name != "kvm",
                         what=f"the disk of {self.describe()}") as disk:  # fmt: skip
@@ -678,6 +681,13 @@ class Guest:
         except (GuestAgentError, GuestError, OSError):
             return " (the guest agent did not answer: the last entries may be missing)"
         return " after journalctl --sync through the guest agent"
+
+    def _seed_hostname(self) -> str | None:
+        """The host name the guest is given: hostname=, else its name; an installed
+        disk keeps the one its installer set."""
+        if self.config.hostname:
+            return self.config.hostname
+        return None if self.config.installed else self.name[:63]
 
     def _disk_size(self) -> int | None:
         size = parse_size(self.config.disk_size)

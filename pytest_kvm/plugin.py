@@ -385,6 +385,7 @@ def kvm_guest_factory(
             append=append,
             display=display or blank,
             vnc=shaped.vnc,
+            installed=disk is not None,
         )
         try:
             run = _kvm_session.run

@@ -16,7 +16,8 @@ class SeedConfig:
     """What goes into a guest's seed."""
 
     instance_id: str
-    hostname: str
+    # None: keep the host name the system has (a disk an installer wrote).
+    hostname: str | None
     authorized_key: str  # the run's public key, OpenSSH format
     host_key_private: str  # ed25519 host key the guest must use (OpenSSH PEM)
     host_key_public: str
@@ -42,15 +43,19 @@ class SeedConfig:
                 "ed25519_private": self.host_key_private,
                 "ed25519_public": self.host_key_public,
             },
-            "preserve_hostname": False,
+            "preserve_hostname": self.hostname is None,
             # Generating locales takes seconds under TCG and fails on minimal images.
             "locale": False,
-            "hostname": self.hostname,
         }
+        if self.hostname is not None:
+            doc["hostname"] = self.hostname
         return "#cloud-config\n" + json.dumps(doc, indent=1) + "\n"
 
     def meta_data(self) -> str:
-        return json.dumps({"instance-id": self.instance_id, "local-hostname": self.hostname}) + "\n"
+        meta = {"instance-id": self.instance_id}
+        if self.hostname is not None:
+            meta["local-hostname"] = self.hostname
+        return json.dumps(meta) + "\n"
 
 
 def write_seed(config: SeedConfig, path: Path) -> Path:

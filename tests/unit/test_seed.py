@@ -40,3 +40,16 @@ def test_keys_are_private_and_distinct(tmp_path):
     assert a.public_openssh != b.public_openssh
     assert a.public_openssh.startswith("ssh-ed25519 ")
     assert a.pkey().get_name() == "ssh-ed25519"
+
+
+def test_seed_without_hostname_keeps_the_systems(tmp_path):
+    """An installed disk keeps the host name its installer set."""
+    client = KeyPair.generate()
+    files = read_seed(write_seed(SeedConfig("i", None, client.public_openssh, "x", "y"),
+                                 tmp_path / "s.iso"))  # fmt: skip
+    doc = json.loads(files["user-data"].split("\n", 1)[1])
+    assert doc["preserve_hostname"] is True and "hostname" not in doc
+    assert json.loads(files["meta-data"]) == {"instance-id": "i"}
+    named = read_seed(write_seed(SeedConfig("i", "h", client.public_openssh, "x", "y"),
+                                 tmp_path / "n.iso"))  # fmt: skip
+    assert json.loads(named["user-data"].split("\n", 1)[1])["preserve_hostname"] is False
