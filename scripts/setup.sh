@@ -17,6 +17,7 @@ APT_PACKAGES=(
   libvirt-daemon-config-network iptables  # libvirt's "default" NAT network
   libvirt-dev pkg-config gcc python3-dev  # building libvirt-python (it has no wheels)
   openssh-server                        # the "remote" hypervisor of the tests: sshd on 127.0.0.1
+  isolinux syslinux-common busybox-static  # the mini install ISO of tests/integration/test_installer.py
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
