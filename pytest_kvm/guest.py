@@ -598,7 +598,7 @@ class Guest:
 
     def _disk_keys(self) -> dict[str, Any]:
         """Drive arguments for this guest's overlay: the keys of an encrypted chain."""
-        if not self.image.is_encrypted:
+        if not self.image.is_encrypted or self.config.blank:  # a blank disk is plain
             return {}
         return {"encrypted": (True, *self.image.encrypted), "secret": self.image.secret}
 

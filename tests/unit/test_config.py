@@ -103,3 +103,12 @@ def test_libvirt_uris_repeat_and_workers_take_turns():
     assert resolve({}, env, lambda key: None).uri == "qemu+ssh://hv/system"
     with pytest.raises(KvmConfigError, match="command line --kvm-uri: 'hv1' is not a libvirt URI"):
         resolve({"uri": ["hv1"]}, {}, lambda key: None)
+
+
+def test_vnc_from_command_line_env_and_marker():
+    assert resolve({}, {}, ini_from({})).vnc is False
+    assert resolve({"vnc": True}, {}, ini_from({})).vnc is True
+    assert resolve({}, {"PYTEST_KVM_VNC": "1"}, ini_from({})).vnc is True
+    assert resolve({}, {}, ini_from({})).with_marker({"vnc": True}, "t").vnc is True
+    with pytest.raises(KvmConfigError, match="PYTEST_KVM_VNC: 'maybe' is not a boolean"):
+        resolve({}, {"PYTEST_KVM_VNC": "maybe"}, ini_from({}))
