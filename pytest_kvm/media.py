@@ -19,9 +19,7 @@ import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
 from .errors import KvmConfigError
-
-# Where a guest on QEMU user networking reaches the host's 127.0.0.1.
-USER_NET_HOST = "10.0.2.2"
+from .network import USER_NET_HOST
 
 
 def check_install_media(path: Path, what: str = "cdrom") -> None:

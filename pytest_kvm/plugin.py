@@ -229,24 +229,22 @@ class _Session:
     def image(self, spec: str) -> Image:
         with self._lock:
             if spec not in self._images:
-                image = resolve_image(
-                    spec, self.settings.cache, self.progress, self.settings.image_secret
-                )
-                if classify(spec) == "path" and guestfs_available():
-                    # Without libguestfs an image is assumed to run cloud-init.
-                    has = probe_cloud_init(image, self.settings.cache, self.force_tcg)
-                    image = dataclasses.replace(image, cloud_init=has)
-                self._images[spec] = image
+                self._images[spec] = self._resolve(spec, self.settings.image_secret)
             return self._images[spec]
 
     def disk_image(self, path: Path) -> Image:
         """A guest's disk (what an installer wrote) as an image to boot: not cached by
-        name, since each test's disks are its own."""
-        image = resolve_image(str(path), self.settings.cache, self.progress, None)
-        if guestfs_available():
+        name, since each test's disks are its own; plain (installers' disks are)."""
+        image = self._resolve(str(path), None)
+        return dataclasses.replace(image, name=f"disk of {path.parent.name}")
+
+    def _resolve(self, spec: str, secret: Path | None) -> Image:
+        image = resolve_image(spec, self.settings.cache, self.progress, secret)
+        if classify(spec) == "path" and guestfs_available():
+            # Without libguestfs an image is assumed to run cloud-init.
             has = probe_cloud_init(image, self.settings.cache, self.force_tcg)
             image = dataclasses.replace(image, cloud_init=has)
-        return dataclasses.replace(image, name=f"disk of {path.parent.name}")
+        return image
 
     @property
     def force_tcg(self) -> bool:
@@ -311,11 +309,8 @@ def kvm_guest_factory(
         where = f"{request.node.nodeid}: kvm_guest_factory"
         if disk is not None and image is not None:
             raise KvmConfigError(f"{where}: disk= boots that disk; image= is not needed")
-        if disk is not None:
-            disk_path = Path(disk)
-            if not disk_path.is_file():
-                raise KvmConfigError(f"{where}: disk={str(disk)!r} does not exist")
-            image = str(disk_path.resolve())
+        if disk is not None and not Path(disk).is_file():
+            raise KvmConfigError(f"{where}: disk={str(disk)!r} does not exist")
         kernel_path = check_boot_file(Path(kernel), "kernel") if kernel is not None else None
         initrd_path = check_boot_file(Path(initrd), "initrd") if initrd is not None else None
         if not isinstance(append, str):
@@ -346,10 +341,10 @@ def kvm_guest_factory(
             },
             where,
         )
-        if isinstance(image, Image):
+        if disk is not None:
+            base = _kvm_session.disk_image(Path(disk).resolve())
+        elif isinstance(image, Image):
             base = image
-        elif image is not None and disk is not None:
-            base = _kvm_session.disk_image(Path(image))
         elif image is not None:
             check_spec(str(image))
             base = _kvm_session.image(str(image))
