@@ -36,6 +36,8 @@ class Settings:
     """Everything that decides how guests are started; resolved once, then read-only."""
 
     images: tuple[str, ...] = ()
+    # Where ``images`` came from, for error messages: "command line --kvm-image", ...
+    image_source: str = ""
     backend: str = "qemu"
     # The libvirt URI of this process: one of ``uris``, by xdist worker number.
     uri: str = ""
@@ -75,8 +77,17 @@ class Settings:
                     f"known: {', '.join(sorted(MARKER_KEYS))}"
                 )
             if key == "image":
-                images = (value,) if isinstance(value, str | Path) else tuple(value)
-                changes["images"] = tuple(str(i) for i in images)
+                images = (value,) if isinstance(value, str | Path) else value
+                if (
+                    not isinstance(images, list | tuple)
+                    or not images
+                    or not all(isinstance(i, str | Path) and str(i).strip() for i in images)
+                ):
+                    raise KvmConfigError(
+                        f"{where} (@pytest.mark.kvm image=): {value!r} is not an image "
+                        "(a path or catalog name) or a non-empty list of them"
+                    )
+                changes["images"] = tuple(str(i).strip() for i in images)
                 continue
             opt = OPTIONS[key]
             changes[key] = opt.parse(value, f"{where} (@pytest.mark.kvm {key}=)")
@@ -164,9 +175,19 @@ def _secret_file(value: Any, where: str) -> Path:
 
 
 def _text(value: Any, where: str) -> str:
-    text = str(value)
+    if not isinstance(value, str):
+        raise KvmConfigError(f"{where}: {value!r} is not text")
+    text = value
     if "\0" in text or "\n" in text:
         raise KvmConfigError(f"{where}: {value!r} contains a NUL or newline")
+    return text
+
+
+def _pool(value: Any, where: str) -> str:
+    """A libvirt storage pool name: not empty, no '/'."""
+    text = _text(value, where)
+    if not text.strip() or "/" in text:
+        raise KvmConfigError(f"{where}: {value!r} is not a storage pool name")
     return text
 
 
@@ -195,10 +216,10 @@ def parse_network(value: Any, where: str) -> NetworkSpec:
         helper = ""
         if options:
             opt, has_path, path = options.partition("=")
-            if opt != "helper" or (has_path and not path.startswith("/")):
+            if opt != "helper" or (has_path and (not path.startswith("/") or "," in path)):
                 raise KvmConfigError(
                     f"{where}: {value!r}: after the bridge name only helper or "
-                    "helper=/ABSOLUTE/PATH may follow"
+                    "helper=/ABSOLUTE/PATH (without commas) may follow"
                 )
             helper = path if has_path else DEFAULT_BRIDGE_HELPER
         return NetworkSpec("bridge", name, helper)
@@ -252,7 +273,7 @@ OPTIONS: dict[str, Option] = {
     for o in (
         Option("backend", _choice(BACKENDS), "who runs guests: qemu (default) or libvirt", "NAME"),
         Option("uri", _uris, "libvirt connection URI; repeatable: xdist workers take turns", "URI"),
-        Option("pool", _text, "libvirt storage pool for images and overlays (pytest-kvm)", "NAME"),
+        Option("pool", _pool, "libvirt storage pool for images and overlays (pytest-kvm)", "NAME"),
         Option(
             "network",
             parse_network,
@@ -328,6 +349,8 @@ def resolve(
     elif env.get("PYTEST_KVM_IMAGE"):
         images = tuple(i for i in env["PYTEST_KVM_IMAGE"].split(",") if i.strip())
         where = "environment PYTEST_KVM_IMAGE"
+        if not images:
+            raise KvmConfigError(f"{where}: {env['PYTEST_KVM_IMAGE']!r} names no image")
     else:
         ini_images = ini("kvm_image")
         if ini_images:
@@ -337,6 +360,7 @@ def resolve(
         if not str(image).strip() or "\0" in str(image):
             raise KvmConfigError(f"{where}: {image!r} is not an image path, URL or name")
     values["images"] = tuple(str(i).strip() for i in images)
+    values["image_source"] = where if images else ""
     values["uris"] = values.pop("uri", None) or (default_uri(),)
     values["uri"] = uri_for_worker(values["uris"], env.get("PYTEST_XDIST_WORKER"))
     return Settings(**values)

@@ -122,6 +122,11 @@ class Customization:
             check_hostname(hostname, where)
         commands: tuple[str, ...] = ()
         if run is not None:
+            if not isinstance(run, str | Sequence):
+                raise KvmConfigError(
+                    f"{where}: run= takes a shell command string or a list of them, "
+                    f"not {type(run).__name__}"
+                )
             commands = (run,) if isinstance(run, str) else tuple(run)
             for command in commands:
                 if not isinstance(command, str) or not command.strip() or "\0" in command:

@@ -24,6 +24,12 @@ class ImageError(KvmError):
     """An image is missing, corrupt, of the wrong format or fails its checksum."""
 
 
+class HostDiskFull(KvmError):
+    """Too little free space on the host for a guest's disk, a blank disk or a template:
+    raised before QEMU starts; the message names the directory, its free and the
+    needed MiB."""
+
+
 class GuestError(KvmError):
     """Something went wrong with one guest; ``.guest`` names it."""
 

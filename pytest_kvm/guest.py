@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
+from .artifacts import WAIT_PROGRESS_EVERY, waiting_line
 from .backends.base import Drive, Machine, MachineSpec, Nic
 from .backends.libvirt import LibvirtAgent, LibvirtMachine, LibvirtTarget, jump_for
 from .backends.qemu import QemuMachine
@@ -70,9 +71,10 @@ from .network import (
     port_in_use,
 )
 from .qga import GuestAgent, GuestAgentError
+from .reaper import Lease, process_start
 from .run import RunContext
 from .seed import SeedConfig, write_seed
-from .ssh import CommandTimeout, JumpFailed, KeyPair, SshSession
+from .ssh import CommandTimeout, GuestDied, JumpFailed, KeyPair, SshSession
 from .vlan import Vlan, VlanPort
 
 if TYPE_CHECKING:
@@ -141,6 +143,8 @@ class GuestConfig:
     # which hypervisor, pool and owner labels.
     backend: str = "qemu"
     libvirt: LibvirtTarget | None = None
+    # --kvm-keep-on-failure: QEMU may outlive this process (no parent-death signal).
+    keepable: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
@@ -338,6 +342,8 @@ class Guest:
         self._host_key: KeyPair | None = None
         self._port = 0
         self._closed = False
+        self._lease: Lease | None = None
+        self.kept = False
         self._overlay: Path | None = None
         self._disk: GuestDisk | None = None
         self._shots = 0
@@ -366,6 +372,14 @@ class Guest:
         try:
             self.workdir = self._run.guest_dir(self.name)
             self._sockdir = self._run.socket_dir(self.name)
+            # Before anything starts: what a killed run leaves, `reap` finds here.
+            self._lease = self._run.guest_lease(
+                self.name,
+                workdir=str(self.workdir),
+                sockdir=str(self._sockdir),
+                backend=self.backend,
+                uri=self.config.libvirt.uri if self.config.libvirt else "",
+            )
             self.console = Console(
                 self.workdir / "serial.log", self._sockdir / "console.sock", self.describe()
             )
@@ -445,7 +459,7 @@ class Guest:
             self.boot_timings["address"] = time.monotonic() - t3
         if self.config.ssh:
             t3 = time.monotonic()
-            self._connect(deadline)
+            self._connect(deadline, progress_since=t2)
             self.boot_timings["ssh_ready"] = time.monotonic() - t3
         if self.config.network.kind != "user" and self.config.ssh:
             t4 = time.monotonic()
@@ -472,7 +486,7 @@ class Guest:
         t2 = time.monotonic()
         # The guest agent makes it this guest while SSH shakes hands.
         adopt = _Background(self._adopt_by_agent) if template.agent else None
-        self._connect(time.monotonic() + 60 * self.timeout_scale)
+        self._connect(time.monotonic() + 60 * self.timeout_scale, waited=60 * self.timeout_scale)
         self.boot_timings["ssh_ready"] = time.monotonic() - t2
         t3 = time.monotonic()
         if adopt is None or adopt.join(90 * self.timeout_scale) is not None:  # over SSH
@@ -658,12 +672,18 @@ class Guest:
         if self.is_running and ssh is not None and ssh.is_active():
             # Straight on the session: no reconnecting, no waiting scaled for TCG.
             with contextlib.suppress(CommandTimeout, OSError, EOFError, paramiko.SSHException):
-                raw = ssh.exec("journalctl -b --no-pager -o short", timeout)
+                raw = ssh.exec("journalctl -b --no-pager -o short", timeout, alive=self._alive)
                 if raw.exit_status == 0:
                     return raw.stdout, "journalctl over SSH"
         synced = ""
         if self.is_running:
-            synced = self._sync_by_agent(timeout)
+            # A panicked guest answers neither SSH nor its agent: do not wait for them.
+            dead = self._alive()
+            synced = (
+                f" ({dead}: the last entries may be missing)"
+                if dead
+                else self._sync_by_agent(timeout)
+            )
             self.kill()
         return self.disk.journal(), f"the disk, read with libguestfs{synced}"
 
@@ -760,6 +780,7 @@ class Guest:
                 nics=tuple(nic for _, nic, _ in self._vlan_ports),
                 display=self.config.display or self.config.vnc,
                 vnc=self.config.vnc,
+                die_with_parent=not self.config.keepable,
             )
             machine: Machine
             if self.config.backend == "libvirt":
@@ -780,9 +801,21 @@ class Guest:
                     continue
                 raise
             self.machine = machine
+            self._record_machine(machine)
             if self.config.vnc:
                 self._start_vnc()
             return
+
+    def _record_machine(self, machine: Machine) -> None:
+        """What a reaper needs to end this guest if our process dies: in its lease."""
+        if self._lease is None:
+            return
+        if isinstance(machine, QemuMachine) and machine.pid:
+            self._lease.update(qemu_pid=machine.pid, qemu_start=process_start(machine.pid))
+        if isinstance(machine, LibvirtMachine):
+            self._lease.update(domain=machine.domain_name)
+        if self._tap is not None:
+            self._lease.update(tap=self._tap.ifname)
 
     def _forward_ssh(self, machine: LibvirtMachine) -> None:
         """SSH on 127.0.0.1 of the libvirt host, added once the domain runs."""
@@ -807,19 +840,63 @@ class Guest:
             return f"{self.describe()}: QEMU exited (status {machine.exit_code()})"
         return ""
 
-    def _connect(self, deadline: float) -> None:
+    def _crash_lines(self, lines: int = 20) -> str:
+        """The console lines that tell what happened: from just before a panic's first
+        line (its cause, the faulting task, the call trace), else the last ``lines``."""
+        text = tail(self.console.log_path, 80).splitlines()
+        for index, line in enumerate(text):
+            if _PANIC.search(line):
+                start = max(0, index - 3)
+                return "\n".join(text[start : start + lines])
+        return "\n".join(text[-lines:])
+
+    def _connect(
+        self,
+        deadline: float,
+        *,
+        waited: float | None = None,
+        again: bool = False,
+        lost: str | None = None,
+        progress_since: float | None = None,
+    ) -> None:
+        """SSH until ``deadline``. The timeout error says what was waited for and how
+        long (``waited``, default the boot timeout): the boot, SSH ``again`` after a
+        reconnect, or the command ``lost`` that found its connection gone. With
+        ``progress_since`` (a real boot's power-on), a long wait prints a line now and
+        then: what it waits for, the last console line and the time since."""
         assert self._host_key is not None
         session = SshSession(self.address, self._port, self.config.user,
                              self._client_key, self._host_key, self._jump)  # fmt: skip
+        next_line = (progress_since or 0.0) + WAIT_PROGRESS_EVERY
+
+        def alive_and_progress() -> str:  # called between connection attempts
+            nonlocal next_line
+            now = time.monotonic()
+            if progress_since is not None and now >= next_line:
+                next_line = now + WAIT_PROGRESS_EVERY
+                self._run.progress(
+                    waiting_line(self.name, "SSH", self.console.log_path, now - progress_since)
+                )
+            return self._alive()
+
         try:
-            session.connect(deadline, alive=self._alive)
+            session.connect(deadline, alive=alive_and_progress)
         except ConnectionAbortedError as exc:
-            raise GuestCrashed(
-                f"{exc}; last console lines:\n{tail(self.console.log_path, 20)}", self
-            ) from None
+            raise GuestCrashed(f"{exc}; console:\n{self._crash_lines()}", self) from None
         except GuestTimeout as exc:
+            limit = self.boot_timeout if waited is None else waited
+            if lost is not None:
+                what = (
+                    f"command {lost!r}: the SSH connection was lost and SSH did not answer "
+                    f"again within {limit:.0f} s"
+                )
+            elif again:
+                what = f"SSH did not answer again within {limit:.0f} s"
+            else:
+                what = f"not SSH-ready after {limit:.0f} s"
+            hint = "; the console is still reachable as guest.console" if again or lost else ""
             raise GuestTimeout(
-                f"{self.describe()}: not SSH-ready after {self.boot_timeout:.0f} s ({exc}); "
+                f"{self.describe()}: {what} ({exc}){hint}; "
                 f"last console lines:\n{tail(self.console.log_path, 20)}",
                 self,
             ) from None
@@ -861,6 +938,8 @@ class Guest:
                 for path in (self.workdir, self._sockdir):
                     if path is not None:
                         shutil.rmtree(path, ignore_errors=True)
+                if self._lease is not None:
+                    self._lease.remove()
 
     def __enter__(self) -> Guest:
         return self.start() if self.workdir is None else self
@@ -1141,9 +1220,18 @@ class Guest:
         session = self._session()
         limit = timeout * self.timeout_scale
         if not session.is_active():
-            self._reconnect(30 * self.timeout_scale)
+            # The connection was lost (sshd restarted or killed, the network down, a
+            # reboot): wait for SSH again, at most as long as the command may take.
+            self._reconnect(min(30.0, timeout) * self.timeout_scale, lost=cmd)
+            session = self._session()
         try:
-            raw = session.exec(cmd, limit)
+            raw = session.exec(cmd, limit, alive=self._alive)
+        except GuestDied as exc:
+            # Panicked (frozen: the TCP connection stays open) or QEMU exited.
+            raise GuestCrashed(
+                f"{exc.reason}; command {cmd!r} was running; console:\n{self._crash_lines()}",
+                self,
+            ) from None
         except CommandTimeout as exc:
             raise GuestTimeout(
                 f"{self.describe()}: command {cmd!r} did not finish within {limit:.0f} s; "
@@ -1154,8 +1242,7 @@ class Guest:
             dead = self._alive()
             if dead:
                 raise GuestCrashed(
-                    f"{dead}; command {cmd!r} was running; last console lines:\n"
-                    f"{tail(self.console.log_path, 20)}",
+                    f"{dead}; command {cmd!r} was running; console:\n{self._crash_lines()}",
                     self,
                 ) from None
             raise GuestError(
@@ -1169,12 +1256,14 @@ class Guest:
         """Close the SSH connection and open a new one."""
         self._reconnect(60 * self.timeout_scale)
 
-    def _reconnect(self, timeout: float) -> None:
+    def _reconnect(self, timeout: float, lost: str | None = None) -> None:
+        """A new SSH connection within ``timeout`` s; ``lost``: the command that found
+        the old one gone (the error then says so)."""
         self._session().close()
         dead = self._alive()
         if dead:
-            raise GuestCrashed(f"{dead}; last console lines:\n{tail(self.console.log_path, 20)}")
-        self._connect(time.monotonic() + timeout)
+            raise GuestCrashed(f"{dead}; console:\n{self._crash_lines()}", self)
+        self._connect(time.monotonic() + timeout, waited=timeout, again=True, lost=lost)
 
     def succeed(self, cmd: str, timeout: float = 60) -> str:
         """Run ``cmd``; return its stdout, or raise CommandFailed with both output tails."""
@@ -1295,22 +1384,32 @@ class Guest:
 
     # -- files -------------------------------------------------------------------------
 
+    def _check_remote(self, op: str, remote: object) -> None:
+        """A guest path for SFTP: text, not empty, no NUL (which ends the SFTP session)."""
+        if not isinstance(remote, str) or not remote or "\0" in remote:
+            raise KvmConfigError(
+                f"{self.describe()}: {op}: remote path {remote!r} is not a path "
+                "(a non-empty string without NUL)"
+            )
+
     def put(self, local: str | Path, remote: str) -> None:
         local_path = Path(local)
         if not local_path.is_file():
             raise KvmConfigError(f"{self.describe()}: put: {str(local)!r} is not a file")
+        self._check_remote("put", remote)
         try:
             self._session().put(local_path, remote)
-        except OSError as exc:
+        except (OSError, paramiko.SSHException) as exc:
             raise GuestError(
                 f"{self.describe()}: put {str(local)!r} -> {remote!r}: {exc}"
             ) from None
 
     def get(self, remote: str, local: str | Path) -> Path:
         local_path = Path(local)
+        self._check_remote("get", remote)
         try:
             self._session().get(remote, local_path)
-        except OSError as exc:
+        except (OSError, paramiko.SSHException) as exc:
             local_path.unlink(missing_ok=True)
             raise GuestError(
                 f"{self.describe()}: get {remote!r} -> {str(local)!r}: {exc}"
@@ -1325,7 +1424,14 @@ class Guest:
         old_boot = self.succeed("cat /proc/sys/kernel/random/boot_id").strip()
         self.console.skip_to_end()
         # Detach so the command returns before sshd goes away.
-        self.run("systemd-run --no-block systemctl reboot || (sleep 1; reboot) >/dev/null 2>&1 &")
+        try:
+            self.run(
+                "systemd-run --no-block systemctl reboot || (sleep 1; reboot) >/dev/null 2>&1 &"
+            )
+        except GuestCrashed:
+            raise
+        except GuestError:  # the reboot took the connection before the command returned
+            pass
         self._session().close()
         limit = (timeout or self.config.boot_timeout) * self.timeout_scale
         deadline = time.monotonic() + limit
@@ -1519,6 +1625,45 @@ class Guest:
         if not dest.parent.is_dir():
             raise KvmConfigError(f"save_image({str(path)!r}): {str(dest.parent)!r} does not exist")
         return flatten_image(self.disk_image, dest)
+
+    def keep(self) -> str:
+        """Leave the guest running after the test and the run (--kvm-keep-on-failure):
+        close only this side of it. Returns how to reach it and how to remove it."""
+        machine = self.machine
+        if self.kept:
+            return f"{self.describe()}: kept already"
+        if machine is None or not machine.is_running():
+            return f"{self.describe()}: not kept: it is not running"
+        if not isinstance(machine, QemuMachine):
+            return (
+                f"{self.describe()}: not kept: libvirt destroys the guests of a connection "
+                "that closes (AUTODESTROY); use --kvm-backend qemu to keep one"
+            )
+        if not self.config.keepable:
+            return f"{self.describe()}: not kept: it was started to die with this process"
+        self.kept = True
+        self._closed = True  # close() leaves it alone from now on
+        if self._lease is not None:
+            self._lease.update(kept=True)
+        self._run.keep(self.name)
+        with contextlib.suppress(Exception):
+            if self._disk is not None:
+                self._disk.close()
+        if self._ssh is not None:
+            self._ssh.close()
+        if hasattr(self, "console"):
+            self.console.close()
+        machine.detach()
+        lines = [f"kept {self.describe()} running: QEMU pid {machine.pid}"]
+        if self.config.ssh:
+            lines.append(f"  ssh:        {self.ssh_command}")
+        console = shlex.quote(str(machine.spec.console_socket))
+        lines += [
+            f"  console:    socat -,raw,echo=0 UNIX-CONNECT:{console}",
+            f"  serial log: {self.serial_log}",
+            "  remove it:  pytest-kvm reap   (ends the kept guests of every finished run)",
+        ]
+        return "\n".join(lines)
 
     def kill(self) -> None:
         """Pull the plug."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
 import shutil
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from . import accel
+from . import accel, artifacts
 from .backends import libvirt as libvirt_backend
 from .backends.libvirt import LibvirtTarget
 from .backends.qemu import QEMU_BINARY
@@ -29,6 +31,7 @@ from .images.kernel import BootFiles, boot_files
 from .images.store import check_encryption, check_spec, classify, image_name
 from .images.store import resolve as resolve_image
 from .media import AnswerServer, check_boot_file
+from .reaper import reap
 from .run import RunContext
 from .template import Shape, TemplateStore
 from .vlan import Vlan
@@ -81,9 +84,12 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = resolve(cli, os.environ, config.getini)
         for spec in settings.images:
-            check_spec(spec)
-            if classify(spec) == "path":  # an encrypted image needs its key, now
-                check_encryption(Path(spec).expanduser(), spec, settings.image_secret)
+            try:
+                check_spec(spec)
+                if classify(spec) == "path":  # an encrypted image needs its key, now
+                    check_encryption(Path(spec).expanduser(), spec, settings.image_secret)
+            except (KvmConfigError, ImageError) as exc:  # say where the image was named
+                raise KvmConfigError(f"{settings.image_source}: {exc}") from None
         if settings.images and settings.accel == "kvm":
             accel.choose("kvm")  # fails now, with the reason, rather than in every test
         if settings.images and settings.backend == "libvirt":
@@ -91,6 +97,62 @@ def pytest_configure(config: pytest.Config) -> None:
     except (KvmConfigError, ImageError, KvmUnavailable) as exc:
         raise pytest.UsageError(f"pytest-kvm: {exc}") from None
     config.stash[settings_key] = settings
+    config.pluginmanager.register(_Lifecycle(config), "pytest-kvm-lifecycle")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that pytest tears down as on Ctrl-C."""
+
+
+class _Lifecycle:
+    """Run-level cleanup: SIGTERM tears down like Ctrl-C; a failed test's guests are
+    kept with --kvm-keep-on-failure; the xdist controller reaps what dead workers left."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.kept: list[str] = []
+        self._old_handler: Any = None
+        if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        ):
+            self._old_handler = signal.signal(signal.SIGTERM, self._terminate)
+
+    @staticmethod
+    def _terminate(signum: int, frame: Any) -> None:
+        raise Terminated(f"pytest-kvm: got signal {signum} (SIGTERM): tearing down guests")
+
+    def pytest_unconfigure(self) -> None:
+        if self._old_handler is not None:
+            signal.signal(signal.SIGTERM, self._old_handler)
+            self._old_handler = None
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)  # after the artifacts are saved
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        report = yield
+        settings = item.config.stash.get(settings_key, None)
+        if (
+            report.failed and call.when in ("setup", "call")
+            and settings is not None and settings.keep_on_failure
+        ):  # fmt: skip
+            for guest in item.stash.get(guests_key, []):
+                text = guest.keep()
+                report.sections.append((f"kvm kept guest: {guest.name}", text))
+                self.kept.append(text)
+        return report
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput"):
+            return
+        if self.config.pluginmanager.has_plugin("dsession"):
+            # The xdist controller: a worker that was killed left its guests' files.
+            with contextlib.suppress(KvmError):
+                reap()
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.kept:
+            terminalreporter.section("pytest-kvm: guests kept (--kvm-keep-on-failure)")
+            for text in self.kept:
+                terminalreporter.write_line(text)
 
 
 def check_libvirt(settings: Settings) -> None:
@@ -121,7 +183,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if choice.warning:
         lines.append(choice.warning)
     if settings.keep_on_failure:
-        lines.append("pytest-kvm: --kvm-keep-on-failure is not implemented yet; guests are removed")
+        lines.append(
+            "pytest-kvm: --kvm-keep-on-failure: a failed test's guests stay running "
+            "(qemu backend); `pytest-kvm reap` ends them"
+        )
     return lines
 
 
@@ -143,7 +208,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         settings = _marker_settings(metafunc.definition, base)
         for spec in settings.images:
             if spec not in base.images:
-                check_spec(spec)
+                try:
+                    check_spec(spec)
+                except (KvmConfigError, ImageError) as exc:
+                    where = f"{metafunc.definition.nodeid} (@pytest.mark.kvm image=)"
+                    raise KvmConfigError(f"{where}: {exc}") from None
     except (KvmConfigError, ImageError, KvmUnavailable) as exc:
         # Raised from pytest_collection_modifyitems, where a UsageError ends the run cleanly.
         metafunc.config.stash.setdefault(collect_errors_key, []).append(str(exc))
@@ -203,6 +272,9 @@ class _Session:
                     f"{QEMU_BINARY} is not installed (Debian package: qemu-system-x86)"
                 )
             choice = accel.choose(self.settings.accel)
+            # What runs that died left (their processes are gone); live runs' guests
+            # and kept guests are left alone.
+            reap(progress=self.progress)
             self._run = RunContext(choice, progress=self.progress)
         return self._run
 
@@ -374,6 +446,7 @@ def kvm_guest_factory(
             kernel_args=shaped.kernel_args,
             vlans=vlans,
             backend=shaped.backend,
+            keepable=shaped.keep_on_failure,
             blank=blank,
             kernel=kernel_path,
             initrd=initrd_path,
@@ -479,56 +552,46 @@ def kvm_guest(kvm_guest_factory: GuestFactory) -> Guest:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
+    guests = item.stash.get(guests_key, [])
     if call.when == "call":
-        for guest in item.stash.get(guests_key, []):
+        for guest in guests:
             usage = guest.resource_usage()
             if usage:
                 report.sections.append((f"kvm resources: {guest.name}", usage))
+    if item.config.option.verbose > 0 and (
+        call.when == "call" or (call.when == "setup" and report.failed)
+    ):
+        for guest in guests:
+            if guest.boot_timings:
+                report.sections.append(artifacts.timings_section(guest.name, guest.boot_timings))
     if report.failed and call.when in ("call", "setup"):
-        guests = item.stash.get(guests_key, [])
         settings = item.config.stash.get(settings_key, None)
+        extras: list[Any] = []
         for guest in guests:
             if guest.workdir is None or not guest.serial_log.exists():
                 continue
-            report.sections.append((f"kvm console tail: {guest.name}", tail(guest.serial_log, 30)))
+            console = tail(guest.serial_log, artifacts.CONSOLE_TAIL_LINES)
+            report.sections.append((f"kvm console tail: {guest.name}", console))
             if settings is not None:
-                saved = _save_artifacts(guest, settings.artifacts, item.nodeid)
+                saved = _save_artifacts(
+                    guest, settings.artifacts, item.nodeid, settings.keep_on_failure
+                )
                 report.sections.append((f"kvm artifacts: {guest.name}", str(saved)))
+                extras += artifacts.html_extras(item.config, guest.name, saved, console)
+        if extras:  # pytest-html shows them (its report.extras)
+            report.extras = [*getattr(report, "extras", []), *extras]
     return report
 
 
-def _save_artifacts(guest: Guest, root: Path, nodeid: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in nodeid)[-150:]
-    folder = root / safe / guest.name
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(guest.serial_log, folder / "serial.log")
-    if guest.machine is not None:
-        (folder / "qemu-argv.txt").write_text("\n".join(guest.machine.argv) + "\n")
-    (folder / "boot-timings.txt").write_text(
-        "".join(f"{k}: {v:.3f}\n" for k, v in guest.boot_timings.items())
-    )
-    if guest.has_display and guest.is_running:
-        # What an installer showed when the test failed: the picture and, in a text
-        # mode, the text.
-        try:
-            guest.screenshot(folder / "screen.png")
-            text = guest.screen_text()
-            if text:
-                (folder / "screen.txt").write_text(text + "\n")
-        except (KvmError, OSError, ConnectionError, RuntimeError, ValueError) as exc:
-            (folder / "screen-error.txt").write_text(f"no screenshot: {exc}\n")
-    if guest.config.blank:
-        (folder / "journal-source.txt").write_text(
-            "no journal: an installer's guest (its disk holds what it was installing)\n"
+def _save_artifacts(guest: Guest, root: Path, nodeid: str, keep: bool = False) -> Path:
+    return artifacts.save(guest, root, nodeid, keep_running=keep)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if session.config.option.verbose > 0:  # -v: boot phase timings under each test
+        session.config.pluginmanager.register(
+            artifacts.BootTimingsReporter(session.config), "pytest-kvm-boot-timings"
         )
-        return folder
-    try:
-        text, source = guest.journal_text(timeout=30)
-        (folder / "journal.txt").write_text(text)
-        (folder / "journal-source.txt").write_text(source + "\n")
-    except (KvmError, OSError) as exc:  # KvmUnavailable: no libguestfs
-        (folder / "journal-source.txt").write_text(f"no journal: {exc}\n")
-    return folder
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .accel import AccelChoice
 from .network import Identity
+from .reaper import Lease, lease_dir, owner_fields
 from .ssh import KeyPair
 
 
@@ -36,10 +37,46 @@ class RunContext:
             self.sock_dir = Path(
                 tempfile.mkdtemp(prefix=f"pytest-kvm-{self.identity.run_id}-", dir="/tmp")
             )
+        # Recorded right after its dirs are made, so that a run killed from here on
+        # leaves nothing the next run (or `pytest-kvm reap`) cannot find.
+        self._lease_dir = lease_dir()
+        self.lease = Lease.create(
+            self._lease_dir,
+            f"run-{self.identity.run_id}-{self.identity.worker}-{os.getpid()}",
+            {
+                "kind": "run",
+                "run_id": self.identity.run_id,
+                "worker": self.identity.worker,
+                "dir": str(self.dir),
+                "sock_dir": str(self.sock_dir),
+                **owner_fields(),
+            },
+        )
         self.client_key = KeyPair.generate(f"pytest-kvm-{self.identity.run_id}").save(
             self.dir / "id_ed25519"
         )
+        self._kept: list[str] = []
         self._closed = False
+
+    def guest_lease(self, name: str, **fields: object) -> Lease:
+        """A lease for guest ``name``, written now (before it starts)."""
+        return Lease.create(
+            self._lease_dir,
+            f"guest-{name}",
+            {
+                "kind": "guest",
+                "run_id": self.identity.run_id,
+                "worker": self.identity.worker,
+                "name": name,
+                **owner_fields(),
+                **fields,
+            },
+        )
+
+    def keep(self, name: str) -> None:
+        """Guest ``name`` stays running after the run: keep the run's dirs (its key)."""
+        self._kept.append(name)
+        self.lease.update(kept=True)
 
     def guest_dir(self, name: str) -> Path:
         path = self.dir / name
@@ -58,5 +95,8 @@ class RunContext:
         if self._closed:
             return
         self._closed = True
+        if self._kept:
+            return  # `pytest-kvm reap` removes them with the kept guests
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+        self.lease.remove()

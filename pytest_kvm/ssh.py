@@ -86,6 +86,20 @@ class CommandTimeout(Exception):
         self.stderr = stderr
 
 
+class GuestDied(ConnectionAbortedError):
+    """The guest died (panicked, or QEMU exited) while a command ran; ``reason`` says how."""
+
+    def __init__(self, reason: str, stdout: str = "", stderr: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+# How often ``exec`` asks ``alive()`` while a command runs, in seconds.
+ALIVE_INTERVAL = 1.0
+
+
 @dataclass(frozen=True)
 class RawResult:
     exit_status: int
@@ -262,15 +276,29 @@ class SshSession:
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
 
-    def exec(self, command: str, timeout: float) -> RawResult:
-        """Run ``command`` through the guest user's shell; stdout and stderr read concurrently."""
+    def exec(
+        self, command: str, timeout: float, alive: Callable[[], str] | None = None
+    ) -> RawResult:
+        """Run ``command`` through the guest user's shell; stdout and stderr read concurrently.
+
+        ``alive()`` returns "" while the guest lives, else what happened to it: it is
+        asked before the command starts and about once a second while it runs, so a
+        guest that panics (its TCP connection stays open, frozen) raises ``GuestDied``
+        at once instead of running out the timeout. A connection lost mid-command
+        raises ``ConnectionResetError`` rather than returning a made-up exit status."""
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise ConnectionError("SSH connection is closed")
+        if alive is not None:
+            dead = alive()
+            if dead:
+                raise GuestDied(dead)
         chan = transport.open_session(timeout=timeout)
         out: list[bytes] = []
         err: list[bytes] = []
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = now + timeout
+        next_check = now + ALIVE_INTERVAL
         try:
             chan.exec_command(command)
             chan.shutdown_write()
@@ -282,11 +310,24 @@ class SshSession:
                 drained = not chan.recv_ready() and not chan.recv_stderr_ready()
                 if drained and (chan.exit_status_ready() or chan.closed):
                     break
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                if alive is not None and now >= next_check:
+                    dead = alive()
+                    if dead:
+                        raise GuestDied(dead, _decode(b"".join(out)), _decode(b"".join(err)))
+                    next_check = now + ALIVE_INTERVAL
+                remaining = deadline - now
                 if remaining <= 0:
                     raise CommandTimeout(_decode(b"".join(out)), _decode(b"".join(err)))
-                select.select([chan], [], [], min(remaining, 1.0))
+                wait = min(remaining, 1.0)
+                if alive is not None:
+                    wait = min(wait, max(next_check - now, 0.01))
+                select.select([chan], [], [], wait)
             status = chan.recv_exit_status()
+            if status == -1 and _connection_lost(transport):
+                raise ConnectionResetError(
+                    "the SSH connection was lost while the command ran (no exit status)"
+                )
         finally:
             chan.close()
         return RawResult(status, _decode(b"".join(out)), _decode(b"".join(err)))
@@ -307,6 +348,19 @@ class SshSession:
         client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def _connection_lost(transport: paramiko.Transport, grace: float = 1.0) -> bool:
+    """A channel closed without an exit status: was the whole connection lost (sshd
+    killed, network gone), rather than the command killed by a signal (OpenSSH then
+    sends ``exit-signal``, which paramiko does not record)? paramiko closes the
+    channels of a lost connection just before it marks the transport inactive."""
+    end = time.monotonic() + grace
+    while transport.is_active():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _decode(data: bytes) -> str:

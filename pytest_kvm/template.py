@@ -39,11 +39,12 @@ from .errors import GuestError, ImageError, KvmError
 from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
 from .images.builder import fsync_dir
+from .images.overlay import MIN_FREE_SPACE, check_free_space
 from .run import RunContext
 from .ssh import KeyPair
 
 # Bump when what goes into a template changes, so old ones are not used.
-TEMPLATE_FORMAT = 4
+TEMPLATE_FORMAT = 5  # 5: every guest has a VGA card (the clones' devices changed)
 TEMPLATE_HOSTNAME = "pytest-kvm-template"
 # What a template waits for before it is saved: boot finished, cloud-init done,
 # and as little page cache as possible in the RAM that clones map.
@@ -260,6 +261,9 @@ class TemplateStore:
         # We hold the lock: any half-made template of this name is from a dead run.
         for stale in self.root.glob(f".{name}.building-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        # Its RAM file fills as the guest runs (a full disk there would kill QEMU with
+        # SIGBUS): room for all of it, plus the disk overlay and saved state.
+        check_free_space(self.root, (shape.memory << 20) + MIN_FREE_SPACE, f"template {name}")
         work = self.root / f".{name}.building-{os.getpid()}"
         work.mkdir(mode=0o700)
         started = time.monotonic()

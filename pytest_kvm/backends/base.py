@@ -65,6 +65,10 @@ class MachineSpec:
     # (password-protected, set through QMP after start) to watch it live.
     display: bool = False
     vnc: bool = False
+    # QEMU gets SIGKILL when the process that started it dies. Off only for guests
+    # that may be kept after the run (--kvm-keep-on-failure); their leases let
+    # `pytest-kvm reap` end them.
+    die_with_parent: bool = True
 
     @property
     def _sockets(self) -> Path:

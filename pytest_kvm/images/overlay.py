@@ -9,7 +9,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageError, KvmUnavailable
+from ..errors import HostDiskFull, ImageError, KvmUnavailable
+
+# The least free space on the host for a new overlay or blank disk: enough for a
+# guest's writes during a test, its serial log and sockets. Both are sparse qcow2
+# files, so a blank disk needs no more than an overlay, whatever its virtual size.
+MIN_FREE_SPACE = 64 << 20
 
 
 def qemu_img(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -28,6 +33,22 @@ def image_info(path: Path) -> dict[str, Any]:
     return info
 
 
+def check_free_space(directory: Path, needed: int = MIN_FREE_SPACE, what: str = "a disk") -> None:
+    """Raise ``HostDiskFull`` unless ``directory``'s file system has ``needed`` bytes
+    free (for the caller: what ``statvfs`` says an unprivileged user may use)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        raise HostDiskFull(f"cannot make {what}: {str(directory)!r}: {exc.strerror}") from None
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise HostDiskFull(
+            f"cannot make {what}: only {free / 2**20:.1f} MiB free in {str(directory)!r}, "
+            f"needs at least {needed / 2**20:.0f} MiB; free some space there, or point "
+            "PYTEST_KVM_RUNTIME_DIR (guests' disks) or --kvm-cache (templates) elsewhere"
+        )
+
+
 def create_overlay(
     base: Path,
     base_format: str,
@@ -40,6 +61,7 @@ def create_overlay(
     With ``secret`` the overlay is LUKS-encrypted with it, like its encrypted base:
     what a guest writes is never stored in clear. The base is not opened then
     (``-u``; it would need its key too), so ``size`` must be given."""
+    check_free_space(path.parent, what=f"overlay {str(path)!r}")
     args = ["create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base.resolve())]
     opts = "lazy_refcounts=on,cluster_size=65536"
     if secret is not None:
@@ -59,6 +81,7 @@ def create_overlay(
 
 def create_blank_disk(path: Path, size: int) -> Path:
     """An empty qcow2 of ``size`` bytes at ``path``: the disk an installer writes."""
+    check_free_space(path.parent, what=f"disk {str(path)!r}")
     args = ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=65536",
             "--", str(path), str(size)]  # fmt: skip
     proc = _qemu_img_luks(args, path, encrypted=False)

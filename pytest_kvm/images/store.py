@@ -26,6 +26,7 @@ from .overlay import (
 
 _NAME = re.compile(r"^[a-z][a-z0-9.+-]*$")
 _URL = re.compile(r"^(https?|file)://", re.IGNORECASE)
+_ANY_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def classify(spec: str) -> str:
@@ -40,21 +41,27 @@ def classify(spec: str) -> str:
 def check_spec(spec: str) -> None:
     """Fast checks at start-up; a KvmConfigError names the value and the problem."""
     kind = classify(spec)
+    other_url = _ANY_URL.match(spec)
+    if kind != "url" and other_url:
+        raise KvmConfigError(
+            f"image {spec!r}: URL scheme {other_url.group(1)!r} is not supported; "
+            "give a path or a catalog name"
+        )
     if kind == "url":
         raise KvmConfigError(
-            f"--kvm-image {spec!r}: downloading images by URL is not supported yet; "
+            f"image {spec!r}: downloading images by URL is not supported yet; "
             "download it and pass the path"
         )
     if kind == "path":
         validate_path(Path(spec).expanduser(), spec)
         return
     if not _NAME.match(spec):
-        raise KvmConfigError(f"--kvm-image {spec!r}: not a path, URL or catalog name")
+        raise KvmConfigError(f"image {spec!r}: not a path, URL or catalog name")
     from .recipe import catalog_names
 
     if spec not in catalog_names():
         raise KvmConfigError(
-            f"--kvm-image {spec!r}: unknown catalog image; known: {', '.join(catalog_names())}"
+            f"image {spec!r}: unknown catalog image; known: {', '.join(catalog_names())}"
         )
 
 
