@@ -11,7 +11,8 @@ A failed test's guests each leave ``--kvm-artifacts DIR/<test id>/<guest>/``:
 - ``screen.png``         the display (``screen.txt`` too while it is in a text mode),
                          or ``screen-error.txt`` saying why there is none
 - ``journal.txt``        the journal of the current boot, ``journal-source.txt``
-                         where it came from
+                         where it came from; a guest without systemd (sysvinit) has
+                         no journal: ``dmesg.txt`` holds its kernel log instead
 
 With pytest-html active, the screenshot and the console tail go into the HTML report
 as extras.
@@ -186,14 +187,38 @@ def _save_journal(guest: Guest, folder: Path, keep_running: bool) -> None:
         if keep_running and guest.is_running:
             result = guest.run("journalctl -b --no-pager -o short", timeout=30)
             if result.exit_status != 0:
+                if _save_kernel_log(guest, folder):
+                    return
                 raise KvmError(f"journalctl failed (exit {result.exit_status})")
             text, source = result.stdout, "journalctl over SSH (the guest is kept running)"
+        elif _save_kernel_log(guest, folder):
+            return
         else:
             text, source = guest.journal_text(timeout=30)
         (folder / "journal.txt").write_text(text)
         (folder / "journal-source.txt").write_text(source + "\n")
     except (KvmError, OSError) as exc:  # KvmUnavailable: no libguestfs
         (folder / "journal-source.txt").write_text(f"no journal: {exc}\n")
+
+
+def _save_kernel_log(guest: Guest, folder: Path) -> bool:
+    """A running guest that answers SSH and has no systemd: note that there is no
+    journal and save ``dmesg`` (the tail of ``/var/log/syslog`` if dmesg fails)
+    instead. False for a systemd guest, or one that cannot be asked."""
+    try:
+        transport = guest.ssh.get_transport() if guest.is_running else None
+        if transport is None or not transport.is_active() or guest.init_system == "systemd":
+            return False
+        init = guest.init_system
+        result = guest.run("dmesg || tail -n 2000 /var/log/syslog", timeout=30)
+    except KvmError:
+        return False
+    (folder / "dmesg.txt").write_text(result.stdout)
+    (folder / "journal-source.txt").write_text(
+        f"no journal: not a systemd guest (PID 1 is {init!r}); "
+        f"dmesg.txt holds its kernel log (exit {result.exit_status}), over SSH\n"
+    )
+    return True
 
 
 def html_extras(config: pytest.Config, guest_name: str, folder: Path, console: str) -> list[Any]:

@@ -28,8 +28,14 @@ def _progress(start: float) -> object:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from .images.builder import build_image
     from .images.recipe import load_recipe
-    from .images.store import build_cached
+    from .images.store import build_cached, is_downloaded
 
+    if is_downloaded(args.name):
+        print(
+            f"pytest-kvm: {args.name} is downloaded, not built: pytest-kvm image pull {args.name}",
+            file=sys.stderr,
+        )
+        return 2
     start = time.monotonic()
     show = _progress(start)
     if args.output:
@@ -59,6 +65,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         state = "built" if path.exists() else "not built"
         size = f"{path.stat().st_size / 2**20:.0f}M" if path.exists() else "-"
         print(f"{name:<16} {state:<10} {size:>8}  recipe {load_recipe(name).path}")
+    _list_downloads(cache)
     images = cache / "images"
     known = {catalog_path(n, cache) for n in catalog_names()}
     for path in sorted(images.glob("*.qcow2")) if images.is_dir() else []:
@@ -79,6 +86,49 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         print("\nCUSTOMISATION LAYERS (files=, hostname=, run= applied with libguestfs)")
         for path in layers:
             print(f"  {path}  {path.stat().st_size / 2**20:.0f}M")
+    return 0
+
+
+def _list_downloads(cache: Path) -> None:
+    """Downloaded catalog images (images/cloud/) and other downloads in the cache."""
+    from .images.download import cached, catalog_source
+    from .images.recipe import catalog_names, download_names
+
+    keys = set()
+    for name in download_names():
+        if name in catalog_names():
+            continue  # a local recipe of the same name wins
+        source = catalog_source(name)
+        keys.add(source.key)
+        path = cached(source, cache)
+        state = "cached" if path else "not cached"
+        size = f"{path.stat().st_size / 2**20:.0f}M" if path else "-"
+        print(f"{name:<16} {state:<10} {size:>8}  download {source.url}")
+    downloads = cache / "downloads"
+    for directory in sorted(downloads.iterdir()) if downloads.is_dir() else []:
+        if directory.name in keys or not directory.is_dir():
+            continue
+        for record in sorted(directory.glob("*.json")):
+            path = record.with_suffix("")
+            if path.suffix == ".part" or not path.is_file():
+                continue
+            size = f"{path.stat().st_size / 2**20:.0f}M"
+            print(f"{directory.name:<16} {'cached':<10} {size:>8}  {path}")
+
+
+def cmd_image_pull(args: argparse.Namespace) -> int:
+    from .images.store import check_spec, classify, fetch_image, is_downloaded
+
+    if classify(args.image) != "url" and not is_downloaded(args.image):
+        print(
+            f"pytest-kvm: {args.image!r} is not a URL or a downloaded catalog image "
+            "(`pytest-kvm image list` shows them)",
+            file=sys.stderr,
+        )
+        return 2
+    check_spec(args.image)
+    image = fetch_image(args.image, Path(args.cache), _progress(time.monotonic()))  # type: ignore[arg-type]
+    print(f"{image.path} ({image.format}, {image.virtual_size / 2**20:.0f} MiB virtual)")
     return 0
 
 
@@ -461,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(func=cmd_image_build)
     listing = image.add_parser("list", help="catalog and cache")
     listing.set_defaults(func=cmd_image_list)
+    pull = image.add_parser(
+        "pull", help="download a catalog cloud image or a URL into the cache (checksummed)"
+    )
+    pull.add_argument("image", help="a downloaded catalog name (ubuntu-24.04) or a URL")
+    pull.set_defaults(func=cmd_image_pull)
     template = sub.add_parser("template", help="booted templates in the cache").add_subparsers(
         dest="template_command", required=True
     )

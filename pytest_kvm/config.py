@@ -53,6 +53,8 @@ class Settings:
     keep_on_failure: bool = False
     # A VNC display on 127.0.0.1 (password in a private file) for every guest.
     vnc: bool = False
+    # Never download images: URLs and downloaded catalog images must be in the cache.
+    offline: bool = False
     artifacts: Path = Path(".pytest-kvm/artifacts")
     cache: Path = field(default_factory=lambda: default_cache_dir())
     kernel_args: str = ""
@@ -287,6 +289,7 @@ OPTIONS: dict[str, Option] = {
         Option("snapshot", _bool, "restore guests from a booted template", ""),
         Option("keep_on_failure", _bool, "leave a failed test's guest running", ""),
         Option("vnc", _bool, "a VNC display on 127.0.0.1, with a password, per guest", ""),
+        Option("offline", _bool, "never download images: use only what is in the cache", ""),
         Option("artifacts", _path, "where failed tests' logs go", "DIR"),
         Option("cache", _path, "built and downloaded images (~/.cache/pytest-kvm)", "DIR"),
         Option("kernel_args", _text, "extra kernel command line (forces a real boot)", "ARGS"),

@@ -348,6 +348,7 @@ class Guest:
         self._disk: GuestDisk | None = None
         self._shots = 0
         self._disk_fetched = False
+        self._pid1: str | None = None  # "systemd", or PID 1's name: init_system
         # (host, port) of the VNC display (--kvm-vnc), once running.
         self.vnc: tuple[str, int] | None = None
         # Starts another guest like this one's factory: set by kvm_guest_factory, so
@@ -1207,6 +1208,30 @@ class Guest:
         ]  # fmt: skip
         return shlex.join(argv)
 
+    @property
+    def os_release(self) -> dict[str, str]:
+        """The guest's ``/etc/os-release``, parsed (no shell): ``{"ID": "debian",
+        "VERSION_ID": "12", ...}``. Read once per guest; a copy each time."""
+        cached: dict[str, str] | None = self.__dict__.get("_os_release")
+        if cached is None:
+            from .osrelease import parse_os_release
+
+            text = self.succeed("cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release")
+            cached = self.__dict__["_os_release"] = parse_os_release(text)
+        return dict(cached)
+
+    @property
+    def host(self) -> Any:
+        """A testinfra ``Host`` whose commands go over this guest's SSH connection
+        (``guest.ssh``: the run's key, the pinned host key). Needs pytest-testinfra;
+        without it raises ``MissingTestinfra`` (a KvmUnavailable and an ImportError)."""
+        host = self.__dict__.get("_testinfra_host")
+        if host is None:
+            from .testinfra_backend import make_host
+
+            host = self.__dict__["_testinfra_host"] = make_host(self)
+        return host
+
     # -- commands -------------------------------------------------------------------
 
     def _session(self) -> SshSession:
@@ -1311,10 +1336,34 @@ class Guest:
         assert last is not None
         return last.stdout
 
+    @property
+    def init_system(self) -> str:
+        """``"systemd"`` if systemd runs the guest (``/run/systemd/system`` exists),
+        else the name of PID 1 (``"init"`` for sysvinit). Asked once per guest."""
+        if self._pid1 is None:
+            found = self.succeed(
+                "if test -d /run/systemd/system; then echo systemd; else cat /proc/1/comm; fi",
+                timeout=30,
+            ).strip()
+            self._pid1 = found or "unknown"
+        return self._pid1
+
     def wait_for_unit(self, unit: str, timeout: float = 120) -> None:
-        """Wait until a systemd unit is active; a failed unit raises at once."""
+        """Wait until a systemd unit is active; a failed unit raises at once.
+
+        On a guest without systemd (sysvinit) it raises GuestError at once: there
+        are no units to ask about, and guessing from init scripts could be wrong."""
         __tracebackhide__ = True
         q = shlex.quote(unit)
+        if self.init_system != "systemd":
+            service = unit.removesuffix(".service")
+            raise GuestError(
+                f"{self.describe()}: wait_for_unit({unit!r}) needs systemd, but this guest "
+                f"has no systemd (PID 1 is {self.init_system!r}, no /run/systemd/system); "
+                f"wait for its init script instead, e.g. "
+                f"guest.wait_until_succeeds({f'service {shlex.quote(service)} status'!r})",
+                self,
+            )
         last: CommandResult | None = None
 
         def attempt() -> bool:

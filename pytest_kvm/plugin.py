@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from . import accel, artifacts
+from . import accel, artifacts, matrix
 from .backends import libvirt as libvirt_backend
 from .backends.libvirt import LibvirtTarget
 from .backends.qemu import QEMU_BINARY
@@ -28,7 +28,7 @@ from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
 from .guest import Guest, GuestConfig
 from .images import Image
 from .images.kernel import BootFiles, boot_files
-from .images.store import check_encryption, check_spec, classify, image_name
+from .images.store import check_encryption, check_spec, classify
 from .images.store import resolve as resolve_image
 from .media import AnswerServer, check_boot_file
 from .reaper import reap
@@ -41,6 +41,7 @@ _vlan_numbers = itertools.count(1)
 settings_key = pytest.StashKey[Settings]()
 guests_key = pytest.StashKey[list[Guest]]()
 collect_errors_key = pytest.StashKey[list[str]]()
+dist_note_key = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,12 +54,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="base image: a qcow2/raw path or a catalog name (debian-12); repeatable",
     )
     parser.addini("kvm_image", "default --kvm-image values", type="linelist")
+    group.addoption(
+        "--kvm-dist-by-image", action="store_true", dest=matrix.DIST_OPTION, default=None,
+        help=matrix.DIST_HELP,
+    )  # fmt: skip
+    parser.addini(matrix.DIST_OPTION, matrix.DIST_HELP)
     for opt in OPTIONS.values():
         dest = "kvm_" + opt.name
         if opt.name == "uri":
             group.addoption(opt.flag, action="append", dest=dest, default=None,
                             metavar=opt.metavar, help=opt.help)  # fmt: skip
-        elif opt.name in ("snapshot", "keep_on_failure", "vnc"):
+        elif opt.name in ("snapshot", "keep_on_failure", "vnc", "offline"):
             group.addoption(opt.flag, action="store_true", dest=dest, default=None, help=opt.help)
             if opt.name == "snapshot":
                 group.addoption(
@@ -79,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "run=): override pytest-kvm settings for a test, class or module; files/hostname/run "
         "customise the disk with libguestfs before the guest boots",
     )
+    config.addinivalue_line("markers", matrix.SKIP_MARKER_HELP)
     cli = {name: config.getoption("kvm_" + name) for name in OPTIONS}
     cli["image"] = config.getoption("kvm_image")
     try:
@@ -94,6 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
             accel.choose("kvm")  # fails now, with the reason, rather than in every test
         if settings.images and settings.backend == "libvirt":
             check_libvirt(settings)  # a bad URI or pool fails the run now, once
+        config.stash[dist_note_key] = matrix.configure_dist(config, settings.images)
     except (KvmConfigError, ImageError, KvmUnavailable) as exc:
         raise pytest.UsageError(f"pytest-kvm: {exc}") from None
     config.stash[settings_key] = settings
@@ -182,6 +190,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if choice.warning:
         lines.append(choice.warning)
+    if config.stash.get(dist_note_key, ""):
+        lines.append(config.stash[dist_note_key])
     if settings.keep_on_failure:
         lines.append(
             "pytest-kvm: --kvm-keep-on-failure: a failed test's guests stay running "
@@ -206,6 +216,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     base = metafunc.config.stash[settings_key]
     try:
         settings = _marker_settings(metafunc.definition, base)
+        skips = matrix.skipped_images(metafunc.definition)
         for spec in settings.images:
             if spec not in base.images:
                 try:
@@ -218,13 +229,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.config.stash.setdefault(collect_errors_key, []).append(str(exc))
         return
     if settings.images:
-        metafunc.parametrize(
-            "kvm_image",
-            list(settings.images),
-            indirect=True,
-            ids=[image_name(spec) for spec in settings.images],
-            scope="function",
-        )
+        # Ids are image_name(spec); images the test's kvm_skip_image names skip there.
+        params = matrix.image_params(settings.images, skips)
+        metafunc.parametrize("kvm_image", params, indirect=True, scope="function")
 
 
 @pytest.fixture(scope="session")
@@ -311,7 +318,9 @@ class _Session:
         return dataclasses.replace(image, name=f"disk of {path.parent.name}")
 
     def _resolve(self, spec: str, secret: Path | None) -> Image:
-        image = resolve_image(spec, self.settings.cache, self.progress, secret)
+        image = resolve_image(
+            spec, self.settings.cache, self.progress, secret, offline=self.settings.offline
+        )
         if classify(spec) == "path" and guestfs_available():
             # Without libguestfs an image is assumed to run cloud-init.
             has = probe_cloud_init(image, self.settings.cache, self.force_tcg)
@@ -551,6 +560,9 @@ def kvm_guest(kvm_guest_factory: GuestFactory) -> Guest:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    if call.when == "teardown":  # before the report is made: --junitxml reads its properties
+        started: list[Guest] = item.stash.get(guests_key, [])
+        item.user_properties.extend(matrix.junit_properties(item, started))
     report = yield
     guests = item.stash.get(guests_key, [])
     if call.when == "call":
@@ -602,9 +614,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if settings is None:
         return
     for item in items:
-        if item.get_closest_marker("kvm") is None:
-            continue
         try:
-            _marker_settings(item, settings)
+            if item.get_closest_marker(matrix.SKIP_MARKER) is not None:
+                matrix.skipped_images(item)  # also on tests that start no guest
+            if item.get_closest_marker("kvm") is not None:
+                _marker_settings(item, settings)
         except KvmError as exc:
             raise pytest.UsageError(f"pytest-kvm: {exc}") from None

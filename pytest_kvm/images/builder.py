@@ -84,6 +84,12 @@ HOST_TOOLS = {
 }
 
 _TAIL_LINES = 40
+
+# The line of cloud-init's configuration that says who configures the network.
+_NETWORK_COMMENT = {
+    "networkd": "# systemd-networkd's 10-dhcp.network configures the network.\n",
+    "ifupdown": "# ifupdown (/etc/network/interfaces, DHCP on eth0) configures the network.\n",
+}
 _CHATTER_INTERVAL = 2.0  # seconds between forwarded apt/dpkg lines
 _QUIET_INTERVAL = 10.0  # a "still running" line after this long without output
 
@@ -324,6 +330,9 @@ class _Build:
             # builds the initramfs once, with our settings
             f'--setup-hook=cp -a {shlex.quote(str(stage))}/. "$1/"',
         ]
+        if not recipe.check_valid_until:
+            # kept in the image's apt.conf.d too, so apt-get update works there
+            argv.append('--aptopt=Acquire::Check-Valid-Until "false"')
         if recipe.packages:
             argv.append(f"--include={','.join(recipe.packages)}")
         argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_path_exclude]
@@ -395,8 +404,8 @@ class _Build:
             "# Only the NoCloud seed (a cidata CD or disk) configures guests;\n"
             "# nothing probes for cloud metadata services.\n"
             "datasource_list: [ NoCloud, None ]\n"
-            "# systemd-networkd's 10-dhcp.network configures the network.\n"
-            "network: {config: disabled}\n"
+            + _NETWORK_COMMENT[recipe.network]
+            + "network: {config: disabled}\n"
             "# RSA host key generation takes seconds under TCG; these take\n"
             "# milliseconds. A seed can still supply its own ssh_keys.\n"
             "ssh_genkeytypes: [ed25519, ecdsa]\n"
@@ -405,18 +414,10 @@ class _Build:
             "# No GRUB package in the image for it to configure.\n"
             "grub_dpkg: {enabled: false}\n",
         )
-        _write(
-            root / "etc/systemd/network/10-dhcp.network",
-            "# Written by pytest-kvm's image builder.\n"
-            "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
-        )
-        wait_online = self._guest_path("lib/systemd/systemd-networkd-wait-online")
-        _write(
-            root / "etc/systemd/system/systemd-networkd-wait-online.service.d/pytest-kvm.conf",
-            "# Written by pytest-kvm's image builder: one link is enough,\n"
-            "# and never stall the boot for long.\n"
-            f"[Service]\nExecStart=\nExecStart={wait_online} --any --timeout=20\n",
-        )
+        if recipe.network == "ifupdown":
+            self._configure_ifupdown()
+        else:
+            self._configure_networkd()
         self._configure_units()
 
         cmdline = kernel_command_line(recipe, self.root_uuid)
@@ -438,6 +439,34 @@ class _Build:
         )
         self.progress(f"configure: kernel command line: {cmdline}")
         self._clean()
+
+    def _configure_networkd(self) -> None:
+        root = self.root
+        _write(
+            root / "etc/systemd/network/10-dhcp.network",
+            "# Written by pytest-kvm's image builder.\n"
+            "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
+        )
+        wait_online = self._guest_path("lib/systemd/systemd-networkd-wait-online")
+        _write(
+            root / "etc/systemd/system/systemd-networkd-wait-online.service.d/pytest-kvm.conf",
+            "# Written by pytest-kvm's image builder: one link is enough,\n"
+            "# and never stall the boot for long.\n"
+            f"[Service]\nExecStart=\nExecStart={wait_online} --any --timeout=20\n",
+        )
+
+    def _configure_ifupdown(self) -> None:
+        """DHCP on eth0 (the recipe has net.ifnames=0) by ifupdown's networking
+        script: for images without systemd. ``auto``, not ``allow-hotplug``: the
+        boot waits for the lease, so sshd starts with the network up."""
+        self._guest_path("sbin/ifup")  # the recipe must install ifupdown
+        _write(
+            self.root / "etc/network/interfaces",
+            "# Written by pytest-kvm's image builder.\n"
+            "source /etc/network/interfaces.d/*\n\n"
+            "auto lo\niface lo inet loopback\n\n"
+            "auto eth0\niface eth0 inet dhcp\n",
+        )
 
     def _guest_path(self, relative: str) -> str:
         """``/usr/lib/...`` or ``/lib/...``, whichever the guest has as a real file."""

@@ -31,6 +31,9 @@ _UNIT_RE = re.compile(r"^[A-Za-z0-9@:._\\-]+\.(service|socket|timer|target|path|
 _INITRAMFS_MODULES = ("most", "dep", "netboot", "list")
 _INITRAMFS_COMPRESS = ("gzip", "lz4", "lzop", "xz", "zstd", "bzip2", "lzma")
 _VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important")
+#: Who brings the guest's network up: systemd-networkd (DHCP on en*/eth*), or
+#: ifupdown (DHCP on eth0, for images without systemd; needs net.ifnames=0).
+_NETWORKS = ("networkd", "ifupdown")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Recipe:
     disk_size: int = 3 * 1024 * _MIB  # virtual size of the qcow2
     hostname: str = "debian"
     kernel_args: tuple[str, ...] = ()  # appended after root=, ro and the consoles
+    network: str = "networkd"  # one of _NETWORKS
+    check_valid_until: bool = True  # apt's Acquire::Check-Valid-Until
     dpkg_path_exclude: tuple[str, ...] = ()  # dpkg --path-exclude, kept in the image
     dpkg_path_include: tuple[str, ...] = ()
     initramfs_modules: str = "most"  # initramfs.conf MODULES=
@@ -134,6 +139,14 @@ class _Fields:
             )
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.value(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ImageError(f"{self.where}: {key!r} must be true or false, got {value!r}")
+        return value
+
     def strings(self, key: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
         value = self.value(key)
         if value is None:
@@ -191,6 +204,13 @@ def load_recipe_file(path: Path) -> Recipe:
     if not _HOST_RE.match(hostname):
         raise ImageError(f"{where}: 'hostname' {hostname!r} is not a valid host name")
     kernel_args = top.strings("kernel_args")
+    network = top.string("network", "networkd", choices=_NETWORKS)
+    check_valid_until = top.boolean("check_valid_until", True)
+    if network == "ifupdown" and "net.ifnames=0" not in kernel_args:
+        raise ImageError(
+            f"{where}: network = 'ifupdown' configures eth0; add 'net.ifnames=0' to "
+            "'kernel_args' so that the guest's interface has that name"
+        )
 
     dpkg = top.table("dpkg")
     path_exclude = dpkg.strings("path_exclude")
@@ -230,6 +250,8 @@ def load_recipe_file(path: Path) -> Recipe:
         disk_size=disk_size,
         hostname=hostname,
         kernel_args=kernel_args,
+        network=network,
+        check_valid_until=check_valid_until,
         dpkg_path_exclude=path_exclude,
         dpkg_path_include=path_include,
         initramfs_modules=modules,
@@ -239,4 +261,90 @@ def load_recipe_file(path: Path) -> Recipe:
         disable_units=disable,
         mask_units=mask,
         source=source,
+    )
+
+
+# --- Downloaded images -----------------------------------------------------
+#
+# Official cloud images are not built: they are downloaded (by
+# :mod:`pytest_kvm.images.download`). Their entries live in ``images/cloud/``,
+# one TOML file per image with a ``[download]`` table, so that they never reach
+# :func:`load_recipe` and their names stay apart from the local builds' names.
+
+DOWNLOADS_SUBDIR = "cloud"
+CHECKSUM_ALGORITHMS = ("sha256", "sha512")
+_URL_RE = re.compile(r"^(https?|file)://\S+$")
+
+
+@dataclass(frozen=True)
+class DownloadEntry:
+    """A catalog image that is downloaded: its URL and where its checksum is published."""
+
+    name: str  # "ubuntu-24.04": the file name without .toml
+    path: Path  # the .toml file
+    url: str
+    checksum_url: str  # a SHA256SUMS-like file: GNU, BSD or a lone hex digest
+    checksum: str  # "sha256" | "sha512"
+    format: str = "qcow2"  # what the downloaded file must be: "qcow2" | "raw"
+    description: str = ""
+    # The name the checksum file lists the image under (default: the URL's file name).
+    checksum_name: str = ""
+
+
+def downloads_dir() -> Path:
+    return recipes_dir() / DOWNLOADS_SUBDIR
+
+
+def download_names() -> list[str]:
+    """Names of the catalog's downloaded images, sorted."""
+    directory = downloads_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p.stem for p in directory.glob("*.toml") if p.is_file() and _NAME_RE.match(p.stem)
+    )
+
+
+def load_download(name: str) -> DownloadEntry:
+    """Load and validate the downloaded catalog image ``name``."""
+    known = download_names()
+    if name not in known:
+        listing = ", ".join(known) if known else f"none (no entries in {downloads_dir()})"
+        raise ImageError(f"unknown downloaded catalog image {name!r}; known: {listing}")
+    return load_download_file(downloads_dir() / f"{name}.toml")
+
+
+def load_download_file(path: Path) -> DownloadEntry:
+    """Load and validate a download entry from any path; the name is the file's stem."""
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ImageError(f"cannot read catalog entry {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ImageError(f"catalog entry {path} is not valid TOML: {exc}") from exc
+    where = f"catalog entry {path}"
+    top = _Fields(data, where)
+    description = top.string("description", "")
+    if top.data.get("download") is None:
+        raise ImageError(f"{where}: missing the [download] table")
+    dl = top.table("download")
+    url = dl.string("url")
+    checksum_url = dl.string("checksum_url")
+    for key, value in (("url", url), ("checksum_url", checksum_url)):
+        if not _URL_RE.match(value):
+            raise ImageError(f"{where} [download]: {key!r} is not an http(s):// or file:// URL")
+    checksum = dl.string("checksum", choices=CHECKSUM_ALGORITHMS)
+    fmt = dl.string("format", "qcow2", choices=("qcow2", "raw"))
+    checksum_name = dl.string("checksum_name", "")
+    dl.check_unknown()
+    top.check_unknown()
+    return DownloadEntry(
+        name=path.stem,
+        path=path.resolve(),
+        url=url,
+        checksum_url=checksum_url,
+        checksum=checksum,
+        format=fmt,
+        description=description,
+        checksum_name=checksum_name,
     )

@@ -48,20 +48,21 @@ def check_spec(spec: str) -> None:
             "give a path or a catalog name"
         )
     if kind == "url":
-        raise KvmConfigError(
-            f"image {spec!r}: downloading images by URL is not supported yet; "
-            "download it and pass the path"
-        )
+        from .download import check_url
+
+        check_url(spec)
+        return
     if kind == "path":
         validate_path(Path(spec).expanduser(), spec)
         return
     if not _NAME.match(spec):
         raise KvmConfigError(f"image {spec!r}: not a path, URL or catalog name")
-    from .recipe import catalog_names
+    from .recipe import catalog_names, download_names
 
-    if spec not in catalog_names():
+    if spec not in catalog_names() and spec not in download_names():
         raise KvmConfigError(
             f"image {spec!r}: unknown catalog image; known: {', '.join(catalog_names())}"
+            + (f"; downloaded: {', '.join(download_names())}" if download_names() else "")
         )
 
 
@@ -124,6 +125,10 @@ def image_name(spec: str) -> str:
     """The readable name test ids carry for an image value."""
     if classify(spec) == "catalog":
         return spec
+    if classify(spec) == "url":
+        from .download import url_stem
+
+        return url_stem(spec)
     stem = Path(spec.split("#", 1)[0].rstrip("/")).name
     for suffix in (".qcow2", ".img", ".raw"):
         stem = stem.removesuffix(suffix)
@@ -174,8 +179,10 @@ def resolve(
     cache: Path,
     progress: Callable[[str], None] = print,
     secret: Path | None = None,
+    offline: bool = False,
 ) -> Image:
-    """The Image for ``spec``, building a catalog image into ``cache`` if needed."""
+    """The Image for ``spec``, building a catalog image into ``cache`` if needed, or
+    downloading a URL or a downloaded catalog image (not when ``offline``)."""
     kind = classify(spec)
     if kind == "path":
         path = Path(spec).expanduser().resolve()
@@ -186,7 +193,36 @@ def resolve(
             encrypted=encrypted, secret=secret if encrypted else None,
         )  # fmt: skip
     check_spec(spec)
+    if kind == "url" or is_downloaded(spec):
+        return fetch_image(spec, cache, progress, offline)
     return build_cached(spec, cache, progress)
+
+
+def is_downloaded(name: str) -> bool:
+    """Whether catalog name ``name`` is downloaded (``images/cloud/``), not built."""
+    from .recipe import catalog_names, download_names
+
+    return name in download_names() and name not in catalog_names()
+
+
+def fetch_image(
+    spec: str, cache: Path, progress: Callable[[str], None] = print, offline: bool = False
+) -> Image:
+    """A URL or downloaded catalog image: fetched once into the cache, checksummed,
+    then validated like a path. A file that is not a usable image is dropped from the
+    cache, so that the next run fetches it again."""
+    from .download import catalog_source, fetch, forget, parse_url
+
+    source = parse_url(spec) if classify(spec) == "url" else catalog_source(spec)
+    path = fetch(source, cache, progress, offline)
+    try:
+        fmt, size = validate_path(path, spec)
+        if source.format and fmt != source.format:
+            raise ImageError(f"image {spec!r} is {fmt}, but its catalog entry says {source.format}")
+    except ImageError:
+        forget(path)
+        raise
+    return Image(image_name(spec), path, fmt, spec, size)
 
 
 def catalog_path(name: str, cache: Path) -> Path:

@@ -91,7 +91,7 @@ CASES = [
     Case("ini-keep", (), ("ini kvm_keep_on_failure: 'perhaps' is not a boolean",),
          ini="kvm_keep_on_failure = perhaps"),
     Case("ini-image-unknown", (),
-         ("ini kvm_image: image 'debian-99': unknown catalog image; known: debian-12",),
+         ("ini kvm_image: image 'debian-99': unknown catalog image; known: debian-11, debian-12",),
          ini="kvm_image = debian-99"),
     Case("ini-bridge-too-long", (),
          ("ini kvm_network: 'bridge=this-name-is-too-long'", "is not a bridge name"),
@@ -149,7 +149,7 @@ CASES = [
     Case("image-random-qcow2", ("--kvm-image={dir}/random.qcow2",),
          ("image '{dir}/random.qcow2' is not a disk image",)),
     Case("image-unknown-catalog", ("--kvm-image=debian-99",),
-         ("command line --kvm-image: image 'debian-99': unknown catalog image; known: debian-12",)),
+         ("command line --kvm-image: image 'debian-99': unknown catalog image; known: debian-11, debian-12",)),
     Case("image-catalog-bad-name", ("--kvm-image=Debian 12",),
          ("command line --kvm-image: image 'Debian 12': not a path, URL or catalog name",)),
     Case("image-empty", ("--kvm-image=",),
@@ -157,8 +157,8 @@ CASES = [
     Case("image-ftp-url", ("--kvm-image=ftp://example.invalid/x.qcow2",),
          ("image 'ftp://example.invalid/x.qcow2': URL scheme 'ftp' is not supported",)),
     Case("image-url-bad-sha256", ("--kvm-image=https://example.invalid/x.qcow2#sha256=zz",),
-         ("image 'https://example.invalid/x.qcow2#sha256=zz': downloading images by URL is "
-          "not supported yet",)),
+         ("image 'https://example.invalid/x.qcow2#sha256=zz': the URL fragment must be "
+          "sha256=HEX (64 hex digits)",)),
     Case("image-path-with-sha256", ("--kvm-image=ok.qcow2#sha256=abc",),
          ("image 'ok.qcow2#sha256=abc': not a path, URL or catalog name",)),
     # -- libvirt URIs

@@ -9,6 +9,7 @@ import pytest
 
 from pytest_kvm.errors import ImageError, KvmUnavailable
 from pytest_kvm.images import builder
+from pytest_kvm.images import recipe as recipe_mod
 from pytest_kvm.images.builder import (
     PARTITION_START,
     _copy_sparse,
@@ -123,3 +124,71 @@ def test_missing_tools_name_their_debian_packages(
     assert "apt-get install mmdebstrap" in str(info.value)
     assert "apt-get install qemu-utils" in str(info.value)
     assert not (tmp_path / "out.qcow2").exists()
+
+
+def _build(tmp_path: Path, **recipe_args: object) -> builder._Build:
+    recipe = Recipe(name="x", path=tmp_path / "x.toml", suite="bookworm", **recipe_args)  # type: ignore[arg-type]
+    work = tmp_path / "work"
+    (work / "root").mkdir(parents=True)
+    return builder._Build(
+        recipe, work, "http://m.example/debian", {"mmdebstrap": "mmdebstrap"}, print
+    )
+
+
+def _bootstrap_argv(build: builder._Build, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(build, "_stream", lambda argv, prefix: seen.append(list(argv)))
+    build.bootstrap()
+    (argv,) = seen
+    return argv
+
+
+def test_bootstrap_checks_valid_until_unless_the_recipe_says_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = _bootstrap_argv(_build(tmp_path / "a"), monkeypatch)
+    assert not any("Check-Valid-Until" in arg for arg in default)
+    assert default[-3:] == ["bookworm", str(tmp_path / "a/work/root"), "http://m.example/debian"]
+    relaxed = _bootstrap_argv(_build(tmp_path / "b", check_valid_until=False), monkeypatch)
+    assert '--aptopt=Acquire::Check-Valid-Until "false"' in relaxed
+    assert relaxed.index('--aptopt=Acquire::Check-Valid-Until "false"') < relaxed.index("bookworm")
+
+
+def test_networkd_configuration(tmp_path: Path) -> None:
+    build = _build(tmp_path)
+    wait_online = build.root / "usr/lib/systemd/systemd-networkd-wait-online"
+    wait_online.parent.mkdir(parents=True)
+    wait_online.touch()
+    build._configure_networkd()
+    network = (build.root / "etc/systemd/network/10-dhcp.network").read_text()
+    assert "Name=en* eth*" in network and "DHCP=yes" in network
+    dropin = (
+        build.root / "etc/systemd/system/systemd-networkd-wait-online.service.d/pytest-kvm.conf"
+    )
+    assert "ExecStart=/usr/lib/systemd/systemd-networkd-wait-online --any" in dropin.read_text()
+    assert not (build.root / "etc/network/interfaces").exists()
+
+
+def test_ifupdown_configuration_is_dhcp_on_eth0(tmp_path: Path) -> None:
+    build = _build(tmp_path, network="ifupdown", kernel_args=("net.ifnames=0",))
+    ifup = build.root / "usr/sbin/ifup"
+    ifup.parent.mkdir(parents=True)
+    ifup.touch()
+    build._configure_ifupdown()
+    interfaces = (build.root / "etc/network/interfaces").read_text()
+    assert "auto lo\niface lo inet loopback\n" in interfaces
+    assert "auto eth0\niface eth0 inet dhcp\n" in interfaces
+    assert "source /etc/network/interfaces.d/*" in interfaces
+    assert not (build.root / "etc/systemd/network").exists()
+
+
+def test_ifupdown_configuration_needs_ifupdown_installed(tmp_path: Path) -> None:
+    build = _build(tmp_path, network="ifupdown", kernel_args=("net.ifnames=0",))
+    with pytest.raises(ImageError, match="sbin/ifup not found"):
+        build._configure_ifupdown()
+
+
+def test_cloud_init_is_told_who_configures_the_network() -> None:
+    assert set(builder._NETWORK_COMMENT) == set(recipe_mod._NETWORKS)
+    assert "systemd-networkd" in builder._NETWORK_COMMENT["networkd"]
+    assert "ifupdown" in builder._NETWORK_COMMENT["ifupdown"]

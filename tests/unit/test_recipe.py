@@ -40,6 +40,37 @@ def test_the_shipped_catalog_loads() -> None:
     assert recipe.disk_size == 3 * 1024**3
 
 
+def test_the_shipped_catalog_has_each_release_and_a_sysvinit_image() -> None:
+    suites = {name: load_recipe(name).suite for name in catalog_names()}
+    assert {
+        "debian-11": "bullseye",
+        "debian-12": "bookworm",
+        "debian-13": "trixie",
+        "debian-testing": "testing",
+        "debian-12-sysvinit": "bookworm",
+    }.items() <= suites.items()
+    # bullseye has resolved inside systemd, no separate package
+    assert "systemd-resolved" not in load_recipe("debian-11").packages
+    assert "systemd-resolved.service" in load_recipe("debian-11").enable_units
+    # cloud-init >= 24.3 runs all stages in one process that waits for the
+    # local stage's unit: masking it would hang the boot
+    for name in ("debian-13", "debian-testing"):
+        assert "cloud-init-local.service" not in load_recipe(name).mask_units
+    # testing moves: a snapshot mirror's Release file has expired
+    assert not load_recipe("debian-testing").check_valid_until
+    sysv = load_recipe("debian-12-sysvinit")
+    assert "sysvinit-core" in sysv.packages and "systemd-sysv" not in sysv.packages
+    assert (sysv.network, sysv.enable_units, sysv.mask_units) == ("ifupdown", (), ())
+    assert "net.ifnames=0" in sysv.kernel_args
+
+
+def test_debian_12_keeps_its_cache_key() -> None:
+    # Its cached image and CI depend on this; change it only on purpose.
+    assert load_recipe("debian-12").digest().startswith("390b636410b7"), (
+        "debian-12's recipe digest changed: every cached debian-12 image is rebuilt"
+    )
+
+
 def test_recipes_dir_defaults_to_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(RECIPES_ENV, raising=False)
     assert recipes_dir() == Path(recipe_mod.__file__).resolve().parents[2] / "images"
@@ -79,6 +110,17 @@ def test_defaults(catalog: Path) -> None:
     assert recipe.hostname == "debian"
     assert recipe.kernel_args == ()
     assert recipe.initramfs_modules == "most"
+    assert recipe.network == "networkd"
+    assert recipe.check_valid_until is True
+
+
+def test_ifupdown_network(catalog: Path) -> None:
+    (catalog / "sysv.toml").write_text(
+        MINIMAL + 'network = "ifupdown"\nkernel_args = ["net.ifnames=0"]\n'
+        "check_valid_until = false\n"
+    )
+    recipe = load_recipe("sysv")
+    assert (recipe.network, recipe.check_valid_until) == ("ifupdown", False)
 
 
 def test_full_recipe(catalog: Path) -> None:
@@ -158,6 +200,9 @@ def test_recipe_is_frozen(catalog: Path) -> None:
         ('suite = "bookworm"\n[units]\nenable = ["ssh"]\n', "invalid entry 'ssh'"),
         ('suite = "bookworm"\ndpkg = 3\n', r"\[dpkg\] must be a table"),
         ("suite = [", "not valid TOML"),
+        ('suite = "bookworm"\nnetwork = "wicked"\n', "'network' is 'wicked'"),
+        ('suite = "bookworm"\nnetwork = "ifupdown"\n', "add 'net.ifnames=0'"),
+        ('suite = "bookworm"\ncheck_valid_until = "no"\n', "must be true or false"),
     ],
 )
 def test_invalid_recipes_name_file_and_key(catalog: Path, text: str, match: str) -> None:

@@ -1,0 +1,107 @@
+"""``guest.host``: a testinfra ``Host`` over the guest's own SSH connection.
+
+testinfra's paramiko backend would open a connection of its own from an SSH config;
+this one runs testinfra's commands over the guest's live paramiko client instead,
+so they use the run's key and the guest's pinned host key, reconnect like
+``guest.run`` after a reboot, and read stdout and stderr concurrently (bytes kept
+as they are, for ``host.file(...).content``).
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import TYPE_CHECKING, Any
+
+import paramiko
+
+from .errors import GuestTimeout, KvmUnavailable
+
+if TYPE_CHECKING:
+    from .guest import Guest
+
+INSTALL_HINT = "pip install pytest-testinfra"
+# How long one testinfra command may run, in seconds (scaled like guest.run under TCG).
+COMMAND_TIMEOUT = 300.0
+
+
+class MissingTestinfra(KvmUnavailable, ImportError):
+    """``guest.host`` needs pytest-testinfra, which is not installed."""
+
+
+def make_host(guest: Guest) -> Any:
+    """A ``testinfra.host.Host`` whose commands run on ``guest`` over ``guest.ssh``."""
+    try:
+        from testinfra.backend.paramiko import ParamikoBackend
+        from testinfra.host import Host
+    except ImportError as exc:
+        raise MissingTestinfra(
+            f"{guest.describe()}: guest.host needs testinfra: {INSTALL_HINT} ({exc})"
+        ) from None
+
+    class GuestBackend(ParamikoBackend):  # type: ignore[misc]
+        """testinfra's paramiko backend on the guest's connection (see module doc)."""
+
+        NAME = "pytest-kvm"
+
+        def __init__(self, guest: Guest) -> None:
+            self.guest = guest
+            self.command_timeout = COMMAND_TIMEOUT
+            super().__init__(f"{guest.config.user}@{guest.address}:{guest.ssh_port}")
+
+        @property  # replaces testinfra's cached_property: never a connection of its own
+        def client(self) -> paramiko.SSHClient:
+            return self.guest.ssh
+
+        def run(self, command: str, *args: str, **kwargs: Any) -> Any:
+            cmd = self.encode(self.get_command(command, *args))
+            rc, stdout, stderr = self._exec_command(cmd)
+            return self.result(rc, cmd, stdout, stderr)
+
+        def _exec_command(self, command: bytes) -> tuple[int, bytes, bytes]:
+            transport = self.client.get_transport()
+            if transport is None or not transport.is_active():
+                self.guest.reconnect()  # a reboot or sshd restart closed it
+                transport = self.client.get_transport()
+                assert transport is not None
+            limit = self.command_timeout * self.guest.timeout_scale
+            return _exec(transport, command, limit, self.guest)
+
+    return Host(GuestBackend(guest))
+
+
+def _exec(
+    transport: paramiko.Transport, command: bytes, limit: float, guest: Guest
+) -> tuple[int, bytes, bytes]:
+    chan = transport.open_session(timeout=limit)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    deadline = time.monotonic() + limit
+    try:
+        chan.exec_command(command)
+        chan.shutdown_write()
+        while True:
+            while chan.recv_ready():
+                out.append(chan.recv(65536))
+            while chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(65536))
+            drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+            if drained and (chan.exit_status_ready() or chan.closed):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestTimeout(
+                    f"{guest.describe()}: testinfra command {command.decode(errors='replace')!r} "
+                    f"did not finish within {limit:.0f} s",
+                    guest,
+                )
+            select.select([chan], [], [], min(remaining, 1.0))
+        status = chan.recv_exit_status()
+    finally:
+        chan.close()
+    if status == -1 and not transport.is_active():
+        raise ConnectionResetError(
+            f"{guest.describe()}: the SSH connection was lost while "
+            f"{command.decode(errors='replace')!r} ran (no exit status)"
+        )
+    return status, b"".join(out), b"".join(err)

@@ -1,0 +1,435 @@
+"""Images by URL and downloaded catalog images, against a local HTTP server (127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.config import resolve as resolve_settings
+from pytest_kvm.errors import ImageError, KvmConfigError
+from pytest_kvm.images import download
+from pytest_kvm.images.download import parse_checksums, parse_url
+from pytest_kvm.images.recipe import (
+    RECIPES_ENV,
+    catalog_names,
+    download_names,
+    load_download,
+    load_download_file,
+)
+from pytest_kvm.images.store import check_spec, classify, image_name, resolve
+from tests.imageserver import ImageServer, make_qcow2
+
+NAME = "disk.qcow2"
+
+
+@pytest.fixture(scope="module")
+def qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return make_qcow2(tmp_path_factory.mktemp("img") / NAME)
+
+
+@pytest.fixture
+def server(qcow2: bytes) -> Iterator[ImageServer]:
+    srv = ImageServer(files={"/" + NAME: qcow2}).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download, "RETRY_DELAY", 0.0)
+
+
+@pytest.fixture
+def lines() -> list[str]:
+    return []
+
+
+def pinned(server: ImageServer, data: bytes, algorithm: str = "sha256") -> str:
+    return f"{server.url(NAME)}#{algorithm}={hashlib.new(algorithm, data).hexdigest()}"
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob("*") if p.is_file() and p.name != ".lock")
+
+
+# --- checksum files -------------------------------------------------------------
+
+H256 = "ab" * 32
+H512 = "cd" * 64
+FEDORA = f"""-----BEGIN PGP SIGNED MESSAGE-----
+Hash: SHA256
+
+# Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2: 491716608 bytes
+SHA256 (Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2) = {H256}
+# Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw.xz: 1 bytes
+SHA256 (Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw.xz) = {"00" * 32}
+-----BEGIN PGP SIGNATURE-----
+
+iQIzBAEBCAAdFiEE
+-----END PGP SIGNATURE-----
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "algorithm", "digest"),
+    [
+        (f"{'11' * 64}  other.qcow2\n{H512}  debian.qcow2\n", "debian.qcow2", "sha512", H512),
+        (f"{H256} *ubuntu.img\n{'22' * 32} *ubuntu.tar.gz\n", "ubuntu.img", "sha256", H256),
+        (FEDORA, "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2", "sha256", H256),
+        (f"SHA512 (alpine.qcow2) = {H512.upper()}\n", "alpine.qcow2", "sha512", H512),
+        (f"{H512}  alpine.qcow2\n", "alpine.qcow2", "sha512", H512),
+        (f"{H512}\n", "alpine.qcow2", "sha512", H512),  # a lone digest
+        (f"{H256}  ./sub/rocky.qcow2\n", "rocky.qcow2", "sha256", H256),
+    ],
+)
+def test_checksum_file_formats(text: str, name: str, algorithm: str, digest: str) -> None:
+    assert parse_checksums(text, name, algorithm) == digest
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{H256}  other.qcow2\n",  # not listed
+        f"{H256}  x.qcow2\n",  # a sha256 where a sha512 is expected
+        f"SHA256 (x.qcow2) = {H512}\n",  # the wrong algorithm's label
+        "<html>Not Found</html>",
+    ],
+)
+def test_checksum_file_without_the_image_is_an_error(text: str) -> None:
+    with pytest.raises(ImageError, match=r"lists no sha512 digest for 'x.qcow2'"):
+        parse_checksums(text, "x.qcow2", "sha512")
+
+
+# --- URL values ----------------------------------------------------------------
+
+
+def test_url_values_are_checked_at_start_up(tmp_path: Path) -> None:
+    assert classify("https://h.example/a.qcow2#sha256=" + H256) == "url"
+    assert image_name("https://h.example/dir/a.qcow2#sha256=" + H256) == "a"
+    check_spec("https://h.example/a.qcow2#sha512=" + H512)  # no request is made
+    with pytest.raises(KvmConfigError, match="sha256=HEX"):
+        check_spec("https://h.example/a.qcow2#sha256=abc")
+    with pytest.raises(KvmConfigError, match="sha256=HEX"):
+        check_spec("https://h.example/a.qcow2#md5=" + "0" * 32)
+    with pytest.raises(KvmConfigError, match="no host"):
+        check_spec("http:///a.qcow2")
+    with pytest.raises(ImageError, match="does not exist"):
+        check_spec(f"file://{tmp_path}/missing.qcow2")
+    with pytest.raises(KvmConfigError, match="scheme 'ftp' is not supported"):
+        check_spec("ftp://h.example/a.qcow2")
+    a = parse_url("https://h.example/a.qcow2")
+    assert a.key != parse_url("https://other.example/a.qcow2").key  # cached apart
+    assert a.key.startswith("a-") and a.filename == "a.qcow2"
+
+
+def test_pinned_url_is_downloaded_verified_and_cached(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, lines: list[str]
+) -> None:
+    spec = pinned(server, qcow2)
+    image = resolve(spec, tmp_path, lines.append)
+    assert (image.name, image.format, image.source) == ("disk", "qcow2", spec)
+    assert image.virtual_size == 16 << 20
+    assert image.path.parent.parent == tmp_path / "downloads"
+    assert image.path.read_bytes() == qcow2
+    assert files_in(tmp_path / "downloads") == [NAME, NAME + ".json"]
+    assert len(server.requests(NAME)) == 1
+    # cached: used again without any request, and offline too
+    assert resolve(spec, tmp_path, lines.append).path == image.path
+    assert resolve(spec, tmp_path, lines.append, offline=True).path == image.path
+    assert len(server.requests(NAME)) == 1
+
+
+def test_wrong_checksum_is_an_error_and_nothing_is_kept(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, lines: list[str]
+) -> None:
+    wrong = "0" * 64
+    with pytest.raises(ImageError) as info:
+        resolve(f"{server.url(NAME)}#sha256={wrong}", tmp_path, lines.append)
+    actual = hashlib.sha256(qcow2).hexdigest()
+    assert f"expected sha256 {wrong}, got {actual}" in str(info.value)
+    assert files_in(tmp_path / "downloads") == []  # no image, no part, no record
+
+
+def test_an_interrupted_download_resumes_with_a_range_request(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, lines: list[str]
+) -> None:
+    server.drops["/" + NAME] = [300_000]  # the first response stops after 300 kB
+    image = resolve(pinned(server, qcow2), tmp_path, lines.append)
+    assert image.path.read_bytes() == qcow2
+    first, second = server.requests(NAME)
+    assert (first.status, first.sent, first.range) == (200, 300_000, None)
+    assert second.status == 206
+    assert second.range == "bytes=300000-"
+    assert second.if_range is not None  # the ETag: a changed file is not spliced
+    assert server.sent(NAME) < 2 * len(qcow2)
+    assert any("resuming disk at 0.3 MiB" in line for line in lines), lines
+
+
+def test_a_failed_download_keeps_its_part_for_the_next_run(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download, "ATTEMPTS", 2)
+    server.drops["/" + NAME] = [200_000, 0]  # 200 kB, then nothing
+    spec = pinned(server, qcow2)
+    with pytest.raises(ImageError, match=r"failed 2 times .* the next run resumes it"):
+        resolve(spec, tmp_path, lambda _: None)
+    parts = list((tmp_path / "downloads").rglob("*.part"))
+    assert [p.stat().st_size for p in parts] == [200_000]
+    resolve(spec, tmp_path, lambda _: None)
+    assert server.requests(NAME)[-1].range == "bytes=200000-"
+    assert server.sent(NAME) == len(qcow2)  # every byte sent once
+
+
+def test_offline_refuses_what_is_not_cached(
+    server: ImageServer, qcow2: bytes, tmp_path: Path
+) -> None:
+    spec = pinned(server, qcow2)
+    with pytest.raises(ImageError, match=r"not in the cache .* --kvm-offline forbids downloading"):
+        resolve(spec, tmp_path, lambda _: None, offline=True)
+    assert server.seen == []
+
+
+def test_http_errors_are_image_errors(server: ImageServer, tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"cannot download .*missing.qcow2: HTTP 404"):
+        resolve(server.url("missing.qcow2"), tmp_path, lambda _: None)
+    assert len(server.seen) == 1  # a 404 is not retried
+
+
+def test_a_download_that_is_no_disk_image_is_dropped(
+    server: ImageServer, tmp_path: Path, lines: list[str]
+) -> None:
+    server.files["/page.qcow2"] = b"<html>a captive portal</html>\n" * 100
+    with pytest.raises(ImageError, match="is not a disk image"):
+        resolve(server.url("page.qcow2"), tmp_path, lines.append)
+    assert any("not verified (pin it with #sha256=" in line for line in lines), lines
+    assert files_in(tmp_path / "downloads") == []
+
+
+def test_parallel_resolves_download_once(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, lines: list[str]
+) -> None:
+    server.delay = 0.03  # ~0.3 s for the whole file: the second caller must wait
+    spec = pinned(server, qcow2)
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            results.append(resolve(spec, tmp_path, lines.append).path)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len(set(results)) == 1 and len(results) == 3
+    assert [s.status for s in server.requests(NAME)] == [200]
+    assert server.sent(NAME) == len(qcow2)
+    assert any("waiting for another process downloading disk" in line for line in lines)
+
+
+def test_progress_lines_are_throttled(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download, "CHUNK", 16 * 1024)
+    quiet: list[str] = []
+    resolve(pinned(server, qcow2), tmp_path / "a", quiet.append)
+    # default interval (2 s): the start and the end, not a line per 16 KiB chunk
+    assert len(quiet) == 2, quiet
+    assert quiet[0].startswith("pytest-kvm: downloading disk from http://127.0.0.1:")
+    assert quiet[1].startswith("pytest-kvm: downloaded disk: 100% ")
+    assert "MiB/s" in quiet[1]
+    monkeypatch.setattr(download, "PROGRESS_INTERVAL", 0.0)
+    chatty: list[str] = []
+    resolve(pinned(server, qcow2), tmp_path / "b", chatty.append)
+    percents = [line for line in chatty if line.startswith("pytest-kvm: downloading disk: ")]
+    assert len(percents) > 10
+    assert all("%" in line and "MiB" in line for line in percents)
+
+
+def test_file_url_is_copied_and_checked(qcow2: bytes, tmp_path: Path) -> None:
+    source = tmp_path / "src" / "local disk.qcow2"
+    source.parent.mkdir()
+    source.write_bytes(qcow2)
+    url = source.as_uri()
+    image = resolve(f"{url}#sha256={hashlib.sha256(qcow2).hexdigest()}", tmp_path / "c")
+    assert image.path != source and image.path.read_bytes() == qcow2
+    assert image.name == "local_disk"
+    # allowed offline: nothing is downloaded
+    assert resolve(url, tmp_path / "c2", lambda _: None, offline=True).format == "qcow2"
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        resolve(f"{url}#sha256={'1' * 64}", tmp_path / "c3", lambda _: None)
+
+
+# --- downloaded catalog images ----------------------------------------------------
+
+
+@pytest.fixture
+def catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "images"
+    (directory / "cloud").mkdir(parents=True)
+    monkeypatch.setenv(RECIPES_ENV, str(directory))
+    return directory / "cloud"
+
+
+def entry(url: str, checksum_url: str, algorithm: str = "sha256") -> str:
+    return (
+        'description = "test cloud image"\n[download]\n'
+        f'url = "{url}"\nchecksum_url = "{checksum_url}"\nchecksum = "{algorithm}"\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "form"),
+    [("sha256", "{hex} *{name}\n"), ("sha512", "SHA512 ({name}) = {hex}\n"), ("sha512", "{hex}")],
+)
+def test_catalog_image_checks_the_published_checksum(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, catalog: Path, algorithm: str, form: str
+) -> None:
+    digest = hashlib.new(algorithm, qcow2).hexdigest()
+    server.files["/SUMS"] = form.format(hex=digest, name=NAME).encode()
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS"), algorithm))
+    check_spec("cloudy-1")
+    cache = tmp_path / "cache"
+    image = resolve("cloudy-1", cache, lambda _: None)
+    assert image.name == "cloudy-1" and image.format == "qcow2"
+    assert image.path == cache / "downloads" / "cloudy-1" / NAME
+    # again: the checksum file is fetched (it may have changed), the image is not
+    resolve("cloudy-1", cache, lambda _: None)
+    assert len(server.requests(NAME)) == 1 and len(server.requests("SUMS")) == 2
+    resolve("cloudy-1", cache, lambda _: None, offline=True)
+    assert len(server.requests("SUMS")) == 2  # offline: no request at all
+
+
+def test_catalog_image_with_a_wrong_published_checksum_is_refused(
+    server: ImageServer, tmp_path: Path, catalog: Path
+) -> None:
+    server.files["/SUMS"] = f"{'e' * 64}  {NAME}\n".encode()
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
+    with pytest.raises(ImageError, match=f"expected sha256 {'e' * 64}, got "):
+        resolve("cloudy-1", tmp_path, lambda _: None)
+    assert files_in(tmp_path / "downloads") == []
+
+
+def test_catalog_image_is_downloaded_again_when_upstream_changes(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, catalog: Path, lines: list[str]
+) -> None:
+    server.files["/SUMS"] = f"{hashlib.sha256(qcow2).hexdigest()}  {NAME}\n".encode()
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
+    first = resolve("cloudy-1", tmp_path, lines.append).path.stat().st_ino
+    newer = make_qcow2(tmp_path / "newer.qcow2", data_kib=320)
+    server.files["/" + NAME] = newer
+    server.files["/SUMS"] = f"{hashlib.sha256(newer).hexdigest()}  {NAME}\n".encode()
+    image = resolve("cloudy-1", tmp_path, lines.append)
+    assert image.path.read_bytes() == newer and image.path.stat().st_ino != first
+    assert any("the published sha256 changed" in line for line in lines)
+    # the checksum file is unreachable: the verified cached copy is used, with a warning
+    del server.files["/SUMS"]
+    assert resolve("cloudy-1", tmp_path, lines.append).path == image.path
+    assert "cannot fetch checksum file" in lines[-1] and "using the cached copy" in lines[-1]
+
+
+def test_catalog_image_not_cached_offline(tmp_path: Path, catalog: Path) -> None:
+    (catalog / "cloudy-1.toml").write_text(
+        entry("https://h.example/x.qcow2", "https://h.example/SUMS")
+    )
+    with pytest.raises(ImageError, match=r"'cloudy-1' \(https://h.example/x.qcow2\) is not in"):
+        resolve("cloudy-1", tmp_path, lambda _: None, offline=True)
+
+
+def test_bad_catalog_entries_name_file_and_key(catalog: Path) -> None:
+    bad = catalog / "bad.toml"
+    bad.write_text(entry("https://h/x.qcow2", "https://h/S", "md5"))
+    with pytest.raises(ImageError, match=r"bad.toml \[download\]: 'checksum' is 'md5'"):
+        load_download("bad")
+    bad.write_text(entry("ftp://h/x.qcow2", "https://h/S"))
+    with pytest.raises(ImageError, match="'url' is not an http"):
+        load_download("bad")
+    bad.write_text(entry("https://h/x.qcow2", "https://h/S") + "mirror = 'x'\n")
+    with pytest.raises(ImageError, match=r"unknown key.*'mirror'"):
+        load_download("bad")
+    bad.write_text('description = "no table"\n')
+    with pytest.raises(ImageError, match="missing the \\[download\\] table"):
+        load_download("bad")
+
+
+def test_the_shipped_cloud_images() -> None:
+    names = download_names()
+    assert {
+        "debian-12-genericcloud",
+        "ubuntu-24.04",
+        "fedora-41",
+        "alpine-3.21",
+        "rocky-9",
+    } <= set(names)
+    assert not set(names) & set(catalog_names())  # never the name of a local build
+    for name in names:
+        e = load_download(name)
+        assert e.url.startswith("https://") and e.checksum_url.startswith("https://"), name
+        assert e.checksum in ("sha256", "sha512") and e.format == "qcow2", name
+        assert e.url.endswith((".qcow2", ".img")) and e.description, name
+        assert e.checksum_url != e.url
+        check_spec(name)
+        assert load_download_file(e.path) == e
+
+
+def test_offline_option_from_command_line_env_and_ini() -> None:
+    def ini(values: dict[str, str]):  # type: ignore[no-untyped-def]
+        return lambda key: values.get(key)
+
+    assert resolve_settings({}, {}, ini({})).offline is False
+    assert resolve_settings({"offline": True}, {}, ini({})).offline is True
+    assert resolve_settings({}, {"PYTEST_KVM_OFFLINE": "1"}, ini({})).offline is True
+    assert resolve_settings({}, {}, ini({"kvm_offline": "true"})).offline is True
+    with pytest.raises(KvmConfigError, match="PYTEST_KVM_OFFLINE"):
+        resolve_settings({}, {"PYTEST_KVM_OFFLINE": "sometimes"}, ini({}))
+
+
+def test_an_unknown_host_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def no_such_host(*args: object, **kwargs: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)  # no lookup leaves the machine
+    monkeypatch.setattr(download, "RETRY_DELAY", 60.0)  # a retry would hang the test
+    with pytest.raises(ImageError, match=r"cannot download .*Name or service not known"):
+        resolve("https://h.example/x.qcow2", tmp_path, lambda _: None)
+
+
+def test_cli_pull_and_list(
+    server: ImageServer,
+    qcow2: bytes,
+    tmp_path: Path,
+    catalog: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pytest_kvm import cli
+
+    server.files["/SUMS"] = f"{hashlib.sha256(qcow2).hexdigest()}  {NAME}\n".encode()
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
+    cache = str(tmp_path / "cache")
+    assert cli.main(["--cache", cache, "image", "list"]) == 0
+    assert f"cloudy-1         not cached        -  download {server.url(NAME)}" in (
+        capsys.readouterr().out
+    )
+    assert cli.main(["--cache", cache, "image", "pull", "cloudy-1"]) == 0
+    assert cli.main(["--cache", cache, "image", "pull", pinned(server, qcow2)]) == 0
+    out = capsys.readouterr().out
+    assert "downloaded cloudy-1: 100%" in out and "(qcow2, 16 MiB virtual)" in out
+    assert cli.main(["--cache", cache, "image", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "cloudy-1         cached" in out
+    assert f"disk-{parse_url(server.url(NAME)).key[5:]}" in out  # the URL's download
+    assert cli.main(["--cache", cache, "image", "pull", "not-there"]) == 2
+    assert cli.main(["--cache", cache, "image", "build", "cloudy-1"]) == 2
+    assert "is downloaded, not built: pytest-kvm image pull cloudy-1" in capsys.readouterr().err
