@@ -149,7 +149,8 @@ CASES = [
     Case("image-random-qcow2", ("--kvm-image={dir}/random.qcow2",),
          ("image '{dir}/random.qcow2' is not a disk image",)),
     Case("image-unknown-catalog", ("--kvm-image=debian-99",),
-         ("command line --kvm-image: image 'debian-99': unknown catalog image; known: debian-11, debian-12",)),
+         ("command line --kvm-image: image 'debian-99': unknown catalog image; "
+          "known: debian-11, debian-12",)),
     Case("image-catalog-bad-name", ("--kvm-image=Debian 12",),
          ("command line --kvm-image: image 'Debian 12': not a path, URL or catalog name",)),
     Case("image-empty", ("--kvm-image=",),

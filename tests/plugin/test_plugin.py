@@ -77,7 +77,10 @@ def test_marker_image_replaces_the_list(pytester: pytest.Pytester):
         (["--kvm-network=bridge"], ["'bridge' is not a network spec"]),
         (["--kvm-accel=fast"], ["'fast' is not one of auto, kvm, tcg"]),
         (["--kvm-image=/nonexistent/disk.qcow2"], ["'/nonexistent/disk.qcow2' does not exist"]),
-        (["--kvm-image=debian-99"], ["'debian-99': unknown catalog image; known: debian-11, debian-12"]),
+        (
+            ["--kvm-image=debian-99"],
+            ["'debian-99': unknown catalog image; known: debian-11, debian-12"],
+        ),
         (["--kvm-image=https://example.invalid/x.qcow2#md5=00"], ["fragment must be sha256=HEX"]),
     ],
 )

@@ -365,7 +365,6 @@ def test_bad_catalog_entries_name_file_and_key(catalog: Path) -> None:
 def test_the_shipped_cloud_images() -> None:
     names = download_names()
     assert {
-        "debian-12-genericcloud",
         "ubuntu-24.04",
         "fedora-41",
         "alpine-3.21",

@@ -11,7 +11,7 @@ VERSION_ID="12"
 VERSION="12 (bookworm)"
 VERSION_CODENAME=bookworm
 ID=debian
-HOME_URL="https://www.debian.org/"
+HOME_URL="https://example.org/"
 """
 
 
@@ -21,7 +21,7 @@ def test_debian_file():
     assert facts["VERSION_ID"] == "12"
     assert facts["PRETTY_NAME"] == "Debian GNU/Linux 12 (bookworm)"
     assert facts["VERSION_CODENAME"] == "bookworm"
-    assert facts["HOME_URL"] == "https://www.debian.org/"
+    assert facts["HOME_URL"] == "https://example.org/"
 
 
 def test_quotes_and_escapes():
