@@ -134,11 +134,14 @@ def test_factory_guests_are_separate_and_leave_nothing(kvm_guest_factory, kvm_im
 
 
 @pytest.fixture
-def pytester_guest_run(pytester, image_arg, inner_env):
+def pytester_guest_run(pytester, image_arg, cache_arg, inner_env):
     def run(source: str, *args: str):
         pytester.makepyfile(source)
         result = pytester.runpytest_subprocess(
-            f"--kvm-image={image_arg}", f"--kvm-artifacts={pytester.path / 'arts'}", *args
+            f"--kvm-image={image_arg}",
+            cache_arg,
+            f"--kvm-artifacts={pytester.path / 'arts'}",
+            *args,
         )
         return result
 

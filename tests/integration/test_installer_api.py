@@ -159,13 +159,15 @@ def test_installer_fails(kvm_guest_factory):
 """
 
 
-def test_failed_installer_leaves_screenshot_and_screen_text(pytester, image_arg, inner_env):
+def test_failed_installer_leaves_screenshot_and_screen_text(
+    pytester, image_arg, cache_arg, inner_env
+):
     """An installer test that fails: its artifacts hold the display's screenshot and
     the text on its screen; the timeout message shows that text too."""
     pytester.makepyfile(test_inner=INNER_FAILING_INSTALLER)
     arts = pytester.path / "arts"
     result = pytester.runpytest_subprocess(
-        f"--kvm-image={image_arg}", f"--kvm-artifacts={arts}", timeout=900
+        f"--kvm-image={image_arg}", cache_arg, f"--kvm-artifacts={arts}", timeout=900
     )
     result.assert_outcomes(failed=1)
     out = result.stdout.str()

@@ -51,7 +51,10 @@ def _ours() -> list[str]:
 
 
 def _guest_volumes() -> list[str]:
-    """Volumes of guests (overlays, seeds) left in our pool; uploaded images excluded."""
+    """Volumes of guests (overlays, seeds) left in our pool; uploaded images excluded.
+    No pool yet (a fresh host before the first libvirt run): no volumes."""
+    if "pytest-kvm" not in virsh("pool-list", "--all", "--name").split():
+        return []
     lines = virsh("vol-list", "pytest-kvm").splitlines()
     return [line.split()[0] for line in lines if line.split()[0].startswith("pytest-kvm-")]
 

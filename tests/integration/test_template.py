@@ -75,7 +75,7 @@ def test_template_files_are_never_written(kvm_guest_factory):
     subprocess.run(["qemu-img", "check", "-q", str(t.disk)], check=True)
 
 
-def test_state_from_one_test_is_invisible_in_the_next(pytester, image_arg, inner_env):
+def test_state_from_one_test_is_invisible_in_the_next(pytester, image_arg, cache_arg, inner_env):
     pytester.makepyfile(
         """
         def test_writes(kvm_guest):
@@ -87,7 +87,9 @@ def test_state_from_one_test_is_invisible_in_the_next(pytester, image_arg, inner
             kvm_guest.fail("test -e /dev/shm/leak")
         """
     )
-    result = pytester.runpytest_subprocess(f"--kvm-image={image_arg}", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(
+        f"--kvm-image={image_arg}", cache_arg, "-p", "no:cacheprovider"
+    )
     result.assert_outcomes(passed=2)
     assert list(inner_env.iterdir()) == []
     assert qemu_pids_under(inner_env) == []
