@@ -19,7 +19,6 @@ def test_ssh_server_is_installed_and_running(kvm_guest):
     assert host.run("echo hi").stdout == "hi\n"
 
 
-@pytest.mark.kvm_skip_image("debian-11", reason="sshd_config.d drop-ins need OpenSSH 8.2+")
 def test_password_logins_are_off(kvm_guest):
     pytest.importorskip("testinfra")
     if kvm_guest.os_release.get("ID") not in ("debian", "ubuntu"):
