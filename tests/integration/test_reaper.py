@@ -118,6 +118,7 @@ class _Inner:
         self.args = [*args, "-p", "no:cacheprovider", "-o", "faulthandler_timeout=300"]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.outputs: dict[int, Path] = {}
+        self.env: dict[str, str] = {}
 
     def start(self, *extra: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
         out = (cwd or self.pytester.path) / f"out-{len(self.procs)}.txt"
@@ -127,7 +128,7 @@ class _Inner:
                 cwd=cwd or self.pytester.path,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTEST_KVM_RUNTIME_DIR": str(self.runtime)},
+                env={**os.environ, **self.env, "PYTEST_KVM_RUNTIME_DIR": str(self.runtime)},
             )
         self.procs.append(proc)
         self.outputs[proc.pid] = out
