@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The catalog matrix (run by scripts/test.sh after the main suite): the example suite
+# and the catalog facts on every Debian release of the catalog and on the sysvinit
+# image, two xdist workers grouped by image; then the stress run, 40 guest tests over
+# three images with -n 4, counting leftovers.
+#   KVM_MATRIX_IMAGES="debian-11 debian-13"  bash scripts/test-matrix.sh [pytest args]
+# debian-testing is left out by default: it moves daily, with the archive.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+read -r -a images <<<"${KVM_MATRIX_IMAGES:-debian-11 debian-12 debian-13 debian-12-sysvinit}"
+args=()
+for name in "${images[@]}"; do
+  .venv/bin/pytest-kvm image build "$name"  # cached: quick once built
+  args+=(--kvm-image "$name")
+done
+.venv/bin/pytest examples/ tests/integration/test_catalog.py "${args[@]}" \
+  -n 2 --kvm-dist-by-image -p no:cacheprovider -ra --durations=15 "$@"
+.venv/bin/pytest tests/integration/test_stress.py "${args[@]}" -p no:cacheprovider -ra "$@"
