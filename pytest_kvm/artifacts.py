@@ -12,7 +12,9 @@ A failed test's guests each leave ``--kvm-artifacts DIR/<test id>/<guest>/``:
                          or ``screen-error.txt`` saying why there is none
 - ``journal.txt``        the journal of the current boot, ``journal-source.txt``
                          where it came from; a guest without systemd (sysvinit) has
-                         no journal: ``dmesg.txt`` holds its kernel log instead
+                         no journal: ``dmesg.txt`` holds its kernel log instead.
+                         A guest that does not answer SSH within 10 s (its network
+                         gone) has its journal read from its disk at once
 
 With pytest-html active, the screenshot and the console tail go into the HTML report
 as extras.
@@ -42,6 +44,9 @@ CONSOLE_TAIL_LINES = 30
 TIMINGS_SECTION = "kvm boot timings: "
 # A real boot that waits longer than this says what for, and again this often.
 WAIT_PROGRESS_EVERY = 10.0
+# How long a failed test's guest has to run ``true`` over SSH before its journal is
+# read from its disk instead (seconds, not scaled: a live guest answers in one).
+SSH_LOOK = 10.0
 _SCREEN = "screen.png"
 
 
@@ -183,7 +188,15 @@ def _save_journal(guest: Guest, folder: Path, keep_running: bool) -> None:
             "no journal: an installer's guest (its disk holds what it was installing)\n"
         )
         return
+    # One quick look first: a guest whose network is gone would otherwise cost each
+    # SSH step below its whole timeout (minutes under TCG) before the disk is read.
+    answers = guest.is_running and guest.answers_ssh(SSH_LOOK)
     try:
+        if keep_running and guest.is_running and not answers:
+            raise KvmError(
+                f"the guest did not answer over SSH within {SSH_LOOK:.0f} s, and it is "
+                "kept running, so its disk is not read"
+            )
         if keep_running and guest.is_running:
             result = guest.run("journalctl -b --no-pager -o short", timeout=30)
             if result.exit_status != 0:
@@ -191,10 +204,10 @@ def _save_journal(guest: Guest, folder: Path, keep_running: bool) -> None:
                     return
                 raise KvmError(f"journalctl failed (exit {result.exit_status})")
             text, source = result.stdout, "journalctl over SSH (the guest is kept running)"
-        elif _save_kernel_log(guest, folder):
+        elif answers and _save_kernel_log(guest, folder):
             return
         else:
-            text, source = guest.journal_text(timeout=30)
+            text, source = guest.journal_text(timeout=30, ssh=answers)
         (folder / "journal.txt").write_text(text)
         (folder / "journal-source.txt").write_text(source + "\n")
     except (KvmError, OSError) as exc:  # KvmUnavailable: no libguestfs

@@ -665,15 +665,28 @@ class Guest:
             self._disk_fetched = True
         return self._overlay
 
-    def journal_text(self, timeout: float = 60) -> tuple[str, str]:
+    def answers_ssh(self, timeout: float = 10) -> bool:
+        """Whether the guest runs ``true`` over its open SSH connection within
+        ``timeout`` seconds (not scaled, no reconnecting): a quick look before work
+        that would otherwise wait out long timeouts on a guest whose network is gone."""
+        ssh = self._ssh
+        if not self.is_running or ssh is None or not ssh.is_active():
+            return False
+        try:
+            return ssh.exec("true", timeout, alive=self._alive).exit_status == 0
+        except (CommandTimeout, OSError, EOFError, paramiko.SSHException):
+            return False
+
+    def journal_text(self, timeout: float = 60, ssh: bool = True) -> tuple[str, str]:
         """The journal of the guest's current boot and where it came from: over SSH
         while it answers; else the guest is stopped (after a sync through the guest
-        agent where that answers) and its journal is read from its disk."""
-        ssh = self._ssh
-        if self.is_running and ssh is not None and ssh.is_active():
+        agent where that answers) and its journal is read from its disk.
+        ``ssh=False`` goes to the disk at once (for a caller that knows SSH is gone)."""
+        session = self._ssh if ssh else None
+        if self.is_running and session is not None and session.is_active():
             # Straight on the session: no reconnecting, no waiting scaled for TCG.
             with contextlib.suppress(CommandTimeout, OSError, EOFError, paramiko.SSHException):
-                raw = ssh.exec("journalctl -b --no-pager -o short", timeout, alive=self._alive)
+                raw = session.exec("journalctl -b --no-pager -o short", timeout, alive=self._alive)
                 if raw.exit_status == 0:
                     return raw.stdout, "journalctl over SSH"
         synced = ""

@@ -134,8 +134,42 @@ def test_a_kept_guest_is_not_stopped_for_its_journal(tmp_path: Path):
         raise AssertionError("journal_text may stop the guest to read its disk")
 
     guest.run, guest.journal_text = run, journal_text
+    guest.answers_ssh = lambda timeout: True
     folder = artifacts.save(guest, tmp_path / "arts", "t.py::test_k", keep_running=True)
     assert ran == ["journalctl -b --no-pager -o short"]
     assert (folder / "journal.txt").read_text() == "Nov 26 sshd[1]: ready\n"
     assert "kept running" in (folder / "journal-source.txt").read_text()
     assert (folder / "qmp-events.txt").read_text() == ""
+
+
+def test_a_guest_that_does_not_answer_ssh_is_asked_once_then_read_from_its_disk(
+    tmp_path: Path,
+):
+    """Its network gone: one quick look, then no SSH step waits out its timeout."""
+    guest = fake_guest(tmp_path, FakeMachine([]))
+    guest.config = SimpleNamespace(blank=False)
+    guest.is_running = True
+    looks: list[float] = []
+    asked: list[bool] = []
+
+    def answers_ssh(timeout: float = 10) -> bool:
+        looks.append(timeout)
+        return False
+
+    def run(cmd: str, timeout: float = 60) -> Any:
+        raise AssertionError(f"ran {cmd!r} over SSH on a guest that does not answer")
+
+    def journal_text(timeout: float = 60, ssh: bool = True) -> Any:
+        asked.append(ssh)
+        return "Nov 27 kernel: link down\n", "the disk, read with libguestfs"
+
+    guest.answers_ssh, guest.run, guest.journal_text = answers_ssh, run, journal_text
+    guest.ssh = SimpleNamespace(get_transport=lambda: None)
+    folder = artifacts.save(guest, tmp_path / "arts", "t.py::test_n")
+    assert looks == [artifacts.SSH_LOOK] and asked == [False]
+    assert (folder / "journal.txt").read_text() == "Nov 27 kernel: link down\n"
+    # Kept running (--kvm-keep-on-failure): its disk is not read; a note says why.
+    kept = artifacts.save(guest, tmp_path / "arts2", "t.py::test_n", keep_running=True)
+    note = (kept / "journal-source.txt").read_text()
+    assert note.startswith("no journal: the guest did not answer over SSH within 10 s")
+    assert asked == [False] and not (kept / "journal.txt").exists()
