@@ -23,5 +23,6 @@ def test_password_logins_are_off(kvm_guest):
     pytest.importorskip("testinfra")
     if kvm_guest.os_release.get("ID") not in ("debian", "ubuntu"):
         pytest.skip("sshd -T output is checked on Debian-like guests only")
-    settings = kvm_guest.host.run("sshd -T").stdout.splitlines()
+    # Lower-cased: newer OpenSSH (debian-testing's) prints "PasswordAuthentication no".
+    settings = kvm_guest.host.run("sshd -T").stdout.lower().splitlines()
     assert "passwordauthentication no" in settings

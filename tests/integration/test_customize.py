@@ -181,7 +181,7 @@ def test_image_without_cloud_init_gets_key_network_and_host_name(
     assert g.fail("test -e /usr/bin/cloud-init") == ""
     assert g.succeed("hostname").strip() == "no-cloud-init"
     assert g.succeed("ls /etc/ssh | grep -c '^ssh_host_.*_key$'").strip() == "1"
-    assert "passwordauthentication no" in g.succeed("sshd -T")
+    assert "passwordauthentication no" in g.succeed("sshd -T").lower()
     assert g.succeed("networkctl list --no-legend | grep -c routable").strip() == "1"
 
 
