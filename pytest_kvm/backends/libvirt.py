@@ -27,11 +27,13 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +52,7 @@ from .base import Machine, MachineSpec
 METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
 DEFAULT_POOL = "pytest-kvm"
 _USER_NETDEV = "hostnet0"  # libvirt's id for the first <interface>'s netdev
+DESTROY_WAIT = 60.0  # s for a destroy: libvirt's own SIGTERM, SIGKILL and job waits fit
 
 
 def load_libvirt() -> tuple[ModuleType, ModuleType]:
@@ -146,6 +149,32 @@ def connect(uri: str) -> Any:
             )
         _connections[uri] = conn
         return conn
+
+
+def forget_connection(uri: str, conn: Any) -> None:
+    """Stop handing out ``conn`` (a call on it did not return): later guests get a new
+    connection. It is not closed, as closing could block as well; its auto-destroy
+    domains go when this process exits."""
+    with _connections_lock:
+        if _connections.get(uri) is conn:
+            del _connections[uri]
+
+
+def call_within(seconds: float, call: Callable[[], object]) -> bool:
+    """Run a libvirt call that might never return (a stuck client connection or
+    daemon) on a thread of its own; True when it returned or raised within seconds."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            call()
+        except Exception:  # noqa: S110 - the caller asks only whether it returned
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="libvirt-call", daemon=True).start()
+    return done.wait(seconds)
 
 
 def close_connections() -> None:
@@ -565,15 +594,19 @@ class _ConsolePump:
                 with self._send_lock, contextlib.suppress(Exception):
                     self._stream.send(data)
 
-    def close(self) -> None:
+    def close(self, abort: bool = True) -> None:
+        """Stop copying; ``abort=False`` leaves the stream alone (its connection is
+        stuck, and aborting would block too)."""
         if self._stop.is_set():
             return
         self._stop.set()
         with contextlib.suppress(Exception):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() in _accept
+        with contextlib.suppress(Exception):
             self._server.close()
         self._sock_path.unlink(missing_ok=True)
-        with contextlib.suppress(Exception):
-            self._stream.abort()
+        if abort:
+            call_within(DESTROY_WAIT, self._stream.abort)
         self._reader.join(5)
         self._log.close()
 
@@ -636,6 +669,7 @@ class LibvirtMachine(Machine):
         self._xml = ""
         self._closed = False
         self._exit: int | None = None
+        self._stuck = False  # a call on self._conn did not return: it is not used again
         self.peak_rss_kib = 0
         self._sampler: threading.Thread | None = None
         self._sampling = threading.Event()
@@ -857,11 +891,43 @@ class LibvirtMachine(Machine):
         self.kill()
 
     def kill(self) -> None:
+        """Destroy the domain. A destroy that does not return within DESTROY_WAIT (a
+        libvirt client connection can deadlock with a console stream being read on
+        another thread) is done again on a new connection, and this one is dropped."""
+        if self._domain is None or self._stuck or not self.is_running():
+            return
+        if not call_within(DESTROY_WAIT, self._domain.destroy):
+            self._stuck = True
+            forget_connection(self.target.uri, self._conn)
+            self._cleanup_afresh()
+        self._exit = -9
+
+    def _cleanup_afresh(self) -> None:
+        """Destroy the domain and delete its volumes over a connection of their own."""
         libvirt, _ = load_libvirt()
-        if self._domain is not None and self.is_running():
-            with contextlib.suppress(libvirt.libvirtError):
-                self._domain.destroy()
-            self._exit = -9
+        names = [vol.name() for vol in self._volumes]
+        self._volumes.clear()
+
+        def cleanup() -> None:
+            conn = libvirt.open(self.target.uri)
+            try:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.lookupByName(self.domain_name).destroy()
+                pool = conn.storagePoolLookupByName(self.target.pool)
+                for name in names:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        pool.storageVolLookupByName(name).delete(0)
+            finally:
+                conn.close()
+
+        if call_within(DESTROY_WAIT, cleanup):
+            message = (f"libvirt did not answer destroy of {self.domain_name} within "
+                       f"{DESTROY_WAIT:.0f} s; destroyed it over a new connection")  # fmt: skip
+        else:
+            message = (f"libvirt ({self.target.uri}) did not destroy {self.domain_name} within "
+                       f"{2 * DESTROY_WAIT:.0f} s; remove it with `virsh -c {self.target.uri} "
+                       f"destroy {self.domain_name}`")  # fmt: skip
+        print(f"pytest-kvm: {message}", file=sys.stderr)
 
     def close(self) -> None:
         if self._closed:
@@ -872,7 +938,7 @@ class LibvirtMachine(Machine):
             self.kill()
         finally:
             if self._pump is not None:
-                self._pump.close()
+                self._pump.close(abort=not self._stuck)
             if self._sampler is not None:
                 self._sampler.join(5)
             for vol in self._volumes:

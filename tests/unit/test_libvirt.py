@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -183,3 +186,69 @@ def test_the_xml_shown_as_argv_hides_the_vnc_password(tmp_path):
     assert "s3cretPW" in machine._xml  # libvirt needs it...
     shown = "\n".join(machine.argv)  # ...artifacts must not have it
     assert "s3cretPW" not in shown and 'passwd="(hidden)"' in shown
+
+
+@pytest.mark.parametrize("fresh_answers", [True, False])
+def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
+    tmp_path, monkeypatch, capsys, fresh_answers
+):
+    """A libvirt client connection that deadlocks in destroy (seen in CI with a
+    console stream read on another thread) costs DESTROY_WAIT, not the run."""
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends import libvirt as backend
+
+    monkeypatch.setattr(backend, "DESTROY_WAIT", 0.2)
+    release = threading.Event()
+    done: list[object] = []
+
+    class StuckDomain:
+        def isActive(self):
+            return True
+
+        def destroy(self):
+            release.wait(30)
+
+    class StuckVolume:
+        def name(self):
+            return "pytest-kvm-g.0.qcow2"
+
+        def delete(self, flags):
+            raise AssertionError("the stuck connection is not used again")
+
+    class Fresh:
+        def lookupByName(self, name):
+            if not fresh_answers:
+                release.wait(30)
+            return SimpleNamespace(destroy=lambda: done.append(("destroy", name)))
+
+        def storagePoolLookupByName(self, name):
+            def volume(vol):
+                return SimpleNamespace(delete=lambda flags: done.append(("delete", name, vol)))
+
+            return SimpleNamespace(storageVolLookupByName=volume)
+
+        def close(self):
+            done.append("close")
+
+    monkeypatch.setattr(libvirt, "open", lambda uri: Fresh())
+    machine = LibvirtMachine(spec(tmp_path), LibvirtTarget("qemu:///system"), "tcg")
+    stuck = object()
+    monkeypatch.setitem(backend._connections, "qemu:///system", stuck)
+    machine._conn, machine._domain = stuck, StuckDomain()
+    machine._volumes = [StuckVolume()]
+    try:
+        started = time.monotonic()
+        machine.close()
+        machine.close()
+        assert time.monotonic() - started < 5
+        assert "qemu:///system" not in backend._connections  # later guests connect anew
+        err = capsys.readouterr().err
+        if fresh_answers:
+            assert done == [("destroy", machine.domain_name),
+                            ("delete", "pytest-kvm", "pytest-kvm-g.0.qcow2"), "close"]  # fmt: skip
+            assert "destroyed it over a new connection" in err
+        else:
+            assert done == []
+            assert f"virsh -c qemu:///system destroy {machine.domain_name}" in err
+    finally:
+        release.set()
