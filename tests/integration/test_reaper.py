@@ -111,6 +111,10 @@ def inner(pytester, inner_env, image_arg, cache_arg) -> Iterator[_Inner]:
         runs.stop()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Inner:
     def __init__(self, pytester, runtime: Path, args: list[str]) -> None:
         self.pytester = pytester
@@ -129,6 +133,10 @@ class _Inner:
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env, "PYTEST_KVM_RUNTIME_DIR": str(self.runtime)},
+                # Ctrl-C as from a terminal: a suite started in the background by a shell
+                # without job control inherits SIGINT ignored, and Python then installs
+                # no KeyboardInterrupt handler, so the Ctrl-C test would see a pass.
+                preexec_fn=_default_sigint,
             )
         self.procs.append(proc)
         self.outputs[proc.pid] = out
