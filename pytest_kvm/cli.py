@@ -90,7 +90,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 
 
 def _list_downloads(cache: Path) -> None:
-    """Downloaded catalog images (images/cloud/) and other downloads in the cache."""
+    """Downloaded catalog images (images/catalog/cloud/) and other downloads in the cache."""
     from .images.download import cached, catalog_source
     from .images.recipe import catalog_names, download_names
 

@@ -1,7 +1,7 @@
 """Images fetched by URL: resumable download, checksum, cache, lock and progress.
 
 A source is a URL (``https://host/x.qcow2#sha256=HEX``, ``file:///srv/x.qcow2``)
-or a downloaded catalog entry (``images/cloud/NAME.toml``: URL plus the URL of a
+or a downloaded catalog entry (``catalog/cloud/NAME.toml``: URL plus the URL of a
 checksum file). Layout under the cache::
 
     downloads/<key>/<file>            the verified image, used read-only
@@ -143,7 +143,7 @@ def file_path(url: str) -> Path:
 
 
 def catalog_source(name: str) -> Source:
-    """The Source of the downloaded catalog image ``name`` (``images/cloud/NAME.toml``)."""
+    """The Source of the downloaded catalog image ``name`` (``catalog/cloud/NAME.toml``)."""
     from .recipe import load_download
 
     entry = load_download(name)

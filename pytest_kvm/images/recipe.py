@@ -1,4 +1,6 @@
-"""Catalog recipes: the TOML files in ``images/`` that say how to build an image.
+"""Catalog recipes: the TOML files in ``pytest_kvm/images/catalog/`` that say how to
+build an image. They are package data: a wheel or sdist carries them, and they are
+found through :mod:`importlib.resources`, wherever the package is installed.
 
 A recipe is data only; :mod:`pytest_kvm.images.builder` turns it into a qcow2.
 Loading validates every key, so a typo in a recipe fails at load time with the
@@ -12,6 +14,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +74,24 @@ class Recipe:
         return h.hexdigest()
 
 
+#: The catalog's directory inside the package (``pytest_kvm/images/catalog``).
+CATALOG_SUBDIR = "catalog"
+
+
+def packaged_catalog() -> Path:
+    """The catalog installed with the package, found through importlib.resources."""
+    root = resources.files("pytest_kvm.images").joinpath(CATALOG_SUBDIR)
+    if not isinstance(root, Path):  # e.g. a zipped install: recipes need real files
+        raise ImageError(f"pytest-kvm's catalog {root} is not a directory on disk")
+    return root
+
+
 def recipes_dir() -> Path:
-    """The catalog directory: the repository's ``images/``, or ``$PYTEST_KVM_RECIPES``."""
+    """The catalog directory: the package's ``catalog/``, or ``$PYTEST_KVM_RECIPES``."""
     override = os.environ.get(RECIPES_ENV, "").strip()
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parents[2] / "images"
+    return packaged_catalog()
 
 
 def catalog_names() -> list[str]:
@@ -267,7 +282,7 @@ def load_recipe_file(path: Path) -> Recipe:
 # --- Downloaded images -----------------------------------------------------
 #
 # Official cloud images are not built: they are downloaded (by
-# :mod:`pytest_kvm.images.download`). Their entries live in ``images/cloud/``,
+# :mod:`pytest_kvm.images.download`). Their entries live in ``catalog/cloud/``,
 # one TOML file per image with a ``[download]`` table, so that they never reach
 # :func:`load_recipe` and their names stay apart from the local builds' names.
 

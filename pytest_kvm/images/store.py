@@ -199,7 +199,7 @@ def resolve(
 
 
 def is_downloaded(name: str) -> bool:
-    """Whether catalog name ``name`` is downloaded (``images/cloud/``), not built."""
+    """Whether catalog name ``name`` is downloaded (``catalog/cloud/``), not built."""
     from .recipe import catalog_names, download_names
 
     return name in download_names() and name not in catalog_names()

@@ -8,7 +8,9 @@ import pytest
 
 from pytest_kvm.images.recipe import catalog_names
 
-CI = Path(__file__).resolve().parents[2] / "examples" / "ci"
+ROOT = Path(__file__).resolve().parents[2]
+CI = ROOT / "examples" / "ci"
+CATALOG = "pytest_kvm/images/catalog"  # the recipes the cache keys hash
 EXAMPLES = sorted(CI.glob("*.yml"))
 
 
@@ -41,7 +43,8 @@ def test_github_actions_workflow():
         steps = job["steps"]
         cache = next(s for s in steps if str(s.get("uses", "")).startswith("actions/cache@"))
         assert cache["with"]["path"].endswith("/images")
-        assert "hashFiles('images/**')" in cache["with"]["key"]
+        assert f"hashFiles('{CATALOG}/**')" in cache["with"]["key"]
+        assert (ROOT / CATALOG / "debian-12.toml").is_file()
         tests = [c for c in _commands(steps) if c.startswith(".venv/bin/pytest ")]
         assert len(tests) == 1 and "--junitxml=" in tests[0]
         upload = next(s for s in steps if str(s.get("uses", "")).startswith("actions/upload"))
@@ -59,7 +62,8 @@ def test_gitlab_ci():
     job = config["guests"]
     (row,) = job["parallel"]["matrix"]
     assert set(row["KVM_IMAGE"]) <= set(catalog_names())
-    assert all(f.startswith("images/") for f in job["cache"]["key"]["files"])
+    keyed = job["cache"]["key"]["files"]
+    assert all(f.startswith(f"{CATALOG}/") and (ROOT / f).is_file() for f in keyed), keyed
     assert len(job["cache"]["key"]["files"]) <= 2  # GitLab's limit
     assert job["artifacts"]["reports"]["junit"] == "junit-$KVM_IMAGE.xml"
     assert any('--kvm-image "$KVM_IMAGE"' in line for line in job["script"])

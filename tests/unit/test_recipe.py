@@ -11,6 +11,7 @@ from pytest_kvm.images import recipe as recipe_mod
 from pytest_kvm.images.recipe import (
     RECIPES_ENV,
     catalog_names,
+    download_names,
     load_recipe,
     load_recipe_file,
     parse_size,
@@ -29,7 +30,7 @@ def catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_the_shipped_catalog_loads() -> None:
-    # the repository's own images/ directory
+    # the package's own catalog (pytest_kvm/images/catalog)
     assert "debian-12" in catalog_names()
     recipe = load_recipe("debian-12")
     assert recipe.name == "debian-12"
@@ -71,9 +72,12 @@ def test_debian_12_keeps_its_cache_key() -> None:
     )
 
 
-def test_recipes_dir_defaults_to_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recipes_dir_defaults_to_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Package data, found next to the installed module (a wheel has no top-level images/).
     monkeypatch.delenv(RECIPES_ENV, raising=False)
-    assert recipes_dir() == Path(recipe_mod.__file__).resolve().parents[2] / "images"
+    assert recipes_dir() == Path(recipe_mod.__file__).resolve().parent / "catalog"
+    assert {"debian-12", "debian-13"} <= set(catalog_names())
+    assert "ubuntu-24.04" in download_names()
 
 
 def test_catalog_names_are_sorted_stems(catalog: Path) -> None:
