@@ -384,7 +384,7 @@ def _cache_check(cache: Path) -> Check:
 def _guestfs_check(force_tcg: bool, quick: bool) -> Check:
     what = "libguestfs (optional: marker files=/hostname=/run=, images without cloud-init, "
     what += "journals of failed tests)"
-    install = "apt-get install python3-guestfs (a venv needs --system-site-packages)"
+    install = GUESTFS_HINT
     try:
         import guestfs  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except ImportError:
@@ -431,6 +431,63 @@ def _launch_guestfs(env: dict[str, str]) -> tuple[bool, str]:
     return True, f"{_last_line(out)} in {seconds:.0f} s"
 
 
+def extra_hint(extra: str) -> str:
+    """How to install the extra ``extra`` (pyproject's optional-dependencies)."""
+    return f"pip install 'pytest-kvm[{extra}]'"
+
+
+#: Debian's libguestfs binding: not on the package index, so no extra installs it.
+GUESTFS_HINT = (
+    "apt-get install python3-guestfs (Debian's binding; a virtualenv needs "
+    "--system-site-packages to see it)"
+)
+#: What building libvirt-python (it has no wheels) needs from Debian.
+LIBVIRT_BUILD_PACKAGES = "libvirt-dev pkg-config gcc python3-dev"
+LIBVIRT_HINT = (
+    f"{extra_hint('libvirt')}; building libvirt-python needs "
+    f"apt-get install {LIBVIRT_BUILD_PACKAGES}"
+)
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An optional part that an extra of pytest-kvm installs."""
+
+    extra: str  # pytest-kvm[extra]
+    module: str  # what is imported
+    dist: str  # the distribution the extra brings
+    feature: str  # what it gives
+
+
+EXTRAS = (
+    Extra("xdist", "xdist", "pytest-xdist", "-n N, --kvm-dist-by-image"),
+    Extra("testinfra", "testinfra", "pytest-testinfra", "guest.host"),
+    Extra("html", "pytest_html", "pytest-html", "failed guests' artifacts in --html reports"),
+)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _extra_check(part: Extra) -> Check:
+    from importlib import metadata
+
+    what = f"{part.dist} (optional: {part.feature})"
+    if not _importable(part.module):
+        return Check(what, False, "not installed", False, extra_hint(part.extra), optional=True)
+    try:
+        detail = f"{part.dist} {metadata.version(part.dist)}"
+    except metadata.PackageNotFoundError:
+        detail = f"{part.module} importable"
+    return Check(what, True, detail, required=False, optional=True)
+
+
 def _qemu_nbd_check() -> Check:
     path = shutil.which("qemu-nbd")
     what = "qemu-nbd (optional: libguestfs on LUKS-encrypted images)"
@@ -447,7 +504,7 @@ def _libvirt_check() -> Check:
     try:
         load_libvirt()
     except KvmError as exc:
-        return Check(what, False, str(exc), False, "pip install libvirt-python", optional=True)
+        return Check(what, False, str(exc), False, LIBVIRT_HINT, optional=True)
     uri = default_uri()
     try:
         conn = connect(uri)
@@ -469,6 +526,7 @@ def doctor_checks(cache: Path, quick: bool = False) -> list[Check]:
     checks.append(_cache_check(cache))
     force_tcg = not acc.detail.startswith("kvm")
     checks += [_guestfs_check(force_tcg, quick), _qemu_nbd_check(), _libvirt_check()]
+    checks += [_extra_check(part) for part in EXTRAS]
     return checks
 
 

@@ -20,7 +20,7 @@ from .errors import GuestTimeout, KvmUnavailable
 if TYPE_CHECKING:
     from .guest import Guest
 
-INSTALL_HINT = "pip install pytest-testinfra"
+INSTALL_HINT = "pip install 'pytest-kvm[testinfra]'"  # the extra brings pytest-testinfra
 # How long one testinfra command may run, in seconds (scaled like guest.run under TCG).
 COMMAND_TIMEOUT = 300.0
 

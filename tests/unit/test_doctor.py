@@ -42,6 +42,7 @@ class Machine:
         self.guestfs: tuple[bool, str] | None = (True, "libguestfs 1.48.6 in 15 s")
         self.guestfs_env: dict[str, str] = {}
         self.libvirt = True
+        self.missing_modules: set[str] = set()  # Python modules not importable
         self.cache = tmp_path / "cache"
         grub = tmp_path / "grub"
         grub.mkdir()
@@ -57,6 +58,7 @@ class Machine:
         monkeypatch.setattr(mirror, "debian_mirror", self.debian_mirror)
         monkeypatch.setattr(cli, "_launch_guestfs", self.launch_guestfs)
         monkeypatch.setattr(cli, "_libvirt_check", self.libvirt_check)
+        monkeypatch.setattr(cli, "_importable", lambda module: module not in self.missing_modules)
         self.guestfs_importable(True, monkeypatch)
 
     def which(self, tool: str, mode: int = os.F_OK | os.X_OK, path: str | None = None) -> str:
@@ -262,7 +264,10 @@ def test_missing_libguestfs_is_optional(machine: Machine, capsys, monkeypatch):
     assert code == 0, out
     line, hint = lines_about(out, "libguestfs")[:2]
     assert line.startswith("[--] libguestfs (optional")
-    assert "apt-get install python3-guestfs" in hint
+    assert hint == (
+        "     install: apt-get install python3-guestfs (Debian's binding; "
+        "a virtualenv needs --system-site-packages to see it)"
+    )
     assert out.index("optional (not needed") < out.index("libguestfs (optional")
 
 
@@ -299,6 +304,48 @@ def test_libvirt_is_optional(machine: Machine, capsys):
     line, hint = lines_about(out, "libvirt")[:2]
     assert line.startswith("[--] libvirt (optional: --kvm-backend libvirt)")
     assert "libvirt-daemon-system" in hint
+
+
+@pytest.mark.parametrize(
+    ("module", "what", "extra"),
+    [
+        ("xdist", "pytest-xdist (optional: -n N, --kvm-dist-by-image)", "xdist"),
+        ("testinfra", "pytest-testinfra (optional: guest.host)", "testinfra"),
+        ("pytest_html", "pytest-html (optional: failed guests' artifacts", "html"),
+    ],
+)
+def test_a_missing_optional_part_names_its_extra(machine: Machine, capsys, module, what, extra):
+    machine.missing_modules.add(module)
+    code, out = machine.doctor(capsys)
+    assert code == 0, out  # the default mode does not need it
+    line, hint = lines_about(out, what)[:2]
+    assert line.startswith(f"[--] {what}") and line.endswith(": not installed")
+    assert hint == f"     install: pip install 'pytest-kvm[{extra}]'"
+    assert out.index("optional (not needed") < out.index(what)
+
+
+def test_installed_optional_parts_show_their_versions(machine: Machine, capsys):
+    _, out = machine.doctor(capsys)
+    for dist in ("pytest-xdist", "pytest-testinfra", "pytest-html"):
+        line = lines_about(out, dist)[0]
+        assert line.startswith(f"[ok] {dist} (optional: ")
+        assert line.split(": ")[-1].startswith(f"{dist} ")  # installed here: the dev extra
+
+
+def test_missing_libvirt_python_names_the_extra_and_its_build_packages(monkeypatch):
+    from pytest_kvm.backends import libvirt
+    from pytest_kvm.errors import KvmUnavailable
+
+    def missing() -> object:
+        raise KvmUnavailable("the libvirt backend needs libvirt-python")
+
+    monkeypatch.setattr(libvirt, "load_libvirt", missing)
+    check = cli._libvirt_check()
+    assert not check.ok and not check.required and check.optional
+    assert check.hint == (
+        "pip install 'pytest-kvm[libvirt]'; building libvirt-python needs "
+        "apt-get install libvirt-dev pkg-config gcc python3-dev"
+    )
 
 
 def test_the_real_libvirt_check_names_the_uri_when_the_daemon_is_down(monkeypatch):

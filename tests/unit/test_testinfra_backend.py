@@ -22,4 +22,4 @@ def test_missing_testinfra_says_what_to_install(monkeypatch):
         make_host(FakeGuest())  # type: ignore[arg-type]
     assert isinstance(info.value, ImportError) and isinstance(info.value, KvmUnavailable)
     assert "guest 'kvm-0000-main-01' (debian-12): guest.host needs testinfra" in str(info.value)
-    assert "pip install pytest-testinfra" in str(info.value)
+    assert "pip install 'pytest-kvm[testinfra]'" in str(info.value)
