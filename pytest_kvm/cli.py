@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel
+from . import __version__, accel
 from .config import default_cache_dir
 from .errors import KvmError
 
@@ -556,6 +556,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pytest-kvm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--cache", default=str(default_cache_dir()), help="image cache dir")
     sub = parser.add_subparsers(dest="command", required=True)
     image = sub.add_parser("image", help="catalog images").add_subparsers(
