@@ -38,7 +38,7 @@ from .config import NetworkSpec
 from .errors import GuestError, ImageError, KvmError
 from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
-from .images.builder import fsync_dir
+from .images.builder import fsync_path
 from .images.overlay import MIN_FREE_SPACE, check_free_space
 from .run import RunContext
 from .ssh import KeyPair
@@ -298,9 +298,9 @@ class TemplateStore:
                 mac = guest.mac
                 vlan_macs = guest.vlan_macs
             self._write_meta(work, key, image, shape, mac, agent, vlan_macs)
-            fsync_dir(work)
+            fsync_path(work)
             os.rename(work, self.root / name)
-            fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException as exc:
             shutil.rmtree(work, ignore_errors=True)
             if isinstance(exc, GuestError | ImageError):
@@ -323,11 +323,7 @@ class TemplateStore:
         vlan_macs: tuple[str, ...] = (),
     ) -> None:
         for name in _CHECKED_FILES:
-            fd = os.open(work / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(work / name)
         meta = {
             "format": TEMPLATE_FORMAT,
             "key": key,

@@ -47,6 +47,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from ..errors import ImageError, KvmConfigError
+from .builder import rename_synced
 
 DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
 CHUNK = 256 * 1024
@@ -380,7 +381,7 @@ def _download(
             f"pytest-kvm: {source.label}: no checksum given, so the download is not verified "
             f"(pin it with #{algorithm}={actual})"
         )
-    os.replace(part, target)
+    rename_synced(part, target)  # on disk before it is used
     _part_meta(part).unlink(missing_ok=True)
     st = target.stat()
     _write_json(
