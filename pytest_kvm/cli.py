@@ -159,10 +159,14 @@ def cmd_template_prune(args: argparse.Namespace) -> int:
     from .customize import prune_layers
     from .template import prune
 
-    removed = prune(Path(args.cache) / "templates", everything=args.all)
-    removed += [(p, "its base image is gone") for p in prune_layers(Path(args.cache))]
+    cache = Path(args.cache)
+    templates = prune(cache / "templates", everything=args.all)
+    removed = templates.removed
+    removed += [(p, "its base image is gone") for p in prune_layers(cache)]
     for path, why in removed:
         print(f"removed {path}: {why}")
+    for path, why in templates.in_use:
+        print(f"kept {path}: {why}")
     if not removed:
         print("nothing to remove")
     return 0
@@ -520,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         dest="template_command", required=True
     )
     pruning = template.add_parser(
-        "prune", help="remove stale and half-made templates, and layers whose base is gone"
+        "prune",
+        help="remove stale and half-made templates, and layers whose base is gone; "
+        "templates a running session uses stay",
     )
     pruning.add_argument("--all", action="store_true", help="remove every template")
     pruning.set_defaults(func=cmd_template_prune)
