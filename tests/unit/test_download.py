@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from pytest_kvm.images.recipe import (
     load_download_file,
 )
 from pytest_kvm.images.store import check_spec, classify, image_name, resolve
+from pytest_kvm.uselock import release
 from tests.imageserver import ImageServer, make_qcow2
 
 NAME = "disk.qcow2"
@@ -55,7 +57,9 @@ def pinned(server: ImageServer, data: bytes, algorithm: str = "sha256") -> str:
 
 
 def files_in(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.rglob("*") if p.is_file() and p.name != ".lock")
+    return sorted(
+        p.name for p in directory.rglob("*") if p.is_file() and p.name not in (".lock", ".use")
+    )
 
 
 # --- checksum files -------------------------------------------------------------
@@ -135,9 +139,11 @@ def test_pinned_url_is_downloaded_verified_and_cached(
     image = resolve(spec, tmp_path, lines.append)
     assert (image.name, image.format, image.source) == ("disk", "qcow2", spec)
     assert image.virtual_size == 16 << 20
-    assert image.path.parent.parent == tmp_path / "downloads"
+    digest = hashlib.sha256(qcow2).hexdigest()
+    assert image.path.parent.parent.parent == tmp_path / "downloads"
+    assert image.path.parent.name == f"sha256-{digest[:32]}"  # the version's own path
     assert image.path.read_bytes() == qcow2
-    assert files_in(tmp_path / "downloads") == [NAME, NAME + ".json"]
+    assert files_in(tmp_path / "downloads") == ["current.json", NAME, NAME + ".json"]
     assert len(server.requests(NAME)) == 1
     # cached: used again without any request, and offline too
     assert resolve(spec, tmp_path, lines.append).path == image.path
@@ -302,7 +308,8 @@ def test_catalog_image_checks_the_published_checksum(
     cache = tmp_path / "cache"
     image = resolve("cloudy-1", cache, lambda _: None)
     assert image.name == "cloudy-1" and image.format == "qcow2"
-    assert image.path == cache / "downloads" / "cloudy-1" / NAME
+    version = f"{algorithm}-{digest[:32]}"
+    assert image.path == cache / "downloads" / "cloudy-1" / version / NAME
     # again: the checksum file is fetched (it may have changed), the image is not
     resolve("cloudy-1", cache, lambda _: None)
     assert len(server.requests(NAME)) == 1 and len(server.requests("SUMS")) == 2
@@ -336,6 +343,62 @@ def test_catalog_image_is_downloaded_again_when_upstream_changes(
     del server.files["/SUMS"]
     assert resolve("cloudy-1", tmp_path, lines.append).path == image.path
     assert "cannot fetch checksum file" in lines[-1] and "using the cached copy" in lines[-1]
+
+
+def reads_pattern(disk: Path, pattern: int) -> bool:
+    """Whether a guest reading the first 640 KiB of ``disk`` would see byte ``pattern``."""
+    proc = subprocess.run(
+        ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P {pattern:#x} 0 640k", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode == 0 and "verification failed" not in proc.stdout + proc.stderr
+
+
+def test_an_overlay_keeps_its_version_when_a_newer_one_is_downloaded(
+    server: ImageServer,
+    tmp_path: Path,
+    catalog: Path,
+    lines: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pytest_kvm import cli
+
+    def publish(data: bytes) -> None:
+        server.files["/" + NAME] = data
+        server.files["/SUMS"] = f"{hashlib.sha256(data).hexdigest()}  {NAME}\n".encode()
+
+    older = make_qcow2(tmp_path / "older.qcow2", pattern=0x11)
+    newer = make_qcow2(tmp_path / "newer.qcow2", pattern=0x22)
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
+    cache = tmp_path / "cache"
+    publish(older)
+    first = resolve("cloudy-1", cache, lines.append).path
+    overlay = tmp_path / "guest.qcow2"  # a running guest's disk, backed by the download
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(first), "-F", "qcow2",
+         str(overlay)],
+        check=True,
+    )  # fmt: skip
+    assert reads_pattern(overlay, 0x11)
+    publish(newer)  # upstream publishes a new image
+    second = resolve("cloudy-1", cache, lines.append).path
+    assert reads_pattern(overlay, 0x11), "the guest's disk now reads another image's blocks"
+    assert second != first and second.read_bytes() == newer and first.read_bytes() == older
+    assert hashlib.sha256(newer).hexdigest()[:32] in str(second)
+    # The name resolves to the newest verified version, offline too.
+    assert resolve("cloudy-1", cache, lines.append, offline=True).path == second
+    assert download.cached(download.catalog_source("cloudy-1"), cache) == second
+    # Pruning leaves the older version while a process uses it (this one does) ...
+    assert cli.main(["--cache", str(cache), "template", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert f"kept {first.parent}: an older download in use" in out and first.exists()
+    # ... and removes it once nothing does; the current one stays.
+    release(first.parent / download.USE_LOCK)
+    assert cli.main(["--cache", str(cache), "template", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {first.parent}: superseded by a newer download" in out
+    assert not first.exists() and second.read_bytes() == newer
 
 
 def test_catalog_image_not_cached_offline(tmp_path: Path, catalog: Path) -> None:
