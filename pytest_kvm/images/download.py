@@ -40,6 +40,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -85,6 +87,7 @@ class Source:
     checksum_url: str = ""  # catalog entries: where the digest is published
     checksum_name: str = ""  # the name the checksum file lists
     format: str = ""  # what the catalog entry says the file is
+    signing_key: Path | None = None  # the keyring that signs the checksum file
 
     @property
     def filename(self) -> str:
@@ -163,6 +166,7 @@ def catalog_source(name: str) -> Source:
         checksum_url=entry.checksum_url,
         checksum_name=entry.checksum_name or _file_name(entry.url),
         format=entry.format,
+        signing_key=entry.signing_key,
     )
 
 
@@ -178,10 +182,15 @@ def parse_checksums(text: str, name: str, algorithm: str, where: str = "checksum
 
     Understands GNU coreutils lines (``HEX  NAME``, ``HEX *NAME``), BSD lines
     (``SHA256 (NAME) = HEX``, as in Fedora's and Rocky's CHECKSUM files, which may
-    be PGP clear-signed and carry ``#`` comments) and a file that is one digest.
+    carry ``#`` comments) and a file that is one digest. A PGP clear-signed file is
+    refused: :func:`verified_text` checks it and gives what it signs.
     """
     length = DIGEST_LENGTHS[algorithm]
-    lines = _signed_body(text)
+    if is_clearsigned(text):
+        raise ImageError(
+            f"{where} is PGP-signed and was not checked: its catalog entry needs a signing_key"
+        )
+    lines = text.splitlines()
     found: list[str] = []
     for line in lines:
         line = line.strip()
@@ -205,23 +214,43 @@ def parse_checksums(text: str, name: str, algorithm: str, where: str = "checksum
     return found[0]
 
 
-def _signed_body(text: str) -> list[str]:
-    """The lines of ``text``, without a PGP clear-signature's armour and signature."""
-    lines = text.splitlines()
-    if not any(line.startswith("-----BEGIN PGP SIGNED MESSAGE-----") for line in lines):
-        return lines
-    body: list[str] = []
-    state = "header"
-    for line in lines:
-        if state == "header":
-            if not line.strip():
-                state = "body"
-        elif state == "body":
-            if line.startswith("-----BEGIN PGP SIGNATURE-----"):
-                state = "signature"
-            else:
-                body.append(line[2:] if line.startswith("- ") else line)
-    return body
+_CLEARSIGNED = "-----BEGIN PGP SIGNED MESSAGE-----"
+#: Seconds gpgv may take to check a checksum file.
+GPGV_TIMEOUT = 60.0
+
+
+def is_clearsigned(text: str) -> bool:
+    return any(line.startswith(_CLEARSIGNED) for line in text.splitlines())
+
+
+def verified_text(raw: bytes, key: Path, where: str) -> str:
+    """What the PGP clear-signed ``raw`` says, once gpgv found its signature good and
+    made by ``key`` (a binary keyring); an ImageError otherwise. Only the signed text
+    is returned: nothing around the signature is trusted."""
+    gpgv = shutil.which("gpgv")
+    if gpgv is None:
+        raise ImageError(
+            f"{where} is PGP-signed and checking it needs gpgv, which is not installed "
+            "(Debian package: gpgv)"
+        )
+    with tempfile.TemporaryDirectory(prefix="pytest-kvm-gpgv-") as tmp:
+        signed, out = Path(tmp) / "checksums.asc", Path(tmp) / "checksums"
+        signed.write_bytes(raw)
+        try:
+            proc = subprocess.run(
+                [gpgv, "--homedir", tmp, "--keyring", str(key.resolve()),
+                 "--output", str(out), "--", str(signed)],
+                capture_output=True, text=True, timeout=GPGV_TIMEOUT,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ImageError(f"{where}: gpgv did not run: {exc}") from None
+        if proc.returncode != 0 or not out.is_file():
+            why = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            raise ImageError(
+                f"{where}: its PGP signature is not good with the key {key} (gpgv: {why[0]}); "
+                "the file was changed or is not signed by its publisher, so it is not used"
+            )
+        return out.read_text("utf-8", "replace")
 
 
 def _same_file(listed: str, name: str) -> bool:
@@ -240,7 +269,10 @@ def fetch_checksum(source: Source) -> str:
                 raw = resp.read(4 * _MIB)
     except (OSError, http.client.HTTPException) as exc:
         raise ImageError(f"{source.label}: cannot fetch {where}: {_reason(exc)}") from None
-    text = raw.decode("utf-8", "replace")
+    if source.signing_key is not None:
+        text = verified_text(raw, source.signing_key, f"{source.label}: {where}")
+    else:
+        text = raw.decode("utf-8", "replace")
     name = source.checksum_name or source.filename
     return parse_checksums(text, name, source.algorithm, f"{source.label}: {where}")
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,18 +70,24 @@ def files_in(directory: Path) -> list[str]:
 
 H256 = "ab" * 32
 H512 = "cd" * 64
-FEDORA = f"""-----BEGIN PGP SIGNED MESSAGE-----
-Hash: SHA256
-
-# Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2: 491716608 bytes
+FEDORA_BODY = f"""# Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2: 491716608 bytes
 SHA256 (Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2) = {H256}
 # Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw.xz: 1 bytes
 SHA256 (Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw.xz) = {"00" * 32}
------BEGIN PGP SIGNATURE-----
+"""
+FEDORA = f"""-----BEGIN PGP SIGNED MESSAGE-----
+Hash: SHA256
+
+{FEDORA_BODY}-----BEGIN PGP SIGNATURE-----
 
 iQIzBAEBCAAdFiEE
 -----END PGP SIGNATURE-----
 """
+
+
+def test_a_signed_checksum_file_is_not_read_unchecked() -> None:
+    with pytest.raises(ImageError, match="PGP-signed and was not checked"):
+        parse_checksums(FEDORA, "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2", "sha256")
 
 
 @pytest.mark.parametrize(
@@ -85,7 +95,7 @@ iQIzBAEBCAAdFiEE
     [
         (f"{'11' * 64}  other.qcow2\n{H512}  debian.qcow2\n", "debian.qcow2", "sha512", H512),
         (f"{H256} *ubuntu.img\n{'22' * 32} *ubuntu.tar.gz\n", "ubuntu.img", "sha256", H256),
-        (FEDORA, "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2", "sha256", H256),
+        (FEDORA_BODY, "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2", "sha256", H256),
         (f"SHA512 (alpine.qcow2) = {H512.upper()}\n", "alpine.qcow2", "sha512", H512),
         (f"{H512}  alpine.qcow2\n", "alpine.qcow2", "sha512", H512),
         (f"{H512}\n", "alpine.qcow2", "sha512", H512),  # a lone digest
@@ -287,10 +297,11 @@ def catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory / "cloud"
 
 
-def entry(url: str, checksum_url: str, algorithm: str = "sha256") -> str:
+def entry(url: str, checksum_url: str, algorithm: str = "sha256", signing_key: str = "") -> str:
     return (
         'description = "test cloud image"\n[download]\n'
         f'url = "{url}"\nchecksum_url = "{checksum_url}"\nchecksum = "{algorithm}"\n'
+        + (f'signing_key = "{signing_key}"\n' if signing_key else "")
     )
 
 
@@ -325,6 +336,92 @@ def test_catalog_image_with_a_wrong_published_checksum_is_refused(
     with pytest.raises(ImageError, match=f"expected sha256 {'e' * 64}, got "):
         resolve("cloudy-1", tmp_path, lambda _: None)
     assert files_in(tmp_path / "downloads") == []
+
+
+@dataclass
+class Signer:
+    """A throwaway OpenPGP key, as a distribution signs its checksum files with."""
+
+    gpg: Callable[..., bytes]
+    key: Path  # the public key, binary, as a catalog entry ships it
+
+    def sign(self, text: str) -> bytes:
+        return self.gpg("--clearsign", "--output", "-", input=text.encode())
+
+
+@pytest.fixture(scope="module")
+def signer() -> Iterator[Signer]:
+    home = Path(tempfile.mkdtemp(prefix="gpg-"))  # short: gpg-agent's socket is there
+    env = dict(os.environ, GNUPGHOME=str(home))
+
+    def gpg(*args: str, input: bytes | None = None) -> bytes:
+        return subprocess.run(
+            ["gpg", "--batch", "--quiet", *args], env=env, input=input,
+            capture_output=True, check=True,
+        ).stdout  # fmt: skip
+
+    try:
+        publisher = "Image Publisher <publisher@example.invalid>"
+        gpg("--passphrase", "", "--quick-gen-key", publisher, "ed25519", "sign", "never")
+        key = home / "publisher.gpg"
+        key.write_bytes(gpg("--export"))
+        yield Signer(gpg, key)
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def signed_entry(server: ImageServer, catalog: Path, signer: Signer, sums: bytes) -> None:
+    server.files["/SUMS"] = sums
+    shutil.copy(signer.key, catalog / "publisher.gpg")
+    (catalog / "cloudy-1.toml").write_text(
+        entry(server.url(NAME), server.url("SUMS"), signing_key="publisher.gpg")
+    )
+
+
+def test_a_signed_checksum_file_is_checked_with_the_entrys_key(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, catalog: Path, signer: Signer
+) -> None:
+    sums = signer.sign(f"SHA256 ({NAME}) = {hashlib.sha256(qcow2).hexdigest()}\n")
+    signed_entry(server, catalog, signer, sums)
+    image = resolve("cloudy-1", tmp_path, lambda _: None)
+    assert image.path.read_bytes() == qcow2
+
+
+def test_a_tampered_signed_checksum_file_is_refused(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, catalog: Path, signer: Signer
+) -> None:
+    evil = make_qcow2(tmp_path / "evil.qcow2", pattern=0x66)
+    good, bad = hashlib.sha256(qcow2).hexdigest(), hashlib.sha256(evil).hexdigest()
+    sums = signer.sign(f"SHA256 ({NAME}) = {good}\n").replace(good.encode(), bad.encode())
+    signed_entry(server, catalog, signer, sums)
+    server.files["/" + NAME] = evil  # what the tampered file vouches for
+    with pytest.raises(ImageError, match="PGP signature is not good with the key"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
+    # Unsigned, though the entry names a key: refused too.
+    server.files["/SUMS"] = f"SHA256 ({NAME}) = {bad}\n".encode()
+    with pytest.raises(ImageError, match="PGP signature is not good"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
+    assert len(server.requests(NAME)) == 0 and files_in(tmp_path / "downloads") == []
+    # Signed, but the entry names no key: not read unchecked.
+    server.files["/SUMS"] = signer.sign(f"SHA256 ({NAME}) = {good}\n")
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
+    with pytest.raises(ImageError, match="PGP-signed and was not checked"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
+
+
+def test_a_missing_gpgv_is_a_clear_error(
+    server: ImageServer,
+    qcow2: bytes,
+    tmp_path: Path,
+    catalog: Path,
+    signer: Signer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    signed_entry(server, catalog, signer, signer.sign(f"{'0' * 64}  {NAME}\n"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    with pytest.raises(ImageError, match=r"needs gpgv, which is not installed \(Debian package"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
 
 
 def test_catalog_image_is_downloaded_again_when_upstream_changes(
@@ -425,7 +522,7 @@ def test_bad_catalog_entries_name_file_and_key(catalog: Path) -> None:
         load_download("bad")
 
 
-def test_the_shipped_cloud_images() -> None:
+def test_the_shipped_cloud_images(tmp_path: Path) -> None:
     names = download_names()
     assert {
         "ubuntu-24.04",
@@ -442,6 +539,14 @@ def test_the_shipped_cloud_images() -> None:
         assert e.checksum_url != e.url
         check_spec(name)
         assert load_download_file(e.path) == e
+    # Fedora's CHECKSUM is clear-signed: checked with Fedora 41's release key.
+    key = load_download("fedora-41").signing_key
+    assert key is not None and key.name == "fedora-41.gpg"
+    shown = subprocess.run(
+        ["gpg", "--homedir", str(tmp_path), "--show-keys", "--with-colons", str(key)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "fpr:::::::::466CF2D8B60BC3057AA9453ED0622462E99D6AD1:" in shown
 
 
 def test_offline_option_from_command_line_env_and_ini() -> None:
