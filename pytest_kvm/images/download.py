@@ -586,12 +586,33 @@ def _copy(source: Source, part: Path, algorithm: str, progress: Progress) -> str
 _HEADERS = {"User-Agent": "pytest-kvm (image download)", "Accept-Encoding": "identity"}
 
 
+class NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed, but never from https to plain http: a download asked
+    for over TLS is not handed to whoever answers on the path in clear text."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        was = urllib.parse.urlsplit(req.full_url).scheme.lower()
+        if was == "https" and urllib.parse.urlsplit(newurl).scheme.lower() != "https":
+            raise ImageError(
+                f"refusing the redirect of {req.full_url} to {newurl}: from https to plain http"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _open(url: str, headers: dict[str, str]) -> Any:
     """A GET of an http(s) URL (proxies from the environment, as urllib does)."""
     if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise ImageError(f"not an http(s) URL: {url}")
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 (checked above)
-    return urllib.request.urlopen(request, timeout=TIMEOUT)  # noqa: S310
+    return urllib.request.build_opener(NoDowngrade).open(request, timeout=TIMEOUT)
 
 
 def _part_meta(part: Path) -> Path:

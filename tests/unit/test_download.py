@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pytest_kvm.images.recipe import (
 )
 from pytest_kvm.images.store import check_spec, classify, image_name, resolve
 from pytest_kvm.uselock import release
-from tests.imageserver import ImageServer, make_qcow2
+from tests.imageserver import ImageServer, make_qcow2, tls_context
 
 NAME = "disk.qcow2"
 
@@ -559,6 +560,41 @@ def test_offline_option_from_command_line_env_and_ini() -> None:
     assert resolve_settings({}, {}, ini({"kvm_offline": "true"})).offline is True
     with pytest.raises(KvmConfigError, match="PYTEST_KVM_OFFLINE"):
         resolve_settings({}, {"PYTEST_KVM_OFFLINE": "sometimes"}, ini({}))
+
+
+def test_an_https_download_redirected_to_http_is_refused(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context, cert = tls_context(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # this client trusts the test server
+    secure = ImageServer(files={"/" + NAME: qcow2}, tls=context).start()
+    try:
+        digest = hashlib.sha256(qcow2).hexdigest()
+        # Over https, and redirected within https: fine.
+        secure.redirects["/moved.qcow2"] = secure.url(NAME)
+        image = resolve(f"{secure.url('moved.qcow2')}#sha256={digest}", tmp_path, print)
+        assert image.path.read_bytes() == qcow2
+        # Redirected to plain http (the image there is the right one, even): refused.
+        secure.redirects["/" + NAME] = server.url(NAME)
+        with pytest.raises(ImageError, match="from https to plain http"):
+            resolve(f"{secure.url(NAME)}#sha256={digest}", tmp_path / "c2", print)
+        assert server.requests(NAME) == []  # never asked over http
+    finally:
+        secure.stop()
+    # Plain http to plain http is what it was.
+    server.redirects["/old.qcow2"] = server.url(NAME)
+    assert resolve(f"{server.url('old.qcow2')}#sha256={digest}", tmp_path / "c3", print)
+
+
+def test_the_redirect_check() -> None:
+    check = download.NoDowngrade()
+    https = urllib.request.Request("https://h.example/x.qcow2")
+    with pytest.raises(ImageError, match="from https to plain http"):
+        check.redirect_request(https, None, 302, "Found", {}, "http://h.example/x.qcow2")
+    moved = check.redirect_request(https, None, 301, "Moved", {}, "https://m.example/x.qcow2")
+    assert moved is not None and moved.full_url == "https://m.example/x.qcow2"
+    plain = urllib.request.Request("http://h.example/x.qcow2")
+    assert check.redirect_request(plain, None, 302, "Found", {}, "http://m.example/x")
 
 
 def test_an_unknown_host_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
