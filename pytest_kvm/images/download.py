@@ -14,12 +14,13 @@ checksum file). Layout under the cache::
     downloads/<key>/.lock                  one downloader per key across processes
 
 ``<key>`` is the catalog name, or the URL's image name plus a hash of the URL;
-``<version>`` is ``sha256-`` and the first 32 hex digits of the file's digest. The
-file is renamed into place (and synced) only after its checksum matched; a mismatch
-deletes the part and raises :class:`ImageError` naming both digests. A version is
-never replaced: overlays, templates and layers are backed by its path. A new one is
-downloaded beside it and becomes current; :func:`prune` (``pytest-kvm template
-prune``) removes superseded versions that no live process uses.
+``<version>`` is the algorithm and the first 32 hex digits of the file's digest
+(``sha256-0f3a...``). The file is renamed into place (and synced) only after its
+checksum matched; a mismatch deletes the part and raises :class:`ImageError` naming
+both digests. A version is never replaced: overlays, templates and layers are
+backed by its path. A new one is downloaded beside it and becomes current;
+:func:`prune` (``pytest-kvm template prune``) removes superseded versions that no
+live process uses.
 
 Checksum policy: a ``#sha256=``/``#sha512=`` fragment pins the digest, so a
 cached copy is used without any request. A catalog entry's checksum file is
