@@ -91,7 +91,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 
 def _list_downloads(cache: Path) -> None:
     """Downloaded catalog images (images/catalog/cloud/) and other downloads in the cache."""
-    from .images.download import cached, catalog_source
+    from .images.download import cached, catalog_source, current_file
     from .images.recipe import catalog_names, download_names
 
     keys = set()
@@ -108,12 +108,10 @@ def _list_downloads(cache: Path) -> None:
     for directory in sorted(downloads.iterdir()) if downloads.is_dir() else []:
         if directory.name in keys or not directory.is_dir():
             continue
-        for record in sorted(directory.glob("*.json")):
-            path = record.with_suffix("")
-            if path.suffix == ".part" or not path.is_file():
-                continue
-            size = f"{path.stat().st_size / 2**20:.0f}M"
-            print(f"{directory.name:<16} {'cached':<10} {size:>8}  {path}")
+        found = current_file(directory)
+        if found is not None:
+            size = f"{found.stat().st_size / 2**20:.0f}M"
+            print(f"{directory.name:<16} {'cached':<10} {size:>8}  {found}")
 
 
 def cmd_image_pull(args: argparse.Namespace) -> int:
@@ -157,12 +155,22 @@ def cmd_reap(args: argparse.Namespace) -> int:
 
 def cmd_template_prune(args: argparse.Namespace) -> int:
     from .customize import prune_layers
+    from .images.download import prune as prune_downloads
     from .template import prune
 
-    removed = prune(Path(args.cache) / "templates", everything=args.all)
-    removed += [(p, "its base image is gone") for p in prune_layers(Path(args.cache))]
+    cache = Path(args.cache)
+    # Superseded downloads first: what was made from them is stale then, and goes too.
+    gone, busy = prune_downloads(cache)
+    removed = [(p, "superseded by a newer download") for p in gone]
+    kept = [(p, "an older download in use by a running test session") for p in busy]
+    templates = prune(cache / "templates", everything=args.all)
+    removed += templates.removed
+    kept += templates.in_use
+    removed += [(p, "its base image is gone") for p in prune_layers(cache)]
     for path, why in removed:
         print(f"removed {path}: {why}")
+    for path, why in kept:
+        print(f"kept {path}: {why}")
     if not removed:
         print("nothing to remove")
     return 0
@@ -579,7 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         dest="template_command", required=True
     )
     pruning = template.add_parser(
-        "prune", help="remove stale and half-made templates, and layers whose base is gone"
+        "prune",
+        help="remove stale and half-made templates, layers whose base is gone, and "
+        "superseded downloads; what a running session uses stays",
     )
     pruning.add_argument("--all", action="store_true", help="remove every template")
     pruning.set_defaults(func=cmd_template_prune)

@@ -44,6 +44,7 @@ from filelock import FileLock
 
 from .errors import ImageError, KvmConfigError, KvmUnavailable
 from .images import Image
+from .images.builder import rename_synced
 from .images.overlay import check_qemu_path, create_overlay, key_secret_opts, secret_object
 
 GUESTFS_PACKAGE = "python3-guestfs"
@@ -437,7 +438,7 @@ def customized_image(
                 with DiskHandle(source, readonly=False, force_tcg=force_tcg,
                                 what=f"the customisation of {image.name}") as disk:  # fmt: skip
                     disk.apply(custom)
-                os.replace(work, path)
+                rename_synced(work, path)
             finally:
                 work.unlink(missing_ok=True)
             progress(f"pytest-kvm: customised {image.name} in {time.monotonic() - t0:.1f} s")

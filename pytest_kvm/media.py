@@ -9,7 +9,9 @@ a guest on user networking reaches it at the host address it sees (10.0.2.2).
 
 from __future__ import annotations
 
+import hmac
 import http.server
+import secrets
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -65,8 +67,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(with_body=False)
 
     def _answer(self, with_body: bool) -> None:
-        name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
-        body = self.server.files.get(name)
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+        token, _, name = path.partition("/")
+        body = None
+        if hmac.compare_digest(token.encode(), self.server.token.encode()):
+            body = self.server.files.get(name)
+        else:
+            name = path  # logged as asked for; the token never is
         self.server.log.append((self.command, "/" + name, 200 if body is not None else 404))
         if body is None:
             self.send_error(404, f"not served: /{name}")
@@ -86,6 +93,7 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     files: dict[str, bytes]
     log: list[tuple[str, str, int]]
+    token: str
 
 
 class AnswerServer:
@@ -93,12 +101,18 @@ class AnswerServer:
 
     ``serve(name, content)`` returns the URL a guest on user networking uses;
     ``requests`` lists what was asked for (method, path, status), so a test can
-    check that its installer really read its answers."""
+    check that its installer really read its answers.
+
+    Every URL's path starts with a random token of this server (answer files may
+    hold passwords, and anything on the host or in a guest can reach the port): a
+    request without it gets 404. Files served together share it, so an installer
+    can still find one beside another by a relative path."""
 
     def __init__(self, guest_host: str = USER_NET_HOST) -> None:
         self.guest_host = guest_host
         self._files: dict[str, bytes] = {}
         self._log: list[tuple[str, str, int]] = []
+        self._token = secrets.token_urlsafe(24)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -108,6 +122,7 @@ class AnswerServer:
         server = _Server(("127.0.0.1", 0), _Handler)
         server.files = self._files
         server.log = self._log
+        server.token = self._token
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -149,13 +164,14 @@ class AnswerServer:
         return {name: self.serve(name, content) for name, content in files.items()}
 
     def url(self, name: str = "") -> str:
-        """The URL of ``/name`` as the guest sees it."""
-        return f"http://{self.guest_host}:{self.port}/{urllib.parse.quote(name.strip('/'))}"
+        """The URL of ``name`` as the guest sees it (with this server's token)."""
+        path = urllib.parse.quote(name.strip("/"))
+        return f"http://{self.guest_host}:{self.port}/{self._token}/{path}"
 
     @property
     def local_url(self) -> str:
-        """The base URL on this host (127.0.0.1)."""
-        return f"http://127.0.0.1:{self.port}/"
+        """The base URL on this host (127.0.0.1), with this server's token."""
+        return f"http://127.0.0.1:{self.port}/{self._token}/"
 
     @property
     def requests(self) -> list[tuple[str, str, int]]:

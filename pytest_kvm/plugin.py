@@ -340,6 +340,8 @@ class _Session:
             if self._run is not None:
                 self._run.close()
         finally:
+            if self._templates is not None:
+                self._templates.close()
             libvirt_backend.close_connections()
 
 

@@ -38,10 +38,11 @@ from .config import NetworkSpec
 from .errors import GuestError, ImageError, KvmError
 from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
-from .images.builder import fsync_dir
+from .images.builder import fsync_path
 from .images.overlay import MIN_FREE_SPACE, check_free_space
 from .run import RunContext
 from .ssh import KeyPair
+from .uselock import hold, release, unused
 
 # Bump when what goes into a template changes, so old ones are not used.
 TEMPLATE_FORMAT = 5  # 5: every guest has a VGA card (the clones' devices changed)
@@ -178,6 +179,7 @@ class TemplateStore:
         self.progress = progress
         self.lock_timeout = lock_timeout
         self._checked: dict[str, Template] = {}
+        self._in_use: set[str] = set()
 
     def get(self, image: Image, shape: Shape, boot_timeout: float) -> Template:
         """The template for ``image`` at ``shape``: checked, or built now."""
@@ -201,10 +203,20 @@ class TemplateStore:
             template = self._load(self.root / name, key, image, shape)
             if template is None:
                 template = self._build(name, key, image, shape, boot_timeout)
+            # In use from now until the run ends: prune leaves it alone. Taken under
+            # the build lock, which prune holds while it removes a template.
+            hold(use_lock(self.root, name))
+            self._in_use.add(name)
         finally:
             lock.release()
         self._checked[key] = template
         return template
+
+    def close(self) -> None:
+        """The run is over: its templates are no longer in use by this process."""
+        for name in sorted(self._in_use):
+            release(use_lock(self.root, name))
+        self._in_use.clear()
 
     # -- checking ----------------------------------------------------------------------
 
@@ -298,9 +310,9 @@ class TemplateStore:
                 mac = guest.mac
                 vlan_macs = guest.vlan_macs
             self._write_meta(work, key, image, shape, mac, agent, vlan_macs)
-            fsync_dir(work)
+            fsync_path(work)
             os.rename(work, self.root / name)
-            fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException as exc:
             shutil.rmtree(work, ignore_errors=True)
             if isinstance(exc, GuestError | ImageError):
@@ -323,11 +335,7 @@ class TemplateStore:
         vlan_macs: tuple[str, ...] = (),
     ) -> None:
         for name in _CHECKED_FILES:
-            fd = os.open(work / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(work / name)
         meta = {
             "format": TEMPLATE_FORMAT,
             "key": key,
@@ -372,12 +380,25 @@ def stale_reason(path: Path) -> str:
     return ""
 
 
-def prune(root: Path, everything: bool = False) -> list[tuple[Path, str]]:
+def use_lock(root: Path, name: str) -> Path:
+    """The file a run holds a shared lock on while it clones from template ``name``."""
+    return root / f".{name}.use"
+
+
+@dataclass
+class Pruned:
+    """What :func:`prune` removed, and what it left because it is in use, and why."""
+
+    removed: list[tuple[Path, str]]
+    in_use: list[tuple[Path, str]]
+
+
+def prune(root: Path, everything: bool = False) -> Pruned:
     """Remove stale templates (all, with ``everything``) and half-made ones of dead
-    builders; skip any whose lock another process holds. Returns what went, and why."""
-    removed: list[tuple[Path, str]] = []
+    builders; skip any that a live run clones from or another process builds or checks."""
+    result = Pruned([], [])
     if not root.is_dir():
-        return removed
+        return result
     for path in sorted(root.iterdir()):
         if not path.is_dir():
             continue
@@ -389,17 +410,32 @@ def prune(root: Path, everything: bool = False) -> list[tuple[Path, str]]:
             why = "removed on request" if everything else stale_reason(path)
         if not why:
             continue
-        lock = FileLock(str(root / f".{name}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue  # being built or checked right now
-        try:  # the lock file stays: a waiter may hold it open
+        busy = _remove_unless_busy(root, name, path, complete=why != "half made")
+        if busy:
+            result.in_use.append((path, busy))
+        else:
+            result.removed.append((path, why))
+    return result
+
+
+def _remove_unless_busy(root: Path, name: str, path: Path, complete: bool) -> str:
+    """Remove template ``path`` unless it is busy; why it is busy ("" if removed)."""
+    lock = FileLock(str(root / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return "being made or checked by another process"
+    try:  # the lock files stay: a waiter may hold them open
+        if not complete:
             shutil.rmtree(path, ignore_errors=True)
-        finally:
-            lock.release()
-        removed.append((path, why))
-    return removed
+            return ""
+        with unused(use_lock(root, name)) as free:
+            if not free:
+                return "in use by a running test session"
+            shutil.rmtree(path, ignore_errors=True)
+            return ""
+    finally:
+        lock.release()
 
 
 def list_templates(root: Path) -> list[tuple[Path, int]]:

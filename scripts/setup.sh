@@ -18,6 +18,8 @@ APT_PACKAGES=(
   libvirt-dev pkg-config gcc python3-dev  # building libvirt-python (it has no wheels)
   openssh-server                        # the "remote" hypervisor of the tests: sshd on 127.0.0.1
   isolinux syslinux-common busybox-static  # the mini install ISO of tests/integration/test_installer.py
+  gpgv                                  # checks signed checksum files (Fedora's)
+  gnupg openssl                         # tests: a throwaway signing key, a local https server
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

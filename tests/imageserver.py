@@ -4,6 +4,7 @@ on demand (drop the connection after N bytes, serve slowly), with a log of what 
 from __future__ import annotations
 
 import hashlib
+import ssl
 import subprocess
 import threading
 import time
@@ -28,6 +29,8 @@ class ImageServer:
     # path -> byte counts: the next responses for the path stop after that many bytes
     drops: dict[str, list[int]] = field(default_factory=dict)
     delay: float = 0.0  # seconds per 64 KiB sent
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location (302)
+    tls: ssl.SSLContext | None = None  # serve https with this server context
     lock: threading.Lock = field(default_factory=threading.Lock)
     httpd: ThreadingHTTPServer | None = None
 
@@ -37,7 +40,8 @@ class ImageServer:
         return int(self.httpd.server_address[1])
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
     def requests(self, path: str) -> list[Seen]:
         with self.lock:
@@ -57,6 +61,8 @@ class ImageServer:
                 server._get(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            self.httpd.socket = self.tls.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -72,6 +78,14 @@ class ImageServer:
         path = h.path.split("?", 1)[0]
         data = self.files.get(path)
         rng, if_range = h.headers.get("Range"), h.headers.get("If-Range")
+        if path in self.redirects:
+            with self.lock:
+                self.seen.append(Seen(path, rng, if_range, 302))
+            h.send_response(302)
+            h.send_header("Location", self.redirects[path])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if data is None:
             with self.lock:
                 self.seen.append(Seen(path, rng, if_range, 404))
@@ -127,12 +141,28 @@ def _slice(data: bytes | Path, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
-def make_qcow2(path: Path, data_kib: int = 640) -> bytes:
-    """A real qcow2 with ``data_kib`` KiB written: a few hundred KiB on disk."""
+def make_qcow2(path: Path, data_kib: int = 640, pattern: int = 0x5A) -> bytes:
+    """A real qcow2 with ``data_kib`` KiB of byte ``pattern`` written: a few hundred KiB
+    on disk."""
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
     subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data_kib}k", str(path)],
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} 0 {data_kib}k", str(path)],
         check=True,
         capture_output=True,
     )
     return path.read_bytes()
+
+
+def tls_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a throwaway self-signed certificate for 127.0.0.1, and
+    the certificate (for a client's SSL_CERT_FILE)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert

@@ -140,8 +140,7 @@ def build_image(
     work.chmod(0o755)
     try:
         _Build(recipe, work, mirror, tools, progress).run(work / "disk.qcow2")
-        os.replace(work / "disk.qcow2", out)
-        fsync_dir(out.parent)
+        rename_synced(work / "disk.qcow2", out)
     finally:
         _remove_tree(work, progress)
     size = out.stat().st_blocks * 512
@@ -780,12 +779,26 @@ def _write(path: Path, text: str, *, mode: int = 0o644, keep_owner: bool = False
     os.replace(tmp, path)
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def rename_synced(src: Path, dst: Path) -> None:
+    """Rename ``src`` (a file, or a directory of files) to ``dst`` durably: its data is
+    on disk before the rename, and the rename is on disk before this returns, so a
+    crash leaves the old name or a whole new one, never a name over lost blocks."""
+    if src.is_dir():
+        for path in src.iterdir():
+            if path.is_file() and not path.is_symlink():
+                fsync_path(path)
+    fsync_path(src)
+    os.replace(src, dst)
+    fsync_path(dst.parent)
 
 
 def _tail(text: str, lines: int = _TAIL_LINES) -> str:

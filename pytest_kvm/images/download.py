@@ -4,16 +4,23 @@ A source is a URL (``https://host/x.qcow2#sha256=HEX``, ``file:///srv/x.qcow2``)
 or a downloaded catalog entry (``catalog/cloud/NAME.toml``: URL plus the URL of a
 checksum file). Layout under the cache::
 
-    downloads/<key>/<file>            the verified image, used read-only
-    downloads/<key>/<file>.json       what was verified: URL, algorithm, digest,
-                                      size and mtime of <file>
-    downloads/<key>/<file>.part       a download in progress (resumed with Range)
-    downloads/<key>/<file>.part.json  the ETag / Last-Modified the part came from
-    downloads/<key>/.lock             one downloader per key across processes
+    downloads/<key>/<version>/<file>       a verified image, used read-only
+    downloads/<key>/<version>/<file>.json  what was verified: URL, algorithm, digest,
+                                           size and mtime of <file>
+    downloads/<key>/<version>/.use         held shared by every process using it
+    downloads/<key>/current.json           the version <key> resolves to: the newest
+    downloads/<key>/<file>.part            a download in progress (resumed with Range)
+    downloads/<key>/<file>.part.json       the ETag / Last-Modified the part came from
+    downloads/<key>/.lock                  one downloader per key across processes
 
-``<key>`` is the catalog name, or the URL's image name plus a hash of the URL.
-The file is renamed into place only after its checksum matched; a mismatch
-deletes the part and raises :class:`ImageError` naming both digests.
+``<key>`` is the catalog name, or the URL's image name plus a hash of the URL;
+``<version>`` is the algorithm and the first 32 hex digits of the file's digest
+(``sha256-0f3a...``). The file is renamed into place (and synced) only after its
+checksum matched; a mismatch deletes the part and raises :class:`ImageError` naming
+both digests. A version is never replaced: overlays, templates and layers are
+backed by its path. A new one is downloaded beside it and becomes current;
+:func:`prune` (``pytest-kvm template prune``) removes superseded versions that no
+live process uses.
 
 Checksum policy: a ``#sha256=``/``#sha512=`` fragment pins the digest, so a
 cached copy is used without any request. A catalog entry's checksum file is
@@ -34,6 +41,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -47,6 +56,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from ..errors import ImageError, KvmConfigError
+from ..uselock import hold, release, unused
+from .builder import fsync_path, rename_synced
 
 DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
 CHUNK = 256 * 1024
@@ -77,6 +88,7 @@ class Source:
     checksum_url: str = ""  # catalog entries: where the digest is published
     checksum_name: str = ""  # the name the checksum file lists
     format: str = ""  # what the catalog entry says the file is
+    signing_key: Path | None = None  # the keyring that signs the checksum file
 
     @property
     def filename(self) -> str:
@@ -155,6 +167,7 @@ def catalog_source(name: str) -> Source:
         checksum_url=entry.checksum_url,
         checksum_name=entry.checksum_name or _file_name(entry.url),
         format=entry.format,
+        signing_key=entry.signing_key,
     )
 
 
@@ -170,10 +183,15 @@ def parse_checksums(text: str, name: str, algorithm: str, where: str = "checksum
 
     Understands GNU coreutils lines (``HEX  NAME``, ``HEX *NAME``), BSD lines
     (``SHA256 (NAME) = HEX``, as in Fedora's and Rocky's CHECKSUM files, which may
-    be PGP clear-signed and carry ``#`` comments) and a file that is one digest.
+    carry ``#`` comments) and a file that is one digest. A PGP clear-signed file is
+    refused: :func:`verified_text` checks it and gives what it signs.
     """
     length = DIGEST_LENGTHS[algorithm]
-    lines = _signed_body(text)
+    if is_clearsigned(text):
+        raise ImageError(
+            f"{where} is PGP-signed and was not checked: its catalog entry needs a signing_key"
+        )
+    lines = text.splitlines()
     found: list[str] = []
     for line in lines:
         line = line.strip()
@@ -197,23 +215,43 @@ def parse_checksums(text: str, name: str, algorithm: str, where: str = "checksum
     return found[0]
 
 
-def _signed_body(text: str) -> list[str]:
-    """The lines of ``text``, without a PGP clear-signature's armour and signature."""
-    lines = text.splitlines()
-    if not any(line.startswith("-----BEGIN PGP SIGNED MESSAGE-----") for line in lines):
-        return lines
-    body: list[str] = []
-    state = "header"
-    for line in lines:
-        if state == "header":
-            if not line.strip():
-                state = "body"
-        elif state == "body":
-            if line.startswith("-----BEGIN PGP SIGNATURE-----"):
-                state = "signature"
-            else:
-                body.append(line[2:] if line.startswith("- ") else line)
-    return body
+_CLEARSIGNED = "-----BEGIN PGP SIGNED MESSAGE-----"
+#: Seconds gpgv may take to check a checksum file.
+GPGV_TIMEOUT = 60.0
+
+
+def is_clearsigned(text: str) -> bool:
+    return any(line.startswith(_CLEARSIGNED) for line in text.splitlines())
+
+
+def verified_text(raw: bytes, key: Path, where: str) -> str:
+    """What the PGP clear-signed ``raw`` says, once gpgv found its signature good and
+    made by ``key`` (a binary keyring); an ImageError otherwise. Only the signed text
+    is returned: nothing around the signature is trusted."""
+    gpgv = shutil.which("gpgv")
+    if gpgv is None:
+        raise ImageError(
+            f"{where} is PGP-signed and checking it needs gpgv, which is not installed "
+            "(Debian package: gpgv)"
+        )
+    with tempfile.TemporaryDirectory(prefix="pytest-kvm-gpgv-") as tmp:
+        signed, out = Path(tmp) / "checksums.asc", Path(tmp) / "checksums"
+        signed.write_bytes(raw)
+        try:
+            proc = subprocess.run(
+                [gpgv, "--homedir", tmp, "--keyring", str(key.resolve()),
+                 "--output", str(out), "--", str(signed)],
+                capture_output=True, text=True, timeout=GPGV_TIMEOUT,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ImageError(f"{where}: gpgv did not run: {exc}") from None
+        if proc.returncode != 0 or not out.is_file():
+            why = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            raise ImageError(
+                f"{where}: its PGP signature is not good with the key {key} (gpgv: {why[0]}); "
+                "the file was changed or is not signed by its publisher, so it is not used"
+            )
+        return out.read_text("utf-8", "replace")
 
 
 def _same_file(listed: str, name: str) -> bool:
@@ -232,7 +270,10 @@ def fetch_checksum(source: Source) -> str:
                 raw = resp.read(4 * _MIB)
     except (OSError, http.client.HTTPException) as exc:
         raise ImageError(f"{source.label}: cannot fetch {where}: {_reason(exc)}") from None
-    text = raw.decode("utf-8", "replace")
+    if source.signing_key is not None:
+        text = verified_text(raw, source.signing_key, f"{source.label}: {where}")
+    else:
+        text = raw.decode("utf-8", "replace")
     name = source.checksum_name or source.filename
     return parse_checksums(text, name, source.algorithm, f"{source.label}: {where}")
 
@@ -247,16 +288,47 @@ def _reason(exc: BaseException) -> str:
 
 # --- the cache -----------------------------------------------------------------
 
+#: Which version a source resolves to, in its cache directory.
+CURRENT = "current.json"
+#: The lock file, in a version's directory, that every process using it holds shared.
+USE_LOCK = ".use"
+_VERSION = re.compile(r"^(sha256|sha512)-[0-9a-f]{32}$")
+
 
 def cache_dir(source: Source, cache: Path) -> Path:
     return cache / "downloads" / source.key
 
 
+def version_name(algorithm: str, digest: str) -> str:
+    """The directory of the version with this digest: never reused for other bytes."""
+    return f"{algorithm}-{digest[:32]}"
+
+
 def cached(source: Source, cache: Path) -> Path | None:
-    """The cached, verified copy of ``source``, or None. Cheap: no hashing."""
-    target = cache_dir(source, cache) / source.filename
-    record = _record(source, target)
-    return target if record is not None else None
+    """The cached, verified copy of ``source`` that it resolves to, or None. Cheap: no
+    hashing, no lock."""
+    return _current(source, cache_dir(source, cache))
+
+
+def _current(source: Source, directory: Path) -> Path | None:
+    target = current_file(directory, source.filename)
+    return target if target is not None and _record(source, target) is not None else None
+
+
+def current_file(directory: Path, filename: str | None = None) -> Path | None:
+    """The file of the version ``directory``'s pointer names (None: none, or it is gone)."""
+    pointer = _read_json(directory / CURRENT) or {}
+    version, name = pointer.get("version"), pointer.get("file")
+    if not isinstance(version, str) or not _VERSION.match(version) or not isinstance(name, str):
+        return None
+    if filename is not None and name != filename:
+        return None
+    target = directory / version / name
+    return target if target.is_file() else None
+
+
+def _set_current(directory: Path, target: Path) -> None:
+    _write_json(directory / CURRENT, {"version": target.parent.name, "file": target.name})
 
 
 def _record(source: Source, target: Path) -> dict[str, Any] | None:
@@ -304,9 +376,13 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def forget(path: Path) -> None:
-    """Drop a cached download (say, it turned out not to be a usable image)."""
-    for p in (path, _record_path(path)):
-        p.unlink(missing_ok=True)
+    """Drop a cached download (say, it turned out not to be a usable image): nothing
+    can be backed by it, since it was never handed out as an image."""
+    release(path.parent / USE_LOCK)
+    directory = path.parent.parent
+    if current_file(directory) == path:
+        (directory / CURRENT).unlink(missing_ok=True)
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 @contextmanager
@@ -324,43 +400,61 @@ def _locked(directory: Path, label: str, progress: Progress) -> Iterator[None]:
 
 
 def fetch(source: Source, cache: Path, progress: Progress = print, offline: bool = False) -> Path:
-    """The verified local copy of ``source``, downloading it once across processes."""
+    """The verified local copy of ``source``, downloading it once across processes.
+
+    Every version lives at a path of its own (its digest names its directory) and is
+    never replaced, so overlays, templates and layers made from an older version keep
+    reading its bytes; this process holds it in use (see :func:`prune`) until it ends."""
     directory = cache_dir(source, cache)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / source.filename
     with _locked(directory, source.label, progress):
-        record = _record(source, target)
-        if offline and not source.is_file:
-            if record is not None:
-                return target
-            raise ImageError(
-                f"image {source.label!r} ({source.url}) is not in the cache "
-                f"({directory}) and --kvm-offline forbids downloading it"
-            )
-        algorithm, expected = source.algorithm, source.digest
-        if not expected and source.checksum_url:
-            try:
-                expected = fetch_checksum(source)
-            except ImageError as exc:
-                if record is None:
-                    raise
-                progress(f"pytest-kvm: {exc}; using the cached copy verified {record['when']}")
-                return target
-        if record is not None:
-            if not expected or (record["algorithm"], record["digest"]) == (algorithm, expected):
-                return target
-            progress(
-                f"pytest-kvm: {source.label}: the published {algorithm} changed; "
-                "downloading the new image"
-            )
-        _download(source, target, algorithm or "sha256", expected, progress)
+        target = _resolve(source, directory, progress, offline)
+        # Under the download lock, which prune takes before it removes a version.
+        hold(target.parent / USE_LOCK)
         return target
 
 
+def _resolve(source: Source, directory: Path, progress: Progress, offline: bool) -> Path:
+    current = _current(source, directory)
+    if offline and not source.is_file:
+        if current is not None:
+            return current
+        raise ImageError(
+            f"image {source.label!r} ({source.url}) is not in the cache "
+            f"({directory}) and --kvm-offline forbids downloading it"
+        )
+    algorithm, expected = source.algorithm, source.digest
+    if not expected and source.checksum_url:
+        try:
+            expected = fetch_checksum(source)
+        except ImageError as exc:
+            record = _record(source, current) if current is not None else None
+            if current is None or record is None:
+                raise
+            progress(f"pytest-kvm: {exc}; using the cached copy verified {record['when']}")
+            return current
+    if expected:
+        known = directory / version_name(algorithm, expected) / source.filename
+        record = _record(source, known)
+        if record is not None and (record["algorithm"], record["digest"]) == (algorithm, expected):
+            _set_current(directory, known)
+            return known
+        if current is not None:
+            progress(
+                f"pytest-kvm: {source.label}: the published {algorithm} changed; "
+                "downloading the new image (the cached one stays for what uses it)"
+            )
+    elif current is not None:
+        return current
+    target = _download(source, directory, algorithm or "sha256", expected, progress)
+    _set_current(directory, target)
+    return target
+
+
 def _download(
-    source: Source, target: Path, algorithm: str, expected: str, progress: Progress
-) -> None:
-    part = target.with_name(target.name + ".part")
+    source: Source, directory: Path, algorithm: str, expected: str, progress: Progress
+) -> Path:
+    part = directory / (source.filename + ".part")
     if source.is_file:
         actual = _copy(source, part, algorithm, progress)
         origin = file_path(source.url).stat()
@@ -380,7 +474,12 @@ def _download(
             f"pytest-kvm: {source.label}: no checksum given, so the download is not verified "
             f"(pin it with #{algorithm}={actual})"
         )
-    os.replace(part, target)
+    version = directory / version_name(algorithm, actual)
+    version.mkdir(exist_ok=True)
+    fsync_path(directory)
+    target = version / source.filename
+    # The path names the digest: a file already there has these very bytes.
+    rename_synced(part, target)
     _part_meta(part).unlink(missing_ok=True)
     st = target.stat()
     _write_json(
@@ -397,6 +496,40 @@ def _download(
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
+    return target
+
+
+def prune(cache: Path) -> tuple[list[Path], list[Path]]:
+    """Remove downloaded versions that a newer one superseded and that no live
+    process uses; (removed, left because in use). What was made from a removed
+    version (templates, layers) is stale then, and pruned after it."""
+    removed: list[Path] = []
+    in_use: list[Path] = []
+    root = cache / "downloads"
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        if not directory.is_dir():
+            continue
+        lock = FileLock(str(directory / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # being downloaded or resolved right now
+        try:
+            current = current_file(directory)
+            for version in sorted(directory.iterdir()):
+                if not version.is_dir() or not _VERSION.match(version.name):
+                    continue
+                if current is not None and version == current.parent:
+                    continue
+                with unused(version / USE_LOCK) as free:
+                    if free:
+                        shutil.rmtree(version, ignore_errors=True)
+                        removed.append(version)
+                    else:
+                        in_use.append(version)
+        finally:
+            lock.release()
+    return removed, in_use
 
 
 class _Meter:
@@ -454,12 +587,33 @@ def _copy(source: Source, part: Path, algorithm: str, progress: Progress) -> str
 _HEADERS = {"User-Agent": "pytest-kvm (image download)", "Accept-Encoding": "identity"}
 
 
+class NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed, but never from https to plain http: a download asked
+    for over TLS is not handed to whoever answers on the path in clear text."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        was = urllib.parse.urlsplit(req.full_url).scheme.lower()
+        if was == "https" and urllib.parse.urlsplit(newurl).scheme.lower() != "https":
+            raise ImageError(
+                f"refusing the redirect of {req.full_url} to {newurl}: from https to plain http"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _open(url: str, headers: dict[str, str]) -> Any:
     """A GET of an http(s) URL (proxies from the environment, as urllib does)."""
     if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise ImageError(f"not an http(s) URL: {url}")
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 (checked above)
-    return urllib.request.urlopen(request, timeout=TIMEOUT)  # noqa: S310
+    return urllib.request.build_opener(NoDowngrade).open(request, timeout=TIMEOUT)
 
 
 def _part_meta(part: Path) -> Path:

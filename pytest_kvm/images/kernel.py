@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from ..errors import ImageError, KvmUnavailable
 from . import Image
+from .builder import rename_synced
 
 _LINUX = re.compile(r"^\s*linux(?:16|efi)?\s+(\S+)\s*(.*)$", re.MULTILINE)
 _INITRD = re.compile(r"^\s*initrd(?:16|efi)?\s+(\S+)", re.MULTILINE)
@@ -104,7 +105,7 @@ def _extract(image: Image, final: Path, force_tcg: bool, progress: Callable[[str
         (work / "meta.json").write_text(
             json.dumps({"cmdline": cmdline, "initrd": initrd is not None, "grub_cfg": cfg})
         )
-        os.rename(work, final)
+        rename_synced(work, final)
     except RuntimeError as exc:  # libguestfs reports everything as RuntimeError
         raise ImageError(f"{image.name}: reading its kernel with libguestfs: {exc}") from None
     finally:

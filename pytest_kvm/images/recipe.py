@@ -304,6 +304,9 @@ class DownloadEntry:
     description: str = ""
     # The name the checksum file lists the image under (default: the URL's file name).
     checksum_name: str = ""
+    # The OpenPGP key (a binary keyring file beside the entry) that signs the checksum
+    # file, which is then PGP clear-signed and checked with gpgv; None when it is not.
+    signing_key: Path | None = None
 
 
 def downloads_dir() -> Path:
@@ -351,6 +354,7 @@ def load_download_file(path: Path) -> DownloadEntry:
     checksum = dl.string("checksum", choices=CHECKSUM_ALGORITHMS)
     fmt = dl.string("format", "qcow2", choices=("qcow2", "raw"))
     checksum_name = dl.string("checksum_name", "")
+    signing_key = _signing_key(dl.string("signing_key", ""), path, where)
     dl.check_unknown()
     top.check_unknown()
     return DownloadEntry(
@@ -362,4 +366,22 @@ def load_download_file(path: Path) -> DownloadEntry:
         format=fmt,
         description=description,
         checksum_name=checksum_name,
+        signing_key=signing_key,
     )
+
+
+def _signing_key(name: str, entry: Path, where: str) -> Path | None:
+    """The keyring file ``name`` (beside the entry) as a path; None for ""."""
+    if not name:
+        return None
+    if "/" in name or name.startswith("."):
+        raise ImageError(f"{where} [download]: 'signing_key' must name a file beside the entry")
+    key = entry.resolve().parent / name
+    if not key.is_file():
+        raise ImageError(f"{where} [download]: the signing key {str(key)!r} does not exist")
+    if key.read_bytes()[:5] == b"-----":
+        raise ImageError(
+            f"{where} [download]: the signing key {str(key)!r} is ASCII-armoured; gpgv needs "
+            "it binary (gpg --dearmor < KEY.asc > KEY.gpg)"
+        )
+    return key

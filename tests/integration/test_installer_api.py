@@ -92,22 +92,24 @@ def test_answer_files_over_http(kvm_guest, kvm_http):
     server keeps a log of what was asked for; it listens on 127.0.0.1 only."""
     g = kvm_guest
     url = kvm_http.serve("preseed/answers.cfg", "d-i debian-installer/locale string en_US\n")
-    assert url == f"http://10.0.2.2:{kvm_http.port}/preseed/answers.cfg"
+    prefix = f"http://10.0.2.2:{kvm_http.port}/"
+    assert url.startswith(prefix) and url.endswith("/preseed/answers.cfg")
+    token = url.removeprefix(prefix).split("/")[0]  # unguessable: in every served URL
     assert kvm_http.local_url.startswith("http://127.0.0.1:")
     fetch = (
         "exec 3<>/dev/tcp/10.0.2.2/{port}; printf 'GET /{path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
     )
     out = g.succeed(
-        "bash -c " + shlex.quote(fetch.format(port=kvm_http.port, path="preseed/answers.cfg"))
+        "bash -c " + shlex.quote(fetch.format(port=kvm_http.port, path=url.removeprefix(prefix)))
     )
     assert out.startswith("HTTP/1.0 200") and out.endswith("locale string en_US\n")
-    missing = g.succeed(
-        "bash -c " + shlex.quote(fetch.format(port=kvm_http.port, path="not-there"))
-    )
-    assert missing.startswith("HTTP/1.0 404")
+    for path in (f"{token}/not-there", "preseed/answers.cfg"):  # the latter: no token
+        missing = g.succeed("bash -c " + shlex.quote(fetch.format(port=kvm_http.port, path=path)))
+        assert missing.startswith("HTTP/1.0 404")
     assert kvm_http.requests == [
         ("GET", "/preseed/answers.cfg", 200),
         ("GET", "/not-there", 404),
+        ("GET", "/preseed/answers.cfg", 404),
     ]
     with pytest.raises(KvmConfigError, match="plain relative path"):
         kvm_http.serve("../etc/passwd", "x")

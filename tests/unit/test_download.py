@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,7 +27,8 @@ from pytest_kvm.images.recipe import (
     load_download_file,
 )
 from pytest_kvm.images.store import check_spec, classify, image_name, resolve
-from tests.imageserver import ImageServer, make_qcow2
+from pytest_kvm.uselock import release
+from tests.imageserver import ImageServer, make_qcow2, tls_context
 
 NAME = "disk.qcow2"
 
@@ -55,25 +62,33 @@ def pinned(server: ImageServer, data: bytes, algorithm: str = "sha256") -> str:
 
 
 def files_in(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.rglob("*") if p.is_file() and p.name != ".lock")
+    return sorted(
+        p.name for p in directory.rglob("*") if p.is_file() and p.name not in (".lock", ".use")
+    )
 
 
 # --- checksum files -------------------------------------------------------------
 
 H256 = "ab" * 32
 H512 = "cd" * 64
-FEDORA = f"""-----BEGIN PGP SIGNED MESSAGE-----
-Hash: SHA256
-
-# Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2: 491716608 bytes
+FEDORA_BODY = f"""# Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2: 491716608 bytes
 SHA256 (Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2) = {H256}
 # Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw.xz: 1 bytes
 SHA256 (Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw.xz) = {"00" * 32}
------BEGIN PGP SIGNATURE-----
+"""
+FEDORA = f"""-----BEGIN PGP SIGNED MESSAGE-----
+Hash: SHA256
+
+{FEDORA_BODY}-----BEGIN PGP SIGNATURE-----
 
 iQIzBAEBCAAdFiEE
 -----END PGP SIGNATURE-----
 """
+
+
+def test_a_signed_checksum_file_is_not_read_unchecked() -> None:
+    with pytest.raises(ImageError, match="PGP-signed and was not checked"):
+        parse_checksums(FEDORA, "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2", "sha256")
 
 
 @pytest.mark.parametrize(
@@ -81,7 +96,7 @@ iQIzBAEBCAAdFiEE
     [
         (f"{'11' * 64}  other.qcow2\n{H512}  debian.qcow2\n", "debian.qcow2", "sha512", H512),
         (f"{H256} *ubuntu.img\n{'22' * 32} *ubuntu.tar.gz\n", "ubuntu.img", "sha256", H256),
-        (FEDORA, "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2", "sha256", H256),
+        (FEDORA_BODY, "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2", "sha256", H256),
         (f"SHA512 (alpine.qcow2) = {H512.upper()}\n", "alpine.qcow2", "sha512", H512),
         (f"{H512}  alpine.qcow2\n", "alpine.qcow2", "sha512", H512),
         (f"{H512}\n", "alpine.qcow2", "sha512", H512),  # a lone digest
@@ -135,9 +150,11 @@ def test_pinned_url_is_downloaded_verified_and_cached(
     image = resolve(spec, tmp_path, lines.append)
     assert (image.name, image.format, image.source) == ("disk", "qcow2", spec)
     assert image.virtual_size == 16 << 20
-    assert image.path.parent.parent == tmp_path / "downloads"
+    digest = hashlib.sha256(qcow2).hexdigest()
+    assert image.path.parent.parent.parent == tmp_path / "downloads"
+    assert image.path.parent.name == f"sha256-{digest[:32]}"  # the version's own path
     assert image.path.read_bytes() == qcow2
-    assert files_in(tmp_path / "downloads") == [NAME, NAME + ".json"]
+    assert files_in(tmp_path / "downloads") == ["current.json", NAME, NAME + ".json"]
     assert len(server.requests(NAME)) == 1
     # cached: used again without any request, and offline too
     assert resolve(spec, tmp_path, lines.append).path == image.path
@@ -281,10 +298,11 @@ def catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory / "cloud"
 
 
-def entry(url: str, checksum_url: str, algorithm: str = "sha256") -> str:
+def entry(url: str, checksum_url: str, algorithm: str = "sha256", signing_key: str = "") -> str:
     return (
         'description = "test cloud image"\n[download]\n'
         f'url = "{url}"\nchecksum_url = "{checksum_url}"\nchecksum = "{algorithm}"\n'
+        + (f'signing_key = "{signing_key}"\n' if signing_key else "")
     )
 
 
@@ -302,7 +320,8 @@ def test_catalog_image_checks_the_published_checksum(
     cache = tmp_path / "cache"
     image = resolve("cloudy-1", cache, lambda _: None)
     assert image.name == "cloudy-1" and image.format == "qcow2"
-    assert image.path == cache / "downloads" / "cloudy-1" / NAME
+    version = f"{algorithm}-{digest[:32]}"
+    assert image.path == cache / "downloads" / "cloudy-1" / version / NAME
     # again: the checksum file is fetched (it may have changed), the image is not
     resolve("cloudy-1", cache, lambda _: None)
     assert len(server.requests(NAME)) == 1 and len(server.requests("SUMS")) == 2
@@ -318,6 +337,92 @@ def test_catalog_image_with_a_wrong_published_checksum_is_refused(
     with pytest.raises(ImageError, match=f"expected sha256 {'e' * 64}, got "):
         resolve("cloudy-1", tmp_path, lambda _: None)
     assert files_in(tmp_path / "downloads") == []
+
+
+@dataclass
+class Signer:
+    """A throwaway OpenPGP key, as a distribution signs its checksum files with."""
+
+    gpg: Callable[..., bytes]
+    key: Path  # the public key, binary, as a catalog entry ships it
+
+    def sign(self, text: str) -> bytes:
+        return self.gpg("--clearsign", "--output", "-", input=text.encode())
+
+
+@pytest.fixture(scope="module")
+def signer() -> Iterator[Signer]:
+    home = Path(tempfile.mkdtemp(prefix="gpg-"))  # short: gpg-agent's socket is there
+    env = dict(os.environ, GNUPGHOME=str(home))
+
+    def gpg(*args: str, input: bytes | None = None) -> bytes:
+        return subprocess.run(
+            ["gpg", "--batch", "--quiet", *args], env=env, input=input,
+            capture_output=True, check=True,
+        ).stdout  # fmt: skip
+
+    try:
+        publisher = "Image Publisher <publisher@example.invalid>"
+        gpg("--passphrase", "", "--quick-gen-key", publisher, "ed25519", "sign", "never")
+        key = home / "publisher.gpg"
+        key.write_bytes(gpg("--export"))
+        yield Signer(gpg, key)
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def signed_entry(server: ImageServer, catalog: Path, signer: Signer, sums: bytes) -> None:
+    server.files["/SUMS"] = sums
+    shutil.copy(signer.key, catalog / "publisher.gpg")
+    (catalog / "cloudy-1.toml").write_text(
+        entry(server.url(NAME), server.url("SUMS"), signing_key="publisher.gpg")
+    )
+
+
+def test_a_signed_checksum_file_is_checked_with_the_entrys_key(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, catalog: Path, signer: Signer
+) -> None:
+    sums = signer.sign(f"SHA256 ({NAME}) = {hashlib.sha256(qcow2).hexdigest()}\n")
+    signed_entry(server, catalog, signer, sums)
+    image = resolve("cloudy-1", tmp_path, lambda _: None)
+    assert image.path.read_bytes() == qcow2
+
+
+def test_a_tampered_signed_checksum_file_is_refused(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, catalog: Path, signer: Signer
+) -> None:
+    evil = make_qcow2(tmp_path / "evil.qcow2", pattern=0x66)
+    good, bad = hashlib.sha256(qcow2).hexdigest(), hashlib.sha256(evil).hexdigest()
+    sums = signer.sign(f"SHA256 ({NAME}) = {good}\n").replace(good.encode(), bad.encode())
+    signed_entry(server, catalog, signer, sums)
+    server.files["/" + NAME] = evil  # what the tampered file vouches for
+    with pytest.raises(ImageError, match="PGP signature is not good with the key"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
+    # Unsigned, though the entry names a key: refused too.
+    server.files["/SUMS"] = f"SHA256 ({NAME}) = {bad}\n".encode()
+    with pytest.raises(ImageError, match="PGP signature is not good"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
+    assert len(server.requests(NAME)) == 0 and files_in(tmp_path / "downloads") == []
+    # Signed, but the entry names no key: not read unchecked.
+    server.files["/SUMS"] = signer.sign(f"SHA256 ({NAME}) = {good}\n")
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
+    with pytest.raises(ImageError, match="PGP-signed and was not checked"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
+
+
+def test_a_missing_gpgv_is_a_clear_error(
+    server: ImageServer,
+    qcow2: bytes,
+    tmp_path: Path,
+    catalog: Path,
+    signer: Signer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    signed_entry(server, catalog, signer, signer.sign(f"{'0' * 64}  {NAME}\n"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    with pytest.raises(ImageError, match=r"needs gpgv, which is not installed \(Debian package"):
+        resolve("cloudy-1", tmp_path, lambda _: None)
 
 
 def test_catalog_image_is_downloaded_again_when_upstream_changes(
@@ -336,6 +441,62 @@ def test_catalog_image_is_downloaded_again_when_upstream_changes(
     del server.files["/SUMS"]
     assert resolve("cloudy-1", tmp_path, lines.append).path == image.path
     assert "cannot fetch checksum file" in lines[-1] and "using the cached copy" in lines[-1]
+
+
+def reads_pattern(disk: Path, pattern: int) -> bool:
+    """Whether a guest reading the first 640 KiB of ``disk`` would see byte ``pattern``."""
+    proc = subprocess.run(
+        ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P {pattern:#x} 0 640k", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode == 0 and "verification failed" not in proc.stdout + proc.stderr
+
+
+def test_an_overlay_keeps_its_version_when_a_newer_one_is_downloaded(
+    server: ImageServer,
+    tmp_path: Path,
+    catalog: Path,
+    lines: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pytest_kvm import cli
+
+    def publish(data: bytes) -> None:
+        server.files["/" + NAME] = data
+        server.files["/SUMS"] = f"{hashlib.sha256(data).hexdigest()}  {NAME}\n".encode()
+
+    older = make_qcow2(tmp_path / "older.qcow2", pattern=0x11)
+    newer = make_qcow2(tmp_path / "newer.qcow2", pattern=0x22)
+    (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
+    cache = tmp_path / "cache"
+    publish(older)
+    first = resolve("cloudy-1", cache, lines.append).path
+    overlay = tmp_path / "guest.qcow2"  # a running guest's disk, backed by the download
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(first), "-F", "qcow2",
+         str(overlay)],
+        check=True,
+    )  # fmt: skip
+    assert reads_pattern(overlay, 0x11)
+    publish(newer)  # upstream publishes a new image
+    second = resolve("cloudy-1", cache, lines.append).path
+    assert reads_pattern(overlay, 0x11), "the guest's disk now reads another image's blocks"
+    assert second != first and second.read_bytes() == newer and first.read_bytes() == older
+    assert hashlib.sha256(newer).hexdigest()[:32] in str(second)
+    # The name resolves to the newest verified version, offline too.
+    assert resolve("cloudy-1", cache, lines.append, offline=True).path == second
+    assert download.cached(download.catalog_source("cloudy-1"), cache) == second
+    # Pruning leaves the older version while a process uses it (this one does) ...
+    assert cli.main(["--cache", str(cache), "template", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert f"kept {first.parent}: an older download in use" in out and first.exists()
+    # ... and removes it once nothing does; the current one stays.
+    release(first.parent / download.USE_LOCK)
+    assert cli.main(["--cache", str(cache), "template", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {first.parent}: superseded by a newer download" in out
+    assert not first.exists() and second.read_bytes() == newer
 
 
 def test_catalog_image_not_cached_offline(tmp_path: Path, catalog: Path) -> None:
@@ -362,7 +523,7 @@ def test_bad_catalog_entries_name_file_and_key(catalog: Path) -> None:
         load_download("bad")
 
 
-def test_the_shipped_cloud_images() -> None:
+def test_the_shipped_cloud_images(tmp_path: Path) -> None:
     names = download_names()
     assert {
         "ubuntu-24.04",
@@ -379,6 +540,14 @@ def test_the_shipped_cloud_images() -> None:
         assert e.checksum_url != e.url
         check_spec(name)
         assert load_download_file(e.path) == e
+    # Fedora's CHECKSUM is clear-signed: checked with Fedora 41's release key.
+    key = load_download("fedora-41").signing_key
+    assert key is not None and key.name == "fedora-41.gpg"
+    shown = subprocess.run(
+        ["gpg", "--homedir", str(tmp_path), "--show-keys", "--with-colons", str(key)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "fpr:::::::::466CF2D8B60BC3057AA9453ED0622462E99D6AD1:" in shown
 
 
 def test_offline_option_from_command_line_env_and_ini() -> None:
@@ -391,6 +560,41 @@ def test_offline_option_from_command_line_env_and_ini() -> None:
     assert resolve_settings({}, {}, ini({"kvm_offline": "true"})).offline is True
     with pytest.raises(KvmConfigError, match="PYTEST_KVM_OFFLINE"):
         resolve_settings({}, {"PYTEST_KVM_OFFLINE": "sometimes"}, ini({}))
+
+
+def test_an_https_download_redirected_to_http_is_refused(
+    server: ImageServer, qcow2: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context, cert = tls_context(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # this client trusts the test server
+    secure = ImageServer(files={"/" + NAME: qcow2}, tls=context).start()
+    try:
+        digest = hashlib.sha256(qcow2).hexdigest()
+        # Over https, and redirected within https: fine.
+        secure.redirects["/moved.qcow2"] = secure.url(NAME)
+        image = resolve(f"{secure.url('moved.qcow2')}#sha256={digest}", tmp_path, print)
+        assert image.path.read_bytes() == qcow2
+        # Redirected to plain http (the image there is the right one, even): refused.
+        secure.redirects["/" + NAME] = server.url(NAME)
+        with pytest.raises(ImageError, match="from https to plain http"):
+            resolve(f"{secure.url(NAME)}#sha256={digest}", tmp_path / "c2", print)
+        assert server.requests(NAME) == []  # never asked over http
+    finally:
+        secure.stop()
+    # Plain http to plain http is what it was.
+    server.redirects["/old.qcow2"] = server.url(NAME)
+    assert resolve(f"{server.url('old.qcow2')}#sha256={digest}", tmp_path / "c3", print)
+
+
+def test_the_redirect_check() -> None:
+    check = download.NoDowngrade()
+    https = urllib.request.Request("https://h.example/x.qcow2")
+    with pytest.raises(ImageError, match="from https to plain http"):
+        check.redirect_request(https, None, 302, "Found", {}, "http://h.example/x.qcow2")
+    moved = check.redirect_request(https, None, 301, "Moved", {}, "https://m.example/x.qcow2")
+    assert moved is not None and moved.full_url == "https://m.example/x.qcow2"
+    plain = urllib.request.Request("http://h.example/x.qcow2")
+    assert check.redirect_request(plain, None, 302, "Found", {}, "http://m.example/x")
 
 
 def test_an_unknown_host_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

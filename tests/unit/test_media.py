@@ -53,7 +53,9 @@ def test_answer_server_serves_on_loopback_and_logs(tmp_path):
         assert server._server is not None
         assert server._server.server_address[0] == "127.0.0.1"
         url = server.serve("preseed.cfg", "d-i foo string bar\n")
-        assert url == f"http://10.0.2.2:{server.port}/preseed.cfg"
+        token = url.split("/")[3]
+        assert url == f"http://10.0.2.2:{server.port}/{token}/preseed.cfg"
+        assert server.local_url == f"http://127.0.0.1:{server.port}/{token}/"
         server.serve_all({"dir/ks.cfg": answers, "raw.bin": b"\x00\x01"})
         with urllib.request.urlopen(server.local_url + "preseed.cfg", timeout=10) as r:
             assert r.read() == b"d-i foo string bar\n"
@@ -69,8 +71,23 @@ def test_answer_server_serves_on_loopback_and_logs(tmp_path):
         port = server.port
     # Closed: nothing listens any more, and closing again is harmless.
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/preseed.cfg", timeout=5)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/{token}/preseed.cfg", timeout=5)
     server.close()
+
+
+def test_answer_files_are_not_served_at_guessable_paths():
+    with AnswerServer() as server, AnswerServer() as other:
+        url = server.serve("preseed.cfg", "d-i passwd/root-password password secret\n")
+        token = url.split("/")[3]
+        assert len(token) >= 32 and token not in other.serve("preseed.cfg", "x")
+        base = f"http://127.0.0.1:{server.port}/"
+        for guess in ("preseed.cfg", "x/preseed.cfg", f"{token[:-1]}/preseed.cfg", token):
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(base + guess, timeout=10)
+        with urllib.request.urlopen(f"{base}{token}/preseed.cfg", timeout=10) as r:
+            assert b"secret" in r.read()
+        assert [status for _, _, status in server.requests] == [404, 404, 404, 404, 200]
+        assert not any(token in path for _, path, _ in server.requests)
 
 
 @pytest.mark.parametrize("name", ["", "/", "../x", "a/../b", "a//b", "./x"])

@@ -26,9 +26,9 @@ def image(tmp_path: Path) -> Image:
     return Image("base", path, "qcow2", str(path))
 
 
-def make_template(root: Path, image: Image) -> Path:
+def make_template(root: Path, image: Image, name: str = "t", key: str = KEY) -> Path:
     """The files a template build leaves, with its meta.json, in a finished directory."""
-    work = root / "t"
+    work = root / name
     work.mkdir(parents=True)
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.path), "-F", "qcow2",
@@ -41,7 +41,7 @@ def make_template(root: Path, image: Image) -> Path:
     (work / "serial.log").write_text("boot\n")
     KeyPair.generate().save(work / "id_ed25519")
     KeyPair.generate().save(work / "host_ed25519")
-    TemplateStore._write_meta(work, KEY, image, Shape(1024, 2), "02:6b:76:00:00:01", True)
+    TemplateStore._write_meta(work, key, image, Shape(1024, 2), "02:6b:76:00:00:01", True)
     return work
 
 
@@ -140,7 +140,7 @@ def test_prune_removes_stale_and_half_made_templates_only(image, tmp_path):
     assert stale_reason(fresh) == ""
     half = root / ".base-1024M-2cpu-user-0123.building-99999"
     half.mkdir()
-    assert prune(root) == [(half, "half made")]
+    assert prune(root).removed == [(half, "half made")]
     assert fresh.exists()
     # The base image is rewritten: the template can never be used again.
     os.utime(image.path, ns=(1, 1))
@@ -149,10 +149,12 @@ def test_prune_removes_stale_and_half_made_templates_only(image, tmp_path):
     held = FileLock(str(root / f".{fresh.name}.lock"))
     held.acquire()
     try:
-        assert prune(root) == []
+        result = prune(root)
+        assert result.removed == []
+        assert result.in_use == [(fresh, "being made or checked by another process")]
     finally:
         held.release()
-    assert [p.name for p, _ in prune(root)] == [fresh.name] and not fresh.exists()
+    assert [p.name for p, _ in prune(root).removed] == [fresh.name] and not fresh.exists()
 
 
 def test_prune_all_and_a_missing_base(image, tmp_path):
@@ -162,4 +164,58 @@ def test_prune_all_and_a_missing_base(image, tmp_path):
     other = make_template(tmp_path / "other", image)
     image.path.unlink()
     assert "is gone" in stale_reason(fresh)
-    assert prune(tmp_path / "other", everything=True) == [(other, "removed on request")]
+    assert prune(tmp_path / "other", everything=True).removed == [(other, "removed on request")]
+
+
+# What a test run does with a template: get it (its first clone), use it, end.
+USER = """
+import sys
+from pathlib import Path
+
+from pytest_kvm.accel import AccelChoice
+from pytest_kvm.images import Image
+from pytest_kvm.run import RunContext
+from pytest_kvm.template import Shape, TemplateStore
+
+def no_build(*args):
+    raise SystemExit("the template was not found: this test would boot a guest")
+
+TemplateStore._build = no_build
+root, path = Path(sys.argv[1]), Path(sys.argv[2])
+run = RunContext(AccelChoice("tcg", "test"))
+store = TemplateStore(root, run)
+print(store.get(Image("base", path, "qcow2", str(path)), Shape(1024, 2), 60).name, flush=True)
+sys.stdin.read()  # clones from it until told that the run is over
+store.close()
+run.close()
+"""
+
+
+def test_prune_leaves_a_template_that_a_live_run_clones_from(image, tmp_path, capsys):
+    import sys
+
+    from pytest_kvm import cli
+    from pytest_kvm.template import prune, qemu_version
+
+    root = tmp_path / "templates"
+    shape = Shape(1024, 2)
+    key = template_key(image, shape, "tcg", qemu_version())
+    used = make_template(root, image, name=f"base-{shape.label()}-{key}", key=key)
+    run = subprocess.Popen(
+        [sys.executable, "-c", USER, str(root), str(image.path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert run.stdout is not None and run.stdout.readline().strip() == used.name
+        result = prune(root, everything=True)
+        assert result.removed == [] and used.exists()
+        assert result.in_use == [(used, "in use by a running test session")]
+        assert cli.main(["--cache", str(tmp_path), "template", "prune", "--all"]) == 0
+        out = capsys.readouterr().out
+        assert f"kept {used}: in use by a running test session" in out and used.exists()
+    finally:
+        run.communicate(timeout=60)  # its stdin closes: the run ends
+    assert run.returncode == 0
+    # No run uses it any more: it goes.
+    assert prune(root, everything=True).removed == [(used, "removed on request")]
+    assert not used.exists()
