@@ -33,7 +33,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .errors import KvmConfigError
+from .private import private_dir, read_regular, write_private
 
 LEASE_DIR_ENV = "PYTEST_KVM_LEASE_DIR"
 
@@ -46,20 +46,9 @@ def lease_dir() -> Path:
         if configured
         else Path(tempfile.gettempdir()) / f"pytest-kvm-leases-{os.getuid()}"
     )
-    try:
-        path.mkdir(mode=0o700, parents=bool(configured), exist_ok=True)
-        info = path.lstat()
-    except OSError as exc:
-        raise KvmConfigError(f"lease directory {path}: {exc.strerror or exc}") from None
-    if not path.is_dir() or path.is_symlink():
-        raise KvmConfigError(f"lease directory {path} is not a directory")
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        # In a shared /tmp, somebody else may have made it first: never trust it.
-        raise KvmConfigError(
-            f"lease directory {path} is not private to this user (owner uid {info.st_uid}, "
-            f"mode {info.st_mode & 0o777:o}); remove it or set {LEASE_DIR_ENV}"
-        )
-    return path
+    return private_dir(
+        path, "lease directory", parents=bool(configured), fix=f"remove it or set {LEASE_DIR_ENV}"
+    )
 
 
 def process_start(pid: int) -> int | None:
@@ -117,17 +106,13 @@ class Lease:
     @classmethod
     def load(cls, path: Path) -> Lease | None:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_regular(path))
         except (OSError, ValueError):
             return None
         return cls(path, data) if isinstance(data, dict) else None
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(self.data, out, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
