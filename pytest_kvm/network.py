@@ -53,13 +53,22 @@ _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
 class Identity:
-    """Hands out names and MACs unique to this run and worker."""
+    """Hands out names and MACs unique to this run and worker.
+
+    ``run_id`` is 64 random bits: concurrent runs (also with the same worker label)
+    never share guest names, leases or libvirt domains, all derived from it whole.
+    ``short_id`` is its first 32 bits, for names that must stay short and are made
+    unique otherwise (the run's temporary dirs, made by mkdtemp)."""
 
     def __init__(self, run_id: str | None = None, worker: str | None = None) -> None:
-        self.run_id = run_id or secrets.token_hex(2)
+        self.run_id = run_id or secrets.token_hex(8)
         self.worker = worker or os.environ.get("PYTEST_XDIST_WORKER", "main")
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[:8]
 
     def next_name(self, hint: str | None = None) -> str:
         with self._lock:
