@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -223,11 +223,18 @@ class _Qmp:
 
 
 class QemuMachine(Machine):
-    """One QEMU process."""
+    """One QEMU process. ``on_spawn(pid)`` is called as soon as it exists, before
+    ``start`` waits for it (so its lease can name it: see guest.py)."""
 
-    def __init__(self, spec: MachineSpec, binary: str = QEMU_BINARY) -> None:
+    def __init__(
+        self,
+        spec: MachineSpec,
+        binary: str = QEMU_BINARY,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> None:
         self.spec = spec
         self._binary = binary
+        self._on_spawn = on_spawn
         self._argv = build_argv(spec, binary)
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: _Qmp | None = None
@@ -255,6 +262,8 @@ class QemuMachine(Machine):
             with spec.stderr_log.open("wb") as log:
                 fds = (spec.tap_fd,) if spec.tap_fd is not None else ()
                 self._proc = _spawn(self._argv, log, fds, spec.die_with_parent)
+            if self._on_spawn is not None:
+                self._on_spawn(self._proc.pid)
             self._qmp.accept(connect_timeout, self.is_running)
             if spec.incoming is not None:
                 self._restore(spec.incoming, connect_timeout)

@@ -370,3 +370,24 @@ def test_lease_dir_is_private():
     assert path.stat().st_mode & 0o777 == 0o700
     for lease in leases(path):
         assert lease.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_lease_names_qemu_before_start_returns(kvm_guest_factory, monkeypatch):
+    """A SIGKILL of pytest while a guest starts leaves nothing unreapable: the guest's
+    lease names its QEMU from the moment it is spawned, before start() waits for QMP
+    and the guest (a kept guest's QEMU has no parent-death signal and outlives us)."""
+    from pytest_kvm.backends import qemu as backend
+
+    at_spawn: dict[str, object] = {}
+    real_accept = backend._Qmp.accept
+
+    def accept(self, timeout, alive):  # QEMU runs; start() now waits for its QMP
+        for lease in leases():
+            if lease.kind == "guest" and lease.data.get("pid") == os.getpid():
+                at_spawn[str(lease.data["name"])] = lease.data.get("qemu_pid")
+        return real_accept(self, timeout, alive)
+
+    monkeypatch.setattr(backend._Qmp, "accept", accept)
+    guest = kvm_guest_factory()
+    assert guest.name in at_spawn, "no lease of the guest while QEMU started"
+    assert at_spawn[guest.name] == guest.machine.pid
