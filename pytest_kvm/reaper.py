@@ -7,10 +7,10 @@ the process's start time, so a reused PID is not mistaken for a live run, and wi
 its host name, boot id and PID namespace: a lease written elsewhere (another host or
 container sharing /tmp or ``PYTEST_KVM_LEASE_DIR``) names PIDs that mean nothing
 here, so it is never reaped, only reported. A lease is removed once what it names
-is gone.
+is gone. ``qemu-nbd`` processes (encrypted disks opened offline) have leases too.
 
 Whatever kills a run (SIGKILL of pytest or of one xdist worker), QEMU dies with its
-parent (parent-death signal, see backends/qemu.py) and libvirt destroys its domains
+parent (parent-death signal, see spawn.py) and libvirt destroys its domains
 (AUTODESTROY); what is left are files: the run's dirs, sockets and overlays. ``reap``
 removes them, and kills any process a lease names that is still there (a guest kept
 by ``--kvm-keep-on-failure``, or one started without the parent-death signal). Leases
@@ -244,13 +244,13 @@ def _reap_one(lease: Lease) -> list[str]:
     data = lease.data
     done: list[str] = []
     pid, start = data.get("qemu_pid"), data.get("qemu_start")
-    if pid and process_alive(pid, start) and _is_our_qemu(pid, str(data.get("name", ""))):
+    if pid and process_alive(pid, start) and _is_our_process(pid, lease):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while process_alive(pid, start) and time.monotonic() < deadline:
             time.sleep(0.05)
-        done.append(f"killed QEMU {pid}")
+        done.append(f"killed {'qemu-nbd' if lease.kind == 'nbd' else 'QEMU'} {pid}")
     domain = data.get("domain")
     if domain:
         done += _destroy_domain(str(data.get("uri", "")), str(domain), data)
@@ -277,11 +277,17 @@ def _ours(path: Path) -> bool:
     )
 
 
-def _is_our_qemu(pid: int, name: str) -> bool:
+def _is_our_process(pid: int, lease: Lease) -> bool:
+    """Whether ``pid`` is still the process the lease names: QEMU running that guest,
+    or qemu-nbd serving on that socket."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    if lease.kind == "nbd":
+        sock = str(lease.data.get("socket") or "")
+        return bool(sock) and argv[0].endswith(b"qemu-nbd") and sock.encode() in argv
+    name = str(lease.data.get("name") or "")
     return bool(name) and f"guest={name},".encode() in b"\0".join(argv)
 
 

@@ -8,9 +8,7 @@ is idempotent and removes sockets and threads.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -27,40 +25,26 @@ from ..console import tail
 from ..errors import GuestLaunchError
 from ..images.overlay import key_secret_opts, secret_object
 from ..network import netdev_args
+from ..spawn import spawn
 from .base import Machine, MachineSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
-_PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-# The parent-death signal fires when the *thread* that forked the child ends, not
-# only the process. Guests may be started from short-lived threads (a test's thread
-# pool), so every QEMU is forked by this one thread, which lives as long as we do.
-_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qemu-spawn")
 
 
 def _spawn(
     argv: list[str], log: IO[bytes], pass_fds: tuple[int, ...], die_with_parent: bool = True
 ) -> subprocess.Popen[bytes]:
-    def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            pass_fds=pass_fds,
-            start_new_session=True,  # Ctrl-C reaches pytest, which tears down
-            preexec_fn=_die_with_parent if die_with_parent else None,
-        )
-
-    return _spawner.submit(spawn).result()
+    return spawn(
+        argv,
+        die_with_parent,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        close_fds=True,
+        pass_fds=pass_fds,
+        start_new_session=True,  # Ctrl-C reaches pytest, which tears down
+    )
 
 
 def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +270,93 @@ def test_run_ids_are_64_bits() -> None:
 
     ids = {Identity().run_id for _ in range(100)}
     assert len(ids) == 100 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+
+
+# -- qemu-nbd (a decrypted view of an encrypted disk) ---------------------------------
+
+NBD_OWNER = """
+import sys, time
+from pathlib import Path
+from pytest_kvm.customize import DiskSource, _NbdExport
+
+if sys.argv[3] == "lost-signal":  # as if the parent-death signal never came
+    import pytest_kvm.spawn
+    pytest_kvm.spawn._die_with_parent = lambda: None
+source = DiskSource(Path(sys.argv[1]), "qcow2", (True,), Path(sys.argv[2]))
+export = _NbdExport(source, readonly=True)
+export.start()
+print(export.proc.pid, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A LUKS-encrypted qcow2 and its key (made once: LUKS' set-up costs seconds)."""
+    from pytest_kvm.images.overlay import encrypt_image
+
+    tmp_path = tmp_path_factory.mktemp("encrypted")
+    key = tmp_path / "key"
+    key.write_bytes(b"k3y")
+    key.chmod(0o600)
+    plain = tmp_path / "plain.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
+    return encrypt_image(plain, "qcow2", tmp_path / "enc.qcow2", key, iter_time_ms=10), key
+
+
+def _killed_nbd_owner(book: Path, encrypted: tuple[Path, Path], mode: str) -> tuple[int, Lease]:
+    """Start qemu-nbd from a process, SIGKILL that process; the qemu-nbd PID and lease."""
+    env = {**os.environ, LEASE_DIR_ENV: str(book)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", NBD_OWNER, str(encrypted[0]), str(encrypted[1]), mode],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert owner.stdout is not None
+    nbd = 0
+    try:
+        nbd = int(owner.stdout.readline())
+        found = [lease for lease in leases(book) if lease.kind == "nbd"]
+        assert len(found) == 1, "qemu-nbd has no lease"
+        assert found[0].data["qemu_pid"] == nbd and found[0].data["pid"] == owner.pid
+    except BaseException:
+        if nbd:
+            os.kill(nbd, signal.SIGKILL)  # nothing else would end it
+        raise
+    finally:
+        owner.kill()
+        owner.wait()
+    return nbd, found[0]
+
+
+def _gone(pid: int, start: int | None, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_alive(pid, start) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not process_alive(pid, start)
+
+
+def test_qemu_nbd_dies_with_its_owner(book: Path, encrypted) -> None:
+    nbd, lease = _killed_nbd_owner(book, encrypted, "normal")
+    start = lease.data["qemu_start"]
+    try:
+        assert _gone(nbd, start), "qemu-nbd outlived the process that started it"
+        result = reap(directory=book)
+        assert len(result.reaped) == 1 and not Path(lease.data["dir"]).exists()
+        assert leases(book) == []
+    finally:
+        if process_alive(nbd, start):
+            os.kill(nbd, signal.SIGKILL)
+
+
+def test_reap_ends_the_qemu_nbd_of_a_dead_owner(book: Path, encrypted) -> None:
+    nbd, lease = _killed_nbd_owner(book, encrypted, "lost-signal")
+    start = lease.data["qemu_start"]
+    try:
+        assert process_alive(nbd, start)  # still serving the disk, decrypted
+        result = reap(directory=book)
+        assert _gone(nbd, start)
+        assert len(result.reaped) == 1 and f"killed qemu-nbd {nbd}" in result.reaped[0]
+        assert not Path(lease.data["dir"]).exists() and leases(book) == []
+    finally:
+        if process_alive(nbd, start):
+            os.kill(nbd, signal.SIGKILL)
