@@ -29,7 +29,6 @@ import socket
 import stat
 import struct
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -43,9 +42,10 @@ MAC_PREFIX = (0x02, 0x6B, 0x76)
 # connection from the guest to 10.0.2.2:PORT reaches 127.0.0.1:PORT on the host.
 USER_NET_HOST = "10.0.2.2"
 USER_NET_GUEST = "10.0.2.15"
-# MAC reservations, shared by every run of this user on this machine (private to the
-# user: in a shared directory anybody could plant files that block or hang us).
-MAC_DIR = Path(tempfile.gettempdir()) / f"pytest-kvm-macs-{os.getuid()}"
+# MAC reservations, shared by every run of this user on this machine, whatever its
+# TMPDIR; private to the user: in a shared directory anybody could plant files that
+# block or hang us.
+MAC_DIR = Path("/tmp") / f"pytest-kvm-macs-{os.getuid()}"
 BRIDGE_ACL = Path("/etc/qemu/bridge.conf")
 _CAP_NET_ADMIN = 12
 _TUNSETIFF = 0x400454CA
