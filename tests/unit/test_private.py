@@ -72,6 +72,20 @@ def test_private_dir_made_by_another_user_is_refused(shared_tmp: Path) -> None:
         private_dir(theirs, "test directory")
 
 
+def test_lease_directory_of_another_user_is_refused(shared_tmp: Path, monkeypatch) -> None:
+    from pytest_kvm.reaper import LEASE_DIR_ENV, lease_dir
+
+    theirs = shared_tmp / "leases"
+    as_nobody("mkdir", "-m", "0700", str(theirs))
+    monkeypatch.setenv(LEASE_DIR_ENV, str(theirs))
+    with pytest.raises(KvmConfigError) as info:
+        lease_dir()
+    assert f"lease directory {theirs} is not private to this user (owner uid 65534" in str(
+        info.value
+    )
+    assert f"set {LEASE_DIR_ENV}" in str(info.value)
+
+
 def test_private_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     real = private_dir(tmp_path / "real", "test directory")
     (tmp_path / "link").symlink_to(real)
