@@ -114,7 +114,8 @@ def main() -> int:
             if kind == "last":
                 rss[worker]["last"] = kib
         run_ids = {p.name.split("-")[2] for p in runtime.glob("pytest-kvm-*")}
-        run_ids |= set(re.findall(r"kvm-([0-9a-f]{4})-gw\d+-\d\d", proc.stdout))
+        # Dirs carry a run id's first 8 hex digits, guest names all 16.
+        run_ids |= {rid[:8] for rid in re.findall(r"kvm-([0-9a-f]{16})-gw\d+-\d\d", proc.stdout)}
         left_dirs = [str(p) for p in runtime.iterdir()]
         left_dirs += [str(p) for rid in run_ids for p in Path("/tmp").glob(f"pytest-kvm-{rid}-*")]
         left_leases = [

@@ -135,9 +135,15 @@ def cmd_reap(args: argparse.Namespace) -> int:
 
     directory = lease_dir()
     if args.dry_run:
-        found = [lease for lease in leases(directory) if not lease.owner_alive]
+        everything = leases(directory)
+        found = [lease for lease in everything if not lease.owner_alive]
         for lease in found:
             print(f"would reap {lease.describe()}{' (kept)' if lease.kept else ''}")
+        for lease in everything:
+            if lease.foreign:
+                print(
+                    f"left alone (another host or container): {lease.describe()}: {lease.foreign}"
+                )
         print(f"{len(found)} lease(s) of dead runs in {directory}")
         return 0
     result = reap(include_kept=not args.leave_kept, directory=directory)
@@ -148,6 +154,8 @@ def cmd_reap(args: argparse.Namespace) -> int:
         print(f"reaped {line}")
     for line in result.kept:
         print(f"left running (kept): {line}")
+    for line in result.foreign:
+        print(f"left alone (another host or container): {line}")
     if not result.reaped:
         print("nothing to reap: every lease belongs to a live run or a kept guest")
     return 0

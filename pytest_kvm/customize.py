@@ -46,6 +46,8 @@ from .errors import ImageError, KvmConfigError, KvmUnavailable
 from .images import Image
 from .images.builder import rename_synced
 from .images.overlay import check_qemu_path, create_overlay, key_secret_opts, secret_object
+from .reaper import Lease, lease_dir, owner_fields, process_start
+from .spawn import spawn
 
 GUESTFS_PACKAGE = "python3-guestfs"
 # Bump when what a layer holds for the same input changes, so old layers are not used.
@@ -224,13 +226,17 @@ class DiskSource:
 
 
 class _NbdExport:
-    """``qemu-nbd`` serving a decrypted view of an encrypted chain on a private socket."""
+    """``qemu-nbd`` serving a decrypted view of an encrypted chain on a private socket.
+
+    It must not outlive us (it serves the disk in the clear): it gets the parent-death
+    signal, like QEMU, and a lease, so that ``reap`` ends it if that ever fails."""
 
     def __init__(self, source: DiskSource, readonly: bool) -> None:
         self.source = source
         self.readonly = readonly
         self.dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.lease: Lease | None = None
 
     @property
     def socket(self) -> Path:
@@ -244,6 +250,10 @@ class _NbdExport:
         check_qemu_path(str(self.source.path))
         self.dir = Path(tempfile.mkdtemp(prefix="pytest-kvm-nbd-"))
         os.chmod(self.dir, 0o700)
+        self.lease = Lease.create(lease_dir(), self.dir.name, {
+            "kind": "nbd", "name": str(self.source.path), "dir": str(self.dir),
+            "socket": str(self.socket), **owner_fields(),
+        })  # fmt: skip
         opts = f"driver=qcow2,file.filename={self.source.path}," + key_secret_opts(
             self.source.encrypted
         )
@@ -252,7 +262,8 @@ class _NbdExport:
         if self.readonly:
             argv.append("--read-only")
         argv.append(opts)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lease.update(qemu_pid=self.proc.pid, qemu_start=process_start(self.proc.pid))
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None:
@@ -281,6 +292,9 @@ class _NbdExport:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+        if self.lease is not None:
+            self.lease.remove()
+            self.lease = None
 
 
 class DiskHandle:

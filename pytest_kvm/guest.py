@@ -800,8 +800,9 @@ class Guest:
             if self.config.backend == "libvirt":
                 assert self.config.libvirt is not None
                 machine = LibvirtMachine(spec, self.config.libvirt, self._run.accel.name)
+                self._record(domain=machine.domain_name)  # before it exists
             else:
-                machine = QemuMachine(spec)
+                machine = QemuMachine(spec, on_spawn=self._record_qemu)
             try:
                 machine.start()
                 if isinstance(machine, LibvirtMachine):
@@ -815,21 +816,22 @@ class Guest:
                     continue
                 raise
             self.machine = machine
-            self._record_machine(machine)
+            if self._tap is not None:
+                self._record(tap=self._tap.ifname)
             if self.config.vnc:
                 self._start_vnc()
             return
 
-    def _record_machine(self, machine: Machine) -> None:
+    def _record(self, **fields: object) -> None:
         """What a reaper needs to end this guest if our process dies: in its lease."""
-        if self._lease is None:
-            return
-        if isinstance(machine, QemuMachine) and machine.pid:
-            self._lease.update(qemu_pid=machine.pid, qemu_start=process_start(machine.pid))
-        if isinstance(machine, LibvirtMachine):
-            self._lease.update(domain=machine.domain_name)
-        if self._tap is not None:
-            self._lease.update(tap=self._tap.ifname)
+        if self._lease is not None:
+            self._lease.update(**fields)
+
+    def _record_qemu(self, pid: int) -> None:
+        # Called right after QEMU is spawned, before start() waits for it: a kept
+        # guest's QEMU has no parent-death signal, so a SIGKILL of this process from
+        # here on would leave it running with nobody else knowing its PID.
+        self._record(qemu_pid=pid, qemu_start=process_start(pid))
 
     def _forward_ssh(self, machine: LibvirtMachine) -> None:
         """SSH on 127.0.0.1 of the libvirt host, added once the domain runs."""

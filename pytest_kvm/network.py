@@ -6,9 +6,10 @@
   plugin opens the tap itself and hands QEMU the descriptor, so the tap lives exactly
   as long as QEMU (nothing to clean up, even after a SIGKILL); without it, QEMU's
   setuid ``qemu-bridge-helper`` opens it, if its ACL allows the bridge.
-- MACs for bridges are random under a locally administered prefix, reserved host-wide
-  in ``MAC_DIR`` (one file per MAC, holding the owner's pid) and checked against the
-  bridge's forwarding table, so no two guests on one LAN share one.
+- MACs for bridges are random under a locally administered prefix (24 random bits),
+  reserved in ``MAC_DIR`` (the user's private directory, one file per MAC, holding the
+  owner's pid) and checked against the bridge's forwarding table, so no two guests on
+  one LAN share one.
 
 The private segments of ``kvm_vlan`` are in ``vlan.py``.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from .config import NetworkSpec
 from .errors import KvmConfigError, KvmError
+from .private import private_dir, read_regular
 
 # Locally administered, unicast (second-lowest bit of the first octet set, lowest clear).
 MAC_PREFIX = (0x02, 0x6B, 0x76)
@@ -40,8 +42,10 @@ MAC_PREFIX = (0x02, 0x6B, 0x76)
 # connection from the guest to 10.0.2.2:PORT reaches 127.0.0.1:PORT on the host.
 USER_NET_HOST = "10.0.2.2"
 USER_NET_GUEST = "10.0.2.15"
-# Host-wide MAC reservations, shared by every run and user on this machine.
-MAC_DIR = Path("/tmp/pytest-kvm-macs")
+# MAC reservations, shared by every run of this user on this machine, whatever its
+# TMPDIR; private to the user: in a shared directory anybody could plant files that
+# block or hang us.
+MAC_DIR = Path("/tmp") / f"pytest-kvm-macs-{os.getuid()}"
 BRIDGE_ACL = Path("/etc/qemu/bridge.conf")
 _CAP_NET_ADMIN = 12
 _TUNSETIFF = 0x400454CA
@@ -49,13 +53,22 @@ _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
 class Identity:
-    """Hands out names and MACs unique to this run and worker."""
+    """Hands out names and MACs unique to this run and worker.
+
+    ``run_id`` is 64 random bits: concurrent runs (also with the same worker label)
+    never share guest names, leases or libvirt domains, all derived from it whole.
+    ``short_id`` is its first 32 bits, for names that must stay short and are made
+    unique otherwise (the run's temporary dirs, made by mkdtemp)."""
 
     def __init__(self, run_id: str | None = None, worker: str | None = None) -> None:
-        self.run_id = run_id or secrets.token_hex(2)
+        self.run_id = run_id or secrets.token_hex(8)
         self.worker = worker or os.environ.get("PYTEST_XDIST_WORKER", "main")
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[:8]
 
     def next_name(self, hint: str | None = None) -> str:
         with self._lock:
@@ -201,7 +214,7 @@ class MacReservation:
     ) -> MacReservation:
         """A random locally administered MAC that no live reservation holds and that is
         not in ``taken`` (e.g. the bridge's forwarding table)."""
-        _ensure_shared_dir(directory)
+        private_dir(directory, "MAC reservation directory")
         for _ in range(attempts):
             mac = format_mac((*MAC_PREFIX, *secrets.token_bytes(3)))
             if taken and mac in taken:
@@ -216,10 +229,10 @@ class MacReservation:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         for _ in range(2):
             try:
-                fd = os.open(path, flags, 0o644)
+                fd = os.open(path, flags, 0o600)
             except FileExistsError:
-                try:
-                    owner = int(path.read_text().split()[0])
+                try:  # never a FIFO (its open would hang) nor through a symlink
+                    owner = int(read_regular(path, 64).split()[0])
                 except (OSError, ValueError, IndexError):
                     return False  # being written, or not ours to judge
                 if pid_alive(owner):
@@ -233,20 +246,9 @@ class MacReservation:
         return False
 
     def release(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.path.read_text().split()[0] == str(os.getpid()):
+        with contextlib.suppress(OSError, IndexError):
+            if read_regular(self.path, 64).split()[0] == str(os.getpid()).encode():
                 self.path.unlink()
-
-
-def _ensure_shared_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(mode=0o1777)
-        directory.chmod(0o1777)  # mkdir's mode is masked by the umask
-    except FileExistsError:
-        pass
-    st = directory.lstat()
-    if not stat.S_ISDIR(st.st_mode) or (st.st_mode & 0o1002 == 0o0002):
-        raise KvmError(f"{directory} is not a directory with the sticky bit; remove it")
 
 
 class Tap:

@@ -3,11 +3,14 @@
 Every pytest process that uses guests writes a *run lease* (its private dirs) and,
 before each guest starts, a *guest lease* (its dirs, QEMU's PID, libvirt domain, tap
 device) into one directory private to the user. The owner is recorded as PID plus
-the process's start time, so a reused PID is not mistaken for a live run. A lease is
-removed once what it names is gone.
+the process's start time, so a reused PID is not mistaken for a live run, and with
+its host name, boot id and PID namespace: a lease written elsewhere (another host or
+container sharing /tmp or ``PYTEST_KVM_LEASE_DIR``) names PIDs that mean nothing
+here, so it is never reaped, only reported. A lease is removed once what it names
+is gone. ``qemu-nbd`` processes (encrypted disks opened offline) have leases too.
 
 Whatever kills a run (SIGKILL of pytest or of one xdist worker), QEMU dies with its
-parent (parent-death signal, see backends/qemu.py) and libvirt destroys its domains
+parent (parent-death signal, see spawn.py) and libvirt destroys its domains
 (AUTODESTROY); what is left are files: the run's dirs, sockets and overlays. ``reap``
 removes them, and kills any process a lease names that is still there (a guest kept
 by ``--kvm-keep-on-failure``, or one started without the parent-death signal). Leases
@@ -26,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +37,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .errors import KvmConfigError
+from .private import private_dir, read_regular, write_private
 
 LEASE_DIR_ENV = "PYTEST_KVM_LEASE_DIR"
 
@@ -46,20 +50,9 @@ def lease_dir() -> Path:
         if configured
         else Path(tempfile.gettempdir()) / f"pytest-kvm-leases-{os.getuid()}"
     )
-    try:
-        path.mkdir(mode=0o700, parents=bool(configured), exist_ok=True)
-        info = path.lstat()
-    except OSError as exc:
-        raise KvmConfigError(f"lease directory {path}: {exc.strerror or exc}") from None
-    if not path.is_dir() or path.is_symlink():
-        raise KvmConfigError(f"lease directory {path} is not a directory")
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        # In a shared /tmp, somebody else may have made it first: never trust it.
-        raise KvmConfigError(
-            f"lease directory {path} is not private to this user (owner uid {info.st_uid}, "
-            f"mode {info.st_mode & 0o777:o}); remove it or set {LEASE_DIR_ENV}"
-        )
-    return path
+    return private_dir(
+        path, "lease directory", parents=bool(configured), fix=f"remove it or set {LEASE_DIR_ENV}"
+    )
 
 
 def process_start(pid: int) -> int | None:
@@ -91,12 +84,34 @@ def process_alive(pid: int | None, start: int | None) -> bool:
     return True
 
 
+def boot_id() -> str:
+    """This kernel's boot identity ("" if unknown): PIDs compare only within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace, e.g. ``pid:[4026531836]`` ("" if unknown): two
+    containers on one kernel share the boot, not their PIDs."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def here() -> dict[str, str]:
+    """Where this process's PIDs mean something: host, boot and PID namespace."""
+    return {"host": socket.gethostname(), "boot_id": boot_id(), "pidns": pid_namespace()}
+
+
 def owner_fields() -> dict[str, Any]:
     pid = os.getpid()
     return {
         "pid": pid,
         "pid_start": process_start(pid),
-        "host": socket.gethostname(),
+        **here(),
         "created": time.time(),
     }
 
@@ -117,17 +132,13 @@ class Lease:
     @classmethod
     def load(cls, path: Path) -> Lease | None:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_regular(path))
         except (OSError, ValueError):
             return None
         return cls(path, data) if isinstance(data, dict) else None
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(self.data, out, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
@@ -138,7 +149,21 @@ class Lease:
         self.path.unlink(missing_ok=True)
 
     @property
+    def foreign(self) -> str:
+        """Why this lease's PIDs cannot be judged here ("" if they can): it was written
+        on another host, in another boot or in another PID namespace (a container
+        sharing /tmp or the lease directory). Fields a lease lacks are not compared."""
+        for key, value in here().items():
+            theirs = self.data.get(key)
+            if theirs is not None and theirs != value:
+                return f"written with {key} {theirs}, this is {value or '?'}"
+        return ""
+
+    @property
     def owner_alive(self) -> bool:
+        """Whether the run that wrote it may still be alive: a foreign lease always may."""
+        if self.foreign:
+            return True
         return process_alive(self.data.get("pid"), self.data.get("pid_start"))
 
     @property
@@ -169,6 +194,7 @@ def leases(directory: Path | None = None) -> list[Lease]:
 class ReapResult:
     reaped: list[str] = field(default_factory=list)  # what was removed, a line each
     kept: list[str] = field(default_factory=list)  # kept guests left alone
+    foreign: list[str] = field(default_factory=list)  # other hosts' leases, left alone
     busy: bool = False  # another process was reaping
 
 
@@ -195,7 +221,12 @@ def reap(
         found = leases(directory)
         # Guests first: a kept run's dirs hold its kept guests' keys.
         for lease in sorted(found, key=lambda item: item.kind != "guest"):
-            if lease.owner_alive or (select is not None and not select(lease)):
+            if select is not None and not select(lease):
+                continue
+            if lease.foreign:  # its PIDs are another machine's: never judged here
+                result.foreign.append(f"{lease.describe()}: {lease.foreign}")
+                continue
+            if lease.owner_alive:
                 continue
             if lease.kept and not include_kept:
                 result.kept.append(lease.describe())
@@ -213,16 +244,16 @@ def _reap_one(lease: Lease) -> list[str]:
     data = lease.data
     done: list[str] = []
     pid, start = data.get("qemu_pid"), data.get("qemu_start")
-    if pid and process_alive(pid, start) and _is_our_qemu(pid, str(data.get("name", ""))):
+    if pid and process_alive(pid, start) and _is_our_process(pid, lease):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while process_alive(pid, start) and time.monotonic() < deadline:
             time.sleep(0.05)
-        done.append(f"killed QEMU {pid}")
+        done.append(f"killed {'qemu-nbd' if lease.kind == 'nbd' else 'QEMU'} {pid}")
     domain = data.get("domain")
     if domain:
-        done += _destroy_domain(str(data.get("uri", "")), str(domain), str(data.get("run_id")))
+        done += _destroy_domain(str(data.get("uri", "")), str(domain), data)
     tap = data.get("tap")
     if tap and Path("/sys/class/net", str(tap)).exists():
         run = subprocess.run(["ip", "link", "del", "dev", str(tap)], capture_output=True)
@@ -246,15 +277,37 @@ def _ours(path: Path) -> bool:
     )
 
 
-def _is_our_qemu(pid: int, name: str) -> bool:
+def _is_our_process(pid: int, lease: Lease) -> bool:
+    """Whether ``pid`` is still the process the lease names: QEMU running that guest,
+    or qemu-nbd serving on that socket."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    if lease.kind == "nbd":
+        sock = str(lease.data.get("socket") or "")
+        return bool(sock) and argv[0].endswith(b"qemu-nbd") and sock.encode() in argv
+    name = str(lease.data.get("name") or "")
     return bool(name) and f"guest={name},".encode() in b"\0".join(argv)
 
 
-def _destroy_domain(uri: str, domain: str, run_id: str) -> list[str]:
+def domain_is_the_leases(xml: str, data: dict[str, Any]) -> bool:
+    """Whether a domain's owner labels (see plugin.py) name the lease's run, process and
+    host: a run id alone may be another run's, on another host or after a reboot."""
+    from .backends.libvirt import METADATA_NS
+
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 (libvirtd's own output of a parsed domain)
+        owner = root.find(f"metadata/{{{METADATA_NS}}}owner")
+    except ET.ParseError:
+        return False
+    want = {"run": data.get("run_id"), "pid": data.get("pid"), "host": data.get("host")}
+    return owner is not None and all(
+        value is not None and owner.get(key) == str(value) for key, value in want.items()
+    )
+
+
+def _destroy_domain(uri: str, domain: str, data: dict[str, Any]) -> list[str]:
     """Destroy a libvirt domain a dead run left (one created without AUTODESTROY)."""
     try:
         from .backends.libvirt import connect, load_libvirt
@@ -268,8 +321,7 @@ def _destroy_domain(uri: str, domain: str, run_id: str) -> list[str]:
     except libvirt.libvirtError:
         return []
     try:
-        xml = dom.XMLDesc(0)
-        if f'run="{run_id}"' not in xml:
+        if not domain_is_the_leases(dom.XMLDesc(0), data):
             return []  # not the domain this lease made
         dom.destroy()
     except libvirt.libvirtError:

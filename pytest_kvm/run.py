@@ -28,15 +28,15 @@ class RunContext:
         self.progress: Callable[[str], None] = progress or (lambda message: None)
         self.identity = identity or Identity()
         base = os.environ.get("PYTEST_KVM_RUNTIME_DIR") or tempfile.gettempdir()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"pytest-kvm-{self.identity.run_id}-", dir=base))
+        # The short id keeps socket paths short; mkdtemp makes the dirs unique.
+        prefix = f"pytest-kvm-{self.identity.short_id}-"
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         os.chmod(self.dir, 0o700)
         # UNIX socket paths must fit in 108 bytes: keep them somewhere short.
         if len(str(self.dir)) <= 60:
             self.sock_dir = self.dir
         else:
-            self.sock_dir = Path(
-                tempfile.mkdtemp(prefix=f"pytest-kvm-{self.identity.run_id}-", dir="/tmp")
-            )
+            self.sock_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         # Recorded right after its dirs are made, so that a run killed from here on
         # leaves nothing the next run (or `pytest-kvm reap`) cannot find.
         self._lease_dir = lease_dir()

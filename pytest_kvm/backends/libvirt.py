@@ -45,6 +45,7 @@ from ..console import tail
 from ..errors import GuestLaunchError, ImageError, KvmConfigError, KvmUnavailable
 from ..images.overlay import image_info, qemu_img
 from ..network import pid_alive
+from ..private import private_dir, read_regular, write_private
 from ..qga import AgentCalls, GuestAgentError
 from ..ssh import SshJump
 from .base import Machine, MachineSpec
@@ -300,23 +301,36 @@ def _define_default_pool(conn: Any, uri: str) -> Any:
     return pool
 
 
+def _sums_dir() -> Path | None:
+    """The user's private dir of remembered checksums; None (said on stderr) if the
+    one in /tmp is not private to this user: it is then not used."""
+    path = Path(tempfile.gettempdir()) / f"pytest-kvm-sums-{os.getuid()}"
+    try:
+        return private_dir(path, "checksum directory")
+    except KvmConfigError as exc:
+        print(f"pytest-kvm: {exc}; checksums are not remembered", file=sys.stderr)
+        return None
+
+
 def file_sha256(path: Path) -> str:
-    """The file's sha256, remembered next to the image cache by (path, size, mtime)."""
+    """The file's sha256, remembered in a private dir by (path, size, mtime)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    memo = Path(tempfile.gettempdir()) / "pytest-kvm-sums" / key.hexdigest()[:32]
-    with contextlib.suppress(OSError):
-        return memo.read_text().strip()
+    memos = _sums_dir()
+    memo = memos / key.hexdigest()[:32] if memos is not None else None
+    if memo is not None:
+        with contextlib.suppress(OSError, ValueError):  # none yet, or not ours to trust
+            value = read_regular(memo, 64).decode()
+            if re.fullmatch("[0-9a-f]{64}", value):
+                return value
     digest = hashlib.sha256()
     with path.open("rb") as src:
         while chunk := src.read(1 << 20):
             digest.update(chunk)
     value = digest.hexdigest()
-    with contextlib.suppress(OSError):
-        memo.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}")
-        tmp.write_text(value)
-        tmp.replace(memo)
+    if memo is not None:
+        with contextlib.suppress(OSError):
+            write_private(memo, value)
     return value
 
 

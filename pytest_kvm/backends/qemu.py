@@ -8,15 +8,13 @@ is idempotent and removes sockets and threads.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -27,40 +25,26 @@ from ..console import tail
 from ..errors import GuestLaunchError
 from ..images.overlay import key_secret_opts, secret_object
 from ..network import netdev_args
+from ..spawn import spawn
 from .base import Machine, MachineSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
-_PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-# The parent-death signal fires when the *thread* that forked the child ends, not
-# only the process. Guests may be started from short-lived threads (a test's thread
-# pool), so every QEMU is forked by this one thread, which lives as long as we do.
-_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qemu-spawn")
 
 
 def _spawn(
     argv: list[str], log: IO[bytes], pass_fds: tuple[int, ...], die_with_parent: bool = True
 ) -> subprocess.Popen[bytes]:
-    def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            pass_fds=pass_fds,
-            start_new_session=True,  # Ctrl-C reaches pytest, which tears down
-            preexec_fn=_die_with_parent if die_with_parent else None,
-        )
-
-    return _spawner.submit(spawn).result()
+    return spawn(
+        argv,
+        die_with_parent,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        close_fds=True,
+        pass_fds=pass_fds,
+        start_new_session=True,  # Ctrl-C reaches pytest, which tears down
+    )
 
 
 def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
@@ -223,11 +207,18 @@ class _Qmp:
 
 
 class QemuMachine(Machine):
-    """One QEMU process."""
+    """One QEMU process. ``on_spawn(pid)`` is called as soon as it exists, before
+    ``start`` waits for it (so its lease can name it: see guest.py)."""
 
-    def __init__(self, spec: MachineSpec, binary: str = QEMU_BINARY) -> None:
+    def __init__(
+        self,
+        spec: MachineSpec,
+        binary: str = QEMU_BINARY,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> None:
         self.spec = spec
         self._binary = binary
+        self._on_spawn = on_spawn
         self._argv = build_argv(spec, binary)
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: _Qmp | None = None
@@ -255,6 +246,8 @@ class QemuMachine(Machine):
             with spec.stderr_log.open("wb") as log:
                 fds = (spec.tap_fd,) if spec.tap_fd is not None else ()
                 self._proc = _spawn(self._argv, log, fds, spec.die_with_parent)
+            if self._on_spawn is not None:
+                self._on_spawn(self._proc.pid)
             self._qmp.accept(connect_timeout, self.is_running)
             if spec.incoming is not None:
                 self._restore(spec.incoming, connect_timeout)

@@ -24,15 +24,21 @@ from pytest_kvm.reaper import Lease, lease_dir, leases, process_alive, reap
 INNER_TIMEOUT = 600
 
 
+def short(run_id: str) -> str:
+    """The part of a run id that its dirs' names carry (guest names carry it whole)."""
+    return run_id[:8]
+
+
 def _run_ids(runtime: Path, text: str = "") -> set[str]:
-    """Run ids of inner runs: from their leases (while they exist) or guest names."""
-    ids = {m.group(1) for m in re.finditer(r"kvm-([0-9a-f]{4})-(?:main|gw\d+)-\d\d", text)}
-    ids |= {m.group(1) for m in re.finditer(r"pytest-kvm-([0-9a-f]{4})-", text)}
+    """Run ids of inner runs (short): from their leases (while they exist), guest names
+    or dir names."""
+    ids = {m.group(1) for m in re.finditer(r"kvm-([0-9a-f]{16})-(?:main|gw\d+)-\d\d", text)}
+    ids |= {m.group(1) for m in re.finditer(r"pytest-kvm-([0-9a-f]{8})-", text)}
     for lease in _leases_under(runtime):
         ids.add(str(lease.data["run_id"]))
     for entry in runtime.glob("pytest-kvm-*"):
         ids.add(entry.name.split("-")[2])
-    return ids
+    return {short(run_id) for run_id in ids}
 
 
 def _leases_under(runtime: Path) -> list[Lease]:
@@ -45,7 +51,7 @@ def _leases_under(runtime: Path) -> list[Lease]:
 
 def _qemu_of(run_id: str) -> list[int]:
     pids = []
-    needle = f"guest=kvm-{run_id}-".encode()
+    needle = f"guest=kvm-{run_id}".encode()  # the whole id, or its short start
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -63,9 +69,11 @@ def leftovers(runtime: Path, run_ids: set[str]) -> dict[str, list[str]]:
     left: dict[str, list[str]] = {"qemu": [], "dirs": [], "leases": [], "taps": []}
     for run_id in run_ids:
         left["qemu"] += [str(pid) for pid in _qemu_of(run_id)]
-        left["dirs"] += [str(p) for p in Path("/tmp").glob(f"pytest-kvm-{run_id}-*")]
+        left["dirs"] += [str(p) for p in Path("/tmp").glob(f"pytest-kvm-{short(run_id)}-*")]
         left["leases"] += [
-            str(lease.path) for lease in leases() if lease.data.get("run_id") == run_id
+            str(lease.path)
+            for lease in leases()
+            if str(lease.data.get("run_id")).startswith(short(run_id))
         ]
     left["dirs"] += [str(p) for p in runtime.iterdir()]
     # Our tap devices are named after the guest: none of an inner run may be left.
@@ -269,7 +277,7 @@ def test_sigkill_of_pytest_is_reaped_and_live_runs_are_spared(inner, pytester):
     assert reaped.returncode == 0, reaped.stderr
     assert lease_a.data["name"] in reaped.stdout
     left = leftovers(inner.runtime, {run_a})
-    left["dirs"] = [d for d in left["dirs"] if run_b not in d]
+    left["dirs"] = [d for d in left["dirs"] if short(run_b) not in d]
     assert left == NOTHING
     # Run b is untouched: its guest still runs and its test passes.
     assert process_alive(lease_b.data["qemu_pid"], lease_b.data["qemu_start"])
@@ -362,3 +370,24 @@ def test_lease_dir_is_private():
     assert path.stat().st_mode & 0o777 == 0o700
     for lease in leases(path):
         assert lease.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_lease_names_qemu_before_start_returns(kvm_guest_factory, monkeypatch):
+    """A SIGKILL of pytest while a guest starts leaves nothing unreapable: the guest's
+    lease names its QEMU from the moment it is spawned, before start() waits for QMP
+    and the guest (a kept guest's QEMU has no parent-death signal and outlives us)."""
+    from pytest_kvm.backends import qemu as backend
+
+    at_spawn: dict[str, object] = {}
+    real_accept = backend._Qmp.accept
+
+    def accept(self, timeout, alive):  # QEMU runs; start() now waits for its QMP
+        for lease in leases():
+            if lease.kind == "guest" and lease.data.get("pid") == os.getpid():
+                at_spawn[str(lease.data["name"])] = lease.data.get("qemu_pid")
+        return real_accept(self, timeout, alive)
+
+    monkeypatch.setattr(backend._Qmp, "accept", accept)
+    guest = kvm_guest_factory()
+    assert guest.name in at_spawn, "no lease of the guest while QEMU started"
+    assert at_spawn[guest.name] == guest.machine.pid

@@ -93,7 +93,7 @@ def test_mac_reservations_are_unique_and_released(tmp_path: Path):
     second = MacReservation.reserve(directory=macs)
     assert first.mac != second.mac
     assert first.path.read_text().strip() == str(os.getpid())
-    assert macs.stat().st_mode & 0o1777 == 0o1777
+    assert macs.stat().st_mode & 0o7777 == 0o700  # private to the user
     first.release()
     assert not first.path.exists() and second.path.exists()
     second.release()

@@ -53,3 +53,18 @@ def test_qemu_that_never_connects_is_killed_after_the_timeout(tmp_path):
         machine.start(connect_timeout=0.5)
     assert not machine.is_running()
     assert machine.exit_code() is not None
+
+
+def test_on_spawn_names_the_running_qemu_before_start_waits_for_it(tmp_path):
+    """What a guest's lease needs at once (a kept guest's QEMU has no parent-death
+    signal): the PID of a QEMU that runs, before start() returns or fails."""
+    binary = fake_qemu(tmp_path, "exec sleep 60")
+    seen: list[tuple[int, bool]] = []
+    machine = QemuMachine(
+        spec(tmp_path),
+        binary=str(binary),
+        on_spawn=lambda pid: seen.append((pid, Path(f"/proc/{pid}").exists())),
+    )
+    with pytest.raises(GuestLaunchError, match="did not connect to QMP"):
+        machine.start(connect_timeout=0.5)
+    assert len(seen) == 1 and seen[0][1], "on_spawn was not called with a live QEMU"
