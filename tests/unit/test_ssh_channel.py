@@ -1,0 +1,204 @@
+"""How a command's output is read off its SSH channel, shared by ``guest.run`` and
+``guest.host`` (testinfra). The channel is a fake with paramiko's semantics: two
+buffers, an EOF that closes both, an exit status that may come before the output
+still in flight (OpenSSH sends it first); the select loop is real."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from pytest_kvm import ssh
+from pytest_kvm.ssh import KeyPair, SshSession
+from pytest_kvm.testinfra_backend import _exec
+
+
+class Channel:
+    """paramiko.Channel as the loop sees it. ``on_status_check(channel, n)`` is the
+    guest: it runs on each ``exit_status_ready()`` (n counts from 1)."""
+
+    def __init__(self, on_status_check: Callable[[Channel, int], None]) -> None:
+        self._sock, self._peer = socket.socketpair()
+        self.on_status_check = on_status_check
+        self.status_checks = 0
+        self.out = bytearray()
+        self.err = bytearray()
+        self.eof_received = False
+        self.closed = False
+        self.status = -1
+        self.status_event = threading.Event()
+
+    # -- the guest's side
+    def deliver(self, out: bytes = b"", err: bytes = b"") -> None:
+        self.out += out
+        self.err += err
+        self._wake()
+
+    def exit(self, status: int) -> None:
+        self.status = status
+        self.status_event.set()
+
+    def eof(self) -> None:
+        self.eof_received = True
+        self._wake()
+
+    def _wake(self) -> None:  # paramiko's pipe: readable while data or EOF waits
+        if not self._readable():
+            self._peer.send(b"!")
+
+    def _readable(self) -> bool:
+        self._sock.setblocking(False)
+        try:
+            return bool(self._sock.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return False
+
+    # -- paramiko's API
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def exec_command(self, command: str | bytes) -> None:
+        pass
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def recv_ready(self) -> bool:
+        return bool(self.out)
+
+    def recv_stderr_ready(self) -> bool:
+        return bool(self.err)
+
+    def recv(self, size: int) -> bytes:
+        return self._take(self.out, size)
+
+    def recv_stderr(self, size: int) -> bytes:
+        return self._take(self.err, size)
+
+    def _take(self, buffer: bytearray, size: int) -> bytes:
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        if not self.out and not self.err and not self.eof_received and self._readable():
+            self._sock.recv(1)
+        return data
+
+    def exit_status_ready(self) -> bool:
+        self.status_checks += 1
+        self.on_status_check(self, self.status_checks)
+        return self.closed or self.status != -1
+
+    def recv_exit_status(self) -> int:
+        return self.status
+
+    def close(self) -> None:
+        self._sock.close()
+        self._peer.close()
+
+
+class Transport:
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def is_active(self) -> bool:
+        return True
+
+    def open_session(self, timeout: float | None = None) -> Channel:
+        return self.channel
+
+
+class Client:
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def get_transport(self) -> Transport:
+        return self.transport
+
+
+def session_on(channel: Channel) -> SshSession:
+    key = KeyPair.generate()
+    session = SshSession("127.0.0.1", 2222, "root", key, key)
+    session._client = Client(Transport(channel))  # type: ignore[assignment]
+    return session
+
+
+def last_chunk_between_the_checks(channel: Channel, check: int) -> None:
+    """The race: the loop found both buffers empty, then, before it asks whether the
+    exit status is in, the last chunk, the exit status and EOF arrive together."""
+    if check == 1:
+        channel.deliver(out=b"tail of stdout\n", err=b"tail of stderr\n")
+        channel.exit(0)
+        channel.eof()
+
+
+def test_output_arriving_with_the_exit_status_between_the_checks_is_read():
+    channel = Channel(last_chunk_between_the_checks)
+    channel.deliver(out=b"head\n")
+    result = session_on(channel).exec("cmd", timeout=10)
+    assert (result.exit_status, result.stdout, result.stderr) == (
+        0,
+        "head\ntail of stdout\n",
+        "tail of stderr\n",
+    )
+
+
+def test_testinfra_commands_use_the_same_loop():
+    channel = Channel(last_chunk_between_the_checks)
+    channel.deliver(out=b"head\n")
+    guest: object = None
+    status, out, err = _exec(Transport(channel), b"cmd", 10, guest)  # type: ignore[arg-type]
+    assert (status, out, err) == (0, b"head\ntail of stdout\n", b"tail of stderr\n")
+
+
+def test_output_after_the_exit_status_is_read_until_eof():
+    # OpenSSH's order when the command exits with output still in its pipes.
+    def guest(channel: Channel, check: int) -> None:
+        if check == 1:
+            channel.exit(3)
+        if check <= 3:
+            channel.deliver(out=b"o%d" % check, err=b"e%d" % check)
+        elif check == 4:
+            channel.eof()
+
+    result = session_on(Channel(guest)).exec("cmd", timeout=10)
+    assert (result.exit_status, result.stdout, result.stderr) == (3, "o1o2o3", "e1e2e3")
+
+
+def test_a_background_process_holding_the_output_ends_the_command_after_the_grace(
+    monkeypatch,
+):
+    # `daemon &` without redirection: the shell's exit status comes, EOF never does.
+    monkeypatch.setattr(ssh, "OUTPUT_GRACE", 0.3)
+
+    def guest(channel: Channel, check: int) -> None:
+        if check == 1:
+            channel.deliver(out=b"started\n")
+            channel.exit(0)
+
+    start = time.monotonic()
+    result = session_on(Channel(guest)).exec("daemon &", timeout=10)
+    assert (result.exit_status, result.stdout) == (0, "started\n")
+    assert 0.3 <= time.monotonic() - start < 2
+
+
+def test_the_exit_status_may_come_after_eof():
+    def guest(channel: Channel, check: int) -> None:
+        if check == 1:
+            channel.deliver(out=b"all\n")
+            channel.eof()
+            threading.Timer(0.05, channel.exit, (7,)).start()  # paramiko's thread
+
+    result = session_on(Channel(guest)).exec("cmd", timeout=10)
+    assert (result.exit_status, result.stdout) == (7, "all\n")
+
+
+def test_a_command_that_closed_its_output_but_runs_on_times_out():
+    def guest(channel: Channel, check: int) -> None:
+        channel.eof()
+
+    with pytest.raises(ssh.CommandTimeout):
+        session_on(Channel(guest)).exec("exec >&- 2>&-; sleep 100", timeout=0.3)
+
