@@ -96,6 +96,12 @@ class GuestDied(ConnectionAbortedError):
         self.stderr = stderr
 
 
+# paramiko's transports log here while they connect (their own logger, not
+# paramiko's, whose level stays the user's); lower its level to see the attempts.
+CONNECTING_LOG = "pytest_kvm.ssh.connecting"
+PARAMIKO_LOG = "paramiko.transport"
+logging.getLogger(CONNECTING_LOG).setLevel(logging.CRITICAL)
+
 # How often ``exec`` asks ``alive()`` while a command runs, in seconds.
 ALIVE_INTERVAL = 1.0
 
@@ -215,6 +221,9 @@ class SshSession:
     def connect_once(self, timeout: float) -> None:
         """One attempt; raises what paramiko raised."""
         client = paramiko.SSHClient()
+        # While the guest boots, refused and half-open connections are expected; paramiko
+        # would print each as an ERROR with a traceback. The caller reports the last one.
+        client.set_log_channel(CONNECTING_LOG)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
         client.get_host_keys().add(name, "ssh-ed25519", self.host_key.public_key())
@@ -237,22 +246,12 @@ class SshSession:
             raise
         transport = client.get_transport()
         if transport is not None:
+            transport.set_log_channel(PARAMIKO_LOG)  # connected: its errors count again
             transport.set_keepalive(15)
         self.close()
         self._client = client
 
     def connect(self, deadline: float, alive: Callable[[], str] | None = None) -> float:
-        # While the guest boots, refused and half-open connections are expected; paramiko
-        # would print each as an ERROR with a traceback. The caller reports the last one.
-        transport_log = logging.getLogger("paramiko.transport")
-        level = transport_log.level
-        transport_log.setLevel(logging.CRITICAL)
-        try:
-            return self._connect_until(deadline, alive)
-        finally:
-            transport_log.setLevel(level)
-
-    def _connect_until(self, deadline: float, alive: Callable[[], str] | None) -> float:
         """Retry until connected or ``deadline`` (monotonic); returns seconds spent.
 
         ``alive()`` returns "" while the guest can still come up, else why not.

@@ -5,6 +5,7 @@ still in flight (OpenSSH sends it first); the select loop is real."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from pytest_kvm import ssh
+from pytest_kvm.errors import GuestTimeout
 from pytest_kvm.ssh import KeyPair, SshSession
 from pytest_kvm.testinfra_backend import _exec
 
@@ -202,3 +204,60 @@ def test_a_command_that_closed_its_output_but_runs_on_times_out():
     with pytest.raises(ssh.CommandTimeout):
         session_on(Channel(guest)).exec("exec >&- 2>&-; sleep 100", timeout=0.3)
 
+
+# -- connecting: paramiko's log level stays the user's -----------------------------
+
+
+@pytest.fixture
+def closing_server():
+    """A TCP port on 127.0.0.1 that accepts and hangs up at once: each SSH attempt
+    fails reading the banner, which paramiko logs as an ERROR with a traceback."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def test_connects_from_threads_leave_paramikos_log_level_alone(closing_server, caplog, tmp_path):
+    paramiko_log = logging.getLogger("paramiko.transport")
+    before = paramiko_log.level
+    paramiko_log.setLevel(logging.WARNING)  # the user's choice
+    key = KeyPair.generate()
+    errors: list[BaseException] = []
+
+    def connect(delay: float, until: float) -> None:
+        time.sleep(delay)
+        key_file = tmp_path / f"key-{delay}"
+        session = SshSession("127.0.0.1", closing_server, "root", key.save(key_file), key)
+        try:
+            session.connect(time.monotonic() + until)
+        except GuestTimeout as exc:
+            errors.append(exc)
+
+    try:
+        # Overlapping connects: the second starts after the first and ends after it.
+        threads = [threading.Thread(target=connect, args=(d, u)) for d, u in [(0, 0.6), (0.2, 0.8)]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert paramiko_log.level == logging.WARNING
+        assert len(errors) == 2 and "not ready" in str(errors[0])
+        # The failed attempts were quiet all the same.
+        assert [r for r in caplog.records if r.name.startswith("paramiko")] == []
+    finally:
+        paramiko_log.setLevel(before)
