@@ -106,6 +106,14 @@ logging.getLogger(CONNECTING_LOG).setLevel(logging.CRITICAL)
 ALIVE_INTERVAL = 1.0
 
 
+class TransferTimeout(TimeoutError):
+    """An SFTP transfer did not finish in time; its connection was closed."""
+
+
+# The default limit of one SFTP transfer, in seconds.
+TRANSFER_TIMEOUT = 300.0
+
+
 @dataclass(frozen=True)
 class RawResult:
     exit_status: int
@@ -289,13 +297,48 @@ class SshSession:
             raise ConnectionError("SSH connection is closed")
         return transport
 
-    def put(self, local: Path, remote: str) -> None:
-        with self.client.open_sftp() as sftp:
-            sftp.put(str(local), remote)
+    def put(
+        self,
+        local: Path,
+        remote: str,
+        timeout: float = TRANSFER_TIMEOUT,
+        alive: Callable[[], str] | None = None,
+    ) -> None:
+        """Copy ``local`` to ``remote`` by SFTP (see ``_transfer``)."""
+        self._transfer(lambda sftp: sftp.put(str(local), remote), timeout, alive)
 
-    def get(self, remote: str, local: Path) -> None:
-        with self.client.open_sftp() as sftp:
-            sftp.get(remote, str(local))
+    def get(
+        self,
+        remote: str,
+        local: Path,
+        timeout: float = TRANSFER_TIMEOUT,
+        alive: Callable[[], str] | None = None,
+    ) -> None:
+        """Copy ``remote`` to ``local`` by SFTP (see ``_transfer``)."""
+        self._transfer(lambda sftp: sftp.get(remote, str(local)), timeout, alive)
+
+    def _transfer(
+        self,
+        transfer: Callable[[paramiko.SFTPClient], object],
+        timeout: float,
+        alive: Callable[[], str] | None,
+    ) -> None:
+        """Run ``transfer`` on a new SFTP session within ``timeout`` s.
+
+        paramiko's SFTP calls wait without a limit, and a panicked guest's connection
+        stays open, frozen. So a watchdog asks ``alive()`` before and about once a
+        second during the transfer and, if the guest died (``GuestDied``) or the time
+        ran out (``TransferTimeout``), closes the connection, which ends the blocked
+        call; that exception is raised then."""
+        transport = self._active_transport()
+        watchdog = _Watchdog(transport, timeout, alive)
+        try:
+            with watchdog, _open_sftp(transport) as sftp:
+                transfer(sftp)
+        except (OSError, EOFError, paramiko.SSHException):
+            if watchdog.verdict is not None:
+                raise watchdog.verdict from None
+            raise
 
     def is_active(self) -> bool:
         transport = self._client.get_transport() if self._client else None
@@ -424,6 +467,53 @@ def _wait_exit_status(chan: paramiko.Channel, watch: _Watch) -> int:
     while not chan.exit_status_ready():
         chan.status_event.wait(watch.wait_time())
     return chan.recv_exit_status()
+
+
+class _Watchdog:
+    """While a block runs: asks ``alive()`` at once and then every ``ALIVE_INTERVAL``,
+    and closes ``transport`` when the guest died or ``timeout`` passed, saying why in
+    ``verdict``. A dead guest is raised at once, without closing anything."""
+
+    def __init__(
+        self, transport: paramiko.Transport, timeout: float, alive: Callable[[], str] | None
+    ) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.alive = alive
+        self.verdict: GuestDied | TransferTimeout | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pytest-kvm-watchdog",
+                                        daemon=True)  # fmt: skip
+
+    def __enter__(self) -> _Watchdog:
+        dead = self.alive() if self.alive is not None else ""
+        if dead:
+            raise GuestDied(dead)
+        self._deadline = time.monotonic() + self.timeout
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(ALIVE_INTERVAL, max(self._deadline - time.monotonic(), 0))):
+            dead = self.alive() if self.alive is not None else ""
+            if dead:
+                self.verdict = GuestDied(dead)
+            elif time.monotonic() >= self._deadline:
+                self.verdict = TransferTimeout(f"did not finish within {self.timeout:.0f} s")
+            if self.verdict is not None:
+                self.transport.close()  # the blocked call ends with EOFError or OSError
+                return
+
+
+def _open_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
+    sftp = paramiko.SFTPClient.from_transport(transport)
+    if sftp is None:  # paramiko's answer when the session channel could not be opened
+        raise paramiko.SSHException("could not open an SFTP session")
+    return sftp
 
 
 def _connection_lost(transport: paramiko.Transport, grace: float = 1.0) -> bool:

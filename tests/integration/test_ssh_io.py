@@ -1,5 +1,6 @@
-"""Commands' output over a real guest's SSH connection: every byte of stdout and
-stderr arrives."""
+"""Commands' output and SFTP transfers over a real guest's SSH connection: every byte
+of stdout and stderr arrives, and a guest that panics mid-transfer is an error within
+seconds, not a wait without end."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import concurrent.futures
 import os
 import random
 import shlex
+import threading
 import time
+
+import pytest
+
+from pytest_kvm.errors import GuestCrashed
 
 # Under TCG a command costs ~0.1-0.9 s and SSH moves ~1-4 MB/s on a busy 2-core host:
 # 2000 commands (~150 MB) take many minutes, so the default keeps the CI budget (the
@@ -76,3 +82,34 @@ def test_every_byte_of_many_commands_output_arrives(kvm_guest):
     # Connected, paramiko logs to its own logger again (quiet only while connecting).
     transport = kvm_guest.ssh.get_transport()
     assert transport is not None and transport.get_log_channel() == "paramiko.transport"
+
+
+def test_a_guest_that_panics_during_put_is_guest_crashed_within_seconds(kvm_guest, tmp_path):
+    big = tmp_path / "big"
+    with big.open("wb") as f:
+        f.truncate(8 << 30)  # sparse: far more than the guest takes in before it panics
+    kvm_guest.succeed(
+        "setsid sh -c 'sleep 2; echo c > /proc/sysrq-trigger' </dev/null >/dev/null 2>&1 &"
+    )
+    outcome: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            kvm_guest.put(big, "/dev/null")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=put, daemon=True)
+    thread.start()
+    thread.join(60)  # the put of old waited forever; the guest's teardown ends it
+    took = time.monotonic() - start
+    assert not thread.is_alive(), "put still waits 60 s after the guest panicked"
+    assert len(outcome) == 1 and isinstance(outcome[0], GuestCrashed), outcome
+    message = str(outcome[0])
+    assert "panicked: Kernel panic - not syncing: sysrq triggered crash" in message
+    assert f"put {str(big)!r} -> '/dev/null' was running" in message
+    print(f"GuestCrashed {took:.1f} s after the put started")
+    assert took < 30
+    with pytest.raises(GuestCrashed):  # and the guest stays known dead
+        kvm_guest.get("/etc/hostname", tmp_path / "hostname")

@@ -261,3 +261,68 @@ def test_connects_from_threads_leave_paramikos_log_level_alone(closing_server, c
         assert [r for r in caplog.records if r.name.startswith("paramiko")] == []
     finally:
         paramiko_log.setLevel(before)
+
+
+# -- SFTP: a limit, and the guest's death seen while a transfer waits -------------
+
+
+class BlockingSftp:
+    """An SFTP client whose transfers wait, as paramiko's do on a frozen connection,
+    until the connection is closed."""
+
+    def __init__(self, closed: threading.Event) -> None:
+        self.closed = closed
+
+    def __enter__(self) -> BlockingSftp:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def put(self, local: str, remote: str) -> None:
+        self.closed.wait(30)
+        raise EOFError  # what paramiko raises when its channel goes away
+
+    get = put
+
+
+class ClosableTransport:
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    def is_active(self) -> bool:
+        return not self.closed.is_set()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.fixture
+def sftp_session(monkeypatch):
+    transport = ClosableTransport()
+    monkeypatch.setattr(ssh, "_open_sftp", lambda t: BlockingSftp(t.closed))
+    key = KeyPair.generate()
+    session = SshSession("127.0.0.1", 2222, "root", key, key)
+    session._client = Client(transport)  # type: ignore[arg-type, assignment]
+    return session, transport
+
+
+def test_a_transfer_past_its_timeout_ends_and_closes_the_connection(sftp_session, tmp_path):
+    session, transport = sftp_session
+    start = time.monotonic()
+    with pytest.raises(ssh.TransferTimeout, match="did not finish within 0 s"):
+        session.put(tmp_path / "f", "/root/f", timeout=0.3)
+    assert time.monotonic() - start < 2
+    assert transport.closed.is_set()
+
+
+def test_a_guest_that_dies_during_a_get_ends_it_within_about_a_second(
+    sftp_session, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(ssh, "ALIVE_INTERVAL", 0.1)
+    session, transport = sftp_session
+    answers = iter(["", "", "guest 'g' panicked: Kernel panic - not syncing: x"])
+    with pytest.raises(ssh.GuestDied, match="Kernel panic") as info:
+        session.get("/var/log/big", tmp_path / "big", timeout=600, alive=lambda: next(answers))
+    assert info.value.reason.endswith("not syncing: x")
+    assert transport.closed.is_set()
