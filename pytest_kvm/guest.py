@@ -74,7 +74,7 @@ from .qga import GuestAgent, GuestAgentError
 from .reaper import Lease, process_start
 from .run import RunContext
 from .seed import SeedConfig, write_seed
-from .ssh import CommandTimeout, GuestDied, JumpFailed, KeyPair, SshSession
+from .ssh import CommandTimeout, GuestDied, JumpFailed, KeyPair, SshSession, TransferTimeout
 from .vlan import Vlan, VlanPort
 
 if TYPE_CHECKING:
@@ -1456,29 +1456,54 @@ class Guest:
                 "(a non-empty string without NUL)"
             )
 
-    def put(self, local: str | Path, remote: str) -> None:
+    def put(self, local: str | Path, remote: str, timeout: float = 300) -> None:
+        """Copy the host file ``local`` to ``remote`` in the guest by SFTP, within
+        ``timeout`` s (scaled under TCG); a guest that dies meanwhile is
+        ``GuestCrashed`` within about a second."""
         local_path = Path(local)
         if not local_path.is_file():
             raise KvmConfigError(f"{self.describe()}: put: {str(local)!r} is not a file")
         self._check_remote("put", remote)
-        try:
-            self._session().put(local_path, remote)
-        except (OSError, paramiko.SSHException) as exc:
-            raise GuestError(
-                f"{self.describe()}: put {str(local)!r} -> {remote!r}: {exc}"
-            ) from None
+        what = f"put {str(local)!r} -> {remote!r}"
+        self._transfer(what, lambda s, t: s.put(local_path, remote, t, alive=self._alive), timeout)
 
-    def get(self, remote: str, local: str | Path) -> Path:
+    def get(self, remote: str, local: str | Path, timeout: float = 300) -> Path:
+        """Copy ``remote`` in the guest to the host file ``local`` by SFTP, like ``put``."""
         local_path = Path(local)
         self._check_remote("get", remote)
+        what = f"get {remote!r} -> {str(local)!r}"
         try:
-            self._session().get(remote, local_path)
-        except (OSError, paramiko.SSHException) as exc:
+            self._transfer(
+                what, lambda s, t: s.get(remote, local_path, t, alive=self._alive), timeout
+            )
+        except GuestError:
             local_path.unlink(missing_ok=True)
-            raise GuestError(
-                f"{self.describe()}: get {remote!r} -> {str(local)!r}: {exc}"
-            ) from None
+            raise
         return local_path
+
+    def _transfer(
+        self, what: str, transfer: Callable[[SshSession, float], None], timeout: float
+    ) -> None:
+        """Run an SFTP ``transfer`` on the guest's session; its failures as GuestErrors."""
+        limit = timeout * self.timeout_scale
+        session = self._session()
+        if not session.is_active():  # lost (a reboot, sshd restarted): as in ``run``
+            self._reconnect(min(30.0, timeout) * self.timeout_scale, lost=what)
+            session = self._session()
+        try:
+            transfer(session, limit)
+        except GuestDied as exc:
+            raise GuestCrashed(
+                f"{exc.reason}; {what} was running; console:\n{self._crash_lines()}", self
+            ) from None
+        except TransferTimeout:
+            raise GuestTimeout(
+                f"{self.describe()}: {what} did not finish within {limit:.0f} s "
+                "(the SSH connection was closed; the next command makes a new one)",
+                self,
+            ) from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise GuestError(f"{self.describe()}: {what}: {exc}", self) from None
 
     # -- power -------------------------------------------------------------------------
 

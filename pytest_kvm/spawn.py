@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import os
 import signal
 import subprocess
 from typing import Any
@@ -23,7 +24,21 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 # The parent-death signal fires when the *thread* that forked the child ends, not
 # only the process. Guests may be started from short-lived threads (a test's thread
 # pool), so every such child is forked by this one thread, which lives as long as we do.
-_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qemu-spawn")
+def _new_spawner() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qemu-spawn")
+
+
+_spawner = _new_spawner()
+
+
+def _respawner_after_fork() -> None:
+    # A child made by os.fork has only the thread that forked: the spawner thread
+    # (and its queue's lock, maybe held) stayed in the parent. The child gets its own.
+    global _spawner
+    _spawner = _new_spawner()
+
+
+os.register_at_fork(after_in_child=_respawner_after_fork)
 
 
 def spawn(argv: list[str], die_with_parent: bool = True, **popen: Any) -> subprocess.Popen[bytes]:

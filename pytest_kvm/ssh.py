@@ -96,8 +96,22 @@ class GuestDied(ConnectionAbortedError):
         self.stderr = stderr
 
 
+# paramiko's transports log here while they connect (their own logger, not
+# paramiko's, whose level stays the user's); lower its level to see the attempts.
+CONNECTING_LOG = "pytest_kvm.ssh.connecting"
+PARAMIKO_LOG = "paramiko.transport"
+logging.getLogger(CONNECTING_LOG).setLevel(logging.CRITICAL)
+
 # How often ``exec`` asks ``alive()`` while a command runs, in seconds.
 ALIVE_INTERVAL = 1.0
+
+
+class TransferTimeout(TimeoutError):
+    """An SFTP transfer did not finish in time; its connection was closed."""
+
+
+# The default limit of one SFTP transfer, in seconds.
+TRANSFER_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +229,9 @@ class SshSession:
     def connect_once(self, timeout: float) -> None:
         """One attempt; raises what paramiko raised."""
         client = paramiko.SSHClient()
+        # While the guest boots, refused and half-open connections are expected; paramiko
+        # would print each as an ERROR with a traceback. The caller reports the last one.
+        client.set_log_channel(CONNECTING_LOG)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
         client.get_host_keys().add(name, "ssh-ed25519", self.host_key.public_key())
@@ -237,22 +254,12 @@ class SshSession:
             raise
         transport = client.get_transport()
         if transport is not None:
+            transport.set_log_channel(PARAMIKO_LOG)  # connected: its errors count again
             transport.set_keepalive(15)
         self.close()
         self._client = client
 
     def connect(self, deadline: float, alive: Callable[[], str] | None = None) -> float:
-        # While the guest boots, refused and half-open connections are expected; paramiko
-        # would print each as an ERROR with a traceback. The caller reports the last one.
-        transport_log = logging.getLogger("paramiko.transport")
-        level = transport_log.level
-        transport_log.setLevel(logging.CRITICAL)
-        try:
-            return self._connect_until(deadline, alive)
-        finally:
-            transport_log.setLevel(level)
-
-    def _connect_until(self, deadline: float, alive: Callable[[], str] | None) -> float:
         """Retry until connected or ``deadline`` (monotonic); returns seconds spent.
 
         ``alive()`` returns "" while the guest can still come up, else why not.
@@ -279,66 +286,59 @@ class SshSession:
     def exec(
         self, command: str, timeout: float, alive: Callable[[], str] | None = None
     ) -> RawResult:
-        """Run ``command`` through the guest user's shell; stdout and stderr read concurrently.
+        """Run ``command`` through the guest user's shell (see ``run_command``)."""
+        transport = self._active_transport()
+        status, out, err = run_command(transport, command, timeout, alive)
+        return RawResult(status, _decode(out), _decode(err))
 
-        ``alive()`` returns "" while the guest lives, else what happened to it: it is
-        asked before the command starts and about once a second while it runs, so a
-        guest that panics (its TCP connection stays open, frozen) raises ``GuestDied``
-        at once instead of running out the timeout. A connection lost mid-command
-        raises ``ConnectionResetError`` rather than returning a made-up exit status."""
+    def _active_transport(self) -> paramiko.Transport:
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise ConnectionError("SSH connection is closed")
-        if alive is not None:
-            dead = alive()
-            if dead:
-                raise GuestDied(dead)
-        chan = transport.open_session(timeout=timeout)
-        out: list[bytes] = []
-        err: list[bytes] = []
-        now = time.monotonic()
-        deadline = now + timeout
-        next_check = now + ALIVE_INTERVAL
+        return transport
+
+    def put(
+        self,
+        local: Path,
+        remote: str,
+        timeout: float = TRANSFER_TIMEOUT,
+        alive: Callable[[], str] | None = None,
+    ) -> None:
+        """Copy ``local`` to ``remote`` by SFTP (see ``_transfer``)."""
+        self._transfer(lambda sftp: sftp.put(str(local), remote), timeout, alive)
+
+    def get(
+        self,
+        remote: str,
+        local: Path,
+        timeout: float = TRANSFER_TIMEOUT,
+        alive: Callable[[], str] | None = None,
+    ) -> None:
+        """Copy ``remote`` to ``local`` by SFTP (see ``_transfer``)."""
+        self._transfer(lambda sftp: sftp.get(remote, str(local)), timeout, alive)
+
+    def _transfer(
+        self,
+        transfer: Callable[[paramiko.SFTPClient], object],
+        timeout: float,
+        alive: Callable[[], str] | None,
+    ) -> None:
+        """Run ``transfer`` on a new SFTP session within ``timeout`` s.
+
+        paramiko's SFTP calls wait without a limit, and a panicked guest's connection
+        stays open, frozen. So a watchdog asks ``alive()`` before and about once a
+        second during the transfer and, if the guest died (``GuestDied``) or the time
+        ran out (``TransferTimeout``), closes the connection, which ends the blocked
+        call; that exception is raised then."""
+        transport = self._active_transport()
+        watchdog = _Watchdog(transport, timeout, alive)
         try:
-            chan.exec_command(command)
-            chan.shutdown_write()
-            while True:
-                while chan.recv_ready():
-                    out.append(chan.recv(65536))
-                while chan.recv_stderr_ready():
-                    err.append(chan.recv_stderr(65536))
-                drained = not chan.recv_ready() and not chan.recv_stderr_ready()
-                if drained and (chan.exit_status_ready() or chan.closed):
-                    break
-                now = time.monotonic()
-                if alive is not None and now >= next_check:
-                    dead = alive()
-                    if dead:
-                        raise GuestDied(dead, _decode(b"".join(out)), _decode(b"".join(err)))
-                    next_check = now + ALIVE_INTERVAL
-                remaining = deadline - now
-                if remaining <= 0:
-                    raise CommandTimeout(_decode(b"".join(out)), _decode(b"".join(err)))
-                wait = min(remaining, 1.0)
-                if alive is not None:
-                    wait = min(wait, max(next_check - now, 0.01))
-                select.select([chan], [], [], wait)
-            status = chan.recv_exit_status()
-            if status == -1 and _connection_lost(transport):
-                raise ConnectionResetError(
-                    "the SSH connection was lost while the command ran (no exit status)"
-                )
-        finally:
-            chan.close()
-        return RawResult(status, _decode(b"".join(out)), _decode(b"".join(err)))
-
-    def put(self, local: Path, remote: str) -> None:
-        with self.client.open_sftp() as sftp:
-            sftp.put(str(local), remote)
-
-    def get(self, remote: str, local: Path) -> None:
-        with self.client.open_sftp() as sftp:
-            sftp.get(remote, str(local))
+            with watchdog, _open_sftp(transport) as sftp:
+                transfer(sftp)
+        except (OSError, EOFError, paramiko.SSHException):
+            if watchdog.verdict is not None:
+                raise watchdog.verdict from None
+            raise
 
     def is_active(self) -> bool:
         transport = self._client.get_transport() if self._client else None
@@ -348,6 +348,172 @@ class SshSession:
         client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+# After a command's exit status, how long its output may stay open with nothing on it
+# before the command counts as done: a background process it started holds it open.
+OUTPUT_GRACE = 3.0
+
+
+def run_command(
+    transport: paramiko.Transport,
+    command: str | bytes,
+    timeout: float,
+    alive: Callable[[], str] | None = None,
+) -> tuple[int, bytes, bytes]:
+    """Run ``command`` on a new session channel; return its exit status, stdout, stderr.
+
+    stdout and stderr are read concurrently until the channel's EOF: OpenSSH sends the
+    exit status *before* the output still in the command's pipes, so an exit status is
+    not the end of the output. A command that leaves a background process holding its
+    output open ends once nothing has arrived for ``OUTPUT_GRACE`` s after its exit status.
+
+    ``alive()`` returns "" while the guest lives, else what happened to it: it is
+    asked before the command starts and about once a second while it runs, so a
+    guest that panics (its TCP connection stays open, frozen) raises ``GuestDied``
+    at once instead of running out the timeout (``CommandTimeout``). A connection lost
+    mid-command raises ``ConnectionResetError`` rather than returning a made-up exit
+    status."""
+    watch = _Watch(timeout, alive)
+    watch.check_alive(now=None)
+    chan = transport.open_session(timeout=timeout)
+    try:
+        chan.exec_command(command)  # type: ignore[arg-type]  # paramiko takes bytes too
+        chan.shutdown_write()
+        out, err = _read_output(chan, watch)
+        status = _wait_exit_status(chan, watch)
+    finally:
+        chan.close()
+    if status == -1 and _connection_lost(transport):
+        raise ConnectionResetError(
+            "the SSH connection was lost while the command ran (no exit status)"
+        )
+    return status, b"".join(out), b"".join(err)
+
+
+class _Watch:
+    """A running command's deadline and its guest's alive checks; holds its output so
+    far for the exceptions."""
+
+    def __init__(self, timeout: float, alive: Callable[[], str] | None) -> None:
+        now = time.monotonic()
+        self.deadline = now + timeout
+        self.alive = alive
+        self.next_check = now + ALIVE_INTERVAL
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+
+    def check_alive(self, now: float | None) -> None:
+        """Ask ``alive()`` now (``now=None``) or if a check is due; raise if dead."""
+        if self.alive is None or (now is not None and now < self.next_check):
+            return
+        dead = self.alive()
+        if dead:
+            raise GuestDied(dead, *self._text())
+        self.next_check = time.monotonic() + ALIVE_INTERVAL
+
+    def wait_time(self) -> float:
+        """Raise if the guest died or time is up; else how long to wait at most."""
+        now = time.monotonic()
+        self.check_alive(now)
+        remaining = self.deadline - now
+        if remaining <= 0:
+            raise CommandTimeout(*self._text())
+        wait = min(remaining, 1.0)
+        if self.alive is not None:
+            wait = min(wait, max(self.next_check - now, 0.01))
+        return wait
+
+    def _text(self) -> tuple[str, str]:
+        return _decode(b"".join(self.out)), _decode(b"".join(self.err))
+
+
+def _read_output(chan: paramiko.Channel, watch: _Watch) -> tuple[list[bytes], list[bytes]]:
+    """Read stdout and stderr until EOF (or the channel closed, or the grace after the
+    exit status ran out)."""
+    quiet_since: float | None = None  # the exit status is in and nothing arrived since
+    while True:
+        # Looked at before draining: all data arrives before EOF, so once EOF was seen,
+        # one drain reads the rest.
+        ended = chan.eof_received or chan.closed
+        got = _drain(chan, watch)
+        if ended:
+            return watch.out, watch.err
+        wait = watch.wait_time()
+        if chan.exit_status_ready():
+            now = time.monotonic()
+            if got or quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= OUTPUT_GRACE:
+                return watch.out, watch.err  # a background process holds the output
+            wait = min(wait, quiet_since + OUTPUT_GRACE - now)
+        select.select([chan], [], [], max(wait, 0.0))
+
+
+def _drain(chan: paramiko.Channel, watch: _Watch) -> bool:
+    """Read what has arrived on stdout and stderr; whether there was anything."""
+    got = False
+    while chan.recv_ready():
+        watch.out.append(chan.recv(65536))
+        got = True
+    while chan.recv_stderr_ready():
+        watch.err.append(chan.recv_stderr(65536))
+        got = True
+    return got
+
+
+def _wait_exit_status(chan: paramiko.Channel, watch: _Watch) -> int:
+    """The exit status, which may come after EOF; -1 if the channel closed without one."""
+    while not chan.exit_status_ready():
+        chan.status_event.wait(watch.wait_time())
+    return chan.recv_exit_status()
+
+
+class _Watchdog:
+    """While a block runs: asks ``alive()`` at once and then every ``ALIVE_INTERVAL``,
+    and closes ``transport`` when the guest died or ``timeout`` passed, saying why in
+    ``verdict``. A dead guest is raised at once, without closing anything."""
+
+    def __init__(
+        self, transport: paramiko.Transport, timeout: float, alive: Callable[[], str] | None
+    ) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.alive = alive
+        self.verdict: GuestDied | TransferTimeout | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pytest-kvm-watchdog",
+                                        daemon=True)  # fmt: skip
+
+    def __enter__(self) -> _Watchdog:
+        dead = self.alive() if self.alive is not None else ""
+        if dead:
+            raise GuestDied(dead)
+        self._deadline = time.monotonic() + self.timeout
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(ALIVE_INTERVAL, max(self._deadline - time.monotonic(), 0))):
+            dead = self.alive() if self.alive is not None else ""
+            if dead:
+                self.verdict = GuestDied(dead)
+            elif time.monotonic() >= self._deadline:
+                self.verdict = TransferTimeout(f"did not finish within {self.timeout:.0f} s")
+            if self.verdict is not None:
+                self.transport.close()  # the blocked call ends with EOFError or OSError
+                return
+
+
+def _open_sftp(transport: paramiko.Transport) -> paramiko.SFTPClient:
+    sftp = paramiko.SFTPClient.from_transport(transport)
+    if sftp is None:  # paramiko's answer when the session channel could not be opened
+        raise paramiko.SSHException("could not open an SFTP session")
+    return sftp
 
 
 def _connection_lost(transport: paramiko.Transport, grace: float = 1.0) -> bool:

@@ -9,13 +9,12 @@ as they are, for ``host.file(...).content``).
 
 from __future__ import annotations
 
-import select
-import time
 from typing import TYPE_CHECKING, Any
 
 import paramiko
 
 from .errors import GuestTimeout, KvmUnavailable
+from .ssh import CommandTimeout, run_command
 
 if TYPE_CHECKING:
     from .guest import Guest
@@ -73,35 +72,16 @@ def make_host(guest: Guest) -> Any:
 def _exec(
     transport: paramiko.Transport, command: bytes, limit: float, guest: Guest
 ) -> tuple[int, bytes, bytes]:
-    chan = transport.open_session(timeout=limit)
-    out: list[bytes] = []
-    err: list[bytes] = []
-    deadline = time.monotonic() + limit
     try:
-        chan.exec_command(command)
-        chan.shutdown_write()
-        while True:
-            while chan.recv_ready():
-                out.append(chan.recv(65536))
-            while chan.recv_stderr_ready():
-                err.append(chan.recv_stderr(65536))
-            drained = not chan.recv_ready() and not chan.recv_stderr_ready()
-            if drained and (chan.exit_status_ready() or chan.closed):
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestTimeout(
-                    f"{guest.describe()}: testinfra command {command.decode(errors='replace')!r} "
-                    f"did not finish within {limit:.0f} s",
-                    guest,
-                )
-            select.select([chan], [], [], min(remaining, 1.0))
-        status = chan.recv_exit_status()
-    finally:
-        chan.close()
-    if status == -1 and not transport.is_active():
+        return run_command(transport, command, limit)
+    except CommandTimeout:
+        raise GuestTimeout(
+            f"{guest.describe()}: testinfra command {command.decode(errors='replace')!r} "
+            f"did not finish within {limit:.0f} s",
+            guest,
+        ) from None
+    except ConnectionResetError:
         raise ConnectionResetError(
             f"{guest.describe()}: the SSH connection was lost while "
             f"{command.decode(errors='replace')!r} ran (no exit status)"
-        )
-    return status, b"".join(out), b"".join(err)
+        ) from None

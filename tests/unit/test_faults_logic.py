@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ class FakeChannel:
     """A session channel: ``script`` is what the guest does, one step per poll."""
 
     def __init__(self, steps: list[Callable[[FakeChannel], None]]) -> None:
-        self._sock, self._peer = socket.socketpair()  # never readable: select times out
+        self._sock, self._peer = socket.socketpair()  # readable once it ended
         self.steps = steps
         self.polls = 0
         self.out = b""
@@ -44,9 +45,12 @@ class FakeChannel:
         pass
 
     def recv_ready(self) -> bool:
+        ended = self.exit_status_ready()
         if self.polls < len(self.steps):
             self.steps[self.polls](self)
         self.polls += 1
+        if not ended and self.exit_status_ready():
+            self._peer.send(b"!")  # like paramiko's pipe: readable once the channel ends
         return bool(self.out)
 
     def recv(self, size: int) -> bytes:
@@ -64,6 +68,18 @@ class FakeChannel:
 
     def recv_exit_status(self) -> int:
         return self.exit_status
+
+    # These commands end their output as they exit (EOF comes with the exit status).
+    @property
+    def eof_received(self) -> bool:
+        return self.exit_status_ready()
+
+    @property
+    def status_event(self) -> threading.Event:
+        event = threading.Event()
+        if self.exit_status_ready():
+            event.set()
+        return event
 
     def close(self) -> None:
         self._sock.close()

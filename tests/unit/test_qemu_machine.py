@@ -1,6 +1,9 @@
 """QemuMachine's start-up failure path, with a fake QEMU binary (a shell script)."""
 
+import os
+import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +71,33 @@ def test_on_spawn_names_the_running_qemu_before_start_waits_for_it(tmp_path):
     with pytest.raises(GuestLaunchError, match="did not connect to QMP"):
         machine.start(connect_timeout=0.5)
     assert len(seen) == 1 and seen[0][1], "on_spawn was not called with a live QEMU"
+
+
+def test_a_child_made_by_fork_starts_qemu_in_bounded_time(tmp_path):
+    # Every QEMU is forked by one spawner thread; a child made by os.fork has none of
+    # its parent's threads, so it needs a spawner of its own. Here the whole start
+    # path runs in the child with a fake QEMU that exits 1: GuestLaunchError with that
+    # exit code means the child's spawner started it.
+    binary = fake_qemu(tmp_path, "exit 1")
+    with pytest.raises(GuestLaunchError):  # the parent's spawner thread is up
+        QemuMachine(spec(tmp_path), binary=str(binary)).start(connect_timeout=10)
+    child_dir = tmp_path / "child"
+    child_dir.mkdir()
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit code only, never return into pytest
+        code = 3
+        try:
+            QemuMachine(spec(child_dir), binary=str(binary)).start(connect_timeout=10)
+        except GuestLaunchError as exc:
+            code = 0 if exc.exit_code == 1 else 4
+        except BaseException:
+            code = 5
+        os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("starting a guest in a forked child hung (no spawner thread)")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
