@@ -24,6 +24,8 @@ import functools
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -45,7 +47,7 @@ from .ssh import KeyPair
 from .uselock import hold, release, unused
 
 # Bump when what goes into a template changes, so old ones are not used.
-TEMPLATE_FORMAT = 5  # 5: every guest has a VGA card (the clones' devices changed)
+TEMPLATE_FORMAT = 6  # 6: what systemd gave up on in a slow boot is started before the save
 TEMPLATE_HOSTNAME = "pytest-kvm-template"
 # What a template waits for before it is saved: boot finished, cloud-init done,
 # and as little page cache as possible in the RAM that clones map.
@@ -55,6 +57,12 @@ SETTLE = (
     "sync; echo 3 > /proc/sys/vm/drop_caches; sync"
 )
 WARM = "true"
+# A slow host (TCG under load) can make systemd give up during the template's one boot:
+# a device that showed up after its 90 s timeout (/dev/ttyS0: no serial getty, no login
+# prompt on the console), and the units that depend on it. Clones inherit whatever the
+# template saved, for as long as it is cached, so this is repaired before the save.
+BOOT_GAVE_UP = re.compile(r"Timed out waiting for device|Dependency failed for")
+PID1_LOG = "journalctl -b _PID=1 -o json --output-fields=UNIT,MESSAGE --no-pager 2>/dev/null"
 _CHECKED_FILES = ("disk.qcow2", "ram", "state", "seed.iso", "id_ed25519", "host_ed25519")
 
 
@@ -300,6 +308,7 @@ class TemplateStore:
             guest = Guest(self.run, config, "template", plan=BootPlan(work, client, host))
             with guest:  # starts it; closing removes all but the plan's files
                 guest.run(SETTLE, timeout=timeout)
+                repair_slow_boot(guest, name, timeout, self.progress)
                 # Walk the path every clone takes first (sshd, PAM, a shell) on a new
                 # connection, so its pages are in the saved page cache, not on disk.
                 guest.reconnect()
@@ -355,6 +364,47 @@ class TemplateStore:
             out.flush()
             os.fsync(out.fileno())
         os.rename(tmp, work / "meta.json")
+
+
+def gave_up_units(pid1_log: str) -> list[str]:
+    """The units that systemd's own log (``PID1_LOG``: JSON lines) says it gave up on."""
+    units: list[str] = []
+    for line in pid1_log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        message, unit = entry.get("MESSAGE"), entry.get("UNIT")
+        if (
+            isinstance(message, str)
+            and isinstance(unit, str)
+            and BOOT_GAVE_UP.search(message)
+            and not unit.endswith(".device")  # a late device shows up by itself
+            and unit not in units
+        ):
+            units.append(unit)
+    return units
+
+
+def repair_slow_boot(
+    guest: Guest, name: str, timeout: float, progress: Callable[[str], object]
+) -> None:
+    """What systemd gave up on while this boot was slow starts again before the save."""
+    if guest.init_system != "systemd":
+        return
+    units = gave_up_units(guest.run(PID1_LOG, timeout=timeout).stdout)
+    if not units:
+        return
+    progress(
+        f"pytest-kvm: template {name}: systemd gave up on {', '.join(units)} "
+        "during a slow boot: starting them again"
+    )
+    quoted = " ".join(shlex.quote(unit) for unit in units)
+    started = guest.run(f"systemctl reset-failed; systemctl start -- {quoted}", timeout=timeout)
+    guest.run(SETTLE, timeout=timeout)
+    if started.exit_status != 0:
+        detail = (started.stderr or started.stdout).strip()
+        progress(f"pytest-kvm: template {name}: not all of them started: {detail}")
 
 
 def stale_reason(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -207,3 +208,26 @@ def test_clone_of_a_template_without_guest_agent_is_made_its_own_over_ssh(kvm_gu
         assert clone.succeed("hostname").strip() == "over-ssh"
         assert clone.succeed("cat /etc/hostname").strip() == "over-ssh"
         assert abs(float(clone.succeed("date +%s.%N")) - time.time()) < 5
+
+
+def test_what_systemd_gave_up_on_in_a_slow_boot_starts_before_the_save(
+    kvm_guest_factory, monkeypatch
+):
+    # Under load, a template's boot once timed out waiting for /dev/ttyS0: its serial
+    # getty never ran, and every clone of that cached template had no login prompt.
+    # The repair that runs before a template is saved, on a real guest in that state
+    # (the journal line is what systemd logged then).
+    from pytest_kvm import template
+
+    g = kvm_guest_factory()
+    g.succeed("systemctl stop serial-getty@ttyS0.service")
+    assert g.run("systemctl is-active serial-getty@ttyS0.service").stdout.strip() != "active"
+    line = '{"UNIT": "serial-getty@ttyS0.service", "MESSAGE": "Dependency failed for it."}'
+    monkeypatch.setattr(template, "PID1_LOG", f"echo {shlex.quote(line)}")
+    said: list[str] = []
+    g.console.skip_to_end()
+    template.repair_slow_boot(g, "t", 120, said.append)
+    assert g.succeed("systemctl is-active serial-getty@ttyS0.service").strip() == "active"
+    g.wait_for_console(r"login:", timeout=60)
+    assert "serial-getty@ttyS0.service" in said[0]
+    assert len(said) == 1  # it started

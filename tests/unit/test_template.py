@@ -6,10 +6,12 @@ import dataclasses
 import json
 import os
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
 
+from pytest_kvm import template
 from pytest_kvm.accel import AccelChoice
 from pytest_kvm.images import Image
 from pytest_kvm.run import RunContext
@@ -172,6 +174,7 @@ USER = """
 import sys
 from pathlib import Path
 
+from pytest_kvm import template
 from pytest_kvm.accel import AccelChoice
 from pytest_kvm.images import Image
 from pytest_kvm.run import RunContext
@@ -219,3 +222,57 @@ def test_prune_leaves_a_template_that_a_live_run_clones_from(image, tmp_path, ca
     # No run uses it any more: it goes.
     assert prune(root, everything=True).removed == [(used, "removed on request")]
     assert not used.exists()
+
+
+class _ScriptedGuest:
+    """What repair_slow_boot sees of a guest: its init system and command results."""
+
+    def __init__(self, pid1_log: str, init: str = "systemd") -> None:
+        self.init_system = init
+        self.pid1_log = pid1_log
+        self.commands: list[str] = []
+
+    def run(self, cmd, timeout=60):
+        self.commands.append(cmd)
+        out = self.pid1_log if cmd == template.PID1_LOG else ""
+        return types.SimpleNamespace(stdout=out, exit_status=0)
+
+
+def _entry(unit: str, message: str) -> str:
+    return json.dumps({"UNIT": unit, "MESSAGE": message})
+
+
+SLOW_BOOT_LOG = "\n".join(
+    [
+        _entry("ssh.service", "Started ssh.service - OpenBSD Secure Shell server."),
+        "not json",
+        _entry("dev-ttyS0.device", "Timed out waiting for device dev-ttyS0.device - /dev/ttyS0."),
+        _entry("serial-getty@ttyS0.service", "Dependency failed for serial-getty@ttyS0.service."),
+        json.dumps({"MESSAGE": [1, 2]}),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("log", "units"),
+    [
+        (_entry("ssh.service", "Started ssh.service."), []),
+        (SLOW_BOOT_LOG, ["serial-getty@ttyS0.service"]),
+    ],
+)
+def test_a_template_boot_that_systemd_gave_up_on_is_repaired_before_the_save(log, units):
+    guest = _ScriptedGuest(log)
+    said: list[str] = []
+    template.repair_slow_boot(guest, "t", 60, said.append)  # type: ignore[arg-type]
+    starts = [c for c in guest.commands if "systemctl start" in c]
+    if units:
+        assert starts == ["systemctl reset-failed; systemctl start -- serial-getty@ttyS0.service"]
+        assert "serial-getty@ttyS0.service" in said[0]
+    else:
+        assert starts == [] and said == []
+
+
+def test_a_guest_without_systemd_is_left_as_it_is():
+    guest = _ScriptedGuest("Timed out waiting for device", init="init")
+    template.repair_slow_boot(guest, "t", 60, print)  # type: ignore[arg-type]
+    assert guest.commands == []
