@@ -43,6 +43,8 @@ def spec(tmp_path: Path, **kw) -> MachineSpec:
         ("qemu:///system", False),
         ("qemu:///session", False),
         ("qemu+unix:///system?socket=/tmp/s", False),
+        ("qemu:///system?socket=/tmp/pytest-of-root/libvirtd0/run/libvirt-sock", False),
+        ("qemu+ssh://root@127.0.0.1:2222/system?socket=/run/x/libvirt-sock", True),
         ("qemu+ssh://root@127.0.0.1/system", True),
         ("qemu+tcp://host/system", True),
         ("qemu://host/system", True),
@@ -165,6 +167,11 @@ def test_remote_hypervisors_need_an_ssh_transport():
     jump = jump_for("qemu+ssh://alice@hv:2222/system")
     assert jump is not None and jump.spec == "alice@hv:2222"
     assert jump_for("qemu+ssh://alice@hv:2222/system") is jump  # one per URI
+    # A private daemon's socket (the libvirt tests' own) changes nothing of that.
+    assert remote_problem("qemu:///system?socket=/run/x/libvirt-sock") == ""
+    assert jump_for("qemu:///system?socket=/run/x/libvirt-sock") is None
+    other = jump_for("qemu+ssh://alice@hv:2222/system?socket=/run/x/libvirt-sock")
+    assert other is not None and other.spec == "alice@hv:2222"
 
 
 def test_domain_xml_display_and_vnc(tmp_path):
