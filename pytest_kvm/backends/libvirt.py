@@ -118,6 +118,28 @@ def jump_for(uri: str) -> SshJump | None:
 
 _connections: dict[str, Any] = {}
 _connections_lock = threading.Lock()
+_event_loop: list[threading.Thread] = []
+
+
+def ensure_event_loop() -> None:
+    """libvirt's default event loop on a thread of its own, once per process, before
+    the first connection: it drives connections' sockets in the background, which
+    non-blocking streams (the console) and keepalive need."""
+    libvirt, _ = load_libvirt()
+    with _connections_lock:
+        if _event_loop:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        thread = threading.Thread(target=_run_events, args=(libvirt,), name="libvirt-events",
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        _event_loop.append(thread)
+
+
+def _run_events(libvirt: ModuleType) -> None:
+    while True:
+        if libvirt.virEventRunDefaultImpl() < 0:
+            time.sleep(0.1)
 
 
 def connect(uri: str) -> Any:
@@ -125,6 +147,7 @@ def connect(uri: str) -> Any:
 
     Every failure is a KvmConfigError naming the URI and saying why."""
     libvirt, _ = load_libvirt()
+    ensure_event_loop()
     with _connections_lock:
         conn = _connections.get(uri)
         if conn is not None:
@@ -539,11 +562,34 @@ def remote_domain_type(conn: Any) -> str:
     return "kvm"
 
 
-class _ConsolePump:
-    """Copies the domain's console stream into the local serial log, and what is
-    written to a local UNIX socket (``Console.send``) into the stream."""
+def open_console(uri: str, domain: Any) -> tuple[Any, Any]:
+    """The domain's console as a non-blocking stream on a libvirt connection of its
+    own: (connection, stream). A thread blocked in a stream read on the connection
+    the domain was made on held that connection, and ``destroy`` on it waited
+    forever (seen in CI); apart, and never blocking, neither waits on the other."""
+    libvirt, _ = load_libvirt()
+    ensure_event_loop()
+    conn = libvirt.open(uri)
+    try:
+        mine = conn.lookupByUUIDString(domain.UUIDString())
+        stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        mine.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.close()
+        raise
+    return conn, stream
 
-    def __init__(self, stream: Any, log: Path, sock_path: Path) -> None:
+
+class _ConsolePump:
+    """Copies the domain's console stream (non-blocking, on ``conn``, a connection of
+    its own) into the local serial log, and what is written to a local UNIX socket
+    (``Console.send``) into the stream."""
+
+    POLL = 0.02  # s between reads of an empty stream
+
+    def __init__(self, conn: Any, stream: Any, log: Path, sock_path: Path) -> None:
+        self._conn = conn
         self._stream = stream
         self._log = log.open("ab", buffering=0)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -564,13 +610,14 @@ class _ConsolePump:
     def _read(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self._stream.recv(65536)
+                with self._send_lock:
+                    data = self._stream.recv(65536)
             except Exception:
                 return
-            if not data or isinstance(data, int):  # end of stream (or -2: would block)
-                if data == -2:
-                    time.sleep(0.02)
-                    continue
+            if data == -2:  # nothing yet
+                self._stop.wait(self.POLL)
+                continue
+            if not data or isinstance(data, int):  # end of stream
                 return
             self._log.write(data)
 
@@ -591,12 +638,26 @@ class _ConsolePump:
                     return
                 if not data:
                     return
-                with self._send_lock, contextlib.suppress(Exception):
-                    self._stream.send(data)
+                if not self._send(data):
+                    return
 
-    def close(self, abort: bool = True) -> None:
-        """Stop copying; ``abort=False`` leaves the stream alone (its connection is
-        stuck, and aborting would block too)."""
+    def _send(self, data: bytes) -> bool:
+        """All of ``data`` into the stream; False once it is gone."""
+        while data and not self._stop.is_set():
+            try:
+                with self._send_lock:
+                    sent = self._stream.send(data)
+            except Exception:
+                return False
+            if sent == -2:  # full: later
+                self._stop.wait(self.POLL)
+                continue
+            data = data[sent:]
+        return True
+
+    def close(self) -> None:
+        """Stop copying, drop the stream and close its connection (neither can block
+        the domain's own connection)."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -605,9 +666,9 @@ class _ConsolePump:
         with contextlib.suppress(Exception):
             self._server.close()
         self._sock_path.unlink(missing_ok=True)
-        if abort:
-            call_within(DESTROY_WAIT, self._stream.abort)
         self._reader.join(5)
+        call_within(DESTROY_WAIT, self._stream.abort)
+        call_within(DESTROY_WAIT, self._conn.close)
         self._log.close()
 
 
@@ -703,9 +764,7 @@ class LibvirtMachine(Machine):
                                    self.target.labels)  # fmt: skip
             flags = libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED
             self._domain = self._conn.createXML(self._xml, flags)
-            stream = self._conn.newStream(0)
-            self._domain.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-            self._pump = _ConsolePump(stream, spec.serial_log, spec.console_socket)
+            self._open_console()
             self._domain.resume()
             self._sampling.clear()
             self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -724,6 +783,10 @@ class LibvirtMachine(Machine):
                 argv=self.argv,
                 console_tail=tail(spec.serial_log, 20),
             ) from None
+
+    def _open_console(self) -> None:
+        conn, stream = open_console(self.target.uri, self._domain)
+        self._pump = _ConsolePump(conn, stream, self.spec.serial_log, self.spec.console_socket)
 
     def _upload_disks(self) -> list[tuple[str, str, str, str]]:
         """Each drive as a volume of the pool: the overlay rebased onto the uploaded
@@ -892,8 +955,8 @@ class LibvirtMachine(Machine):
 
     def kill(self) -> None:
         """Destroy the domain. A destroy that does not return within DESTROY_WAIT (a
-        libvirt client connection can deadlock with a console stream being read on
-        another thread) is done again on a new connection, and this one is dropped."""
+        stuck libvirt client connection or daemon) is done again on a new connection,
+        and this one is dropped."""
         if self._domain is None or self._stuck or not self.is_running():
             return
         if not call_within(DESTROY_WAIT, self._domain.destroy):
@@ -938,7 +1001,7 @@ class LibvirtMachine(Machine):
             self.kill()
         finally:
             if self._pump is not None:
-                self._pump.close(abort=not self._stuck)
+                self._pump.close()
             if self._sampler is not None:
                 self._sampler.join(5)
             for vol in self._volumes:

@@ -259,3 +259,84 @@ def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
             assert f"virsh -c qemu:///system destroy {machine.domain_name}" in err
     finally:
         release.set()
+
+
+class _Client:
+    """A fake libvirt client connection: one call at a time, like a connection
+    whose I/O one waiting thread drives; a blocking stream read holds it until the
+    stream ends."""
+
+    def __init__(self, libvirt, log: list[str], name: str) -> None:
+        self.lock = threading.Lock()
+        self.ended = threading.Event()
+        self.libvirt, self.log, self.name = libvirt, log, name
+
+    def newStream(self, flags):
+        return _Stream(self, flags)
+
+    def lookupByUUIDString(self, uuid):
+        return _Domain(self, uuid)
+
+    def close(self):
+        self.log.append(f"close {self.name}")
+
+
+class _Stream:
+    def __init__(self, client: _Client, flags: int) -> None:
+        self.client, self.flags = client, flags
+
+    def recv(self, nbytes):
+        if self.flags & self.client.libvirt.VIR_STREAM_NONBLOCK:
+            return b"" if self.client.ended.is_set() else -2
+        with self.client.lock:  # blocks the connection until there is data
+            self.client.ended.wait(30)
+            return b""
+
+    def send(self, data):
+        return len(data)
+
+    def abort(self):
+        with self.client.lock:
+            self.client.log.append(f"abort on {self.client.name}")
+
+
+class _Domain:
+    def __init__(self, client: _Client, uuid: str = "u-1") -> None:
+        self.client, self.uuid, self.active = client, uuid, True
+
+    def UUIDString(self):
+        return self.uuid
+
+    def openConsole(self, dev, stream, flags):
+        self.client.log.append(f"console on {self.client.name}")
+
+    def isActive(self):
+        return self.active
+
+    def destroy(self):
+        with self.client.lock:
+            self.active = False
+            self.client.log.append(f"destroy on {self.client.name}")
+
+
+def test_console_stream_never_holds_up_destroy(tmp_path, monkeypatch):
+    """The console is read on a connection of its own, without blocking: destroy on
+    the domain's connection returns at once, however long the console stays quiet
+    (CI saw virDomainDestroy and virStreamRecv blocked on one shared connection)."""
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends import libvirt as backend
+
+    monkeypatch.setattr(backend, "DESTROY_WAIT", 2.0)
+    log: list[str] = []
+    domain_conn, console_conn = _Client(libvirt, log, "domain"), _Client(libvirt, log, "console")
+    monkeypatch.setattr(libvirt, "open", lambda uri: console_conn)
+    monkeypatch.setattr(backend, "ensure_event_loop", lambda: None)
+    machine = LibvirtMachine(spec(tmp_path), LibvirtTarget("qemu:///system"), "tcg")
+    machine._conn, machine._domain = domain_conn, _Domain(domain_conn)
+    machine._open_console()
+    time.sleep(0.2)  # the console reader is waiting for output
+    started = time.monotonic()
+    machine.close()
+    console_conn.ended.set()
+    assert time.monotonic() - started < 1.0 and not machine._stuck
+    assert log == ["console on console", "destroy on domain", "abort on console", "close console"]
