@@ -495,10 +495,14 @@ def domain_xml(
     ET.SubElement(os_el, "boot", dev="cdrom" if spec.boot == "cdrom" else "hd")
     features = ET.SubElement(root, "features")
     ET.SubElement(features, "acpi")
+    # As the qemu backend's -cpu host / -cpu max and -smp N (one socket of N cores).
+    # Its -accel tcg,thread=multi is QEMU's default for x86_64 guests on x86_64
+    # hosts, which libvirt's plain -accel tcg gets: one TCG thread per vCPU.
     if domain_type == "kvm":
-        ET.SubElement(root, "cpu", mode="host-passthrough")
+        cpu = ET.SubElement(root, "cpu", mode="host-passthrough")
     else:
-        ET.SubElement(root, "cpu", mode="maximum", match="exact")
+        cpu = ET.SubElement(root, "cpu", mode="maximum", match="exact")
+    ET.SubElement(cpu, "topology", sockets="1", dies="1", cores=str(spec.cpus), threads="1")
     ET.SubElement(root, "on_poweroff").text = "destroy"
     ET.SubElement(root, "on_reboot").text = "restart"
     ET.SubElement(root, "on_crash").text = "destroy"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -87,6 +88,8 @@ def test_parity_suite_passes_on_both_backends(
     pytester.copy_example(str(HERE / "tiny_boot.py"))
     monkeypatch.setenv("PKVM_EXPECT_BACKEND", backend.partition("-")[0])
     suite = str(pytester.path / "parity_suite.py")
+    # A failed inner test leaves its console log and the domain XML here.
+    artifacts = f"--kvm-artifacts={tmp_path / 'artifacts'}"
     with contextlib.ExitStack() as stack:
         if backend == "libvirt-remote":
             sshd = stack.enter_context(Sshd(libvirtd, tmp_path / "sshd"))
@@ -97,11 +100,11 @@ def test_parity_suite_passes_on_both_backends(
                 sys.executable, str(HERE / "in_overlay.py"), "/root", str(sshd.home.parent),
                 "--", *_pytest_argv(image_arg, cache_arg), "--kvm-backend=libvirt",
                 f"--kvm-uri={libvirtd.remote_uri}",
-                f"--kvm-accel={accel.choose('auto').name}", suite,
+                f"--kvm-accel={accel.choose('auto').name}", artifacts, suite,
             ])  # fmt: skip
         else:
             argv = _inner(libvirtd, pytester, image_arg, cache_arg,
-                          f"--kvm-backend={backend}", suite)  # fmt: skip
+                          f"--kvm-backend={backend}", artifacts, suite)  # fmt: skip
         result = pytester.run(*argv, timeout=1800)
     result.assert_outcomes(passed=3)
     if backend != "qemu":
@@ -142,6 +145,27 @@ def test_suite_daemon_ignores_a_host_daemon(libvirtd, tmp_path):
         if decoy is not None:
             decoy.close()
             SYSTEM_SOCKET.unlink()
+
+
+def test_tcg_domain_gets_the_qemu_backends_cpu(libvirtd, tmp_path):
+    """What libvirt runs for a TCG domain: the qemu backend's CPU model and topology
+    (-cpu max, one socket of N cores), and multi-threaded TCG (QEMU's default for
+    x86_64 on x86_64, which the qemu backend spells thread=multi)."""
+    from pytest_kvm.backends.libvirt import domain_xml
+    from pytest_kvm.backends.qemu import build_argv
+
+    from ..unit.test_argv import opt, spec
+
+    machine = spec(tmp_path, cpus=2)
+    xml = tmp_path / "domain.xml"
+    xml.write_text(domain_xml(machine, "pytest-kvm-cpu", "qemu", []))
+    argv = shlex.split(libvirtd.virsh("domxml-to-native", "qemu-argv", "--xml", str(xml)))
+    assert opt(argv, "-cpu") == opt(build_argv(machine), "-cpu") == ["max"]
+    assert opt(argv, "-accel") == ["tcg"]
+    count, *topology = opt(argv, "-smp")[0].split(",")
+    assert count == "2"
+    assert dict(item.split("=") for item in topology)["sockets"] == "1"
+    assert dict(item.split("=") for item in topology)["cores"] == "2"
 
 
 def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_arg, inner_env):
