@@ -53,6 +53,9 @@ METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
 DEFAULT_POOL = "pytest-kvm"
 _USER_NETDEV = "hostnet0"  # libvirt's id for the first <interface>'s netdev
 DESTROY_WAIT = 60.0  # s for a destroy: libvirt's own SIGTERM, SIGKILL and job waits fit
+# A keepalive probe every 5 s, the link dead after 3 unanswered: calls on a dead
+# connection (a qemu+ssh link gone quiet, a stopped daemon) fail in about 20 s.
+KEEPALIVE = (5, 3)
 
 
 def load_libvirt() -> tuple[ModuleType, ModuleType]:
@@ -119,6 +122,7 @@ def jump_for(uri: str) -> SshJump | None:
 _connections: dict[str, Any] = {}
 _connections_lock = threading.Lock()
 _event_loop: list[threading.Thread] = []
+_event_loop_lock = threading.Lock()
 
 
 def ensure_event_loop() -> None:
@@ -126,7 +130,7 @@ def ensure_event_loop() -> None:
     the first connection: it drives connections' sockets in the background, which
     non-blocking streams (the console) and keepalive need."""
     libvirt, _ = load_libvirt()
-    with _connections_lock:
+    with _event_loop_lock:
         if _event_loop:
             return
         libvirt.virEventRegisterDefaultImpl()
@@ -134,6 +138,18 @@ def ensure_event_loop() -> None:
                                   daemon=True)  # fmt: skip
         thread.start()
         _event_loop.append(thread)
+
+
+def open_connection(uri: str) -> Any:
+    """A new libvirt connection (libvirtError if it cannot be had), with keepalive
+    where its driver has it (the remote one: every daemon's; not the built-in test
+    driver)."""
+    libvirt, _ = load_libvirt()
+    ensure_event_loop()
+    conn = libvirt.open(uri)
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.setKeepAlive(*KEEPALIVE)
+    return conn
 
 
 def _run_events(libvirt: ModuleType) -> None:
@@ -147,7 +163,6 @@ def connect(uri: str) -> Any:
 
     Every failure is a KvmConfigError naming the URI and saying why."""
     libvirt, _ = load_libvirt()
-    ensure_event_loop()
     with _connections_lock:
         conn = _connections.get(uri)
         if conn is not None:
@@ -156,7 +171,7 @@ def connect(uri: str) -> Any:
                     return conn
         _quiet_errors(libvirt)
         try:
-            conn = libvirt.open(uri)
+            conn = open_connection(uri)
         except libvirt.libvirtError as exc:
             raise KvmConfigError(_connect_message(uri, exc)) from None
         try:
@@ -572,8 +587,7 @@ def open_console(uri: str, domain: Any) -> tuple[Any, Any]:
     the domain was made on held that connection, and ``destroy`` on it waited
     forever (seen in CI); apart, and never blocking, neither waits on the other."""
     libvirt, _ = load_libvirt()
-    ensure_event_loop()
-    conn = libvirt.open(uri)
+    conn = open_connection(uri)
     try:
         mine = conn.lookupByUUIDString(domain.UUIDString())
         stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
@@ -735,6 +749,7 @@ class LibvirtMachine(Machine):
         self._closed = False
         self._exit: int | None = None
         self._stuck = False  # a call on self._conn did not return: it is not used again
+        self.lost = ""  # why the connection died (keepalive), when it did
         self.peak_rss_kib = 0
         self._sampler: threading.Thread | None = None
         self._sampling = threading.Event()
@@ -881,8 +896,10 @@ class LibvirtMachine(Machine):
             return False
         try:
             running = bool(self._domain.isActive())
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
             running = False
+            if not self._conn.isAlive():  # the link, not the guest, is gone
+                self.lost = f"libvirt connection to {self.target.uri} lost: {_first_line(exc)}"
         if not running:
             self._exit = 0
         return running
@@ -893,7 +910,8 @@ class LibvirtMachine(Machine):
     def qmp(self, command: str, **args: Any) -> Any:
         libvirt, libvirt_qemu = load_libvirt()
         if not self.is_running():
-            raise ConnectionError(f"guest {self.spec.name!r} is not running")
+            why = f" ({self.lost})" if self.lost else ""
+            raise ConnectionError(f"guest {self.spec.name!r} is not running{why}")
         message: dict[str, Any] = {"execute": command}
         if args:
             message["arguments"] = args
@@ -976,7 +994,7 @@ class LibvirtMachine(Machine):
         self._volumes.clear()
 
         def cleanup() -> None:
-            conn = libvirt.open(self.target.uri)
+            conn = open_connection(self.target.uri)
             try:
                 with contextlib.suppress(libvirt.libvirtError):
                     conn.lookupByName(self.domain_name).destroy()

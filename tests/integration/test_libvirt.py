@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +167,43 @@ def test_tcg_domain_gets_the_qemu_backends_cpu(libvirtd, tmp_path):
     assert count == "2"
     assert dict(item.split("=") for item in topology)["sockets"] == "1"
     assert dict(item.split("=") for item in topology)["cores"] == "2"
+
+
+def test_calls_on_a_daemon_that_stops_answering_fail_in_bounded_time(
+    libvirtd, tmp_path, monkeypatch
+):
+    """A connection whose far end goes quiet (its libvirtd stopped, as a dead
+    qemu+ssh link would look) makes calls fail with a clear error once keepalive
+    gives up, instead of waiting forever."""
+    import libvirt
+
+    from pytest_kvm.backends import libvirt as backend
+
+    monkeypatch.setattr(backend, "KEEPALIVE", (1, 2), raising=False)  # dead in about 3 s
+    with Libvirtd(tmp_path / "quiet") as quiet:
+        conn = backend.connect(quiet.uri)
+        pid = int((quiet.workdir / "run" / "libvirtd.pid").read_text())
+        outcome: list[str] = []
+
+        def call() -> None:
+            try:
+                conn.listAllDomains(0)
+                outcome.append("answered")
+            except libvirt.libvirtError as exc:
+                outcome.append(str(exc))
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            caller = threading.Thread(target=call, daemon=True)
+            caller.start()
+            caller.join(30)
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            backend.forget_connection(quiet.uri, conn)
+    assert outcome, "the call still waits after 30 s"
+    assert "keepalive" in outcome[0] and elapsed < 15, (outcome, elapsed)
 
 
 def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_arg, inner_env):

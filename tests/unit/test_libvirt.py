@@ -234,6 +234,9 @@ def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
 
             return SimpleNamespace(storageVolLookupByName=volume)
 
+        def setKeepAlive(self, interval, count):
+            pass
+
         def close(self):
             done.append("close")
 
@@ -276,6 +279,9 @@ class _Client:
 
     def lookupByUUIDString(self, uuid):
         return _Domain(self, uuid)
+
+    def setKeepAlive(self, interval, count):
+        pass
 
     def close(self):
         self.log.append(f"close {self.name}")
