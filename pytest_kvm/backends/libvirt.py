@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -403,24 +404,29 @@ def _lookup(pool: Any, name: str) -> Any | None:
 
 def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
     """The pool's volume holding the image at ``path`` (flattened if it has a backing
-    chain), uploaded once per host: named by its checksum, complete when its marker
-    volume exists. Parallel workers of this machine upload it once (a file lock)."""
+    chain), uploaded once per host and checksum.
+
+    Every upload goes into a volume of its own (``NAME.up-h<host>.p<pid>.<token>``)
+    and is complete only once its marker volume (the same name + ``.ok``) exists,
+    which is made after the last byte is in: whoever uploads, from whatever cache or
+    host, nobody uses or deletes another's upload before that. Parallel workers of
+    this machine upload it once (a file lock); a run on another cache or host that
+    finds none complete uploads its own."""
+    libvirt, _ = load_libvirt()
     info = image_info(path)
     flatten = bool(info.get("backing-filename")) or info.get("format") != "qcow2"
-    digest = file_sha256(path)[:20]
-    name = f"{path.stem[:40]}-{digest}.qcow2"
-    marker = name + ".ok"
+    prefix = f"{path.stem[:40]}-{file_sha256(path)[:20]}"
     host = hashlib.sha256(conn.getURI().encode()).hexdigest()[:12]
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / f"upload-{host}-{name}.lock")):
+    with FileLock(str(lock_dir / f"upload-{host}-{prefix}.lock")):
         refresh_pool(pool)
-        vol = _lookup(pool, name)
-        if vol is not None and _lookup(pool, marker) is not None:
-            return vol
-        if vol is not None:  # an upload that did not finish
-            vol.delete(0)
+        done = complete_upload(pool, prefix)
+        if done is not None:
+            return done
+        name = f"{prefix}.up-h{_HOST_TAG}.p{os.getpid()}.{secrets.token_hex(4)}.qcow2"
         source = path
         tmpdir: Path | None = None
+        vol = None
         try:
             if flatten:
                 tmpdir = Path(tempfile.mkdtemp(prefix="pytest-kvm-flat-", dir=lock_dir))
@@ -429,18 +435,37 @@ def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
                                 timeout=1800)  # fmt: skip
                 if proc.returncode != 0:
                     raise ImageError(f"cannot flatten {str(path)!r}: {proc.stderr.strip()}")
-            size = source.stat().st_size
-            vol = pool.createXML(_volume_xml(name, size, "qcow2"), 0)
+            vol = pool.createXML(_volume_xml(name, source.stat().st_size, "qcow2"), 0)
             _send_file(conn, vol, source)
-            pool.createXML(_volume_xml(marker, 0, "raw"), 0)
+            pool.createXML(_volume_xml(name + ".ok", 0, "raw"), 0)  # now complete
+        except BaseException:
+            if vol is not None:  # ours, never used: gone
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+            raise
         finally:
             if tmpdir is not None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
         return pool.storageVolLookupByName(name)
 
 
+def complete_upload(pool: Any, prefix: str) -> Any | None:
+    """A complete upload of the image named ``prefix`` (name + checksum) in ``pool``:
+    a volume whose ``.ok`` marker exists (the first by name), else None."""
+    names = {vol.name() for vol in pool.listAllVolumes(0)}
+    for name in sorted(names):
+        ours = name == f"{prefix}.qcow2" or (name.startswith(f"{prefix}.up-") and
+                                             name.endswith(".qcow2"))  # fmt: skip
+        if ours and f"{name}.ok" in names:
+            found = _lookup(pool, name)
+            if found is not None:
+                return found
+    return None
+
+
 _HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _VOLUME = re.compile(r"^pytest-kvm-.+\.h([0-9a-f]{6})\.p(\d+)\.\d+\.[a-z0-9]+$")
+_UPLOAD = re.compile(r"^.+-[0-9a-f]{20}\.up-h([0-9a-f]{6})\.p(\d+)\.[0-9a-f]+\.qcow2$")
 _reaped: set[str] = set()
 
 
@@ -452,17 +477,22 @@ def volume_name(domain_name: str, index: int, fmt: str) -> str:
 
 def reap_orphan_volumes(pool: Any) -> list[str]:
     """Delete guest volumes in ``pool`` left by runs of this machine whose process is
-    gone (their domains died with their connections). Once per pool and process;
-    returns the names deleted."""
+    gone (their domains died with their connections), and their image uploads that
+    never completed (no ``.ok`` marker). Once per pool and process; returns the
+    names deleted."""
     libvirt, _ = load_libvirt()
     key = f"{pool.connect().getURI()}#{pool.name()}"
     if key in _reaped:
         return []
     _reaped.add(key)
     gone = []
-    for vol in pool.listAllVolumes(0):
-        match = _VOLUME.match(vol.name())
+    volumes = pool.listAllVolumes(0)
+    names = {vol.name() for vol in volumes}
+    for vol in volumes:
+        match = _VOLUME.match(vol.name()) or _UPLOAD.match(vol.name())
         if match is None or match.group(1) != _HOST_TAG or pid_alive(int(match.group(2))):
+            continue
+        if f"{vol.name()}.ok" in names:  # a complete upload: the image others use
             continue
         with contextlib.suppress(libvirt.libvirtError):
             vol.delete(0)

@@ -346,3 +346,132 @@ def test_console_stream_never_holds_up_destroy(tmp_path, monkeypatch):
     console_conn.ended.set()
     assert time.monotonic() - started < 1.0 and not machine._stuck
     assert log == ["console on console", "destroy on domain", "abort on console", "close console"]
+
+
+class _Pool:
+    """A fake storage pool: volumes by name, an upload blocks while ``hold`` is set."""
+
+    def __init__(self, libvirt) -> None:
+        self.libvirt = libvirt
+        self.volumes: dict[str, _Vol] = {}
+        self.deleted: list[str] = []
+
+    def refresh(self, flags):
+        pass
+
+    def listAllVolumes(self, flags):
+        return list(self.volumes.values())
+
+    def storageVolLookupByName(self, name):
+        if name not in self.volumes:
+            raise self.libvirt.libvirtError(f"no storage vol with matching name '{name}'")
+        return self.volumes[name]
+
+    def createXML(self, xml, flags):
+        name = ET.fromstring(xml).findtext("name")
+        assert name not in self.volumes
+        self.volumes[name] = _Vol(self, name)
+        return self.volumes[name]
+
+
+class _Vol:
+    def __init__(self, pool: _Pool, name: str) -> None:
+        self.pool, self._name, self.data = pool, name, b""
+
+    def name(self):
+        return self._name
+
+    def path(self):
+        return f"/pool/{self._name}"
+
+    def delete(self, flags):
+        self.pool.deleted.append(self._name)
+        del self.pool.volumes[self._name]
+
+    def upload(self, stream, offset, length, flags):
+        stream.target = self
+
+
+class _UploadConn:
+    def __init__(self, hold: threading.Event | None = None) -> None:
+        self.hold, self.sending = hold, threading.Event()
+
+    def getURI(self):
+        return "qemu+ssh://root@hv/system"
+
+    def newStream(self, flags):
+        return _UploadStream(self)
+
+
+class _UploadStream:
+    def __init__(self, conn: _UploadConn) -> None:
+        self.conn, self.target = conn, None
+
+    def sendAll(self, handler, src):
+        self.conn.sending.set()
+        if self.conn.hold is not None:
+            self.conn.hold.wait(10)
+        while chunk := handler(self, 1 << 16, src):
+            self.target.data += chunk
+
+    def finish(self):
+        pass
+
+
+def test_nobody_uses_or_deletes_an_upload_before_it_is_complete(tmp_path):
+    """Two runs with different caches (or hosts) upload the same image to one pool
+    at once: the second neither deletes the first's upload in progress nor uses it
+    half-written; each volume in use is complete."""
+    import subprocess
+
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends import libvirt as backend
+
+    image = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    pool = _Pool(libvirt)
+    hold = threading.Event()
+    first_conn, first = _UploadConn(hold), []
+    uploader = threading.Thread(
+        target=lambda: first.append(
+            backend.upload_image(first_conn, pool, image, tmp_path / "cache-a")
+        )
+    )
+    uploader.start()
+    try:
+        assert first_conn.sending.wait(10)  # the first upload is under way
+        second = backend.upload_image(_UploadConn(), pool, image, tmp_path / "cache-b")
+        assert pool.deleted == []
+        assert second.data == image.read_bytes()
+        assert f"{second.name()}.ok" in pool.volumes
+    finally:
+        hold.set()
+        uploader.join(10)
+    assert first[0].data == image.read_bytes() and first[0].name() in pool.volumes
+    # A later run takes a complete one, uploading nothing.
+    again = backend.upload_image(_UploadConn(threading.Event()), pool, image, tmp_path / "c")
+    assert again.name() in {first[0].name(), second.name()} and pool.deleted == []
+
+
+def test_uploads_a_dead_run_left_unfinished_are_reaped(tmp_path):
+    """An upload of this machine whose process is gone and whose marker never came is
+    deleted; complete uploads, and other machines' or live processes', stay."""
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends import libvirt as backend
+
+    pool = _Pool(libvirt)
+    pool.name = lambda: "pytest-kvm"
+    pool.connect = lambda: _UploadConn()
+    tag, dead, alive = backend._HOST_TAG, 2**22 + 12345, os.getpid()
+    digest = "a868962514df6e667804"
+    names = [
+        f"img-{digest}.up-h{tag}.p{dead}.0a1b2c3d.qcow2",  # unfinished, owner gone
+        f"img-{digest}.up-h{tag}.p{dead}.99887766.qcow2",  # complete
+        f"img-{digest}.up-h{tag}.p{dead}.99887766.qcow2.ok",
+        f"img-{digest}.up-h{tag}.p{alive}.0d0e0f00.qcow2",  # still uploading
+        f"img-{digest}.up-h{'0' if tag != '000000' else '1'}00000.p{dead}.01.qcow2",  # elsewhere
+    ]
+    for name in names:
+        pool.volumes[name] = _Vol(pool, name)
+    assert backend.reap_orphan_volumes(pool) == [names[0]]
+    assert sorted(pool.volumes) == sorted(names[1:])
