@@ -169,9 +169,7 @@ def test_tcg_domain_gets_the_qemu_backends_cpu(libvirtd, tmp_path):
     assert dict(item.split("=") for item in topology)["cores"] == "2"
 
 
-def test_calls_on_a_daemon_that_stops_answering_fail_in_bounded_time(
-    libvirtd, tmp_path, monkeypatch
-):
+def test_calls_on_a_daemon_that_stops_answering_fail_in_bounded_time(libvirtd, monkeypatch):
     """A connection whose far end goes quiet (its libvirtd stopped, as a dead
     qemu+ssh link would look) makes calls fail with a clear error once keepalive
     gives up, instead of waiting forever."""
@@ -180,28 +178,28 @@ def test_calls_on_a_daemon_that_stops_answering_fail_in_bounded_time(
     from pytest_kvm.backends import libvirt as backend
 
     monkeypatch.setattr(backend, "KEEPALIVE", (1, 2), raising=False)  # dead in about 3 s
-    with Libvirtd(tmp_path / "quiet") as quiet:
-        conn = backend.connect(quiet.uri)
-        pid = int((quiet.workdir / "run" / "libvirtd.pid").read_text())
-        outcome: list[str] = []
+    uri = f"{libvirtd.uri}&keepalive-test"  # a connection of its own (one per URI)
+    conn = backend.connect(uri)
+    pid = int((libvirtd.workdir / "run" / "libvirtd.pid").read_text())
+    outcome: list[str] = []
 
-        def call() -> None:
-            try:
-                conn.listAllDomains(0)
-                outcome.append("answered")
-            except libvirt.libvirtError as exc:
-                outcome.append(str(exc))
-
-        os.kill(pid, signal.SIGSTOP)
+    def call() -> None:
         try:
-            started = time.monotonic()
-            caller = threading.Thread(target=call, daemon=True)
-            caller.start()
-            caller.join(30)
-            elapsed = time.monotonic() - started
-        finally:
-            os.kill(pid, signal.SIGCONT)
-            backend.forget_connection(quiet.uri, conn)
+            conn.listAllDomains(0)
+            outcome.append("answered")
+        except libvirt.libvirtError as exc:
+            outcome.append(str(exc))
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(30)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        backend.forget_connection(uri, conn)
     assert outcome, "the call still waits after 30 s"
     assert "keepalive" in outcome[0] and elapsed < 15, (outcome, elapsed)
 
