@@ -54,9 +54,10 @@ METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
 DEFAULT_POOL = "pytest-kvm"
 _USER_NETDEV = "hostnet0"  # libvirt's id for the first <interface>'s netdev
 DESTROY_WAIT = 60.0  # s for a destroy: libvirt's own SIGTERM, SIGKILL and job waits fit
-# A keepalive probe every 5 s, the link dead after 3 unanswered: calls on a dead
-# connection (a qemu+ssh link gone quiet, a stopped daemon) fail in about 20 s.
-KEEPALIVE = (5, 3)
+# A keepalive probe every 5 s, the link dead after 5 unanswered: calls on a dead
+# connection (a qemu+ssh link gone quiet, a stopped daemon) fail in about 30 s, and
+# a daemon slow under load (its domains die with our connection) has the time.
+KEEPALIVE = (5, 5)
 
 
 def load_libvirt() -> tuple[ModuleType, ModuleType]:
