@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -54,6 +55,10 @@ METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
 DEFAULT_POOL = "pytest-kvm"
 _USER_NETDEV = "hostnet0"  # libvirt's id for the first <interface>'s netdev
 DESTROY_WAIT = 60.0  # s for a destroy: libvirt's own SIGTERM, SIGKILL and job waits fit
+# A keepalive probe every 5 s, the link dead after 5 unanswered: calls on a dead
+# connection (a qemu+ssh link gone quiet, a stopped daemon) fail in about 30 s, and
+# a daemon slow under load (its domains die with our connection) has the time.
+KEEPALIVE = (5, 5)
 
 
 def load_libvirt() -> tuple[ModuleType, ModuleType]:
@@ -119,6 +124,41 @@ def jump_for(uri: str) -> SshJump | None:
 
 _connections: dict[str, Any] = {}
 _connections_lock = threading.Lock()
+_event_loop: list[threading.Thread] = []
+_event_loop_lock = threading.Lock()
+
+
+def ensure_event_loop() -> None:
+    """libvirt's default event loop on a thread of its own, once per process, before
+    the first connection: it drives connections' sockets in the background, which
+    non-blocking streams (the console) and keepalive need."""
+    libvirt, _ = load_libvirt()
+    with _event_loop_lock:
+        if _event_loop:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        thread = threading.Thread(target=_run_events, args=(libvirt,), name="libvirt-events",
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        _event_loop.append(thread)
+
+
+def open_connection(uri: str) -> Any:
+    """A new libvirt connection (libvirtError if it cannot be had), with keepalive
+    where its driver has it (the remote one: every daemon's; not the built-in test
+    driver)."""
+    libvirt, _ = load_libvirt()
+    ensure_event_loop()
+    conn = libvirt.open(uri)
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.setKeepAlive(*KEEPALIVE)
+    return conn
+
+
+def _run_events(libvirt: ModuleType) -> None:
+    while True:
+        if libvirt.virEventRunDefaultImpl() < 0:
+            time.sleep(0.1)
 
 
 def connect(uri: str) -> Any:
@@ -134,7 +174,7 @@ def connect(uri: str) -> Any:
                     return conn
         _quiet_errors(libvirt)
         try:
-            conn = libvirt.open(uri)
+            conn = open_connection(uri)
         except libvirt.libvirtError as exc:
             raise KvmConfigError(_connect_message(uri, exc)) from None
         try:
@@ -379,24 +419,29 @@ def _lookup(pool: Any, name: str) -> Any | None:
 
 def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
     """The pool's volume holding the image at ``path`` (flattened if it has a backing
-    chain), uploaded once per host: named by its checksum, complete when its marker
-    volume exists. Parallel workers of this machine upload it once (a file lock)."""
+    chain), uploaded once per host and checksum.
+
+    Every upload goes into a volume of its own (``NAME.up-h<host>.p<pid>.<token>``)
+    and is complete only once its marker volume (the same name + ``.ok``) exists,
+    which is made after the last byte is in: whoever uploads, from whatever cache or
+    host, nobody uses or deletes another's upload before that. Parallel workers of
+    this machine upload it once (a file lock); a run on another cache or host that
+    finds none complete uploads its own."""
+    libvirt, _ = load_libvirt()
     info = image_info(path)
     flatten = bool(info.get("backing-filename")) or info.get("format") != "qcow2"
-    digest = file_sha256(path)[:20]
-    name = f"{path.stem[:40]}-{digest}.qcow2"
-    marker = name + ".ok"
+    prefix = f"{path.stem[:40]}-{file_sha256(path)[:20]}"
     host = hashlib.sha256(conn.getURI().encode()).hexdigest()[:12]
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / f"upload-{host}-{name}.lock")):
+    with FileLock(str(lock_dir / f"upload-{host}-{prefix}.lock")):
         refresh_pool(pool)
-        vol = _lookup(pool, name)
-        if vol is not None and _lookup(pool, marker) is not None:
-            return vol
-        if vol is not None:  # an upload that did not finish
-            vol.delete(0)
+        done = complete_upload(pool, prefix)
+        if done is not None:
+            return done
+        name = f"{prefix}.up-h{_HOST_TAG}.p{os.getpid()}.{secrets.token_hex(4)}.qcow2"
         source = path
         tmpdir: Path | None = None
+        vol = None
         try:
             if flatten:
                 tmpdir = Path(tempfile.mkdtemp(prefix="pytest-kvm-flat-", dir=lock_dir))
@@ -405,18 +450,37 @@ def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
                                 timeout=1800)  # fmt: skip
                 if proc.returncode != 0:
                     raise ImageError(f"cannot flatten {str(path)!r}: {proc.stderr.strip()}")
-            size = source.stat().st_size
-            vol = pool.createXML(_volume_xml(name, size, "qcow2"), 0)
+            vol = pool.createXML(_volume_xml(name, source.stat().st_size, "qcow2"), 0)
             _send_file(conn, vol, source)
-            pool.createXML(_volume_xml(marker, 0, "raw"), 0)
+            pool.createXML(_volume_xml(name + ".ok", 0, "raw"), 0)  # now complete
+        except BaseException:
+            if vol is not None:  # ours, never used: gone
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+            raise
         finally:
             if tmpdir is not None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
         return pool.storageVolLookupByName(name)
 
 
+def complete_upload(pool: Any, prefix: str) -> Any | None:
+    """A complete upload of the image named ``prefix`` (name + checksum) in ``pool``:
+    a volume whose ``.ok`` marker exists (the first by name), else None."""
+    names = {vol.name() for vol in pool.listAllVolumes(0)}
+    for name in sorted(names):
+        ours = name == f"{prefix}.qcow2" or (name.startswith(f"{prefix}.up-") and
+                                             name.endswith(".qcow2"))  # fmt: skip
+        if ours and f"{name}.ok" in names:
+            found = _lookup(pool, name)
+            if found is not None:
+                return found
+    return None
+
+
 _HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _VOLUME = re.compile(r"^pytest-kvm-.+\.h([0-9a-f]{6})\.p(\d+)\.\d+\.[a-z0-9]+$")
+_UPLOAD = re.compile(r"^.+-[0-9a-f]{20}\.up-h([0-9a-f]{6})\.p(\d+)\.[0-9a-f]+\.qcow2$")
 _reaped: set[str] = set()
 
 
@@ -428,17 +492,22 @@ def volume_name(domain_name: str, index: int, fmt: str) -> str:
 
 def reap_orphan_volumes(pool: Any) -> list[str]:
     """Delete guest volumes in ``pool`` left by runs of this machine whose process is
-    gone (their domains died with their connections). Once per pool and process;
-    returns the names deleted."""
+    gone (their domains died with their connections), and their image uploads that
+    never completed (no ``.ok`` marker). Once per pool and process; returns the
+    names deleted."""
     libvirt, _ = load_libvirt()
     key = f"{pool.connect().getURI()}#{pool.name()}"
     if key in _reaped:
         return []
     _reaped.add(key)
     gone = []
-    for vol in pool.listAllVolumes(0):
-        match = _VOLUME.match(vol.name())
+    volumes = pool.listAllVolumes(0)
+    names = {vol.name() for vol in volumes}
+    for vol in volumes:
+        match = _VOLUME.match(vol.name()) or _UPLOAD.match(vol.name())
         if match is None or match.group(1) != _HOST_TAG or pid_alive(int(match.group(2))):
+            continue
+        if f"{vol.name()}.ok" in names:  # a complete upload: the image others use
             continue
         with contextlib.suppress(libvirt.libvirtError):
             vol.delete(0)
@@ -486,10 +555,14 @@ def domain_xml(
     ET.SubElement(os_el, "boot", dev="cdrom" if spec.boot == "cdrom" else "hd")
     features = ET.SubElement(root, "features")
     ET.SubElement(features, "acpi")
+    # As the qemu backend's -cpu host / -cpu max and -smp N (one socket of N cores).
+    # Its -accel tcg,thread=multi is QEMU's default for x86_64 guests on x86_64
+    # hosts, which libvirt's plain -accel tcg gets: one TCG thread per vCPU.
     if domain_type == "kvm":
-        ET.SubElement(root, "cpu", mode="host-passthrough")
+        cpu = ET.SubElement(root, "cpu", mode="host-passthrough")
     else:
-        ET.SubElement(root, "cpu", mode="maximum", match="exact")
+        cpu = ET.SubElement(root, "cpu", mode="maximum", match="exact")
+    ET.SubElement(cpu, "topology", sockets="1", dies="1", cores=str(spec.cpus), threads="1")
     ET.SubElement(root, "on_poweroff").text = "destroy"
     ET.SubElement(root, "on_reboot").text = "restart"
     ET.SubElement(root, "on_crash").text = "destroy"
@@ -553,11 +626,33 @@ def remote_domain_type(conn: Any) -> str:
     return "kvm"
 
 
-class _ConsolePump:
-    """Copies the domain's console stream into the local serial log, and what is
-    written to a local UNIX socket (``Console.send``) into the stream."""
+def open_console(uri: str, domain: Any) -> tuple[Any, Any]:
+    """The domain's console as a non-blocking stream on a libvirt connection of its
+    own: (connection, stream). A thread blocked in a stream read on the connection
+    the domain was made on held that connection, and ``destroy`` on it waited
+    forever (seen in CI); apart, and never blocking, neither waits on the other."""
+    libvirt, _ = load_libvirt()
+    conn = open_connection(uri)
+    try:
+        mine = conn.lookupByUUIDString(domain.UUIDString())
+        stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        mine.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.close()
+        raise
+    return conn, stream
 
-    def __init__(self, stream: Any, log: Path, sock_path: Path) -> None:
+
+class _ConsolePump:
+    """Copies the domain's console stream (non-blocking, on ``conn``, a connection of
+    its own) into the local serial log, and what is written to a local UNIX socket
+    (``Console.send``) into the stream."""
+
+    POLL = 0.02  # s between reads of an empty stream
+
+    def __init__(self, conn: Any, stream: Any, log: Path, sock_path: Path) -> None:
+        self._conn = conn
         self._stream = stream
         self._log = log.open("ab", buffering=0)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -578,13 +673,14 @@ class _ConsolePump:
     def _read(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self._stream.recv(65536)
+                with self._send_lock:
+                    data = self._stream.recv(65536)
             except Exception:
                 return
-            if not data or isinstance(data, int):  # end of stream (or -2: would block)
-                if data == -2:
-                    time.sleep(0.02)
-                    continue
+            if data == -2:  # nothing yet
+                self._stop.wait(self.POLL)
+                continue
+            if not data or isinstance(data, int):  # end of stream
                 return
             self._log.write(data)
 
@@ -605,12 +701,26 @@ class _ConsolePump:
                     return
                 if not data:
                     return
-                with self._send_lock, contextlib.suppress(Exception):
-                    self._stream.send(data)
+                if not self._send(data):
+                    return
 
-    def close(self, abort: bool = True) -> None:
-        """Stop copying; ``abort=False`` leaves the stream alone (its connection is
-        stuck, and aborting would block too)."""
+    def _send(self, data: bytes) -> bool:
+        """All of ``data`` into the stream; False once it is gone."""
+        while data and not self._stop.is_set():
+            try:
+                with self._send_lock:
+                    sent = self._stream.send(data)
+            except Exception:
+                return False
+            if sent == -2:  # full: later
+                self._stop.wait(self.POLL)
+                continue
+            data = data[sent:]
+        return True
+
+    def close(self) -> None:
+        """Stop copying, drop the stream and close its connection (neither can block
+        the domain's own connection)."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -619,9 +729,9 @@ class _ConsolePump:
         with contextlib.suppress(Exception):
             self._server.close()
         self._sock_path.unlink(missing_ok=True)
-        if abort:
-            call_within(DESTROY_WAIT, self._stream.abort)
         self._reader.join(5)
+        call_within(DESTROY_WAIT, self._stream.abort)
+        call_within(DESTROY_WAIT, self._conn.close)
         self._log.close()
 
 
@@ -684,6 +794,7 @@ class LibvirtMachine(Machine):
         self._closed = False
         self._exit: int | None = None
         self._stuck = False  # a call on self._conn did not return: it is not used again
+        self.lost = ""  # why the connection died (keepalive), when it did
         self.peak_rss_kib = 0
         self._sampler: threading.Thread | None = None
         self._sampling = threading.Event()
@@ -717,9 +828,7 @@ class LibvirtMachine(Machine):
                                    self.target.labels)  # fmt: skip
             flags = libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED
             self._domain = self._conn.createXML(self._xml, flags)
-            stream = self._conn.newStream(0)
-            self._domain.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-            self._pump = _ConsolePump(stream, spec.serial_log, spec.console_socket)
+            self._open_console()
             self._domain.resume()
             self._sampling.clear()
             self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -738,6 +847,10 @@ class LibvirtMachine(Machine):
                 argv=self.argv,
                 console_tail=tail(spec.serial_log, 20),
             ) from None
+
+    def _open_console(self) -> None:
+        conn, stream = open_console(self.target.uri, self._domain)
+        self._pump = _ConsolePump(conn, stream, self.spec.serial_log, self.spec.console_socket)
 
     def _upload_disks(self) -> list[tuple[str, str, str, str]]:
         """Each drive as a volume of the pool: the overlay rebased onto the uploaded
@@ -828,8 +941,10 @@ class LibvirtMachine(Machine):
             return False
         try:
             running = bool(self._domain.isActive())
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
             running = False
+            if not self._conn.isAlive():  # the link, not the guest, is gone
+                self.lost = f"libvirt connection to {self.target.uri} lost: {_first_line(exc)}"
         if not running:
             self._exit = 0
         return running
@@ -840,7 +955,8 @@ class LibvirtMachine(Machine):
     def qmp(self, command: str, **args: Any) -> Any:
         libvirt, libvirt_qemu = load_libvirt()
         if not self.is_running():
-            raise ConnectionError(f"guest {self.spec.name!r} is not running")
+            why = f" ({self.lost})" if self.lost else ""
+            raise ConnectionError(f"guest {self.spec.name!r} is not running{why}")
         message: dict[str, Any] = {"execute": command}
         if args:
             message["arguments"] = args
@@ -906,8 +1022,8 @@ class LibvirtMachine(Machine):
 
     def kill(self) -> None:
         """Destroy the domain. A destroy that does not return within DESTROY_WAIT (a
-        libvirt client connection can deadlock with a console stream being read on
-        another thread) is done again on a new connection, and this one is dropped."""
+        stuck libvirt client connection or daemon) is done again on a new connection,
+        and this one is dropped."""
         if self._domain is None or self._stuck or not self.is_running():
             return
         if not call_within(DESTROY_WAIT, self._domain.destroy):
@@ -923,7 +1039,7 @@ class LibvirtMachine(Machine):
         self._volumes.clear()
 
         def cleanup() -> None:
-            conn = libvirt.open(self.target.uri)
+            conn = open_connection(self.target.uri)
             try:
                 with contextlib.suppress(libvirt.libvirtError):
                     conn.lookupByName(self.domain_name).destroy()
@@ -952,7 +1068,7 @@ class LibvirtMachine(Machine):
             self.kill()
         finally:
             if self._pump is not None:
-                self._pump.close(abort=not self._stuck)
+                self._pump.close()
             if self._sampler is not None:
                 self._sampler.join(5)
             for vol in self._volumes:

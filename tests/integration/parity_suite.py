@@ -90,12 +90,12 @@ def _check_domain(g, nodeid: str) -> None:
     """What libvirt knows of the guest: a transient domain of ours, labelled."""
     name = g.machine.domain_name
     listed = subprocess.run(
-        ["virsh", "-q", "-c", "qemu:///system", "list", "--transient", "--name"],
+        ["virsh", "-q", "list", "--transient", "--name"],  # at LIBVIRT_DEFAULT_URI
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     assert name in listed
     xml = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "dumpxml", name],
+        ["virsh", "dumpxml", name],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     root = ET.fromstring(xml)
@@ -160,7 +160,7 @@ def test_install_media_on_a_blank_disk_with_display_and_vnc(kvm_guest_factory, t
     password = inst.vnc_password_file.read_text().strip()
     if BACKEND == "libvirt":
         xml = subprocess.run(
-            ["virsh", "-c", "qemu:///system", "dumpxml", inst.machine.domain_name],
+            ["virsh", "dumpxml", inst.machine.domain_name],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         graphics = ET.fromstring(xml).find("devices/graphics")

@@ -1,9 +1,11 @@
 """The libvirt backend against a real libvirtd, QEMU and guests.
 
-The module starts libvirtd and virtlogd itself when none runs, in a network namespace
-of its own (tests/integration/libvirtd.py), and stops them afterwards. Inner runs go
-into that namespace, where the guests' forwarded ports are. The parity suite
-(parity_suite.py) runs there on both backends.
+The module always starts libvirtd and virtlogd of its own, in a network and mount
+namespace of their own with a private socket (tests/integration/libvirtd.py), whether
+or not a libvirtd runs on the host, and stops them afterwards. Inner runs go into that
+namespace, where the guests' forwarded ports are, with PYTEST_KVM_URI and
+LIBVIRT_DEFAULT_URI naming that daemon. The parity suite (parity_suite.py) runs there
+on both backends.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +30,7 @@ import pytest
 from pytest_kvm import accel
 
 from .conftest import qemu_pids_under
-from .libvirtd import Libvirtd, Sshd, missing, virsh
+from .libvirtd import SYSTEM_SOCKET, Libvirtd, Sshd, answers, missing, virsh
 
 HERE = Path(__file__).resolve().parent
 POOL_DIR = Path("/var/lib/libvirt/images/pytest-kvm")
@@ -39,23 +44,29 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def libvirtd(tmp_path_factory) -> Iterator[Libvirtd]:
     daemon = Libvirtd(tmp_path_factory.mktemp("libvirtd"))
-    with daemon:
+    with daemon, pytest.MonkeyPatch.context() as patch:
+        # Inner runs, their virsh and ours: that daemon, not the system socket's.
+        patch.setenv("PYTEST_KVM_URI", daemon.uri)
+        patch.setenv("LIBVIRT_DEFAULT_URI", daemon.uri)
         yield daemon
-    if daemon.started:  # ours: gone, with its namespace
-        assert all(proc.poll() is not None for proc in daemon.procs) or not daemon.procs
+    assert all(proc.poll() is not None for proc in daemon.procs) or not daemon.procs
+
+
+def _virsh(*args: str) -> str:
+    return virsh(*args, uri=os.environ["LIBVIRT_DEFAULT_URI"])
 
 
 def _ours() -> list[str]:
     """Our domains (running), by name."""
-    return [n for n in virsh("list", "--name").split() if n.startswith("pytest-kvm-")]
+    return [n for n in _virsh("list", "--name").split() if n.startswith("pytest-kvm-")]
 
 
 def _guest_volumes() -> list[str]:
     """Volumes of guests (overlays, seeds) left in our pool; uploaded images excluded.
     No pool yet (a fresh host before the first libvirt run): no volumes."""
-    if "pytest-kvm" not in virsh("pool-list", "--all", "--name").split():
+    if "pytest-kvm" not in _virsh("pool-list", "--all", "--name").split():
         return []
-    lines = virsh("vol-list", "pytest-kvm").splitlines()
+    lines = _virsh("vol-list", "pytest-kvm").splitlines()
     return [line.split()[0] for line in lines if line.split()[0].startswith("pytest-kvm-")]
 
 
@@ -78,6 +89,8 @@ def test_parity_suite_passes_on_both_backends(
     pytester.copy_example(str(HERE / "tiny_boot.py"))
     monkeypatch.setenv("PKVM_EXPECT_BACKEND", backend.partition("-")[0])
     suite = str(pytester.path / "parity_suite.py")
+    # A failed inner test leaves its console log and the domain XML here.
+    artifacts = f"--kvm-artifacts={tmp_path / 'artifacts'}"
     with contextlib.ExitStack() as stack:
         if backend == "libvirt-remote":
             sshd = stack.enter_context(Sshd(libvirtd, tmp_path / "sshd"))
@@ -87,12 +100,12 @@ def test_parity_suite_passes_on_both_backends(
             argv = libvirtd.wrap([
                 sys.executable, str(HERE / "in_overlay.py"), "/root", str(sshd.home.parent),
                 "--", *_pytest_argv(image_arg, cache_arg), "--kvm-backend=libvirt",
-                "--kvm-uri=qemu+ssh://root@127.0.0.1/system",
-                f"--kvm-accel={accel.choose('auto').name}", suite,
+                f"--kvm-uri={libvirtd.remote_uri}",
+                f"--kvm-accel={accel.choose('auto').name}", artifacts, suite,
             ])  # fmt: skip
         else:
             argv = _inner(libvirtd, pytester, image_arg, cache_arg,
-                          f"--kvm-backend={backend}", suite)  # fmt: skip
+                          f"--kvm-backend={backend}", artifacts, suite)  # fmt: skip
         result = pytester.run(*argv, timeout=1800)
     result.assert_outcomes(passed=3)
     if backend != "qemu":
@@ -104,6 +117,91 @@ def test_parity_suite_passes_on_both_backends(
     assert _guest_volumes() == []
     assert not qemu_pids_under(inner_env)
     assert list(inner_env.iterdir()) == []
+
+
+def test_suite_daemon_ignores_a_host_daemon(libvirtd, tmp_path):
+    """Whatever answers on the system socket (a host libvirtd; here a decoy that only
+    accepts when none runs) is neither used nor touched: the suite's daemon has a
+    socket of its own and starts all the same."""
+    decoy = None
+    if not answers(SYSTEM_SOCKET):
+        SYSTEM_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+        SYSTEM_SOCKET.unlink(missing_ok=True)
+        decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        decoy.bind(str(SYSTEM_SOCKET))
+        decoy.listen(8)
+    try:
+        before = SYSTEM_SOCKET.stat()
+        with Libvirtd(tmp_path / "second") as second:
+            assert second.started and second.socket != SYSTEM_SOCKET
+            assert "Running hypervisor: QEMU" in second.virsh("version")
+            assert libvirtd.socket != SYSTEM_SOCKET and answers(libvirtd.socket)
+        after = SYSTEM_SOCKET.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        if decoy is not None:  # nobody connected to it
+            decoy.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                decoy.accept()
+    finally:
+        if decoy is not None:
+            decoy.close()
+            SYSTEM_SOCKET.unlink()
+
+
+def test_tcg_domain_gets_the_qemu_backends_cpu(libvirtd, tmp_path):
+    """What libvirt runs for a TCG domain: the qemu backend's CPU model and topology
+    (-cpu max, one socket of N cores), and multi-threaded TCG (QEMU's default for
+    x86_64 on x86_64, which the qemu backend spells thread=multi)."""
+    from pytest_kvm.backends.libvirt import domain_xml
+    from pytest_kvm.backends.qemu import build_argv
+
+    from ..unit.test_argv import opt, spec
+
+    machine = spec(tmp_path, cpus=2)
+    xml = tmp_path / "domain.xml"
+    xml.write_text(domain_xml(machine, "pytest-kvm-cpu", "qemu", []))
+    argv = shlex.split(libvirtd.virsh("domxml-to-native", "qemu-argv", "--xml", str(xml)))
+    assert opt(argv, "-cpu") == opt(build_argv(machine), "-cpu") == ["max"]
+    assert opt(argv, "-accel") == ["tcg"]
+    count, *topology = opt(argv, "-smp")[0].split(",")
+    assert count == "2"
+    assert dict(item.split("=") for item in topology)["sockets"] == "1"
+    assert dict(item.split("=") for item in topology)["cores"] == "2"
+
+
+def test_calls_on_a_daemon_that_stops_answering_fail_in_bounded_time(libvirtd, monkeypatch):
+    """A connection whose far end goes quiet (its libvirtd stopped, as a dead
+    qemu+ssh link would look) makes calls fail with a clear error once keepalive
+    gives up, instead of waiting forever."""
+    import libvirt
+
+    from pytest_kvm.backends import libvirt as backend
+
+    monkeypatch.setattr(backend, "KEEPALIVE", (1, 2), raising=False)  # dead in about 3 s
+    uri = f"{libvirtd.uri}&keepalive-test"  # a connection of its own (one per URI)
+    conn = backend.connect(uri)
+    pid = int((libvirtd.workdir / "run" / "libvirtd.pid").read_text())
+    outcome: list[str] = []
+
+    def call() -> None:
+        try:
+            conn.listAllDomains(0)
+            outcome.append("answered")
+        except libvirt.libvirtError as exc:
+            outcome.append(str(exc))
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(30)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        backend.forget_connection(uri, conn)
+    assert outcome, "the call still waits after 30 s"
+    assert "keepalive" in outcome[0] and elapsed < 15, (outcome, elapsed)
 
 
 def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_arg, inner_env):
@@ -199,7 +297,7 @@ def test_bad_uris_and_pools_are_clear_errors(libvirtd, pytester, image_arg, cach
 
     # A pool that does not exist.
     err = _usage_error(pytester.run(*base, "--kvm-pool=no-such-pool"))
-    assert "--kvm-uri qemu:///system: storage pool 'no-such-pool' does not exist" in err
+    assert f"--kvm-uri {libvirtd.uri}: storage pool 'no-such-pool' does not exist" in err
 
     # A malformed URI.
     err = _usage_error(pytester.run(*base, "--kvm-uri=qemu:///nowhere"))
@@ -219,7 +317,8 @@ def test_bad_uris_and_pools_are_clear_errors(libvirtd, pytester, image_arg, cach
 
 
 def test_system_uri_without_permission_is_a_clear_error(libvirtd, image_arg):
-    """An unprivileged user on qemu:///system: told what to do, not a traceback."""
+    """An unprivileged user on a root-only system socket: told what to do, not a
+    traceback."""
     where = Path(tempfile.mkdtemp(prefix="pkvm-unpriv-"))  # pytest's tmp is root-only
     try:
         os.chmod(where, 0o777)
@@ -227,7 +326,7 @@ def test_system_uri_without_permission_is_a_clear_error(libvirtd, image_arg):
         argv = [
             "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(where),
-            f"--kvm-image={image_arg}", "--kvm-backend=libvirt", "--kvm-uri=qemu:///system",
+            f"--kvm-image={image_arg}", "--kvm-backend=libvirt", f"--kvm-uri={libvirtd.uri}",
             f"--kvm-cache={where / 'cache'}",
         ]  # fmt: skip
         env = {**os.environ, "HOME": str(where)}
@@ -236,7 +335,7 @@ def test_system_uri_without_permission_is_a_clear_error(libvirtd, image_arg):
     finally:
         shutil.rmtree(where)
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
-    assert "--kvm-uri qemu:///system: cannot connect" in proc.stderr
+    assert f"--kvm-uri {libvirtd.uri}: cannot connect" in proc.stderr
     assert "you may not use it" in proc.stderr
 
 
@@ -246,14 +345,20 @@ from pytest_kvm.errors import KvmConfigError
 
 
 def _leased(network, mac):
-    out = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "net-dhcp-leases", network],
+    out = subprocess.run(["virsh", "-q", "net-dhcp-leases", network],  # LIBVIRT_DEFAULT_URI
                          capture_output=True, text=True, check=True).stdout
     return [line.split()[4].split("/")[0] for line in out.splitlines() if mac in line]
+
+
+def _record_mac(g):
+    with open(__import__("os").environ["PKVM_TEST_MACS"], "a") as out:
+        out.write(g.mac.replace(":", "") + "\\n")
 
 
 @pytest.mark.kvm(network="libvirt=default")
 def test_nat(kvm_guest):
     g = kvm_guest
+    _record_mac(g)
     assert g.address.startswith("192.168.122.")
     assert _leased("default", g.mac) == [g.address]
     assert g.address in g.succeed("ip -4 -o addr")
@@ -267,6 +372,7 @@ def test_nat(kvm_guest):
 @pytest.mark.kvm(network="bridge=br0")
 def test_bridge(kvm_guest):
     g = kvm_guest
+    _record_mac(g)
     assert g.address.startswith("10.77.0.")
     assert g.address in g.succeed("ip -4 -o addr")
     leases = open(__import__("os").environ["PKVM_TEST_LEASES"]).read()
@@ -279,16 +385,15 @@ def test_libvirt_nat_network_and_bridge(
 ):
     """libvirt's own NAT network ("default", started in the daemon's namespace) and a
     bridge with a DHCP server there: guests get addresses from them, reached directly."""
-    if libvirtd.netns is None:
-        pytest.skip("needs the libvirtd of its own namespace (a libvirtd already runs)")
     from pytest_kvm.network import MAC_DIR
 
     from .netns import BridgeNetns
 
-    virsh("net-start", "default")
+    _virsh("net-start", "default")
     bridge = BridgeNetns(tmp_path / "bridge", netns=libvirtd.netns)
     bridge.workdir.mkdir()
-    reserved = set(MAC_DIR.glob("*")) if MAC_DIR.exists() else set()
+    macs = tmp_path / "macs"
+    monkeypatch.setenv("PKVM_TEST_MACS", str(macs))
     try:
         with bridge:
             monkeypatch.setenv("PKVM_TEST_LEASES", str(bridge.leases))
@@ -303,9 +408,11 @@ def test_libvirt_nat_network_and_bridge(
             assert bridge.ports() == ["veth0"]
             assert [link for link in bridge.links() if link.startswith("vnet")] == []
     finally:
-        virsh("net-destroy", "default")
+        _virsh("net-destroy", "default")
     assert _ours() == [] and _guest_volumes() == []
-    assert (set(MAC_DIR.glob("*")) if MAC_DIR.exists() else set()) == reserved
+    # The guests' MAC reservations are gone (other runs' may come and go meanwhile).
+    mine = macs.read_text().split()
+    assert len(mine) == 2 and not [mac for mac in mine if (MAC_DIR / mac).exists()]
 
 
 INNER_SPREAD = """
@@ -325,22 +432,20 @@ def test_uris_are_spread_over_xdist_workers(
 ):
     """--kvm-uri twice with -n 2: worker gw0 runs its guests on the first URI, gw1 on
     the second (here the same libvirtd, once through SSH)."""
-    if libvirtd.netns is None:
-        pytest.skip("needs the libvirtd of its own namespace (a libvirtd already runs)")
     record = tmp_path / "record.jsonl"
     monkeypatch.setenv("PKVM_TEST_RECORD", str(record))
     pytester.makepyfile(test_a=INNER_SPREAD, test_b=INNER_SPREAD)  # one file per worker
-    remote = "qemu+ssh://root@127.0.0.1/system"
+    remote = libvirtd.remote_uri
     with Sshd(libvirtd, tmp_path / "sshd") as sshd:
         argv = libvirtd.wrap([
             sys.executable, str(HERE / "in_overlay.py"), "/root", str(sshd.home.parent),
             "--", *_pytest_argv(image_arg, cache_arg), "--kvm-backend=libvirt",
-            "--kvm-uri=qemu:///system", f"--kvm-uri={remote}", "-n", "2",
+            f"--kvm-uri={libvirtd.uri}", f"--kvm-uri={remote}", "-n", "2",
             "--dist=loadfile", f"--kvm-accel={accel.choose('auto').name}",
             str(pytester.path),
         ])  # fmt: skip
         result = pytester.run(*argv, timeout=900)
     result.assert_outcomes(passed=2)
     seen = dict(json.loads(line) for line in record.read_text().splitlines())
-    assert seen == {"gw0": "qemu:///system", "gw1": remote}
+    assert seen == {"gw0": libvirtd.uri, "gw1": remote}
     assert _ours() == [] and _guest_volumes() == []

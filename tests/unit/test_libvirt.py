@@ -43,6 +43,8 @@ def spec(tmp_path: Path, **kw) -> MachineSpec:
         ("qemu:///system", False),
         ("qemu:///session", False),
         ("qemu+unix:///system?socket=/tmp/s", False),
+        ("qemu:///system?socket=/tmp/pytest-of-root/libvirtd0/run/libvirt-sock", False),
+        ("qemu+ssh://root@127.0.0.1:2222/system?socket=/run/x/libvirt-sock", True),
         ("qemu+ssh://root@127.0.0.1/system", True),
         ("qemu+tcp://host/system", True),
         ("qemu://host/system", True),
@@ -165,6 +167,11 @@ def test_remote_hypervisors_need_an_ssh_transport():
     jump = jump_for("qemu+ssh://alice@hv:2222/system")
     assert jump is not None and jump.spec == "alice@hv:2222"
     assert jump_for("qemu+ssh://alice@hv:2222/system") is jump  # one per URI
+    # A private daemon's socket (the libvirt tests' own) changes nothing of that.
+    assert remote_problem("qemu:///system?socket=/run/x/libvirt-sock") == ""
+    assert jump_for("qemu:///system?socket=/run/x/libvirt-sock") is None
+    other = jump_for("qemu+ssh://alice@hv:2222/system?socket=/run/x/libvirt-sock")
+    assert other is not None and other.spec == "alice@hv:2222"
 
 
 def test_domain_xml_display_and_vnc(tmp_path):
@@ -227,6 +234,9 @@ def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
 
             return SimpleNamespace(storageVolLookupByName=volume)
 
+        def setKeepAlive(self, interval, count):
+            pass
+
         def close(self):
             done.append("close")
 
@@ -252,3 +262,216 @@ def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
             assert f"virsh -c qemu:///system destroy {machine.domain_name}" in err
     finally:
         release.set()
+
+
+class _Client:
+    """A fake libvirt client connection: one call at a time, like a connection
+    whose I/O one waiting thread drives; a blocking stream read holds it until the
+    stream ends."""
+
+    def __init__(self, libvirt, log: list[str], name: str) -> None:
+        self.lock = threading.Lock()
+        self.ended = threading.Event()
+        self.libvirt, self.log, self.name = libvirt, log, name
+
+    def newStream(self, flags):
+        return _Stream(self, flags)
+
+    def lookupByUUIDString(self, uuid):
+        return _Domain(self, uuid)
+
+    def setKeepAlive(self, interval, count):
+        pass
+
+    def close(self):
+        self.log.append(f"close {self.name}")
+
+
+class _Stream:
+    def __init__(self, client: _Client, flags: int) -> None:
+        self.client, self.flags = client, flags
+
+    def recv(self, nbytes):
+        if self.flags & self.client.libvirt.VIR_STREAM_NONBLOCK:
+            return b"" if self.client.ended.is_set() else -2
+        with self.client.lock:  # blocks the connection until there is data
+            self.client.ended.wait(30)
+            return b""
+
+    def send(self, data):
+        return len(data)
+
+    def abort(self):
+        with self.client.lock:
+            self.client.log.append(f"abort on {self.client.name}")
+
+
+class _Domain:
+    def __init__(self, client: _Client, uuid: str = "u-1") -> None:
+        self.client, self.uuid, self.active = client, uuid, True
+
+    def UUIDString(self):
+        return self.uuid
+
+    def openConsole(self, dev, stream, flags):
+        self.client.log.append(f"console on {self.client.name}")
+
+    def isActive(self):
+        return self.active
+
+    def destroy(self):
+        with self.client.lock:
+            self.active = False
+            self.client.log.append(f"destroy on {self.client.name}")
+
+
+def test_console_stream_never_holds_up_destroy(tmp_path, monkeypatch):
+    """The console is read on a connection of its own, without blocking: destroy on
+    the domain's connection returns at once, however long the console stays quiet
+    (CI saw virDomainDestroy and virStreamRecv blocked on one shared connection)."""
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends import libvirt as backend
+
+    monkeypatch.setattr(backend, "DESTROY_WAIT", 2.0)
+    log: list[str] = []
+    domain_conn, console_conn = _Client(libvirt, log, "domain"), _Client(libvirt, log, "console")
+    monkeypatch.setattr(libvirt, "open", lambda uri: console_conn)
+    monkeypatch.setattr(backend, "ensure_event_loop", lambda: None)
+    machine = LibvirtMachine(spec(tmp_path), LibvirtTarget("qemu:///system"), "tcg")
+    machine._conn, machine._domain = domain_conn, _Domain(domain_conn)
+    machine._open_console()
+    time.sleep(0.2)  # the console reader is waiting for output
+    started = time.monotonic()
+    machine.close()
+    console_conn.ended.set()
+    assert time.monotonic() - started < 1.0 and not machine._stuck
+    assert log == ["console on console", "destroy on domain", "abort on console", "close console"]
+
+
+class _Pool:
+    """A fake storage pool: volumes by name, an upload blocks while ``hold`` is set."""
+
+    def __init__(self, libvirt) -> None:
+        self.libvirt = libvirt
+        self.volumes: dict[str, _Vol] = {}
+        self.deleted: list[str] = []
+
+    def refresh(self, flags):
+        pass
+
+    def listAllVolumes(self, flags):
+        return list(self.volumes.values())
+
+    def storageVolLookupByName(self, name):
+        if name not in self.volumes:
+            raise self.libvirt.libvirtError(f"no storage vol with matching name '{name}'")
+        return self.volumes[name]
+
+    def createXML(self, xml, flags):
+        name = ET.fromstring(xml).findtext("name")
+        assert name not in self.volumes
+        self.volumes[name] = _Vol(self, name)
+        return self.volumes[name]
+
+
+class _Vol:
+    def __init__(self, pool: _Pool, name: str) -> None:
+        self.pool, self._name, self.data = pool, name, b""
+
+    def name(self):
+        return self._name
+
+    def path(self):
+        return f"/pool/{self._name}"
+
+    def delete(self, flags):
+        self.pool.deleted.append(self._name)
+        del self.pool.volumes[self._name]
+
+    def upload(self, stream, offset, length, flags):
+        stream.target = self
+
+
+class _UploadConn:
+    def __init__(self, hold: threading.Event | None = None) -> None:
+        self.hold, self.sending = hold, threading.Event()
+
+    def getURI(self):
+        return "qemu+ssh://root@hv/system"
+
+    def newStream(self, flags):
+        return _UploadStream(self)
+
+
+class _UploadStream:
+    def __init__(self, conn: _UploadConn) -> None:
+        self.conn, self.target = conn, None
+
+    def sendAll(self, handler, src):
+        self.conn.sending.set()
+        if self.conn.hold is not None:
+            self.conn.hold.wait(10)
+        while chunk := handler(self, 1 << 16, src):
+            self.target.data += chunk
+
+    def finish(self):
+        pass
+
+
+def test_nobody_uses_or_deletes_an_upload_before_it_is_complete(tmp_path):
+    """Two runs with different caches (or hosts) upload the same image to one pool
+    at once: the second neither deletes the first's upload in progress nor uses it
+    half-written; each volume in use is complete."""
+    import subprocess
+
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends import libvirt as backend
+
+    image = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    pool = _Pool(libvirt)
+    hold = threading.Event()
+    first_conn, first = _UploadConn(hold), []
+    uploader = threading.Thread(
+        target=lambda: first.append(
+            backend.upload_image(first_conn, pool, image, tmp_path / "cache-a")
+        )
+    )
+    uploader.start()
+    try:
+        assert first_conn.sending.wait(10)  # the first upload is under way
+        second = backend.upload_image(_UploadConn(), pool, image, tmp_path / "cache-b")
+        assert pool.deleted == []
+        assert second.data == image.read_bytes()
+        assert f"{second.name()}.ok" in pool.volumes
+    finally:
+        hold.set()
+        uploader.join(10)
+    assert first[0].data == image.read_bytes() and first[0].name() in pool.volumes
+    # A later run takes a complete one, uploading nothing.
+    again = backend.upload_image(_UploadConn(threading.Event()), pool, image, tmp_path / "c")
+    assert again.name() in {first[0].name(), second.name()} and pool.deleted == []
+
+
+def test_uploads_a_dead_run_left_unfinished_are_reaped(tmp_path):
+    """An upload of this machine whose process is gone and whose marker never came is
+    deleted; complete uploads, and other machines' or live processes', stay."""
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends import libvirt as backend
+
+    pool = _Pool(libvirt)
+    pool.name = lambda: "pytest-kvm"
+    pool.connect = lambda: _UploadConn()
+    tag, dead, alive = backend._HOST_TAG, 2**22 + 12345, os.getpid()
+    digest = "a868962514df6e667804"
+    names = [
+        f"img-{digest}.up-h{tag}.p{dead}.0a1b2c3d.qcow2",  # unfinished, owner gone
+        f"img-{digest}.up-h{tag}.p{dead}.99887766.qcow2",  # complete
+        f"img-{digest}.up-h{tag}.p{dead}.99887766.qcow2.ok",
+        f"img-{digest}.up-h{tag}.p{alive}.0d0e0f00.qcow2",  # still uploading
+        f"img-{digest}.up-h{'0' if tag != '000000' else '1'}00000.p{dead}.01.qcow2",  # elsewhere
+    ]
+    for name in names:
+        pool.volumes[name] = _Vol(pool, name)
+    assert backend.reap_orphan_volumes(pool) == [names[0]]
+    assert sorted(pool.volumes) == sorted(names[1:])
