@@ -103,7 +103,8 @@ def _serve_tcp(guest, port: int) -> None:
 
 def test_two_guests_on_a_vlan_talk_and_stop_when_a_link_is_down(kvm_guest_factory, kvm_vlan):
     a = kvm_guest_factory(vlan=kvm_vlan)
-    b = kvm_guest_factory(vlan=kvm_vlan)
+    b = kvm_guest_factory(network=kvm_vlan)  # what users try first: the same as vlan=
+    assert b.vlan_macs and b.address == "127.0.0.1"  # SSH stays on the user network
     addr_a, addr_b = kvm_vlan.address_of(a), kvm_vlan.address_of(b)
     assert addr_a != addr_b
     assert a.vlan_macs[0] != b.vlan_macs[0]
@@ -125,6 +126,8 @@ def test_two_guests_on_a_vlan_talk_and_stop_when_a_link_is_down(kvm_guest_factor
 
     b.set_link(up=True)
     a.wait_until_succeeds(FETCH + url, timeout=60)
+    with pytest.raises(KvmConfigError, match="pass every kvm_vlan segment as vlan="):
+        kvm_guest_factory(network=kvm_vlan, vlan=kvm_vlan)
 
 
 def test_vlan_is_private_to_its_guests(kvm_guest_factory, kvm_vlan):
