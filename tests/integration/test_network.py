@@ -204,8 +204,23 @@ def test_four_guests_started_at_once(kvm_guest_factory):
         a.forward_port(80)
 
 
+# networkd restarts (its DHCP client with it) while "ip monitor" watches the addresses.
+RESTART_NETWORKD = (
+    "t=$(date +%s); (timeout 300 ip -4 monitor address >/tmp/addr-events 2>&1 &); sleep 1; "
+    "systemctl restart systemd-networkd; i=0; "
+    "until journalctl -u systemd-networkd --since=@$t -o cat | grep -q 'DHCPv4 address'; do "
+    "i=$((i + 1)); if [ $i -gt 600 ]; then echo no new lease >&2; exit 1; fi; sleep 0.2; done; "
+    "cat /tmp/addr-events"
+)
+
+
 @pytest.mark.kvm(network="bridge=br0,helper", memory=512, cpus=1)
 def test_qemu_bridge_helper(kvm_guest):
+    check_reachable(kvm_guest)
+    # The address a test reaches the guest at never goes away, not even for the
+    # moment a restarted DHCP client takes to get the same lease again.
+    events = kvm_guest.succeed(RESTART_NETWORKD, timeout=300)
+    assert "Deleted" not in events, events
     check_reachable(kvm_guest)
 
 
