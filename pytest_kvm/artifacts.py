@@ -164,21 +164,13 @@ def _save_screen(guest: Guest, folder: Path) -> None:
             (folder / "screen-error.txt").write_text(
                 "no screenshot: the guest has no display (display=True or --kvm-vnc give one)\n"
             )
-    except Exception as exc:  # qemu.qmp's ExecuteError too: never lose the report for it
+    except Exception as exc:  # never lose the report for a screenshot
         (folder / "screen-error.txt").write_text(f"no screenshot: {exc}\n")
 
 
 def _screendump(machine: QemuMachine, dest: Path) -> None:
     """A PNG of a qemu guest's display (every one has at least an ISA VGA card)."""
-    raw = dest.with_name(f".{dest.name}.dump")
-    try:
-        try:
-            machine.qmp("screendump", filename=str(raw), format="png")
-        except Exception:  # a QEMU built without PNG support: PPM, converted here
-            machine.qmp("screendump", filename=str(raw))
-        data = raw.read_bytes()
-    finally:
-        raw.unlink(missing_ok=True)
+    data = machine.screenshot()
     dest.write_bytes(data if data.startswith(PNG_MAGIC) else ppm_to_png(data))
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from .artifacts import WAIT_PROGRESS_EVERY, waiting_line
-from .backends.base import Drive, Machine, MachineSpec, Nic
+from .backends.base import Drive, Machine, MachineSpec, Nic, QmpError
 from .backends.libvirt import LibvirtAgent, LibvirtMachine, LibvirtTarget, jump_for
 from .backends.qemu import QemuMachine
 from .config import DEFAULT_BRIDGE_HELPER, NetworkSpec
@@ -1605,18 +1605,8 @@ class Guest:
         assert self.workdir is not None
         self._shots += 1
         dest = Path(path) if path is not None else self.workdir / f"screen-{self._shots:03d}.png"
-        if isinstance(machine, LibvirtMachine):
-            data = machine.screenshot()
-        else:
-            raw = self.workdir / f".screendump-{self._shots}"
-            try:
-                try:
-                    machine.qmp("screendump", filename=str(raw), format="png")
-                except RuntimeError:  # a QEMU built without PNG support
-                    machine.qmp("screendump", filename=str(raw))
-                data = raw.read_bytes()
-            finally:
-                raw.unlink(missing_ok=True)
+        assert isinstance(machine, LibvirtMachine | QemuMachine)
+        data = machine.screenshot()
         if not data.startswith(PNG_MAGIC):
             data = ppm_to_png(data)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -1665,7 +1655,7 @@ class Guest:
             hmp(f"o /b 0x3d4 {index}")
             address = VGA_TEXT_ADDRESS + min(2 * start, 0x8000 - VGA_TEXT_BYTES)
             out = hmp(f"xp /{VGA_TEXT_BYTES}xb {address:#x}")
-        except (ConnectionError, RuntimeError, OSError, ValueError):
+        except (ConnectionError, QmpError, OSError, ValueError):
             return ""
         data = bytes(int(v, 16) for v in re.findall(r"\b0x([0-9a-f]{2})\b", out))
         return vga_text(data)

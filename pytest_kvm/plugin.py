@@ -371,7 +371,7 @@ def kvm_guest_factory(
 
     def factory(
         image: str | Image | None = None,
-        network: str | None = None,
+        network: str | Vlan | None = None,
         memory: int | None = None,
         cpus: int | None = None,
         name: str | None = None,
@@ -416,6 +416,7 @@ def kvm_guest_factory(
             raise KvmConfigError(
                 f"{where}: customize= takes a Customization or a dict of files=, hostname=, run="
             )
+        network, vlan = _vlans_given_as_network(network, vlan, where)
         shaped = settings.with_marker(
             {
                 k: v
@@ -512,6 +513,21 @@ def kvm_guest_factory(
     with ExitStack() as stack:
         stack.callback(_close_all, started)
         yield factory
+
+
+def _vlans_given_as_network(
+    network: str | Vlan | None, vlan: Vlan | Sequence[Vlan] | None, where: str
+) -> tuple[str | None, Vlan | Sequence[Vlan] | None]:
+    """``network=kvm_vlan`` (what users try first) means ``vlan=kvm_vlan``: one more
+    NIC on the segment; the primary network, which carries SSH, stays as configured."""
+    if not isinstance(network, Vlan):
+        return network, vlan
+    if vlan is not None:
+        raise KvmConfigError(
+            f"{where}: network= got a kvm_vlan segment and vlan= is given too: "
+            "pass every kvm_vlan segment as vlan="
+        )
+    return None, network
 
 
 def _close_all(guests: list[Guest]) -> None:

@@ -95,6 +95,19 @@ class MachineSpec:
         return self.workdir / "qemu.log"
 
 
+class QmpError(RuntimeError):
+    """QEMU answered a QMP command with an error (an unknown command or argument, a
+    device that refuses): what ``Machine.qmp`` raises on every backend. ``command``
+    names the command, ``error_class`` is QEMU's class (``GenericError``, ...) and
+    ``desc`` its description."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
 class Machine(abc.ABC):
     """A running guest as its backend sees it. ``start`` acts; ``close`` is idempotent."""
 
@@ -110,7 +123,13 @@ class Machine(abc.ABC):
     def exit_code(self) -> int | None: ...
 
     @abc.abstractmethod
-    def qmp(self, command: str, **args: Any) -> Any: ...
+    def qmp(self, command: str, **args: Any) -> Any:
+        """Run a QMP command and return its ``return`` value.
+
+        Raises ``QmpError`` when QEMU answers with an error (the same type on every
+        backend, so callers can fall back to another form of a command),
+        ``ConnectionError`` when the guest is not running or the monitor is gone,
+        and ``TimeoutError`` when QEMU does not answer."""
 
     @abc.abstractmethod
     def wait_for_exit(self, timeout: float) -> bool: ...

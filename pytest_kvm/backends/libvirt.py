@@ -49,7 +49,7 @@ from ..network import pid_alive
 from ..private import private_dir, read_regular, write_private
 from ..qga import AgentCalls, GuestAgentError
 from ..ssh import SshJump
-from .base import Machine, MachineSpec
+from .base import Machine, MachineSpec, QmpError
 
 METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
 DEFAULT_POOL = "pytest-kvm"
@@ -967,7 +967,8 @@ class LibvirtMachine(Machine):
         except libvirt.libvirtError as exc:
             raise ConnectionError(f"guest {self.spec.name!r}: {_first_line(exc)}") from None
         if "error" in reply:
-            raise RuntimeError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+            error = reply["error"]
+            raise QmpError(command, str(error.get("class", "")), str(error.get("desc", error)))
         return reply.get("return")
 
     def forward(self, host_port: int, guest_port: int) -> None:

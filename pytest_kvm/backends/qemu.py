@@ -19,14 +19,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from ..console import tail
 from ..errors import GuestLaunchError
 from ..images.overlay import key_secret_opts, secret_object
 from ..network import netdev_args
 from ..spawn import spawn
-from .base import Machine, MachineSpec
+from .base import Machine, MachineSpec, QmpError
 
 QEMU_BINARY = "qemu-system-x86_64"
 T = TypeVar("T")
@@ -223,6 +223,7 @@ class QemuMachine(Machine):
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: _Qmp | None = None
         self._closed = False
+        self._shots = 0
 
     @property
     def argv(self) -> list[str]:
@@ -329,7 +330,25 @@ class QemuMachine(Machine):
     def qmp(self, command: str, **args: Any) -> Any:
         if self._qmp is None or not self.is_running():
             raise ConnectionError(f"guest {self.spec.name!r} is not running")
-        return self._qmp.run(self._qmp.client.execute(command, args or None), 30)
+        try:
+            return self._qmp.run(self._qmp.client.execute(command, args or None), 30)
+        except ExecuteError as exc:
+            raise QmpError(command, exc.error_class, exc.error.error.desc) from None
+
+    def screenshot(self) -> bytes:
+        """The display as QEMU writes it: PNG, or PPM from a QEMU that cannot write
+        PNG (before 7.1 screendump has no ``format``; a build without libpng refuses
+        it). Both refusals are a ``QmpError``."""
+        self._shots += 1
+        raw = self.spec.workdir / f".screendump-{self._shots}"
+        try:
+            try:
+                self.qmp("screendump", filename=str(raw), format="png")
+            except QmpError:
+                self.qmp("screendump", filename=str(raw))
+            return raw.read_bytes()
+        finally:
+            raw.unlink(missing_ok=True)
 
     def wait_for_exit(self, timeout: float) -> bool:
         if self._proc is None:

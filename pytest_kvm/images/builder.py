@@ -444,7 +444,10 @@ class _Build:
         _write(
             root / "etc/systemd/network/10-dhcp.network",
             "# Written by pytest-kvm's image builder.\n"
-            "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
+            "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
+            "# A test reaches a bridge guest at its DHCP address: never drop it while\n"
+            "# the DHCP client stops, restarts or renews (it is re-acquired in place).\n"
+            "KeepConfiguration=dhcp\n",
         )
         wait_online = self._guest_path("lib/systemd/systemd-networkd-wait-online")
         _write(

@@ -15,6 +15,9 @@ import pytest
 from pytest_kvm.display import png_size
 from pytest_kvm.errors import GuestError, GuestTimeout, KvmConfigError
 
+from ..unit.test_display import _decode_png
+from .tiny_boot import build_tiny_iso
+
 
 def _host_boot_files() -> tuple[Path, Path]:
     kernels = sorted(Path("/boot").glob("vmlinuz-*"))
@@ -85,6 +88,32 @@ def test_kernel_boot_on_blank_disk_keys_screen_and_vnc(kvm_guest_factory, tmp_pa
     saved = inst.save_image(tmp_path / "saved disk.qcow2")
     assert saved.read_bytes()[:4] == b"QFI\xfb"
     assert not list(tmp_path.glob(".*part*"))
+
+
+def test_screenshot_from_a_qemu_that_cannot_write_png(kvm_guest_factory, tmp_path, monkeypatch):
+    """QEMU before 7.1 (no screendump format=) or built without libpng refuses
+    format=png with an error: the screenshot is then the PPM it can write, as a PNG."""
+    inst = kvm_guest_factory(
+        cdrom=build_tiny_iso(tmp_path / "tiny.iso"), boot="cdrom", disk_size="64M", ssh=False
+    )
+    inst.console.expect("press a key to power off", timeout=120)
+    machine = inst.machine
+    real_qmp = machine.qmp
+    dumps: list[dict[str, object]] = []
+
+    def qemu_without_png(command, **args):
+        if command == "screendump":
+            dumps.append(dict(args))
+            if "format" in args:  # this QEMU itself answers with an error
+                args["format"] = "no-png-in-this-build"
+        return real_qmp(command, **args)
+
+    monkeypatch.setattr(machine, "qmp", qemu_without_png)
+    data = inst.screenshot(tmp_path / "screen.png").read_bytes()
+    assert [sorted(d) for d in dumps] == [["filename", "format"], ["filename"]]
+    width, height, pixels = _decode_png(data)  # checks every chunk's CRC
+    assert (width, height) == png_size(data) and width >= 640 and height >= 400
+    assert len(set(pixels)) > 1  # the BIOS's text, not a blank frame
 
 
 def test_answer_files_over_http(kvm_guest, kvm_http):

@@ -103,7 +103,8 @@ def _serve_tcp(guest, port: int) -> None:
 
 def test_two_guests_on_a_vlan_talk_and_stop_when_a_link_is_down(kvm_guest_factory, kvm_vlan):
     a = kvm_guest_factory(vlan=kvm_vlan)
-    b = kvm_guest_factory(vlan=kvm_vlan)
+    b = kvm_guest_factory(network=kvm_vlan)  # what users try first: the same as vlan=
+    assert b.vlan_macs and b.address == "127.0.0.1"  # SSH stays on the user network
     addr_a, addr_b = kvm_vlan.address_of(a), kvm_vlan.address_of(b)
     assert addr_a != addr_b
     assert a.vlan_macs[0] != b.vlan_macs[0]
@@ -125,6 +126,8 @@ def test_two_guests_on_a_vlan_talk_and_stop_when_a_link_is_down(kvm_guest_factor
 
     b.set_link(up=True)
     a.wait_until_succeeds(FETCH + url, timeout=60)
+    with pytest.raises(KvmConfigError, match="pass every kvm_vlan segment as vlan="):
+        kvm_guest_factory(network=kvm_vlan, vlan=kvm_vlan)
 
 
 def test_vlan_is_private_to_its_guests(kvm_guest_factory, kvm_vlan):
@@ -201,8 +204,23 @@ def test_four_guests_started_at_once(kvm_guest_factory):
         a.forward_port(80)
 
 
+# networkd restarts (its DHCP client with it) while "ip monitor" watches the addresses.
+RESTART_NETWORKD = (
+    "t=$(date +%s); (timeout 300 ip -4 monitor address >/tmp/addr-events 2>&1 &); sleep 1; "
+    "systemctl restart systemd-networkd; i=0; "
+    "until journalctl -u systemd-networkd --since=@$t -o cat | grep -q 'DHCPv4 address'; do "
+    "i=$((i + 1)); if [ $i -gt 600 ]; then echo no new lease >&2; exit 1; fi; sleep 0.2; done; "
+    "cat /tmp/addr-events"
+)
+
+
 @pytest.mark.kvm(network="bridge=br0,helper", memory=512, cpus=1)
 def test_qemu_bridge_helper(kvm_guest):
+    check_reachable(kvm_guest)
+    # The address a test reaches the guest at never goes away, not even for the
+    # moment a restarted DHCP client takes to get the same lease again.
+    events = kvm_guest.succeed(RESTART_NETWORKD, timeout=300)
+    assert "Deleted" not in events, events
     check_reachable(kvm_guest)
 
 

@@ -162,6 +162,7 @@ def test_networkd_configuration(tmp_path: Path) -> None:
     build._configure_networkd()
     network = (build.root / "etc/systemd/network/10-dhcp.network").read_text()
     assert "Name=en* eth*" in network and "DHCP=yes" in network
+    assert "\nKeepConfiguration=dhcp\n" in network  # the address never drops
     dropin = (
         build.root / "etc/systemd/system/systemd-networkd-wait-online.service.d/pytest-kvm.conf"
     )
