@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .backends.libvirt import LibvirtMachine
-from .backends.qemu import QemuMachine
+from .backends.base import Machine
 from .console import tail
 from .display import PNG_MAGIC, ppm_to_png
 from .errors import KvmError
@@ -136,12 +135,9 @@ def save(guest: Guest, root: Path, nodeid: str, keep_running: bool = False) -> P
     return folder
 
 
-def _save_events(machine: Any, folder: Path) -> None:
-    if isinstance(machine, LibvirtMachine):
-        (folder / "qmp-events-none.txt").write_text(
-            "no QMP events: on the libvirt backend libvirtd owns the QMP monitor "
-            "(see its log, and the domain XML in qemu-argv.txt)\n"
-        )
+def _save_events(machine: Machine, folder: Path) -> None:
+    if machine.events_note is not None:
+        (folder / "qmp-events-none.txt").write_text(machine.events_note + "\n")
         return
     (folder / "qmp-events.txt").write_text(format_events(machine.events))
 
@@ -158,7 +154,7 @@ def _save_screen(guest: Guest, folder: Path) -> None:
             text = guest.screen_text()
             if text:
                 (folder / "screen.txt").write_text(text + "\n")
-        elif isinstance(machine, QemuMachine):
+        elif machine.has_vga:
             _screendump(machine, folder / _SCREEN)
         else:
             (folder / "screen-error.txt").write_text(
@@ -168,7 +164,7 @@ def _save_screen(guest: Guest, folder: Path) -> None:
         (folder / "screen-error.txt").write_text(f"no screenshot: {exc}\n")
 
 
-def _screendump(machine: QemuMachine, dest: Path) -> None:
+def _screendump(machine: Machine, dest: Path) -> None:
     """A PNG of a qemu guest's display (every one has at least an ISA VGA card)."""
     data = machine.screenshot()
     dest.write_bytes(data if data.startswith(PNG_MAGIC) else ppm_to_png(data))

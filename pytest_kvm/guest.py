@@ -20,7 +20,7 @@ import paramiko
 
 from .artifacts import WAIT_PROGRESS_EVERY, waiting_line
 from .backends.base import Drive, Machine, MachineSpec, Nic, QmpError
-from .backends.libvirt import LibvirtAgent, LibvirtMachine, LibvirtTarget, jump_for
+from .backends.libvirt import LibvirtMachine, LibvirtTarget, jump_for
 from .backends.qemu import QemuMachine
 from .config import DEFAULT_BRIDGE_HELPER, NetworkSpec
 from .console import Console, tail
@@ -70,7 +70,7 @@ from .network import (
     no_tap_message,
     port_in_use,
 )
-from .qga import GuestAgent, GuestAgentError
+from .qga import AgentCalls, GuestAgentError
 from .reaper import Lease, process_start
 from .run import RunContext
 from .seed import SeedConfig, write_seed
@@ -548,7 +548,7 @@ class Guest:
                 self._vlans_done = True
 
     @staticmethod
-    def _agent_wait(agent: GuestAgent | LibvirtAgent, pid: int, what: str, timeout: float) -> None:
+    def _agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> None:
         """Until a guest-exec'd process ends; raises if it failed or took too long."""
         deadline = time.monotonic() + timeout
         while True:
@@ -578,12 +578,10 @@ class Guest:
                 return
             time.sleep(0.05)
 
-    def _agent(self) -> GuestAgent | LibvirtAgent:
+    def _agent(self) -> AgentCalls:
         """A connection to the guest's qemu-ga: its socket, or through libvirt."""
-        if isinstance(self.machine, LibvirtMachine):
-            return self.machine.agent()
-        assert self._sockdir is not None
-        return GuestAgent(self._sockdir / "qga.sock")
+        assert self.machine is not None
+        return self.machine.agent()
 
     def agent_answers(self, timeout: float = 5.0) -> bool:
         """Whether qemu-ga answers on the guest's agent channel."""
@@ -600,15 +598,17 @@ class Guest:
         """Close SSH, pause the guest, write its device state to ``path``, stop QEMU.
 
         RAM is not in the file: it stays in the guest's shared RAM file."""
-        if not isinstance(self.machine, QemuMachine):
-            raise GuestError(f"{self.describe()}: not running on the qemu backend", self)
+        machine = self.machine
+        saver = machine.state_saver() if machine is not None else None
+        if machine is None or saver is None:
+            raise GuestError(f"{self.describe()}: its backend cannot save a template", self)
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
         self._wait_connections_closed(10 * self.timeout_scale)
-        self.machine.save_state(path, timeout=120 * self.timeout_scale)
-        self.machine.qmp("quit")
-        if not self.machine.wait_for_exit(30 * self.timeout_scale):
+        saver.save_state(path, timeout=120 * self.timeout_scale)
+        machine.qmp("quit")
+        if not machine.wait_for_exit(30 * self.timeout_scale):
             raise GuestError(f"{self.describe()}: QEMU did not quit after saving", self)
 
     def _disk_keys(self) -> dict[str, Any]:
@@ -659,9 +659,9 @@ class Guest:
         """The stopped guest's disk as a local file: on libvirt the overlay lives in
         the pool and is downloaded once."""
         assert self._overlay is not None
-        if isinstance(self.machine, LibvirtMachine) and not self._disk_fetched:
+        if self.machine is not None and self.machine.disk_is_remote and not self._disk_fetched:
             backing = None if self.config.blank else self.image.path
-            self.machine.download_overlay(self._overlay, backing)
+            self.machine.fetch_disk(self._overlay, backing)
             self._disk_fetched = True
         return self._overlay
 
@@ -800,15 +800,14 @@ class Guest:
             if self.config.backend == "libvirt":
                 assert self.config.libvirt is not None
                 machine = LibvirtMachine(spec, self.config.libvirt, self._run.accel.name)
-                self._record(domain=machine.domain_name)  # before it exists
             else:
                 machine = QemuMachine(spec, on_spawn=self._record_qemu)
+            self._record(**machine.lease_fields())  # before it exists
             try:
+                self.machine = machine  # closed with the guest, also if start fails
                 machine.start()
-                if isinstance(machine, LibvirtMachine):
-                    self.machine = machine  # closed with the guest, also if this fails
-                    if user:
-                        self._forward_ssh(machine)
+                if user and machine.forwards_ssh_after_start:
+                    self._forward_ssh(machine)
             except GuestLaunchError as exc:
                 exc.guest = self
                 # Another process took the port between our check and QEMU's bind.
@@ -833,7 +832,7 @@ class Guest:
         # here on would leave it running with nobody else knowing its PID.
         self._record(qemu_pid=pid, qemu_start=process_start(pid))
 
-    def _forward_ssh(self, machine: LibvirtMachine) -> None:
+    def _forward_ssh(self, machine: Machine) -> None:
         """SSH on 127.0.0.1 of the libvirt host, added once the domain runs."""
         for attempt in range(5):
             try:
@@ -1018,7 +1017,7 @@ class Guest:
         """The IPv4 address the guest's NIC got by DHCP: from the guest agent, or from
         cloud-init's network table on the console."""
         assert self._sockdir is not None
-        agent: GuestAgent | LibvirtAgent | None = None
+        agent: AgentCalls | None = None
         seen = "the guest agent never answered"
         try:
             while True:
@@ -1028,8 +1027,8 @@ class Guest:
                         f"{dead}; last console lines:\n{tail(self.console.log_path, 20)}", self
                     )
                 address = ipv4_from_console(tail(self.console.log_path, 200), self.mac)
-                if not address and isinstance(self.machine, LibvirtMachine):
-                    address = self.machine.leased_address(self.mac)  # libvirt's DHCP
+                if not address and self.machine is not None:
+                    address = self.machine.leased_address(self.mac)  # the backend's DHCP
                 if address:
                     return address
                 try:
@@ -1166,7 +1165,8 @@ class Guest:
 
     @property
     def _primary_netdev(self) -> str:
-        return "hostnet0" if self.backend == "libvirt" else "net0"
+        assert self.machine is not None
+        return self.machine.primary_netdev
 
     def set_link(self, up: bool, vlan: Vlan | None = None) -> None:
         """Plug (``up=True``) or pull the virtual cable of a NIC: the one on ``vlan``;
@@ -1565,9 +1565,7 @@ class Guest:
     def _start_vnc(self) -> None:
         """QEMU: set the VNC password (refused to all until then); both: learn the port."""
         assert self.machine is not None and self.workdir is not None
-        if not isinstance(self.machine, LibvirtMachine):
-            password = (self.workdir / "vnc-password").read_text().strip()
-            self.machine.qmp("set_password", protocol="vnc", password=password)
+        self.machine.prepare_vnc((self.workdir / "vnc-password").read_text().strip())
         info = self.machine.qmp("query-vnc") or {}
         self.vnc = (str(info.get("host", "127.0.0.1")), int(info.get("service", 0)))
         self._run.progress(
@@ -1605,7 +1603,6 @@ class Guest:
         assert self.workdir is not None
         self._shots += 1
         dest = Path(path) if path is not None else self.workdir / f"screen-{self._shots:03d}.png"
-        assert isinstance(machine, LibvirtMachine | QemuMachine)
         data = machine.screenshot()
         if not data.startswith(PNG_MAGIC):
             data = ppm_to_png(data)
@@ -1666,7 +1663,7 @@ class Guest:
         disk): what ``kvm_guest_factory(disk=...)`` boots. It goes with the guest."""
         if self._overlay is None or self._closed:
             raise GuestError(f"{self.describe()}: it has no disk (not started, or closed)", self)
-        if isinstance(self.machine, LibvirtMachine):
+        if self.machine is not None and self.machine.disk_is_remote:
             self._stopped("disk_image")
         return self._fetch_disk()
 
@@ -1713,11 +1710,9 @@ class Guest:
             return f"{self.describe()}: kept already"
         if machine is None or not machine.is_running():
             return f"{self.describe()}: not kept: it is not running"
-        if not isinstance(machine, QemuMachine):
-            return (
-                f"{self.describe()}: not kept: libvirt destroys the guests of a connection "
-                "that closes (AUTODESTROY); use --kvm-backend qemu to keep one"
-            )
+        keeper = machine.keeper()
+        if keeper is None:
+            return f"{self.describe()}: not kept: {machine.keep_refusal}"
         if not self.config.keepable:
             return f"{self.describe()}: not kept: it was started to die with this process"
         self.kept = True
@@ -1732,8 +1727,8 @@ class Guest:
             self._ssh.close()
         if hasattr(self, "console"):
             self.console.close()
-        machine.detach()
-        lines = [f"kept {self.describe()} running: QEMU pid {machine.pid}"]
+        keeper.detach()
+        lines = [f"kept {self.describe()} running: QEMU pid {keeper.pid}"]
         if self.config.ssh:
             lines.append(f"  ssh:        {self.ssh_command}")
         console = shlex.quote(str(machine.spec.console_socket))
@@ -1758,7 +1753,7 @@ class Guest:
     def resource_usage(self) -> str:
         """What the guest consumed so far, from libvirt's domain statistics: CPU time,
         peak resident memory, bytes written to its disks ("" on the qemu backend)."""
-        if not isinstance(self.machine, LibvirtMachine):
+        if self.machine is None:
             return ""
         stats = self.machine.stats()
         if not stats:

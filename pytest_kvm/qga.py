@@ -21,7 +21,20 @@ class GuestAgentError(Exception):
 
 
 class AgentCalls:
-    """Agent commands built on ``execute``/``execute_args``, for every transport."""
+    """Agent commands built on ``execute``/``execute_args``, for every transport:
+    ``connect`` first, ``close`` (idempotent) after; also a context manager."""
+
+    def connect(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> AgentCalls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
         return self.execute_args(command, arguments, timeout)

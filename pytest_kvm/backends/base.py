@@ -5,9 +5,12 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..config import NetworkSpec
+
+if TYPE_CHECKING:
+    from ..qga import AgentCalls
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,58 @@ class QmpError(RuntimeError):
         self.desc = desc
 
 
+@runtime_checkable
+class SavesState(Protocol):
+    """Capability: the machine can write its device state for a template (RAM stays
+    in its shared RAM file) and a clone can be restored from it
+    (``MachineSpec.incoming``). ``Guest`` asks ``machine.state_saver()``."""
+
+    def save_state(self, path: Path, timeout: float = 120.0) -> None: ...
+
+
+@runtime_checkable
+class OutlivesRun(Protocol):
+    """Capability: the machine can stay running after this process ends
+    (``--kvm-keep-on-failure``): ``detach`` lets go of it without stopping it; ``pid``
+    is the process a user (or the reaper) ends it by."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def detach(self) -> None: ...
+
+
 class Machine(abc.ABC):
-    """A running guest as its backend sees it. ``start`` acts; ``close`` is idempotent."""
+    """A running guest as its backend sees it. The constructor records; ``start``
+    acts; ``close`` is idempotent and ends the guest (unless ``detach``ed).
+
+    This is the whole contract ``Guest`` relies on: nothing outside ``backends/``
+    tests which class a machine is. Optional abilities are the capability protocols
+    above, asked for with ``state_saver()`` and ``keeper()``.
+    """
+
+    # Why a guest on this backend cannot be kept after the run ("" if it can).
+    keep_refusal: str = ""
+    # Why there are no QMP events to save in artifacts (None: ``events`` has them).
+    events_note: str | None = None
+    # The primary NIC's netdev id, for ``hostfwd_add`` and ``set_link``.
+    primary_netdev: str = "net0"
+    # The guest's disks live where the backend runs them, not in ``spec.workdir``:
+    # ``fetch_disk`` copies the top overlay back, and only once the guest stopped.
+    disk_is_remote: bool = False
+    # SSH forwarding on user networking is added after ``start`` (``forward``)
+    # instead of being part of the machine's configuration.
+    forwards_ssh_after_start: bool = False
+    # ``screenshot`` works without ``MachineSpec.display`` (QEMU's default VGA card).
+    has_vga: bool = True
+
+    def state_saver(self) -> SavesState | None:
+        """This machine as a ``SavesState`` if it can save state, else None."""
+        return self if isinstance(self, SavesState) else None
+
+    def keeper(self) -> OutlivesRun | None:
+        """This machine as an ``OutlivesRun`` if it can outlive the run, else None."""
+        return self if isinstance(self, OutlivesRun) else None
 
     spec: MachineSpec
 
@@ -150,3 +203,46 @@ class Machine(abc.ABC):
     @property
     @abc.abstractmethod
     def events(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def agent(self) -> AgentCalls:
+        """A new, unconnected client of the guest's qemu-ga (``connect`` it, ``close``
+        it); its ``execute`` raises ``GuestAgentError`` for agent errors."""
+
+    @abc.abstractmethod
+    def screenshot(self) -> bytes:
+        """The guest's display as PNG or PPM bytes (callers convert PPM)."""
+
+    def forward(self, host_port: int, guest_port: int) -> None:
+        """TCP ``127.0.0.1:host_port`` on the host running the guest to ``guest_port``
+        (user networking). Raises ``GuestLaunchError`` when QEMU refuses the rule."""
+        from ..errors import GuestLaunchError
+
+        rule = f"hostfwd_add {self.primary_netdev} tcp:127.0.0.1:{host_port}-:{guest_port}"
+        out = str(self.qmp("human-monitor-command", **{"command-line": rule}) or "").strip()
+        if out:
+            raise GuestLaunchError(f"host forwarding rule 127.0.0.1:{host_port}: {out}")
+
+    def prepare_vnc(self, password: str) -> None:
+        """Make VNC usable with ``password`` once the machine runs (a backend that
+        put the password into its configuration does nothing)."""
+        self.qmp("set_password", protocol="vnc", password=password)
+
+    def leased_address(self, mac: str) -> str:
+        """The IPv4 address the backend's own DHCP server leased to ``mac``, or ""."""
+        return ""
+
+    def lease_fields(self) -> dict[str, object]:
+        """What the run's lease must record before ``start`` so that the reaper can
+        end this machine after a crash (process IDs come through ``on_spawn``)."""
+        return {}
+
+    def fetch_disk(self, dest: Path, backing: Path | None) -> None:
+        """Bring the stopped guest's top overlay to ``dest`` (``disk_is_remote``
+        backends); ``backing`` is what it is rebased on. Local disks: nothing."""
+        return None
+
+    def stats(self) -> dict[str, int]:
+        """What the guest consumed so far (``cpu_time_ns``, ``peak_rss_kib``,
+        ``disk_written_bytes``), or {} where the backend cannot tell."""
+        return {}

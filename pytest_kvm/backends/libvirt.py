@@ -773,6 +773,19 @@ class LibvirtAgent(AgentCalls):
 class LibvirtMachine(Machine):
     """One transient libvirt domain."""
 
+    keep_refusal = (
+        "libvirt destroys the guests of a connection that closes (AUTODESTROY); "
+        "use --kvm-backend qemu to keep one"
+    )
+    events_note = (
+        "no QMP events: on the libvirt backend libvirtd owns the QMP monitor "
+        "(see its log, and the domain XML in qemu-argv.txt)"
+    )
+    primary_netdev = _USER_NETDEV
+    disk_is_remote = True
+    forwards_ssh_after_start = True
+    has_vga = False  # a domain without display=True has no graphics card
+
     def __init__(self, spec: MachineSpec, target: LibvirtTarget, accel: str) -> None:
         if any(drive.secret is not None for drive in spec.drives):
             raise KvmConfigError("encrypted images are not supported on the libvirt backend yet")
@@ -971,13 +984,6 @@ class LibvirtMachine(Machine):
             raise QmpError(command, str(error.get("class", "")), str(error.get("desc", error)))
         return reply.get("return")
 
-    def forward(self, host_port: int, guest_port: int) -> None:
-        """TCP 127.0.0.1:host_port on the hypervisor's host to the guest's port."""
-        rule = f"hostfwd_add {_USER_NETDEV} tcp:127.0.0.1:{host_port}-:{guest_port}"
-        out = str(self.qmp("human-monitor-command", **{"command-line": rule}) or "").strip()
-        if out:
-            raise GuestLaunchError(f"host forwarding rule 127.0.0.1:{host_port}: {out}")
-
     def leased_address(self, mac: str) -> str:
         """The IPv4 address a libvirt network's DHCP server leased to ``mac``, or ""."""
         libvirt, _ = load_libvirt()
@@ -1093,6 +1099,15 @@ class LibvirtMachine(Machine):
                 stream.abort()
             raise GuestLaunchError(f"screenshot: {_first_line(exc)}") from None
         return b"".join(chunks)
+
+    def lease_fields(self) -> dict[str, object]:
+        return {"domain": self.domain_name}
+
+    def prepare_vnc(self, password: str) -> None:
+        """The password is in the domain XML already."""
+
+    def fetch_disk(self, dest: Path, backing: Path | None) -> None:
+        self.download_overlay(dest, backing)
 
     def download_overlay(self, dest: Path, backing: Path | None) -> None:
         """Copy the guest's overlay volume back to ``dest``, rebased onto the local

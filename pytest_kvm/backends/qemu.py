@@ -25,6 +25,7 @@ from ..console import tail
 from ..errors import GuestLaunchError
 from ..images.overlay import key_secret_opts, secret_object
 from ..network import netdev_args
+from ..qga import GuestAgent
 from ..spawn import spawn
 from .base import Machine, MachineSpec, QmpError
 
@@ -228,6 +229,9 @@ class QemuMachine(Machine):
     @property
     def argv(self) -> list[str]:
         return list(self._argv)
+
+    def agent(self) -> GuestAgent:
+        return GuestAgent(self.spec.qga_socket)
 
     @property
     def pid(self) -> int | None:

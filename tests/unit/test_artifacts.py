@@ -69,6 +69,9 @@ def test_folder_names_are_safe(tmp_path: Path):
 
 
 class FakeMachine:
+    events_note = None
+    has_vga = True
+
     def __init__(self, events: list[dict[str, Any]]) -> None:
         self.argv = ["qemu-system-x86_64", "-name", "guest=kvm-1"]
         self.events = events
