@@ -2,33 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def qemu_pids_under(directory: Path) -> list[int]:
-    """PIDs of qemu processes whose command line mentions ``directory``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and str(directory).encode() in b" ".join(argv):
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import secrets
 
 import pytest
 
-from .conftest import qemu_pids_under
+from tests.support.processes import qemu_pids_under
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import pytest
 
 from pytest_kvm.customize import Customization, customized_image, guestfs_available
 from pytest_kvm.errors import GuestError
-
-from .conftest import qemu_pids_under, sha256
+from tests.support.images import sha256
+from tests.support.processes import qemu_pids_under
 
 needs_guestfs = pytest.mark.skipif(
     not guestfs_available(), reason="libguestfs tests need python3-guestfs"

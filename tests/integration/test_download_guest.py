@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm.images import Image
-from tests.imageserver import ImageServer
-
-from .conftest import sha256
+from tests.support.images import sha256
+from tests.support.imageserver import ImageServer
 
 
 def test_guest_boots_from_a_downloaded_image(

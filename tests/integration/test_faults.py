@@ -10,8 +10,7 @@ import subprocess
 import pytest
 
 from pytest_kvm.errors import GuestError, GuestTimeout
-
-from .conftest import qemu_pids_under
+from tests.support.processes import qemu_pids_under
 
 
 @pytest.fixture

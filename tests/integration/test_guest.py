@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm.errors import CommandFailed, GuestCrashed, GuestTimeout
-
-from .conftest import qemu_pids_under, sha256
+from tests.support.images import sha256
+from tests.support.processes import qemu_pids_under
 
 
 def test_commands_files_and_console(kvm_guest, tmp_path: Path):

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm import accel
+from tests.support.processes import qemu_pids_under
 
-from .conftest import qemu_pids_under
 from .libvirtd import SYSTEM_SOCKET, Libvirtd, Sshd, answers, missing, virsh
 
 HERE = Path(__file__).resolve().parent

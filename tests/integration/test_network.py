@@ -18,8 +18,8 @@ import pytest
 
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.network import MAC_DIR
+from tests.support.processes import qemu_pids_under
 
-from .conftest import qemu_pids_under
 from .netns import BRIDGE, BridgeNetns, namespaces
 
 # Fetch a URL inside the guest (python3 comes with cloud-init).

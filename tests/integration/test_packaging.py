@@ -30,8 +30,7 @@ from pytest_kvm.images.recipe import (
     load_download,
     load_recipe,
 )
-
-from .conftest import qemu_pids_under
+from tests.support.processes import qemu_pids_under
 
 pytestmark = pytest.mark.integration
 

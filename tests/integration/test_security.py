@@ -23,8 +23,7 @@ import paramiko
 import pytest
 
 from pytest_kvm.ssh import KeyPair, SshSession
-
-from .conftest import qemu_pids_under
+from tests.support.processes import qemu_pids_under
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm.guest import Guest
-
-from .conftest import qemu_pids_under, sha256
+from tests.support.images import sha256
+from tests.support.processes import qemu_pids_under
 
 
 def test_clones_are_distinct_machines(kvm_guest_factory):

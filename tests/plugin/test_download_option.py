@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.imageserver import ImageServer, make_qcow2
+from tests.support.images import qcow2_bytes
+from tests.support.imageserver import ImageServer
 
 IMAGE_TEST = """
 def test_image(kvm_image):
@@ -24,7 +25,7 @@ def test_plain():
 
 @pytest.fixture(scope="module")
 def qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return make_qcow2(tmp_path_factory.mktemp("img") / "disk.qcow2")
+    return qcow2_bytes(tmp_path_factory.mktemp("img") / "disk.qcow2")
 
 
 @pytest.fixture

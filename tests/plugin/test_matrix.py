@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from .test_plugin import assert_usage_error, make_qcow2
+from tests.support.images import make_qcow2
+from tests.support.runs import assert_usage_error
 
 FAKE_IMAGE_FIXTURE = """
 import pytest

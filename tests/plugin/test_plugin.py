@@ -2,11 +2,12 @@
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from pytest_kvm.accel import kvm_problem
+from tests.support.images import make_qcow2
+from tests.support.runs import assert_usage_error
 
 GUEST_TEST = """
 def test_guest(kvm_guest):
@@ -15,19 +16,6 @@ def test_guest(kvm_guest):
 def test_plain():
     pass
 """
-
-
-def make_qcow2(path: Path, size: str = "16M") -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
-    return path
-
-
-def assert_usage_error(result: pytest.RunResult, *needles: str) -> None:
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    err = result.stderr.str()
-    for needle in needles:
-        assert needle in err, err
-    assert "Traceback" not in err + result.stdout.str()
 
 
 def test_guest_tests_skip_without_image(pytester: pytest.Pytester):

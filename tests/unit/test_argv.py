@@ -1,27 +1,10 @@
-from pathlib import Path
-
 import pytest
 
-from pytest_kvm.backends.base import Drive, MachineSpec
+from pytest_kvm.backends.base import Drive
 from pytest_kvm.backends.qemu import build_argv
 from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import GuestLaunchError, KvmConfigError
-
-
-def spec(tmp_path: Path, **kw) -> MachineSpec:
-    base = dict(
-        name="kvm-ab12-main-01",
-        workdir=tmp_path,
-        drives=(Drive(tmp_path / "disk.qcow2"), Drive(tmp_path / "seed.iso", "raw", readonly=True)),
-        memory=1024,
-        cpus=2,
-        accel="tcg",
-        network=NetworkSpec("user"),
-        mac="02:6b:76:00:00:01",
-        ssh_port=40022,
-    )
-    base.update(kw)
-    return MachineSpec(**base)
+from tests.support.specs import spec
 
 
 def opt(argv: list[str], flag: str) -> list[str]:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from pytest_kvm import artifacts
+from tests.support.machine import FakeMachine
 
 EVENTS = [
     {"event": "RESUME", "timestamp": {"seconds": 1700000000, "microseconds": 12}},
@@ -66,15 +67,6 @@ def test_waiting_line_says_what_for_what_it_saw_and_how_long(tmp_path: Path):
 def test_folder_names_are_safe(tmp_path: Path):
     folder = artifacts.folder_for(tmp_path, "tests/test_a.py::test_b[debian-12]", "kvm-1")
     assert folder == tmp_path / "tests_test_a.py__test_b[debian-12]" / "kvm-1"
-
-
-class FakeMachine:
-    events_note = None
-    has_vga = True
-
-    def __init__(self, events: list[dict[str, Any]]) -> None:
-        self.argv = ["qemu-system-x86_64", "-name", "guest=kvm-1"]
-        self.events = events
 
 
 def fake_guest(tmp_path: Path, machine: Any) -> Any:

@@ -28,14 +28,15 @@ from pytest_kvm.images.recipe import (
 )
 from pytest_kvm.images.store import check_spec, classify, image_name, resolve
 from pytest_kvm.uselock import release
-from tests.imageserver import ImageServer, make_qcow2, tls_context
+from tests.support.images import qcow2_bytes
+from tests.support.imageserver import ImageServer, tls_context
 
 NAME = "disk.qcow2"
 
 
 @pytest.fixture(scope="module")
 def qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return make_qcow2(tmp_path_factory.mktemp("img") / NAME)
+    return qcow2_bytes(tmp_path_factory.mktemp("img") / NAME)
 
 
 @pytest.fixture
@@ -392,7 +393,7 @@ def test_a_signed_checksum_file_is_checked_with_the_entrys_key(
 def test_a_tampered_signed_checksum_file_is_refused(
     server: ImageServer, qcow2: bytes, tmp_path: Path, catalog: Path, signer: Signer
 ) -> None:
-    evil = make_qcow2(tmp_path / "evil.qcow2", pattern=0x66)
+    evil = qcow2_bytes(tmp_path / "evil.qcow2", pattern=0x66)
     good, bad = hashlib.sha256(qcow2).hexdigest(), hashlib.sha256(evil).hexdigest()
     sums = signer.sign(f"SHA256 ({NAME}) = {good}\n").replace(good.encode(), bad.encode())
     signed_entry(server, catalog, signer, sums)
@@ -431,7 +432,7 @@ def test_catalog_image_is_downloaded_again_when_upstream_changes(
     server.files["/SUMS"] = f"{hashlib.sha256(qcow2).hexdigest()}  {NAME}\n".encode()
     (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
     first = resolve("cloudy-1", tmp_path, lines.append).path.stat().st_ino
-    newer = make_qcow2(tmp_path / "newer.qcow2", data_kib=320)
+    newer = qcow2_bytes(tmp_path / "newer.qcow2", data_kib=320)
     server.files["/" + NAME] = newer
     server.files["/SUMS"] = f"{hashlib.sha256(newer).hexdigest()}  {NAME}\n".encode()
     image = resolve("cloudy-1", tmp_path, lines.append)
@@ -466,8 +467,8 @@ def test_an_overlay_keeps_its_version_when_a_newer_one_is_downloaded(
         server.files["/" + NAME] = data
         server.files["/SUMS"] = f"{hashlib.sha256(data).hexdigest()}  {NAME}\n".encode()
 
-    older = make_qcow2(tmp_path / "older.qcow2", pattern=0x11)
-    newer = make_qcow2(tmp_path / "newer.qcow2", pattern=0x22)
+    older = qcow2_bytes(tmp_path / "older.qcow2", pattern=0x11)
+    newer = qcow2_bytes(tmp_path / "newer.qcow2", pattern=0x22)
     (catalog / "cloudy-1.toml").write_text(entry(server.url(NAME), server.url("SUMS")))
     cache = tmp_path / "cache"
     publish(older)

@@ -17,7 +17,8 @@ import pytest
 from pytest_kvm.images import Image
 from pytest_kvm.images import builder as builder_module
 from pytest_kvm.images.builder import rename_synced
-from tests.imageserver import ImageServer, make_qcow2
+from tests.support.images import qcow2_bytes
+from tests.support.imageserver import ImageServer
 
 Synced = list[tuple[Path, bool]]  # (path, whether it existed when it was synced)
 
@@ -52,7 +53,7 @@ def test_rename_synced_syncs_the_data_before_and_the_directory_after(
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ImageServer]:
-    srv = ImageServer(files={"/disk.qcow2": make_qcow2(tmp_path / "disk.qcow2")}).start()
+    srv = ImageServer(files={"/disk.qcow2": qcow2_bytes(tmp_path / "disk.qcow2")}).start()
     try:
         yield srv
     finally:

@@ -19,6 +19,7 @@ from pytest_kvm.guest import Guest, GuestConfig
 from pytest_kvm.images import Image, overlay
 from pytest_kvm.run import RunContext
 from pytest_kvm.ssh import CommandTimeout, GuestDied, KeyPair, SshSession
+from tests.support.machine import FakeMachine
 
 PANIC = "[   51.2] Kernel panic - not syncing: sysrq triggered crash"
 
@@ -185,20 +186,6 @@ def test_a_command_killed_by_a_signal_still_returns():
 
 
 # -- Guest.run: the error a test sees --------------------------------------------------
-
-
-class FakeMachine:
-    def __init__(self) -> None:
-        self.running = True
-
-    def is_running(self) -> bool:
-        return self.running
-
-    def exit_code(self) -> int | None:
-        return None if self.running else -9
-
-    def close(self) -> None:
-        self.running = False
 
 
 @pytest.fixture

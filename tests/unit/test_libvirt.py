@@ -6,12 +6,11 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from pytest_kvm.backends.base import Drive, MachineSpec
+from pytest_kvm.backends.base import Drive
 from pytest_kvm.backends.libvirt import (
     _VOLUME,
     METADATA_NS,
@@ -26,15 +25,8 @@ from pytest_kvm.backends.libvirt import (
 )
 from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import GuestLaunchError, KvmConfigError
-
-from .test_argv import spec as argv_spec
-
-DISKS = [("pytest-kvm", "pytest-kvm-g-0.qcow2", "qcow2", "disk"),
-         ("pytest-kvm", "pytest-kvm-g-1.raw", "raw", "cdrom")]  # fmt: skip
-
-
-def spec(tmp_path: Path, **kw) -> MachineSpec:
-    return argv_spec(tmp_path, **{"memory": 768, **kw})
+from tests.support.specs import LIBVIRT_DISKS as DISKS
+from tests.support.specs import libvirt_spec as spec
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvm.backends.base import MachineSpec
 from pytest_kvm.backends.qemu import QemuMachine
-from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import GuestLaunchError
+from tests.support.specs import small_spec as spec
 
 
 def fake_qemu(tmp_path: Path, body: str) -> Path:
@@ -19,13 +18,6 @@ def fake_qemu(tmp_path: Path, body: str) -> Path:
     script.write_text("#!/bin/sh\n" + body + "\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return script
-
-
-def spec(tmp_path: Path) -> MachineSpec:
-    work = tmp_path / "g"
-    work.mkdir()
-    return MachineSpec("kvm-t-main-01", work, (), 256, 1, "tcg", NetworkSpec("user"),
-                       "02:6b:76:00:00:01", 40022)  # fmt: skip
 
 
 def test_qemu_that_exits_reports_argv_exit_code_and_its_message(tmp_path):

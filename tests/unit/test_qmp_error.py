@@ -14,8 +14,7 @@ import pytest
 from pytest_kvm.backends.base import QmpError
 from pytest_kvm.backends.libvirt import LibvirtMachine, LibvirtTarget
 from pytest_kvm.backends.qemu import QemuMachine
-
-from .test_qemu_machine import spec
+from tests.support.specs import small_spec as spec
 
 NO_PNG = "Enable PNG support with libpng for screendump"
 PPM = b"P6\n2 1\n255\n\xff\x00\x00\x00\xff\x00"

@@ -209,8 +209,8 @@ def test_leases_record_where_their_pids_mean_something(book: Path) -> None:
 
 def test_a_domain_is_destroyed_only_if_its_labels_name_the_leases_run(tmp_path: Path):
     from pytest_kvm.backends.libvirt import domain_xml
-
-    from .test_libvirt import DISKS, spec
+    from tests.support.specs import LIBVIRT_DISKS as DISKS
+    from tests.support.specs import libvirt_spec as spec
 
     def xml(run: str, pid: str, host: str) -> str:
         labels = (("run", run), ("worker", "main"), ("pid", pid), ("host", host))

@@ -141,18 +141,6 @@ def _slice(data: bytes | Path, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
-def make_qcow2(path: Path, data_kib: int = 640, pattern: int = 0x5A) -> bytes:
-    """A real qcow2 with ``data_kib`` KiB of byte ``pattern`` written: a few hundred KiB
-    on disk."""
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} 0 {data_kib}k", str(path)],
-        check=True,
-        capture_output=True,
-    )
-    return path.read_bytes()
-
-
 def tls_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
     """A server context with a throwaway self-signed certificate for 127.0.0.1, and
     the certificate (for a client's SSL_CERT_FILE)."""

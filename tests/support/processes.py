@@ -1,0 +1,25 @@
+"""Finding QEMU processes by what their command line says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def qemu_pids(needle: str) -> list[int]:
+    """PIDs of qemu-system processes whose command line contains ``needle``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and needle.encode() in b" ".join(argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def qemu_pids_under(directory: Path) -> list[int]:
+    """PIDs of qemu processes whose command line mentions ``directory``."""
+    return qemu_pids(str(directory))
