@@ -6,9 +6,9 @@ In one pytest run (the plugin as users run it), each ``--runs`` times:
 
 1. ``plain boot``: the catalog image booted for real to SSH (``snapshot=False``),
    the yardstick.
-2. ``tiny CD``: the one-sector CD of tests/integration/tiny_boot.py on a blank disk:
+2. ``tiny CD``: the one-sector CD of tests/integration/support/tiny_boot.py on a blank disk:
    power-on to its console line, then power-off (the plumbing's own cost).
-3. ``mini install``: the suite's installer ISO (tests/integration/mini_installer.py):
+3. ``mini install``: the suite's installer ISO (tests/integration/support/mini_installer.py):
    power-on to its first question, answers to power-off, then ``boot_installed()``
    to SSH. The ISO is built before the first run if the cache lacks it (reported).
 
@@ -34,8 +34,8 @@ INNER = textwrap.dedent(
     import json, os, re, sys, time
     import pytest
     sys.path.insert(0, os.environ["BENCH_ROOT"])
-    from tests.integration.mini_installer import BANNER, build_installer_iso
-    from tests.integration.tiny_boot import build_tiny_iso
+    from tests.integration.support.mini_installer import BANNER, build_installer_iso
+    from tests.integration.support.tiny_boot import build_tiny_iso
     from pytest_kvm import accel
     from pytest_kvm.plugin import settings_key
 

@@ -30,7 +30,7 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   # Install services without starting them: the libvirt tests start their own
-  # libvirtd in a network namespace, and stop it (tests/integration/libvirtd.py).
+  # libvirtd in a network namespace, and stop it (tests/integration/support/libvirtd.py).
   policy=/usr/sbin/policy-rc.d
   made_policy=
   if [ ! -e "$policy" ]; then

@@ -24,8 +24,11 @@ import pytest
 from pytest_kvm import accel
 from pytest_kvm.guest import Guest
 from pytest_kvm.images import Image
-
-from .mini_installer import BANNER, InstallerUnsupported, build_installer_iso
+from tests.integration.support.mini_installer import (
+    BANNER,
+    InstallerUnsupported,
+    build_installer_iso,
+)
 
 HOSTNAME = "installed-host"
 Factory = Callable[..., Guest]

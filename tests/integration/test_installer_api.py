@@ -14,9 +14,9 @@ import pytest
 
 from pytest_kvm.display import png_size
 from pytest_kvm.errors import GuestError, GuestTimeout, KvmConfigError
+from tests.integration.support.tiny_boot import build_tiny_iso
 
 from ..unit.test_display import _decode_png
-from .tiny_boot import build_tiny_iso
 
 
 def _host_boot_files() -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """The libvirt backend against a real libvirtd, QEMU and guests.
 
 The module always starts libvirtd and virtlogd of its own, in a network and mount
-namespace of their own with a private socket (tests/integration/libvirtd.py), whether
+namespace of their own with a private socket (tests/integration/support/libvirtd.py), whether
 or not a libvirtd runs on the host, and stops them afterwards. Inner runs go into that
 namespace, where the guests' forwarded ports are, with PYTEST_KVM_URI and
 LIBVIRT_DEFAULT_URI naming that daemon. The parity suite (parity_suite.py) runs there
@@ -28,11 +28,18 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm import accel
+from tests.integration.support.libvirtd import (
+    SYSTEM_SOCKET,
+    Libvirtd,
+    Sshd,
+    answers,
+    missing,
+    virsh,
+)
 from tests.support.processes import qemu_pids_under
 
-from .libvirtd import SYSTEM_SOCKET, Libvirtd, Sshd, answers, missing, virsh
-
 HERE = Path(__file__).resolve().parent
+SUPPORT = HERE / "support"
 POOL_DIR = Path("/var/lib/libvirt/images/pytest-kvm")
 
 pytestmark = [
@@ -86,7 +93,7 @@ def test_parity_suite_passes_on_both_backends(
     """The same suite on the qemu backend, on local libvirt, and on libvirt "remote":
     qemu+ssh:// through an sshd on 127.0.0.1, guests reached through SSH jumps."""
     pytester.copy_example(str(HERE / "parity_suite.py"))
-    pytester.copy_example(str(HERE / "tiny_boot.py"))
+    pytester.copy_example(str(SUPPORT / "tiny_boot.py"))
     monkeypatch.setenv("PKVM_EXPECT_BACKEND", backend.partition("-")[0])
     suite = str(pytester.path / "parity_suite.py")
     # A failed inner test leaves its console log and the domain XML here.
@@ -98,7 +105,7 @@ def test_parity_suite_passes_on_both_backends(
             # The remote host's accelerator is ours: say it (auto would trust libvirt's
             # capabilities, which offer KVM on a host whose KVM cannot run the guest).
             argv = libvirtd.wrap([
-                sys.executable, str(HERE / "in_overlay.py"), "/root", str(sshd.home.parent),
+                sys.executable, str(SUPPORT / "in_overlay.py"), "/root", str(sshd.home.parent),
                 "--", *_pytest_argv(image_arg, cache_arg), "--kvm-backend=libvirt",
                 f"--kvm-uri={libvirtd.remote_uri}",
                 f"--kvm-accel={accel.choose('auto').name}", artifacts, suite,
@@ -386,8 +393,7 @@ def test_libvirt_nat_network_and_bridge(
     """libvirt's own NAT network ("default", started in the daemon's namespace) and a
     bridge with a DHCP server there: guests get addresses from them, reached directly."""
     from pytest_kvm.network import MAC_DIR
-
-    from .netns import BridgeNetns
+    from tests.integration.support.netns import BridgeNetns
 
     _virsh("net-start", "default")
     bridge = BridgeNetns(tmp_path / "bridge", netns=libvirtd.netns)
@@ -438,7 +444,7 @@ def test_uris_are_spread_over_xdist_workers(
     remote = libvirtd.remote_uri
     with Sshd(libvirtd, tmp_path / "sshd") as sshd:
         argv = libvirtd.wrap([
-            sys.executable, str(HERE / "in_overlay.py"), "/root", str(sshd.home.parent),
+            sys.executable, str(SUPPORT / "in_overlay.py"), "/root", str(sshd.home.parent),
             "--", *_pytest_argv(image_arg, cache_arg), "--kvm-backend=libvirt",
             f"--kvm-uri={libvirtd.uri}", f"--kvm-uri={remote}", "-n", "2",
             "--dist=loadfile", f"--kvm-accel={accel.choose('auto').name}",

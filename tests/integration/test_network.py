@@ -1,7 +1,7 @@
 """Networks with real guests: user forwards, kvm_vlan segments, and bridges with DHCP.
 
 Bridge tests build their bridge and DHCP server (dnsmasq) inside a network namespace
-(tests/integration/netns.py) and run an inner pytest there, so nothing touches the
+(tests/integration/support/netns.py) and run an inner pytest there, so nothing touches the
 host's own interfaces.
 """
 
@@ -18,9 +18,8 @@ import pytest
 
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.network import MAC_DIR
+from tests.integration.support.netns import BRIDGE, BridgeNetns, namespaces
 from tests.support.processes import qemu_pids_under
-
-from .netns import BRIDGE, BridgeNetns, namespaces
 
 # Fetch a URL inside the guest (python3 comes with cloud-init).
 FETCH = "python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "  # noqa: E501
