@@ -20,8 +20,9 @@ import json
 import pytest
 
 from pytest_kvm.images.recipe import catalog_names
-
-from .test_reaper import NOTHING, _Inner, _run_ids, leftovers
+from tests.integration.support.inner import NOTHING, leftovers
+from tests.integration.support.inner import InnerRuns as _Inner
+from tests.integration.support.inner import run_ids as _run_ids
 
 TESTS = 40
 WORKERS = 4

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_kvm.backends.base import Machine, MachineSpec
-
-from .specs import spec as default_spec
+from tests.support.specs import spec as default_spec
 
 if TYPE_CHECKING:
     from pytest_kvm.qga import AgentCalls
