@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pytest_kvm.reaper import Lease, leases, reap
 from tests.support.processes import qemu_pids
 
@@ -80,7 +82,7 @@ class InnerRuns:
     """Inner pytest runs started in the background (``start``) with ``args`` and the
     runtime dir ``runtime``; ``stop`` kills what still runs and reaps what they left."""
 
-    def __init__(self, pytester, runtime: Path, args: list[str]) -> None:
+    def __init__(self, pytester: pytest.Pytester, runtime: Path, args: list[str]) -> None:
         self.pytester = pytester
         self.runtime = runtime
         self.args = [*args, "-p", "no:cacheprovider", "-o", "faulthandler_timeout=300"]
