@@ -30,9 +30,9 @@ import stat
 import struct
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import NetworkSpec
 from .errors import KvmConfigError, KvmError
 from .private import private_dir, read_regular
 
@@ -50,6 +50,21 @@ BRIDGE_ACL = Path("/etc/qemu/bridge.conf")
 _CAP_NET_ADMIN = 12
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A parsed ``--kvm-network`` value."""
+
+    kind: str  # "user" | "bridge" | "libvirt"
+    name: str = ""
+    # bridge only: "" lets the plugin choose (its own tap with CAP_NET_ADMIN, else
+    # qemu-bridge-helper); otherwise the helper binary QEMU must use.
+    helper: str = ""
+
+    def __str__(self) -> str:
+        text = self.kind if not self.name else f"{self.kind}={self.name}"
+        return f"{text},helper={self.helper}" if self.helper else text
 
 
 class Identity:
