@@ -44,10 +44,10 @@ from filelock import FileLock
 
 from .errors import ImageError, KvmConfigError, KvmUnavailable
 from .images import Image
-from .images.builder import rename_synced
 from .images.overlay import check_qemu_path, create_overlay, key_secret_opts, secret_object
-from .reaper import Lease, lease_dir, owner_fields, process_start
+from .reaper import Lease, lease_dir, owner_fields
 from .spawn import spawn
+from .util import process_start, rename_synced
 
 GUESTFS_PACKAGE = "python3-guestfs"
 # Bump when what a layer holds for the same input changes, so old layers are not used.

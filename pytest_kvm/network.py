@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .errors import KvmConfigError, KvmError
 from .private import private_dir, read_regular
+from .util import pid_alive as pid_alive  # re-exported: backends import it here
 
 # Locally administered, unicast (second-lowest bit of the first octet set, lowest clear).
 MAC_PREFIX = (0x02, 0x6B, 0x76)
@@ -203,17 +204,6 @@ def bridge_fdb_macs(bridge: str) -> set[str]:
         return {str(e.get("mac", "")).lower() for e in json.loads(out or "[]")}
     except (OSError, subprocess.SubprocessError, ValueError):
         return set()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with that PID exists (ours or not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class MacReservation:

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from pytest_kvm.images import Image
-from pytest_kvm.images import builder as builder_module
-from pytest_kvm.images.builder import rename_synced
+from pytest_kvm import util
+from pytest_kvm.images import download
+from pytest_kvm.util import rename_synced
 from tests.imageserver import ImageServer, make_qcow2
 
 Synced = list[tuple[Path, bool]]  # (path, whether it existed when it was synced)
@@ -25,13 +26,14 @@ Synced = list[tuple[Path, bool]]  # (path, whether it existed when it was synced
 @pytest.fixture
 def synced(monkeypatch: pytest.MonkeyPatch) -> Synced:
     calls: Synced = []
-    real = builder_module.fsync_path
+    real = util.fsync_path
 
     def spy(path: Path) -> None:
         calls.append((Path(path), Path(path).exists()))
         real(path)
 
-    monkeypatch.setattr(builder_module, "fsync_path", spy)
+    monkeypatch.setattr(util, "fsync_path", spy)
+    monkeypatch.setattr(download, "fsync_path", spy)
     return calls
 
 
