@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from pytest_kvm.images import Image
 from pytest_kvm import util
-from pytest_kvm.images import download
+from pytest_kvm.images import Image, download
 from pytest_kvm.util import rename_synced
 from tests.imageserver import ImageServer, make_qcow2
 
