@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .customize import Customization
+from .customize.spec import Customization
 from .errors import KvmConfigError
 from .network import NetworkSpec as NetworkSpec  # re-exported: its old home
 

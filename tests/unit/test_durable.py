@@ -92,7 +92,7 @@ def test_a_customisation_layer_is_synced_before_its_rename(
         def apply(self, custom: object) -> None:
             pass
 
-    monkeypatch.setattr(customize, "DiskHandle", NoAppliance)
+    monkeypatch.setattr(customize.layers, "DiskHandle", NoAppliance)
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
     image = Image("base", base, "qcow2", str(base), 16 << 20)
