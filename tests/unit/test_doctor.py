@@ -60,7 +60,9 @@ class Machine:
         monkeypatch.setattr(mirror, "debian_mirror", self.debian_mirror)
         monkeypatch.setattr(doctor, "_launch_guestfs", self.launch_guestfs)
         monkeypatch.setattr(doctor, "_libvirt_check", self.libvirt_check)
-        monkeypatch.setattr(doctor, "_importable", lambda module: module not in self.missing_modules)
+        monkeypatch.setattr(
+            doctor, "_importable", lambda module: module not in self.missing_modules
+        )
         self.guestfs_importable(True, monkeypatch)
 
     def which(self, tool: str, mode: int = os.F_OK | os.X_OK, path: str | None = None) -> str:
