@@ -1,5 +1,5 @@
-"""What a run tells about its guests: failure artifacts, console tails, boot timings
-(``-v``) and the progress lines of a long wait during a real boot.
+"""What a run tells about its guests: failure artifacts, console tails and boot timings
+(``-v``); the progress lines of a long wait are in progress.py.
 
 A failed test's guests each leave ``--kvm-artifacts DIR/<test id>/<guest>/``:
 
@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .backends.base import Machine
-from .console import tail
 from .display import PNG_MAGIC, ppm_to_png
 from .errors import KvmError
 
@@ -41,8 +40,6 @@ if TYPE_CHECKING:
 
 CONSOLE_TAIL_LINES = 30
 TIMINGS_SECTION = "kvm boot timings: "
-# A real boot that waits longer than this says what for, and again this often.
-WAIT_PROGRESS_EVERY = 10.0
 # How long a failed test's guest has to run ``true`` over SSH before its journal is
 # read from its disk instead (seconds, not scaled: a live guest answers in one).
 SSH_LOOK = 10.0
@@ -96,22 +93,6 @@ def format_events(events: Iterable[Mapping[str, Any]]) -> str:
         ordered.update((k, v) for k, v in event.items() if k not in ordered)
         lines.append(json.dumps(ordered, sort_keys=False, default=str))
     return "".join(line + "\n" for line in lines)
-
-
-def last_console_line(path: Path, width: int = 60) -> str:
-    """The last non-blank console line, without escape sequences, cut to ``width``."""
-    for line in reversed(tail(path, 5).splitlines()):
-        text = "".join(c if c.isprintable() else " " for c in line).strip()
-        if text:
-            return text if len(text) <= width else text[: width - 3] + "..."
-    return ""
-
-
-def waiting_line(name: str, what: str, console_log: Path, elapsed: float) -> str:
-    """The progress line of a long wait during a real boot."""
-    last = last_console_line(console_log)
-    seen = f"console: {last}" if last else "console silent"
-    return f"pytest-kvm: guest {name}: waiting for {what} ({seen}), {elapsed:.0f} s"
 
 
 def save(guest: Guest, root: Path, nodeid: str, keep_running: bool = False) -> Path:

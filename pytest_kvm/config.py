@@ -9,26 +9,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .customize import Customization
+from .customize.spec import Customization
 from .errors import KvmConfigError
+from .network import NetworkSpec as NetworkSpec  # re-exported: its old home
 
 BACKENDS = ("qemu", "libvirt")
 ACCELS = ("auto", "kvm", "tcg")
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """A parsed ``--kvm-network`` value."""
-
-    kind: str  # "user" | "bridge" | "libvirt"
-    name: str = ""
-    # bridge only: "" lets the plugin choose (its own tap with CAP_NET_ADMIN, else
-    # qemu-bridge-helper); otherwise the helper binary QEMU must use.
-    helper: str = ""
-
-    def __str__(self) -> str:
-        text = self.kind if not self.name else f"{self.kind}={self.name}"
-        return f"{text},helper={self.helper}" if self.helper else text
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import GuestTimeout
-
-
-def tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
-    """The last ``lines`` lines of a log, decoded leniently, without escape sequences."""
-    try:
-        with path.open("rb") as log:
-            log.seek(0, 2)
-            size = log.tell()
-            log.seek(max(0, size - max_bytes))
-            data = log.read()
-    except FileNotFoundError:
-        return ""
-    text = _ANSI.sub("", data.decode("utf-8", errors="replace")).replace("\r", "")
-    return "\n".join(text.splitlines()[-lines:])
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]")
+from .util import tail as tail  # re-exported: callers import it from here
 
 
 class Console:

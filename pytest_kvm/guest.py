@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from .artifacts import WAIT_PROGRESS_EVERY, waiting_line
 from .backends.base import Drive, Machine, MachineSpec, Nic, QmpError
 from .backends.libvirt import LibvirtMachine, LibvirtTarget, jump_for
 from .backends.qemu import QemuMachine
@@ -70,6 +69,7 @@ from .network import (
     no_tap_message,
     port_in_use,
 )
+from .progress import WAIT_PROGRESS_EVERY, waiting_line
 from .qga import AgentCalls, GuestAgentError
 from .reaper import Lease, process_start
 from .run import RunContext

@@ -30,11 +30,12 @@ import stat
 import struct
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import NetworkSpec
 from .errors import KvmConfigError, KvmError
 from .private import private_dir, read_regular
+from .util import pid_alive as pid_alive  # re-exported: backends import it here
 
 # Locally administered, unicast (second-lowest bit of the first octet set, lowest clear).
 MAC_PREFIX = (0x02, 0x6B, 0x76)
@@ -50,6 +51,21 @@ BRIDGE_ACL = Path("/etc/qemu/bridge.conf")
 _CAP_NET_ADMIN = 12
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A parsed ``--kvm-network`` value."""
+
+    kind: str  # "user" | "bridge" | "libvirt"
+    name: str = ""
+    # bridge only: "" lets the plugin choose (its own tap with CAP_NET_ADMIN, else
+    # qemu-bridge-helper); otherwise the helper binary QEMU must use.
+    helper: str = ""
+
+    def __str__(self) -> str:
+        text = self.kind if not self.name else f"{self.kind}={self.name}"
+        return f"{text},helper={self.helper}" if self.helper else text
 
 
 class Identity:
@@ -188,17 +204,6 @@ def bridge_fdb_macs(bridge: str) -> set[str]:
         return {str(e.get("mac", "")).lower() for e in json.loads(out or "[]")}
     except (OSError, subprocess.SubprocessError, ValueError):
         return set()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with that PID exists (ours or not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class MacReservation:

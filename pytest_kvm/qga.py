@@ -1,19 +1,29 @@
-"""A small client for the QEMU guest agent (qemu-ga) on a guest's virtio-serial socket.
+"""The QEMU guest agent (qemu-ga) client, on a guest's virtio-serial socket.
 
-The agent protocol is QMP-like JSON lines without a greeting; ``guest-sync`` first
-discards whatever an earlier client left in the channel. qemu.qmp speaks QMP only,
-hence this client.
+The agent speaks QMP without the greeting and the capabilities negotiation, so
+``GuestAgent`` is qemu.qmp's ``QMPClient`` with ``await_greeting`` and ``negotiate``
+off, as its documentation says for qemu-ga. Ours is only ``guest-sync``: the channel
+outlives connections, so a reply meant for an earlier client may still be in it;
+a ``guest-sync`` with a fresh token, under an id of our own, marks where our replies
+start (qemu.qmp drops replies whose id it does not know). The client runs on one
+event loop thread shared by all agents of the process, so callers stay synchronous.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import json
+import contextlib
 import secrets
-import socket
-import time
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+T = TypeVar("T")
 
 
 class GuestAgentError(Exception):
@@ -52,71 +62,82 @@ class AgentCalls:
             self.execute("guest-file-close", handle=handle)
 
 
+class _Loop:
+    """One daemon event loop thread for every agent client of this process (started
+    on first use): an agent connection is short, a thread per one would be waste."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="qga", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+
 class GuestAgent(AgentCalls):
     """One connection to qemu-ga; ``close`` is idempotent."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._sock: socket.socket | None = None
-        self._buffer = b""
+        self._client: QMPClient | None = None
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, _Loop.get())
+        try:
+            return future.result(max(timeout, 0.001))
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError("the guest agent did not answer") from None
 
     def connect(self, timeout: float) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(self.path))
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
+        client = QMPClient(f"qga-{self.path.parent.name}")
+        client.await_greeting = False
+        client.negotiate = False
+        self._client = client
         token = secrets.randbelow(1 << 31)
-        self._send({"execute": "guest-sync", "arguments": {"id": token}})
-        deadline = time.monotonic() + timeout
-        while True:  # skip answers meant for an earlier client
-            reply = self._receive(deadline)
-            if reply.get("return") == token:
-                return
+        try:
+            self._run(self._connect(client, token), timeout)
+        except ConnectError as exc:
+            self.close()
+            if isinstance(exc.exc, OSError):
+                raise exc.exc from None
+            raise GuestAgentError(f"cannot connect to the guest agent: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, client: QMPClient, token: int) -> None:
+        await client.connect(str(self.path))
+        sync = {"execute": "guest-sync", "arguments": {"id": token}, "id": f"sync-{token}"}
+        try:
+            reply = await client._raw(sync, assign_id=False)  # our id: see the module doc
+        except ExecInterruptedError:
+            raise GuestAgentError("the guest agent closed the connection") from None
+        if reply.get("return") != token:
+            raise GuestAgentError(f"guest-sync answered {reply!r}, not {token}")
 
     def execute_args(self, command: str, arguments: dict[str, Any], timeout: float = 10.0) -> Any:
-        message: dict[str, Any] = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self._send(message)
-        reply = self._receive(time.monotonic() + timeout)
-        if "error" in reply:
-            error = reply["error"]
-            raise GuestAgentError(f"{command}: {error.get('desc', error)}")
-        return reply.get("return")
-
-    def _send(self, message: dict[str, Any]) -> None:
-        if self._sock is None:
+        if self._client is None:
             raise GuestAgentError("not connected")
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
-
-    def _receive(self, deadline: float) -> dict[str, Any]:
-        assert self._sock is not None
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("the guest agent did not answer")
-            self._sock.settimeout(remaining)
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise GuestAgentError("the guest agent closed the connection")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        # qemu-ga may prefix a 0xff sync byte; skip anything before the JSON.
-        start = line.find(b"{")
         try:
-            reply = json.loads(line[start:]) if start >= 0 else {}
-        except ValueError:
-            reply = {}
-        return reply if isinstance(reply, dict) else {}
+            return self._run(self._client.execute(command, arguments or None), timeout)
+        except ExecuteError as exc:
+            raise GuestAgentError(f"{command}: {exc.error.error.desc}") from None
+        except (ExecInterruptedError, EOFError):
+            raise GuestAgentError("the guest agent closed the connection") from None
+        except QMPError as exc:
+            raise GuestAgentError(f"{command}: {exc}") from None
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing: the socket may be gone
+                self._run(client.disconnect(), 10)
 
     def __enter__(self) -> GuestAgent:
         return self

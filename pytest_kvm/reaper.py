@@ -38,6 +38,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .private import private_dir, read_regular, write_private
+from .util import boot_id, pid_namespace, process_alive, process_argv
+from .util import process_start as process_start  # re-exported: callers import it here
 
 LEASE_DIR_ENV = "PYTEST_KVM_LEASE_DIR"
 
@@ -53,52 +55,6 @@ def lease_dir() -> Path:
     return private_dir(
         path, "lease directory", parents=bool(configured), fix=f"remove it or set {LEASE_DIR_ENV}"
     )
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot), or None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after it.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 of the whole line
-    except (IndexError, ValueError):
-        return None
-
-
-def process_alive(pid: int | None, start: int | None) -> bool:
-    """Whether the process that was ``pid`` when it had start time ``start`` still runs."""
-    if not pid:
-        return False
-    now = process_start(pid)
-    if now is None:
-        return False
-    if start is not None and now != start:
-        return False  # the PID was reused
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-            return False  # a zombie: dead, waiting for its parent
-    return True
-
-
-def boot_id() -> str:
-    """This kernel's boot identity ("" if unknown): PIDs compare only within one boot."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def pid_namespace() -> str:
-    """This process's PID namespace, e.g. ``pid:[4026531836]`` ("" if unknown): two
-    containers on one kernel share the boot, not their PIDs."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
 
 
 def here() -> dict[str, str]:
@@ -280,9 +236,8 @@ def _ours(path: Path) -> bool:
 def _is_our_process(pid: int, lease: Lease) -> bool:
     """Whether ``pid`` is still the process the lease names: QEMU running that guest,
     or qemu-nbd serving on that socket."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    argv = process_argv(pid)
+    if argv is None:
         return False
     if lease.kind == "nbd":
         sock = str(lease.data.get("socket") or "")

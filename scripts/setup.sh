@@ -48,7 +48,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest_kvm, libvir
   /usr/bin/python3 -m venv --system-site-packages .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
-elif ! .venv/bin/python -c 'import pytest_html, testinfra, build' 2>/dev/null; then
+elif ! .venv/bin/python -c 'import pytest_html, testinfra, build, importlinter' 2>/dev/null; then
   # A venv made before a dev dependency was added: bring it up to date.
   echo "setup: updating .venv"
   .venv/bin/python -m pip install -q -e '.[dev]'

@@ -49,6 +49,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import ImageError, KvmUnavailable
+from ..util import fsync_path as fsync_path  # re-exported: kept importable from here
+from ..util import rename_synced as rename_synced
+from ..util import tail_text
 from .mirror import debian_mirror
 from .recipe import BUILDER_VERSION, Recipe
 
@@ -236,7 +239,7 @@ class _Build:
         if done.returncode != 0:
             raise ImageError(
                 f"building {self.recipe.name!r}: {shlex.join(argv)} failed "
-                f"(exit {done.returncode}):\n{_tail(output)}"
+                f"(exit {done.returncode}):\n{tail_text(output, _TAIL_LINES)}"
             )
         return output
 
@@ -780,29 +783,3 @@ def _write(path: Path, text: str, *, mode: int = 0o644, keep_owner: bool = False
     if stat is not None:
         os.chown(tmp, stat.st_uid, stat.st_gid)
     os.replace(tmp, path)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's data and metadata to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rename_synced(src: Path, dst: Path) -> None:
-    """Rename ``src`` (a file, or a directory of files) to ``dst`` durably: its data is
-    on disk before the rename, and the rename is on disk before this returns, so a
-    crash leaves the old name or a whole new one, never a name over lost blocks."""
-    if src.is_dir():
-        for path in src.iterdir():
-            if path.is_file() and not path.is_symlink():
-                fsync_path(path)
-    fsync_path(src)
-    os.replace(src, dst)
-    fsync_path(dst.parent)
-
-
-def _tail(text: str, lines: int = _TAIL_LINES) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])

@@ -57,7 +57,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import ImageError, KvmConfigError
 from ..uselock import hold, release, unused
-from .builder import fsync_path, rename_synced
+from ..util import fsync_path, rename_synced
 
 DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
 CHUNK = 256 * 1024

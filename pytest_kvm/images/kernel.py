@@ -22,8 +22,8 @@ from typing import Any
 from filelock import FileLock
 
 from ..errors import ImageError, KvmUnavailable
+from ..util import rename_synced
 from . import Image
-from .builder import rename_synced
 
 _LINUX = re.compile(r"^\s*linux(?:16|efi)?\s+(\S+)\s*(.*)$", re.MULTILINE)
 _INITRD = re.compile(r"^\s*initrd(?:16|efi)?\s+(\S+)", re.MULTILINE)

@@ -94,14 +94,18 @@ def recipes_dir() -> Path:
     return packaged_catalog()
 
 
-def catalog_names() -> list[str]:
-    """Names of the catalog's recipes, sorted."""
-    directory = recipes_dir()
+def _entry_names(directory: Path) -> list[str]:
+    """Names of the ``*.toml`` entries in a catalog directory, sorted."""
     if not directory.is_dir():
         return []
     return sorted(
         p.stem for p in directory.glob("*.toml") if p.is_file() and _NAME_RE.match(p.stem)
     )
+
+
+def catalog_names() -> list[str]:
+    """Names of the catalog's recipes, sorted."""
+    return _entry_names(recipes_dir())
 
 
 def load_recipe(name: str) -> Recipe:
@@ -315,12 +319,7 @@ def downloads_dir() -> Path:
 
 def download_names() -> list[str]:
     """Names of the catalog's downloaded images, sorted."""
-    directory = downloads_dir()
-    if not directory.is_dir():
-        return []
-    return sorted(
-        p.stem for p in directory.glob("*.toml") if p.is_file() and _NAME_RE.match(p.stem)
-    )
+    return _entry_names(downloads_dir())
 
 
 def load_download(name: str) -> DownloadEntry:

@@ -15,6 +15,7 @@ from filelock import FileLock
 
 from ..errors import ImageError, KvmConfigError
 from . import Image
+from .facts import facts_path, write_facts
 from .overlay import (
     check_secret,
     encrypted_chain,
@@ -244,8 +245,6 @@ def build_cached(name: str, cache: Path, progress: Callable[[str], None] = print
         if not path.exists():
             progress(f"pytest-kvm: building image {name} into {path} (first use)")
             build_image(recipe, path, progress=progress)
-        from ..customize import facts_path, write_facts
-
         if not facts_path(path).exists():
             write_facts(path, cloud_init="cloud-init" in recipe.packages)
     fmt, size = validate_path(path, name)

@@ -1,4 +1,4 @@
-"""Failure artifacts and progress lines, without QEMU: fakes for the guest and machine."""
+"""Failure artifacts, without QEMU: fakes for the guest and machine."""
 
 from __future__ import annotations
 
@@ -39,29 +39,6 @@ def test_timings_read_as_a_line_and_a_report_section():
     )
     title, text = artifacts.timings_section("kvm-ab12-main-01", timings)
     assert title == "kvm boot timings: kvm-ab12-main-01" and text.startswith("overlay 0.01 s")
-
-
-def test_last_console_line_is_clean_and_short(tmp_path: Path):
-    log = tmp_path / "serial.log"
-    log.write_bytes(
-        b"early line\r\n\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mssh.service\x1b[0m - "
-        b"OpenBSD Secure Shell server and a long tail of words after it\r\n\r\n"
-    )
-    line = artifacts.last_console_line(log, width=40)
-    assert line == "OK  ] Started ssh.service - OpenBSD S..."
-    assert len(line) == 40 and "\x1b" not in line
-    assert artifacts.last_console_line(tmp_path / "missing.log") == ""
-
-
-def test_waiting_line_says_what_for_what_it_saw_and_how_long(tmp_path: Path):
-    log = tmp_path / "serial.log"
-    log.write_text("Loading initial ramdisk ...\n")
-    assert artifacts.waiting_line("kvm-ab12-main-01", "SSH", log, 20.4) == (
-        "pytest-kvm: guest kvm-ab12-main-01: waiting for SSH "
-        "(console: Loading initial ramdisk ...), 20 s"
-    )
-    log.write_text("")
-    assert "(console silent), 10 s" in artifacts.waiting_line("g", "SSH", log, 10)
 
 
 def test_folder_names_are_safe(tmp_path: Path):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kvm import cli
+from pytest_kvm import cli, doctor
 from pytest_kvm.accel import AccelChoice
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.images import builder, mirror
@@ -48,17 +48,21 @@ class Machine:
         grub.mkdir()
         (grub / "boot.img").write_bytes(b"\0" * 512)
         monkeypatch.setattr(builder, "GRUB_PLATFORM_DIR", grub)
-        monkeypatch.setattr(cli.shutil, "which", self.which)
-        monkeypatch.setattr(cli, "_run", self.run)
-        monkeypatch.setattr(cli.accel, "choose", lambda requested: self.choice)
-        monkeypatch.setattr(cli.os, "geteuid", lambda: self.uid)
+        monkeypatch.setattr(doctor.shutil, "which", self.which)
+        monkeypatch.setattr(doctor, "_run", self.run)
+        monkeypatch.setattr(doctor.accel, "choose", lambda requested: self.choice)
+        monkeypatch.setattr(doctor.os, "geteuid", lambda: self.uid)
         monkeypatch.setattr(
-            cli.shutil, "disk_usage", lambda path: SimpleNamespace(free=self.free, total=0, used=0)
+            doctor.shutil,
+            "disk_usage",
+            lambda path: SimpleNamespace(free=self.free, total=0, used=0),
         )
         monkeypatch.setattr(mirror, "debian_mirror", self.debian_mirror)
-        monkeypatch.setattr(cli, "_launch_guestfs", self.launch_guestfs)
-        monkeypatch.setattr(cli, "_libvirt_check", self.libvirt_check)
-        monkeypatch.setattr(cli, "_importable", lambda module: module not in self.missing_modules)
+        monkeypatch.setattr(doctor, "_launch_guestfs", self.launch_guestfs)
+        monkeypatch.setattr(doctor, "_libvirt_check", self.libvirt_check)
+        monkeypatch.setattr(
+            doctor, "_importable", lambda module: module not in self.missing_modules
+        )
         self.guestfs_importable(True, monkeypatch)
 
     def which(self, tool: str, mode: int = os.F_OK | os.X_OK, path: str | None = None) -> str:
@@ -85,19 +89,19 @@ class Machine:
         assert self.guestfs is not None
         return self.guestfs
 
-    def libvirt_check(self) -> cli.Check:
+    def libvirt_check(self) -> doctor.Check:
         what = "libvirt (optional: --kvm-backend libvirt)"
         if self.libvirt:
-            return cli.Check(what, True, "qemu:///system answers", False, optional=True)
+            return doctor.Check(what, True, "qemu:///system answers", False, optional=True)
         hint = "apt-get install libvirt-daemon-system; systemctl start libvirtd"
-        return cli.Check(what, False, "cannot connect", False, hint, optional=True)
+        return doctor.Check(what, False, "cannot connect", False, hint, optional=True)
 
     @staticmethod
     def guestfs_importable(yes: bool, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(sys.modules, "guestfs", SimpleNamespace() if yes else None)
 
     def build(self) -> None:
-        path = catalog_path(cli.DOCTOR_IMAGE, self.cache)
+        path = catalog_path(doctor.DOCTOR_IMAGE, self.cache)
         path.parent.mkdir(parents=True)
         path.write_bytes(b"")
 
@@ -340,7 +344,7 @@ def test_missing_libvirt_python_names_the_extra_and_its_build_packages(monkeypat
         raise KvmUnavailable("the libvirt backend needs libvirt-python")
 
     monkeypatch.setattr(libvirt, "load_libvirt", missing)
-    check = cli._libvirt_check()
+    check = doctor._libvirt_check()
     assert not check.ok and not check.required and check.optional
     assert check.hint == (
         "pip install 'pytest-kvm[libvirt]'; building libvirt-python needs "
@@ -355,15 +359,15 @@ def test_the_real_libvirt_check_names_the_uri_when_the_daemon_is_down(monkeypatc
         raise KvmConfigError(f"--kvm-uri {uri}: cannot connect (no socket)")
 
     monkeypatch.setattr(libvirt, "connect", refuse)
-    check = cli._libvirt_check()
+    check = doctor._libvirt_check()
     assert not check.ok and not check.required and check.optional
     assert "cannot connect" in check.detail and "systemctl start libvirtd" in check.hint
 
 
 def test_a_hung_libguestfs_probe_is_ended(monkeypatch):
-    monkeypatch.setattr(cli, "GUESTFS_PROBE_TIMEOUT", 1.0)
-    monkeypatch.setattr(cli, "_GUESTFS_PROBE", "import time\ntime.sleep(60)\n")
-    ok, why = cli._launch_guestfs(dict(os.environ))
+    monkeypatch.setattr(doctor, "GUESTFS_PROBE_TIMEOUT", 1.0)
+    monkeypatch.setattr(doctor, "_GUESTFS_PROBE", "import time\ntime.sleep(60)\n")
+    ok, why = doctor._launch_guestfs(dict(os.environ))
     assert not ok and why == "no appliance after 1 s"
 
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvm.config import NetworkSpec, Settings, parse_network, resolve
+from pytest_kvm.config import Settings, parse_network, resolve
 from pytest_kvm.errors import KvmConfigError
+from pytest_kvm.network import NetworkSpec
 
 
 def ini_from(values):

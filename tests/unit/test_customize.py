@@ -12,7 +12,7 @@ import pytest
 
 from pytest_kvm.backends.base import Drive, MachineSpec
 from pytest_kvm.backends.qemu import build_argv
-from pytest_kvm.config import NetworkSpec, Settings, _secret_file
+from pytest_kvm.config import Settings, _secret_file
 from pytest_kvm.customize import Customization, _format_entry, load_guestfs
 from pytest_kvm.errors import KvmConfigError, KvmUnavailable
 from pytest_kvm.images.overlay import (
@@ -22,6 +22,7 @@ from pytest_kvm.images.overlay import (
     encrypted_chain,
     key_secret_opts,
 )
+from pytest_kvm.network import NetworkSpec
 
 
 def test_customization_validates_and_normalises(tmp_path):

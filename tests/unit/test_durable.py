@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from pytest_kvm.images import Image
-from pytest_kvm.images import builder as builder_module
-from pytest_kvm.images.builder import rename_synced
+from pytest_kvm import util
+from pytest_kvm.images import Image, download
+from pytest_kvm.util import rename_synced
 from tests.support.images import qcow2_bytes
 from tests.support.imageserver import ImageServer
 
@@ -26,13 +26,14 @@ Synced = list[tuple[Path, bool]]  # (path, whether it existed when it was synced
 @pytest.fixture
 def synced(monkeypatch: pytest.MonkeyPatch) -> Synced:
     calls: Synced = []
-    real = builder_module.fsync_path
+    real = util.fsync_path
 
     def spy(path: Path) -> None:
         calls.append((Path(path), Path(path).exists()))
         real(path)
 
-    monkeypatch.setattr(builder_module, "fsync_path", spy)
+    monkeypatch.setattr(util, "fsync_path", spy)
+    monkeypatch.setattr(download, "fsync_path", spy)
     return calls
 
 
@@ -92,7 +93,7 @@ def test_a_customisation_layer_is_synced_before_its_rename(
         def apply(self, custom: object) -> None:
             pass
 
-    monkeypatch.setattr(customize, "DiskHandle", NoAppliance)
+    monkeypatch.setattr(customize.layers, "DiskHandle", NoAppliance)
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
     image = Image("base", base, "qcow2", str(base), 16 << 20)

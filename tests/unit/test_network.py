@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.network import (
     Identity,
     MacReservation,
+    NetworkSpec,
     bridge_problem,
     free_port,
     has_net_admin,
