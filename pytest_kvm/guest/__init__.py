@@ -7,6 +7,7 @@ from .config import (
     MIN_BLANK_DISK,
     BootPlan,
     GuestConfig,
+    SavedGuest,
     parse_size,
 )
 from .guest import Guest
@@ -19,5 +20,6 @@ __all__ = [
     "Commands",
     "Guest",
     "GuestConfig",
+    "SavedGuest",
     "parse_size",
 ]

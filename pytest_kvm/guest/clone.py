@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..backends.base import Drive, Machine
 from ..errors import GuestError
@@ -19,15 +18,12 @@ from ..images.overlay import create_overlay
 from ..qga import GuestAgentError
 from .agent import agent_wait
 from .commands import Commands
-from .config import GuestConfig
+from .config import GuestConfig, SavedGuest
 from .connection import Connection
 from .disk import Disk
 from .launch import Launcher
 from .nics import Nics
 from .state import GuestState, tail_text
-
-if TYPE_CHECKING:
-    from ..template import Template
 
 
 class _Background:
@@ -59,7 +55,7 @@ class Restore:
         self,
         config: GuestConfig,
         state: GuestState,
-        template: Template,
+        template: SavedGuest,
         parts: tuple[Disk, Nics, Launcher, Connection, Commands],
     ) -> None:
         self._config = config

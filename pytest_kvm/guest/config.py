@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..backends.libvirt import LibvirtTarget
 from ..config import NetworkSpec
@@ -17,9 +17,6 @@ from ..images.kernel import BootFiles
 from ..media import check_install_media
 from ..ssh import KeyPair
 from ..vlan import Vlan
-
-if TYPE_CHECKING:
-    from ..template import Template
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 # An installer's empty disk: unless disk_size= says otherwise; never smaller than this.
@@ -122,6 +119,43 @@ class BootPlan:
     host_key: KeyPair
 
 
+class ShapeFacts(Protocol):
+    @property
+    def display(self) -> bool:
+        """The template's guest had a graphics card (clones must have it too)."""
+
+
+class SavedGuest(Protocol):
+    """What a guest restored from a template reads of it. ``template.Template`` is
+    one; a Protocol here, so that the guest layer does not import the template layer
+    above it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> ShapeFacts: ...
+    @property
+    def mac(self) -> str: ...
+    @property
+    def client_key(self) -> KeyPair: ...
+    @property
+    def host_key(self) -> KeyPair: ...
+    @property
+    def agent(self) -> bool: ...
+    @property
+    def vlan_macs(self) -> tuple[str, ...]: ...
+    @property
+    def disk(self) -> Path: ...
+    @property
+    def ram(self) -> Path: ...
+    @property
+    def state(self) -> Path: ...
+    @property
+    def seed(self) -> Path: ...
+    @property
+    def serial_log(self) -> Path: ...
+
+
 def check_config(config: GuestConfig) -> None:
     """What a config must satisfy before anything starts (KvmConfigError if not)."""
     if config.boot not in ("disk", "cdrom"):
@@ -150,7 +184,7 @@ def check_config(config: GuestConfig) -> None:
         raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
 
 
-def check_template(config: GuestConfig, template: Template) -> None:
+def check_template(config: GuestConfig, template: SavedGuest) -> None:
     """A guest restored from ``template``: the config may be restored, and is shaped
     like the template."""
     refusal = config.restore_refusal()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paramiko
 
@@ -31,16 +31,13 @@ from .agent import agent_answers, sync_by_agent
 from .boot import RealBoot
 from .clone import Restore, save_state
 from .commands import CommandResult, Commands
-from .config import BootPlan, GuestConfig, check_config, check_template
+from .config import BootPlan, GuestConfig, SavedGuest, check_config, check_template
 from .connection import Connection
 from .disk import Disk
 from .launch import Launcher
 from .nics import Nics
 from .screen import Screen
 from .state import GuestState
-
-if TYPE_CHECKING:
-    from ..template import Template
 
 
 class Guest:
@@ -52,7 +49,7 @@ class Guest:
         config: GuestConfig,
         name: str | None = None,
         *,
-        template: Template | None = None,
+        template: SavedGuest | None = None,
         plan: BootPlan | None = None,
     ) -> None:
         check_config(config)
