@@ -100,7 +100,8 @@ class Guest:
                               progress=run.progress)  # fmt: skip
         self._disk = Disk(self._state, config.image, blank=config.blank,
                           force_tcg=run.accel.name != "kvm")  # fmt: skip
-        self._cleanup = ExitStack()
+        self._cleanup = ExitStack()  # what close() undoes; see _push_cleanup
+        self._push_cleanup()
         self._closed = False
         self.kept = False
         # Starts another guest like this one's factory: set by kvm_guest_factory, so
@@ -170,7 +171,6 @@ class Guest:
         state = self._state
         t0 = time.monotonic()
         try:
-            self._push_cleanup()
             state.workdir = self._run.guest_dir(self.name)
             state.sockdir = self._run.socket_dir(self.name)
             # Before anything starts: what a killed run leaves, `reap` finds here.
