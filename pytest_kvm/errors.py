@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .guest import Guest
-
 
 class KvmError(Exception):
     """Base of every pytest-kvm error."""
@@ -31,9 +26,10 @@ class HostDiskFull(KvmError):
 
 
 class GuestError(KvmError):
-    """Something went wrong with one guest; ``.guest`` names it."""
+    """Something went wrong with one guest; ``.guest`` names it (the guest's name, or
+    None where no guest is known yet)."""
 
-    def __init__(self, message: str, guest: Guest | None = None) -> None:
+    def __init__(self, message: str, guest: str | None = None) -> None:
         super().__init__(message)
         self.guest = guest
 
@@ -44,7 +40,7 @@ class GuestLaunchError(GuestError):
     def __init__(
         self,
         message: str,
-        guest: Guest | None = None,
+        guest: str | None = None,
         *,
         argv: list[str] | None = None,
         exit_code: int | None = None,
@@ -70,7 +66,7 @@ class CommandFailed(GuestError):
     def __init__(
         self,
         message: str,
-        guest: Guest | None = None,
+        guest: str | None = None,
         *,
         command: str = "",
         exit_status: int | None = None,

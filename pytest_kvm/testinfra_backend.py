@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from .errors import GuestTimeout, KvmUnavailable
-from .ssh import CommandTimeout, run_command
+from .errors import KvmUnavailable
 
 if TYPE_CHECKING:
-    from .guest import Guest
+    from .guest.commands import Commands
 
 INSTALL_HINT = "pip install 'pytest-kvm[testinfra]'"  # the extra brings pytest-testinfra
 # How long one testinfra command may run, in seconds (scaled like guest.run under TCG).
@@ -28,14 +27,16 @@ class MissingTestinfra(KvmUnavailable, ImportError):
     """``guest.host`` needs pytest-testinfra, which is not installed."""
 
 
-def make_host(guest: Guest) -> Any:
-    """A ``testinfra.host.Host`` whose commands run on ``guest`` over ``guest.ssh``."""
+def make_host(what: str, target: str, commands: Commands) -> Any:
+    """A ``testinfra.host.Host`` whose commands run through ``commands`` (a guest's
+    command vocabulary: its SSH session, reopened after a reboot); ``what`` names the
+    guest in messages, ``target`` is ``user@address:port``."""
     try:
         from testinfra.backend.paramiko import ParamikoBackend
         from testinfra.host import Host
     except ImportError as exc:
         raise MissingTestinfra(
-            f"{guest.describe()}: guest.host needs testinfra: {INSTALL_HINT} ({exc})"
+            f"{what}: guest.host needs testinfra: {INSTALL_HINT} ({exc})"
         ) from None
 
     class GuestBackend(ParamikoBackend):  # type: ignore[misc]
@@ -43,45 +44,17 @@ def make_host(guest: Guest) -> Any:
 
         NAME = "pytest-kvm"
 
-        def __init__(self, guest: Guest) -> None:
-            self.guest = guest
+        def __init__(self) -> None:
             self.command_timeout = COMMAND_TIMEOUT
-            super().__init__(f"{guest.config.user}@{guest.address}:{guest.ssh_port}")
+            super().__init__(target)
 
         @property  # replaces testinfra's cached_property: never a connection of its own
         def client(self) -> paramiko.SSHClient:
-            return self.guest.ssh
+            return commands.ssh_client()
 
         def run(self, command: str, *args: str, **kwargs: Any) -> Any:
             cmd = self.encode(self.get_command(command, *args))
-            rc, stdout, stderr = self._exec_command(cmd)
+            rc, stdout, stderr = commands.exec_bytes(cmd, self.command_timeout)
             return self.result(rc, cmd, stdout, stderr)
 
-        def _exec_command(self, command: bytes) -> tuple[int, bytes, bytes]:
-            transport = self.client.get_transport()
-            if transport is None or not transport.is_active():
-                self.guest.reconnect()  # a reboot or sshd restart closed it
-                transport = self.client.get_transport()
-                assert transport is not None
-            limit = self.command_timeout * self.guest.timeout_scale
-            return _exec(transport, command, limit, self.guest)
-
-    return Host(GuestBackend(guest))
-
-
-def _exec(
-    transport: paramiko.Transport, command: bytes, limit: float, guest: Guest
-) -> tuple[int, bytes, bytes]:
-    try:
-        return run_command(transport, command, limit)
-    except CommandTimeout:
-        raise GuestTimeout(
-            f"{guest.describe()}: testinfra command {command.decode(errors='replace')!r} "
-            f"did not finish within {limit:.0f} s",
-            guest,
-        ) from None
-    except ConnectionResetError:
-        raise ConnectionResetError(
-            f"{guest.describe()}: the SSH connection was lost while "
-            f"{command.decode(errors='replace')!r} ran (no exit status)"
-        ) from None
+    return Host(GuestBackend())

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm.accel import AccelChoice
+from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.guest import Guest, GuestConfig
 from pytest_kvm.images import Image
@@ -35,3 +36,51 @@ def test_bad_hostnames_are_refused_before_anything_starts(run, name):
 def test_kernel_args_without_boot_files_is_refused(run):
     with pytest.raises(KvmConfigError, match="boot files"):
         Guest(run, GuestConfig(image=IMAGE, kernel_args="quiet"))
+
+
+def test_a_plain_guest_may_be_restored_from_a_template():
+    assert GuestConfig(image=IMAGE).restore_refusal() == ""
+    # --kvm-vnc guests come from a template with a display.
+    assert GuestConfig(image=IMAGE, vnc=True, memory=2048, cpus=1).restore_refusal() == ""
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"cdrom": Path("/media.iso")}, "need a real boot"),
+        ({"boot": "cdrom"}, "need a real boot"),
+        ({"ssh": False}, "need a real boot"),
+        ({"disk_size": "20G"}, "need a real boot"),
+        ({"kernel_args": "quiet"}, "need a real boot"),
+        ({"kernel": Path("/vmlinuz")}, "need a real boot"),
+        ({"installed": True}, "need a real boot"),
+        ({"display": True}, "need a real boot"),
+        ({"blank": True}, "need a real boot"),
+        ({"network": NetworkSpec("bridge", "br0")}, "guests boot for real"),
+        ({"backend": "libvirt"}, "not supported on the libvirt backend"),
+        (
+            {"image": Image("enc", Path("/e.qcow2"), "qcow2", "enc", encrypted=(True,))},
+            "encrypted images boot for real",
+        ),
+    ],
+)
+def test_what_needs_a_real_boot_says_why(changes, why):
+    assert why in GuestConfig(**{"image": IMAGE, **changes}).restore_refusal()
+
+
+class ShapedTemplate:
+    """What Guest reads of a template before anything starts."""
+
+    shape = type("Shape", (), {"display": False})()
+    vlan_macs: tuple[str, ...] = ()
+    mac = "52:54:00:12:34:56"
+    client_key = None
+
+
+def test_guest_refuses_a_template_for_a_config_the_rule_refuses(run):
+    template = ShapedTemplate()
+    Guest(run, GuestConfig(image=IMAGE), template=template)  # type: ignore[arg-type]
+    with pytest.raises(KvmConfigError, match="need a real boot"):
+        Guest(run, GuestConfig(image=IMAGE, ssh=False), template=template)  # type: ignore[arg-type]
+    with pytest.raises(KvmConfigError, match="no display"):
+        Guest(run, GuestConfig(image=IMAGE, vnc=True), template=template)  # type: ignore[arg-type]

@@ -226,7 +226,7 @@ def test_run_turns_a_panic_into_guest_crashed_with_the_panic_and_console_tail(
         "console:\n[   39.0] booting, line 39\nlogin: \n"
         "[   51.1] sysrq: Trigger a crash\n[   51.2] Kernel panic" in message
     )
-    assert info.value.guest is guest
+    assert info.value.guest == guest.name
 
 
 def test_run_on_a_guest_whose_qemu_exited_is_guest_crashed(run_context, tmp_path):

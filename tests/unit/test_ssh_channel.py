@@ -15,8 +15,8 @@ import pytest
 
 from pytest_kvm import ssh
 from pytest_kvm.errors import GuestTimeout
+from pytest_kvm.guest.commands import Commands
 from pytest_kvm.ssh import KeyPair, SshSession
-from pytest_kvm.testinfra_backend import _exec
 
 
 class Channel:
@@ -150,8 +150,21 @@ def test_output_arriving_with_the_exit_status_between_the_checks_is_read():
 def test_testinfra_commands_use_the_same_loop():
     channel = Channel(last_chunk_between_the_checks)
     channel.deliver(out=b"head\n")
-    guest: object = None
-    status, out, err = _exec(Transport(channel), b"cmd", 10, guest)  # type: ignore[arg-type]
+    session = session_on(channel)
+
+    class Link:  # the guest's SSH session, which never needs reopening here
+        def current(self) -> SshSession:
+            return session
+
+        def reconnect(self, timeout: float, lost: str | None = None) -> None:
+            raise AssertionError("reconnected")
+
+        def connect(self, deadline: float) -> None:
+            raise AssertionError("connected")
+
+    commands = Commands(Link(), lambda: "", lambda: "", what="guest 'g' (img)", name="g",
+                        timeout_scale=1.0, boot_timeout=60)  # fmt: skip
+    status, out, err = commands.exec_bytes(b"cmd", 10)  # what guest.host's commands use
     assert (status, out, err) == (0, b"head\ntail of stdout\n", b"tail of stderr\n")
 
 

@@ -1,0 +1,52 @@
+"""What a guest asks of its qemu-ga: wait for a guest-exec'd process, ping, sync the
+journal to disk."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from ..backends.base import Machine
+from ..errors import GuestError
+from ..qga import AgentCalls, GuestAgentError
+
+
+def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> None:
+    """Until a guest-exec'd process ends; raises if it failed or took too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = agent.execute("guest-exec-status", pid=pid)
+        if status.get("exited"):
+            if status.get("exitcode") != 0:
+                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+                raise GuestAgentError(f"{what} exited {status.get('exitcode')}: {err}")
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not finish")
+        time.sleep(0.01)
+
+
+def agent_answers(machine: Machine, timeout: float) -> bool:
+    """Whether qemu-ga answers on the guest's agent channel within ``timeout`` s."""
+    try:
+        with machine.agent() as agent:
+            agent.connect(timeout)
+            agent.execute("guest-ping", timeout=timeout)
+        return True
+    except (OSError, TimeoutError, GuestAgentError):
+        return False
+
+
+def sync_by_agent(machine: Machine, timeout: float, timeout_scale: float) -> str:
+    """Ask journald and the kernel to write everything to disk, through qemu-ga; what
+    to add to the journal's source."""
+    try:
+        with machine.agent() as agent:
+            agent.connect(5 * timeout_scale)
+            started = agent.execute(
+                "guest-exec", path="/bin/sh", arg=["-c", "journalctl --sync; sync"]
+            )
+            agent_wait(agent, started["pid"], "journalctl --sync", timeout)
+    except (GuestAgentError, GuestError, OSError):
+        return " (the guest agent did not answer: the last entries may be missing)"
+    return " after journalctl --sync through the guest agent"

@@ -1,0 +1,141 @@
+"""A guest's display and keyboard: VNC, screenshots, key presses, typed text and the
+text of a VGA text-mode screen (the pure helpers are in ``pytest_kvm.display``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..backends.base import Machine, QmpError
+from ..display import (
+    PNG_MAGIC,
+    VGA_TEXT_ADDRESS,
+    VGA_TEXT_BYTES,
+    key_chord,
+    ppm_to_png,
+    qmp_keys,
+    text_chords,
+    vga_text,
+    vnc_password,
+)
+from ..errors import GuestError
+from .state import GuestState
+
+
+class Screen:
+    """The display of one guest: ``display`` (a graphics card), ``vnc`` (--kvm-vnc)."""
+
+    def __init__(
+        self, state: GuestState, *, display: bool, vnc: bool, progress: Callable[[str], None]
+    ) -> None:
+        self._state = state
+        self.has_display = display or vnc
+        self._vnc = vnc
+        self._progress = progress
+        self._shots = 0
+        # (host, port) of the VNC display (--kvm-vnc), once running.
+        self.vnc: tuple[str, int] | None = None
+
+    @property
+    def password_file(self) -> Path | None:
+        if not self._vnc or self._state.workdir is None:
+            return None
+        return self._state.workdir / "vnc-password"
+
+    def write_password(self) -> None:
+        """Read by the backend (libvirt puts it in the domain XML; for QEMU it is set
+        over QMP once running): never argv, never a log."""
+        secret = self.password_file
+        if secret is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            secret.unlink()
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(vnc_password() + "\n")
+
+    def start_vnc(self, machine: Machine) -> None:
+        """QEMU: set the VNC password (refused to all until then); both: learn the port."""
+        secret = self.password_file
+        if secret is None:
+            return
+        machine.prepare_vnc(secret.read_text().strip())
+        info = machine.qmp("query-vnc") or {}
+        self.vnc = (str(info.get("host", "127.0.0.1")), int(info.get("service", 0)))
+        self._progress(
+            f"pytest-kvm: {self._state.what}: VNC on {self.vnc[0]}:{self.vnc[1]} "
+            f"(display :{self.vnc[1] - 5900}), password in {secret}"
+        )
+
+    def _need_display(self, what: str) -> Machine:
+        machine = self._state.machine
+        if machine is None or not machine.is_running():
+            raise GuestError(f"{self._state.what}: {what} needs a running guest", self._state.name)
+        if not self.has_display:
+            raise GuestError(
+                f"{self._state.what}: {what} needs a display: pass display=True to "
+                "kvm_guest_factory or run with --kvm-vnc (installer guests have one)",
+                self._state.name,
+            )
+        return machine
+
+    def screenshot(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """See ``Guest.screenshot``."""
+        machine = self._need_display("a screenshot")
+        assert self._state.workdir is not None
+        self._shots += 1
+        dest = (
+            Path(path)
+            if path is not None
+            else self._state.workdir / f"screen-{self._shots:03d}.png"
+        )
+        data = machine.screenshot()
+        if not data.startswith(PNG_MAGIC):
+            data = ppm_to_png(data)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        return dest
+
+    def send_keys(self, *keys: str, delay: float = 0.05) -> None:
+        """See ``Guest.send_keys``."""
+        machine = self._need_display("send_keys")
+        chords = [key_chord(key) for key in keys]
+        for chord in chords:
+            machine.qmp("send-key", keys=qmp_keys(chord))
+            time.sleep(delay)
+
+    def type_text(self, text: str, delay: float = 0.02) -> None:
+        """See ``Guest.type_text``."""
+        machine = self._need_display("type_text")
+        for chord in text_chords(text):
+            machine.qmp("send-key", keys=qmp_keys(chord))
+            time.sleep(delay)
+
+    def screen_text(self) -> str:
+        """See ``Guest.screen_text``."""
+        machine = self._state.machine
+        if machine is None or not machine.is_running() or not self.has_display:
+            return ""
+
+        def hmp(line: str) -> str:
+            return str(machine.qmp("human-monitor-command", **{"command-line": line}) or "")
+
+        try:
+            # A Linux console scrolls by moving the CRT controller's start address
+            # through the 32 KiB text buffer: read it (registers 0x0c/0x0d) first.
+            index = hmp("i /b 0x3d4").rsplit("=", 1)[-1].strip()
+            start = 0
+            for register in (0x0C, 0x0D):
+                hmp(f"o /b 0x3d4 {register:#x}")
+                start = (start << 8) | int(hmp("i /b 0x3d5").rsplit("=", 1)[-1].strip(), 16)
+            hmp(f"o /b 0x3d4 {index}")
+            address = VGA_TEXT_ADDRESS + min(2 * start, 0x8000 - VGA_TEXT_BYTES)
+            out = hmp(f"xp /{VGA_TEXT_BYTES}xb {address:#x}")
+        except (ConnectionError, QmpError, OSError, ValueError):
+            return ""
+        data = bytes(int(v, 16) for v in re.findall(r"\b0x([0-9a-f]{2})\b", out))
+        return vga_text(data)
