@@ -145,11 +145,38 @@ class GuestConfig:
     libvirt: LibvirtTarget | None = None
     # --kvm-keep-on-failure: QEMU may outlive this process (no parent-death signal).
     keepable: bool = False
+    # --kvm-snapshot: the guest may be restored from a booted template (restore_refusal).
+    snapshot: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
         if self.hostname is not None:
             check_hostname(self.hostname)
+
+    def restore_refusal(self) -> str:
+        """Why this guest must boot for real; "" if it may be restored from a template."""
+        if not self.snapshot:
+            return "snapshots are off (--kvm-no-snapshot)"
+        if (
+            self.cdrom is not None or self.boot != "disk" or not self.ssh
+            or self.disk_size is not None or self.kernel_args or self.installed
+            or self.blank or self.kernel is not None or self.display
+        ):  # fmt: skip
+            return (
+                "cdrom, boot, ssh=False, disk_size, disk, kernel, kernel_args and display "
+                "need a real boot"
+            )
+        # A bridge guest boots: it needs its own MAC and DHCP lease from its first breath.
+        if self.network.kind != "user":
+            return f"network {self.network}: guests boot for real"
+        if self.image.is_encrypted:
+            return (
+                f"image {self.image.name}: encrypted images boot for real (a template's "
+                "saved RAM would hold the decrypted disk in the clear)"
+            )
+        if self.backend != "qemu":
+            return f"backend {self.backend}: no template fast path yet"
+        return ""
 
 
 @dataclass(frozen=True)
