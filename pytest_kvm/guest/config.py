@@ -77,6 +77,9 @@ class GuestConfig:
     libvirt: LibvirtTarget | None = None
     # --kvm-keep-on-failure: QEMU may outlive this process (no parent-death signal).
     keepable: bool = False
+    # --kvm-snapshot (default on): the factory may restore this guest from a booted
+    # template when ``restore_refusal`` allows it; off, every guest boots for real.
+    snapshot: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.

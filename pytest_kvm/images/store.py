@@ -6,6 +6,7 @@ several pytest processes asking at once build once and share the result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -181,18 +182,25 @@ def resolve(
     progress: Callable[[str], None] = print,
     secret: Path | None = None,
     offline: bool = False,
+    probe_cloud_init: Callable[[Image], bool] | None = None,
 ) -> Image:
     """The Image for ``spec``, building a catalog image into ``cache`` if needed, or
-    downloading a URL or a downloaded catalog image (not when ``offline``)."""
+    downloading a URL or a downloaded catalog image (not when ``offline``).
+
+    ``probe_cloud_init`` says whether an image given by path runs cloud-init (the
+    caller's libguestfs look); without it such an image is assumed to."""
     kind = classify(spec)
     if kind == "path":
         path = Path(spec).expanduser().resolve()
         fmt, size = validate_path(path, spec)
         encrypted = check_encryption(path, spec, secret) if fmt == "qcow2" else ()
-        return Image(
+        image = Image(
             image_name(spec), path, fmt, spec, size,
             encrypted=encrypted, secret=secret if encrypted else None,
         )  # fmt: skip
+        if probe_cloud_init is None:
+            return image
+        return dataclasses.replace(image, cloud_init=probe_cloud_init(image))
     check_spec(spec)
     if kind == "url" or is_downloaded(spec):
         return fetch_image(spec, cache, progress, offline)

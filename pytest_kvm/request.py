@@ -1,0 +1,174 @@
+"""What a test asks for: the ``@pytest.mark.kvm`` marker's and ``kvm_guest_factory``'s
+arguments, validated here, in one place, before any image is resolved or guest started."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import CUSTOMIZE_KEYS, Settings
+from .customize import Customization
+from .errors import ImageError, KvmConfigError
+from .images import Image
+from .images.store import check_spec
+from .media import check_boot_file
+from .vlan import Vlan
+
+# The fixtures that make a test parametrized over the images.
+GUEST_FIXTURES = ("kvm_guest", "kvm_guest_factory", "kvm_image")
+
+
+def marker_settings(node: Any, base: Settings) -> Settings:
+    """``base`` with the node's ``@pytest.mark.kvm`` markers applied and validated."""
+    settings = base
+    # Farthest first, so the closest marker (function over class over module) wins.
+    for marker in reversed(list(node.iter_markers("kvm"))):
+        if marker.args:
+            raise KvmConfigError(f"{node.nodeid}: @pytest.mark.kvm takes keyword arguments only")
+        settings = settings.with_marker(marker.kwargs, node.nodeid)
+    return settings
+
+
+class SpecChecks:
+    """``check_spec`` on each image value the run is given (``--kvm-image``, the
+    marker's ``image=``, the factory's ``image=``), once per value: a value checked
+    once is not checked again where it comes back."""
+
+    def __init__(self) -> None:
+        self._checked: set[str] = set()
+
+    def check(self, spec: str, where: str | None = None) -> None:
+        """A KvmConfigError (prefixed with ``where: `` when given) if ``spec`` is bad."""
+        if spec in self._checked:
+            return
+        if where is not None:
+            try:
+                check_spec(spec)
+            except (KvmConfigError, ImageError) as exc:  # say where the image was named
+                raise KvmConfigError(f"{where}: {exc}") from None
+        else:
+            check_spec(spec)
+        self._checked.add(spec)
+
+
+@dataclass(frozen=True)
+class GuestRequest:
+    """One ``kvm_guest_factory(...)`` call, validated; ``where`` names the test."""
+
+    where: str
+    image: str | Image | None = None
+    network: str | None = None
+    memory: int | None = None
+    cpus: int | None = None
+    name: str | None = None
+    cdrom: Path | None = None
+    disk_size: int | str | None = None
+    boot: str = "disk"
+    ssh: bool = True
+    hostname: str | None = None
+    vlans: tuple[Vlan, ...] = ()
+    # The factory's own customize= (None: not given), on top of the marker's.
+    customize: Customization | None = None
+    disk: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    display: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        where: str,
+        image: str | Image | None = None,
+        network: str | Vlan | None = None,
+        memory: int | None = None,
+        cpus: int | None = None,
+        name: str | None = None,
+        cdrom: str | os.PathLike[str] | None = None,
+        disk_size: int | str | None = None,
+        boot: str = "disk",
+        ssh: bool = True,
+        hostname: str | None = None,
+        vlan: Vlan | Sequence[Vlan] | None = None,
+        customize: Customization | Mapping[str, Any] | None = None,
+        disk: str | os.PathLike[str] | None = None,
+        kernel: str | os.PathLike[str] | None = None,
+        initrd: str | os.PathLike[str] | None = None,
+        append: str = "",
+        display: bool = False,
+    ) -> GuestRequest:
+        """The factory's arguments (its signature), checked in the order users meet them."""
+        if disk is not None and image is not None:
+            raise KvmConfigError(f"{where}: disk= boots that disk; image= is not needed")
+        if disk is not None and not Path(disk).is_file():
+            raise KvmConfigError(f"{where}: disk={str(disk)!r} does not exist")
+        kernel_path = check_boot_file(Path(kernel), "kernel") if kernel is not None else None
+        initrd_path = check_boot_file(Path(initrd), "initrd") if initrd is not None else None
+        if not isinstance(append, str):
+            raise KvmConfigError(f"{where}: append= takes the kernel command line as a string")
+        custom = _customization(customize, where)
+        network, vlan = _vlans_given_as_network(network, vlan, where)
+        vlans = (vlan,) if isinstance(vlan, Vlan) else tuple(vlan or ())
+        for segment in vlans:
+            if not isinstance(segment, Vlan):
+                raise KvmConfigError(f"{where}: vlan={segment!r} is not a kvm_vlan segment")
+        return cls(
+            where=where, image=image, network=network, memory=memory, cpus=cpus, name=name,
+            cdrom=Path(cdrom) if cdrom is not None else None, disk_size=disk_size,
+            boot=boot, ssh=ssh, hostname=hostname, vlans=vlans, customize=custom,
+            disk=Path(disk) if disk is not None else None, kernel=kernel_path,
+            initrd=initrd_path, append=append, display=display,
+        )  # fmt: skip
+
+    @property
+    def blank(self) -> bool:
+        """Installers start on an empty disk: from install media, or a network-boot
+        style kernel, unless disk= says which disk."""
+        return self.disk is None and (self.boot == "cdrom" or self.kernel is not None)
+
+    def shaped(self, settings: Settings) -> Settings:
+        """``settings`` (the marker's) with this call's memory=, cpus=, network=."""
+        given = (("memory", self.memory), ("cpus", self.cpus), ("network", self.network))
+        return settings.with_marker({k: v for k, v in given if v is not None}, self.where)
+
+    def customization(self, settings: Settings) -> Customization:
+        """The marker's files=/hostname=/run=, with this call's customize= on top."""
+        if self.customize is None:
+            return settings.customize
+        return settings.customize.merged(self.customize)
+
+
+def _customization(
+    customize: Customization | Mapping[str, Any] | None, where: str
+) -> Customization | None:
+    if customize is None or isinstance(customize, Customization):
+        return customize
+    if isinstance(customize, Mapping):
+        unknown = set(customize) - set(CUSTOMIZE_KEYS)
+        if unknown:
+            raise KvmConfigError(
+                f"{where}: customize= takes {', '.join(CUSTOMIZE_KEYS)}; "
+                f"not {', '.join(sorted(map(str, unknown)))}"
+            )
+        return Customization.build(**customize, where=where)
+    raise KvmConfigError(
+        f"{where}: customize= takes a Customization or a dict of files=, hostname=, run="
+    )
+
+
+def _vlans_given_as_network(
+    network: str | Vlan | None, vlan: Vlan | Sequence[Vlan] | None, where: str
+) -> tuple[str | None, Vlan | Sequence[Vlan] | None]:
+    """``network=kvm_vlan`` (what users try first) means ``vlan=kvm_vlan``: one more
+    NIC on the segment; the primary network, which carries SSH, stays as configured."""
+    if not isinstance(network, Vlan):
+        return network, vlan
+    if vlan is not None:
+        raise KvmConfigError(
+            f"{where}: network= got a kvm_vlan segment and vlan= is given too: "
+            "pass every kvm_vlan segment as vlan="
+        )
+    return None, network

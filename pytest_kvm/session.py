@@ -1,0 +1,248 @@
+"""From a request to a running guest: the per-process state (accelerator choice, run
+directory and key, resolved images, templates, boot files) and, per test, the guests
+it started. A request becomes a ``GuestConfig`` here: marker merge, image, customisation
+layers, backend target, boot files and the choice of a template."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import accel
+from .backends import libvirt as libvirt_backend
+from .backends.libvirt import LibvirtTarget
+from .backends.qemu import QEMU_BINARY
+from .config import Settings
+from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
+from .errors import KvmUnavailable
+from .guest import Guest, GuestConfig
+from .images import Image
+from .images.kernel import BootFiles, boot_files
+from .images.store import classify
+from .images.store import resolve as resolve_image
+from .reaper import reap
+from .request import GuestRequest, SpecChecks
+from .run import RunContext
+from .template import Shape, Template, TemplateStore
+
+settings_key = pytest.StashKey[Settings]()
+guests_key = pytest.StashKey[list[Guest]]()
+spec_checks_key = pytest.StashKey[SpecChecks]()
+
+
+class KvmSession:
+    """Lazily made per-process state: accelerator choice, run dir and key, resolved images."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.settings = config.stash[settings_key]
+        self.specs = config.stash.setdefault(spec_checks_key, SpecChecks())
+        self._run: RunContext | None = None
+        self._images: dict[str, Image] = {}
+        self._templates: TemplateStore | None = None
+        self._boot_files: dict[Path, BootFiles] = {}
+        self._lock = threading.RLock()
+
+    def progress(self, message: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            return
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.ensure_newline()
+                reporter.write_line(message)
+        else:
+            reporter.write_line(message)
+
+    @property
+    def run(self) -> RunContext:
+        with self._lock:  # guests may be started from several threads at once
+            return self._make_run()
+
+    def _make_run(self) -> RunContext:
+        if self._run is None:
+            if shutil.which(QEMU_BINARY) is None:
+                raise KvmUnavailable(
+                    f"{QEMU_BINARY} is not installed (Debian package: qemu-system-x86)"
+                )
+            choice = accel.choose(self.settings.accel)
+            # What runs that died left (their processes are gone); live runs' guests
+            # and kept guests are left alone.
+            reap(progress=self.progress)
+            self._run = RunContext(choice, progress=self.progress)
+        return self._run
+
+    def boot_files(self, image: Image) -> BootFiles:
+        if image.path not in self._boot_files:
+            force_tcg = self.run.accel.name != "kvm"
+            self._boot_files[image.path] = boot_files(
+                image, self.settings.cache, force_tcg, self.progress
+            )
+        return self._boot_files[image.path]
+
+    @property
+    def templates(self) -> TemplateStore:
+        with self._lock:
+            return self._template_store()
+
+    def _template_store(self) -> TemplateStore:
+        if self._templates is None:
+            self._templates = TemplateStore(
+                self.settings.cache / "templates", self.run, self.progress
+            )
+        return self._templates
+
+    def image(self, spec: str) -> Image:
+        with self._lock:
+            if spec not in self._images:
+                self._images[spec] = self._resolve(spec, self.settings.image_secret)
+            return self._images[spec]
+
+    def disk_image(self, path: Path) -> Image:
+        """A guest's disk (what an installer wrote) as an image to boot: not cached by
+        name, since each test's disks are its own; plain (installers' disks are)."""
+        image = self._resolve(str(path), None)
+        return dataclasses.replace(image, name=f"disk of {path.parent.name}")
+
+    def _resolve(self, spec: str, secret: Path | None) -> Image:
+        # Without libguestfs an image is assumed to run cloud-init; with it, an image
+        # given by path is looked at (once: the answer is kept) as it is resolved.
+        probe = None
+        if classify(spec) == "path" and guestfs_available():
+            probe = self._probe_cloud_init
+        return resolve_image(
+            spec, self.settings.cache, self.progress, secret, offline=self.settings.offline,
+            probe_cloud_init=probe,
+        )  # fmt: skip
+
+    def _probe_cloud_init(self, image: Image) -> bool:
+        return probe_cloud_init(image, self.settings.cache, self.force_tcg)
+
+    @property
+    def force_tcg(self) -> bool:
+        return self.run.accel.name != "kvm"
+
+    def customized(self, image: Image, custom: Customization) -> Image:
+        """``image`` with ``custom`` applied before boot: a cached layer, built once."""
+        return customized_image(image, custom, self.settings.cache, self.force_tcg, self.progress)
+
+    def close(self) -> None:
+        try:
+            if self._run is not None:
+                self._run.close()
+        finally:
+            if self._templates is not None:
+                self._templates.close()
+            libvirt_backend.close_connections()
+
+
+class TestGuests:
+    """One test's guests: ``start(...)`` is what ``kvm_guest_factory`` hands the test
+    (and what a guest's ``boot_installed()`` calls); ``close()`` ends them all."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(self, session: KvmSession, settings: Settings, image: Image, nodeid: str) -> None:
+        self.session = session
+        self.settings = settings  # the run's, with the test's markers applied
+        self.image = image  # the test's kvm_image: what image=None means
+        self.nodeid = nodeid
+        self.started: list[Guest] = []
+
+    def start(self, *args: Any, **kwargs: Any) -> Guest:
+        """``factory(image=None, network=None, memory=None, cpus=None, name=None, ...)``:
+        the arguments of ``GuestRequest.build``."""
+        __tracebackhide__ = True
+        request = GuestRequest.build(f"{self.nodeid}: kvm_guest_factory", *args, **kwargs)
+        config = self.guest_config(request)
+        template = self.template_for(config)
+        guest = Guest(self.session.run, config, request.name, template=template)
+        guest.boot_disk = self.start  # boot_installed(): this test's next guest
+        self.started.append(guest)
+        guest.start()
+        return guest
+
+    def guest_config(self, request: GuestRequest) -> GuestConfig:
+        """The marker's and the call's settings, the image with its customisation
+        layer, the backend's target and the boot files: how the guest is made."""
+        shaped = request.shaped(self.settings)
+        base = self._base_image(request)
+        hostname = request.hostname
+        custom = request.customization(self.settings)
+        if custom:
+            try:
+                base = self.session.customized(base, custom)
+            except KvmUnavailable as exc:
+                pytest.skip(f"pytest-kvm: {exc}")
+            hostname = hostname or custom.hostname
+        config = GuestConfig(
+            image=base, memory=shaped.memory, cpus=shaped.cpus, network=shaped.network,
+            boot_timeout=shaped.boot_timeout, hostname=hostname, cdrom=request.cdrom,
+            disk_size=request.disk_size, boot=request.boot, ssh=request.ssh,
+            kernel_args=shaped.kernel_args, vlans=request.vlans, backend=shaped.backend,
+            keepable=shaped.keep_on_failure, blank=request.blank, kernel=request.kernel,
+            initrd=request.initrd, append=request.append,
+            display=request.display or request.blank, vnc=shaped.vnc,
+            installed=request.disk is not None, snapshot=shaped.snapshot,
+        )  # fmt: skip
+        try:
+            run = self.session.run
+        except KvmUnavailable as exc:
+            pytest.skip(f"pytest-kvm: {exc}")
+        if shaped.backend == "libvirt":
+            labels = (
+                ("run", run.identity.run_id), ("worker", run.identity.worker),
+                ("pid", str(os.getpid())), ("host", socket.gethostname()),
+                ("test", self.nodeid),
+            )  # fmt: skip
+            target = LibvirtTarget(
+                shaped.uri, shaped.pool or libvirt_backend.DEFAULT_POOL, labels,
+                shaped.cache / "locks", shaped.accel,
+            )  # fmt: skip
+            config = dataclasses.replace(config, libvirt=target)
+        if shaped.kernel_args:
+            # A real boot of the image's own kernel with the extra arguments.
+            config = dataclasses.replace(config, boot_files=self.session.boot_files(base))
+        return config
+
+    def _base_image(self, request: GuestRequest) -> Image:
+        if request.disk is not None:
+            return self.session.disk_image(request.disk.resolve())
+        if isinstance(request.image, Image):
+            return request.image
+        if request.image is not None:
+            self.session.specs.check(str(request.image))
+            return self.session.image(str(request.image))
+        return self.image
+
+    def template_for(self, config: GuestConfig) -> Template | None:
+        """The template this guest is restored from, or None: it boots for real."""
+        if not config.snapshot or config.restore_refusal():
+            return None
+        shape = Shape(
+            memory=config.memory,
+            cpus=config.cpus,
+            network=config.network.kind,
+            vlans=len(config.vlans),
+            display=config.vnc,
+        )
+        return self.session.templates.get(config.image, shape, config.boot_timeout)
+
+    def close(self) -> None:
+        """Close every guest, newest first; an error closing one does not skip the others."""
+        errors: list[BaseException] = []
+        for guest in reversed(self.started):
+            try:
+                guest.close()
+            except BaseException as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
