@@ -23,7 +23,7 @@ from .images.store import check_encryption, classify
 from .media import AnswerServer
 from .reaper import reap
 from .reporting import Reporting
-from .request import GUEST_FIXTURES, SpecChecks, marker_settings
+from .request import FACTORY_SIGNATURE, GUEST_FIXTURES, GuestRequest, SpecChecks, marker_settings
 from .session import KvmSession, TestGuests, guests_key, settings_key, spec_checks_key
 from .vlan import Vlan
 
@@ -223,9 +223,21 @@ def kvm_guest_factory(
     guests = TestGuests(_kvm_session, settings, kvm_image, request.node.nodeid)
     request.node.stash[guests_key] = guests.started
     try:
-        yield guests.start
+        yield _factory(guests)
     finally:
         guests.close()
+
+
+def _factory(guests: TestGuests) -> GuestFactory:
+    """``guests.start`` as a function whose ``help()`` shows the factory's arguments."""
+
+    def factory(*args: Any, **kwargs: Any) -> Guest:
+        __tracebackhide__ = True
+        return guests.start(*args, **kwargs)
+
+    factory.__signature__ = FACTORY_SIGNATURE  # type: ignore[attr-defined]
+    factory.__doc__ = GuestRequest.build.__doc__
+    return factory
 
 
 @pytest.fixture

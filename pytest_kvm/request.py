@@ -3,6 +3,7 @@ arguments, validated here, in one place, before any image is resolved or guest s
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -172,3 +173,19 @@ def _vlans_given_as_network(
             "pass every kvm_vlan segment as vlan="
         )
     return None, network
+
+
+# What users see of ``kvm_guest_factory``: ``GuestRequest.build`` without ``where``.
+FACTORY_SIGNATURE = inspect.signature(GuestRequest.build).replace(
+    parameters=list(inspect.signature(GuestRequest.build).parameters.values())[1:],
+    return_annotation="Guest",
+)
+
+
+def check_factory_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A call that does not fit the factory's signature is a ``TypeError`` that names
+    ``kvm_guest_factory``, as Python would name a function with that signature."""
+    try:
+        FACTORY_SIGNATURE.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"kvm_guest_factory(): {exc}") from None

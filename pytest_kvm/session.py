@@ -28,7 +28,7 @@ from .images.kernel import BootFiles, boot_files
 from .images.store import classify
 from .images.store import resolve as resolve_image
 from .reaper import reap
-from .request import GuestRequest, SpecChecks
+from .request import GuestRequest, SpecChecks, check_factory_call
 from .run import RunContext
 from .template import Shape, Template, TemplateStore
 
@@ -161,6 +161,7 @@ class TestGuests:
         """``factory(image=None, network=None, memory=None, cpus=None, name=None, ...)``:
         the arguments of ``GuestRequest.build``."""
         __tracebackhide__ = True
+        check_factory_call(args, kwargs)
         request = GuestRequest.build(f"{self.nodeid}: kvm_guest_factory", *args, **kwargs)
         config = self.guest_config(request)
         template = self.template_for(config)

@@ -108,3 +108,14 @@ def test_restore_refusal() -> None:
     ]
     for config in refused:
         assert config.restore_refusal(), config
+
+
+def test_a_call_that_does_not_fit_names_the_factory() -> None:
+    from pytest_kvm.request import FACTORY_SIGNATURE, check_factory_call
+
+    with pytest.raises(TypeError, match=r"^kvm_guest_factory\(\): .*'memroy'"):
+        check_factory_call((), {"memroy": 512})
+    with pytest.raises(TypeError, match=r"^kvm_guest_factory\(\): "):
+        check_factory_call(tuple(range(30)), {})
+    check_factory_call(("debian-12",), {"memory": 512, "display": True})
+    assert list(FACTORY_SIGNATURE.parameters)[:3] == ["image", "network", "memory"]
