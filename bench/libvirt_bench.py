@@ -37,6 +37,8 @@ def stats(values: list[float]) -> str:
 def measure(args: argparse.Namespace) -> None:
     from pytest_kvm import accel
     from pytest_kvm.backends import libvirt as lv
+    from pytest_kvm.backends import load_backend
+    from pytest_kvm.config import Settings
     from pytest_kvm.guest import Guest, GuestConfig
     from pytest_kvm.images.store import resolve
     from pytest_kvm.run import RunContext
@@ -60,8 +62,9 @@ def measure(args: argparse.Namespace) -> None:
         t0 = time.monotonic()
         lv.upload_image(conn, pool, image.path, args.cache / "locks")
         results["upload"].append(time.monotonic() - t0)
-        target = lv.LibvirtTarget("qemu:///system", lock_dir=args.cache / "locks")
-        libvirt_config = GuestConfig(image=image, backend="libvirt", libvirt=target)
+        settings = Settings(backend="libvirt", uri="qemu:///system", cache=args.cache)
+        runner = load_backend("libvirt", settings)
+        libvirt_config = GuestConfig(image=image, backend="libvirt", runner=runner)
         for i in range(args.runs):
             t0 = time.monotonic()
             with Guest(run, GuestConfig(image=image), template=template) as g:

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .backends import TABLE
 from .customize import Customization
 from .errors import KvmConfigError
 
-BACKENDS = ("qemu", "libvirt")
+BACKENDS = tuple(TABLE)  # the backends/ table: a new backend is one line there
 ACCELS = ("auto", "kvm", "tcg")
 
 

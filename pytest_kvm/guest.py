@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from .artifacts import WAIT_PROGRESS_EVERY, waiting_line
-from .backends.base import Drive, Machine, MachineSpec, Nic, QmpError
-from .backends.libvirt import LibvirtMachine, LibvirtTarget, jump_for
-from .backends.qemu import QemuMachine
+from .backends import load_backend
+from .backends.base import Backend, Drive, Labels, Machine, MachineSpec, Nic, QmpError
 from .config import DEFAULT_BRIDGE_HELPER, NetworkSpec
 from .console import Console, tail
 from .customize import (
@@ -139,10 +138,12 @@ class GuestConfig:
     # One more NIC per entry, on that kvm_vlan segment; None: a NIC on no segment
     # (what a template is made with, so that its clones can join one).
     vlans: tuple[Vlan | None, ...] = ()
-    # Who runs the guest: QEMU directly ("qemu") or libvirt, where ``libvirt`` says
-    # which hypervisor, pool and owner labels.
+    # Who runs the guest: QEMU directly ("qemu") or libvirt. ``runner`` is the run's
+    # Backend of that name (None: a qemu one); ``labels`` name the guest's owner
+    # where the backend records them (libvirt: the domain's metadata).
     backend: str = "qemu"
-    libvirt: LibvirtTarget | None = None
+    runner: Backend | None = None
+    labels: Labels = ()
     # --kvm-keep-on-failure: QEMU may outlive this process (no parent-death signal).
     keepable: bool = False
 
@@ -318,13 +319,15 @@ class Guest:
         self.mac = template.mac if template else run.identity.mac_for(self.name)
         self.image = config.image
         self.backend = config.backend
-        if config.backend == "libvirt" and config.libvirt is None:
-            raise KvmConfigError("the libvirt backend needs its target (URI and pool)")
-        if config.backend == "libvirt" and template is not None:
-            raise KvmConfigError("templates are not supported on the libvirt backend yet")
+        if config.runner is None and config.backend != "qemu":
+            raise KvmConfigError(f"the {config.backend} backend needs its target (URI and pool)")
+        self._runner = config.runner or load_backend("qemu")
+        refused = self._runner.refusal("templates") if template is not None else ""
+        if refused:
+            raise KvmConfigError(refused)
         # A remote hypervisor: its guests' forwards are on its host's 127.0.0.1, reached
         # through that host's SSH.
-        self._jump = jump_for(config.libvirt.uri) if config.libvirt else None
+        self._jump = self._runner.jump()
         # Where the test reaches the guest's SSH: the forward on 127.0.0.1 (user), or
         # the address the guest got by DHCP (bridge), learned once it has one.
         self.address = "127.0.0.1" if config.network.kind == "user" else ""
@@ -379,7 +382,7 @@ class Guest:
                 workdir=str(self.workdir),
                 sockdir=str(self._sockdir),
                 backend=self.backend,
-                uri=self.config.libvirt.uri if self.config.libvirt else "",
+                uri=self._runner.uri,
             )
             self.console = Console(
                 self.workdir / "serial.log", self._sockdir / "console.sock", self.describe()
@@ -796,12 +799,9 @@ class Guest:
                 vnc=self.config.vnc,
                 die_with_parent=not self.config.keepable,
             )
-            machine: Machine
-            if self.config.backend == "libvirt":
-                assert self.config.libvirt is not None
-                machine = LibvirtMachine(spec, self.config.libvirt, self._run.accel.name)
-            else:
-                machine = QemuMachine(spec, on_spawn=self._record_qemu)
+            machine = self._runner.machine(
+                spec, on_spawn=self._record_qemu, labels=self.config.labels
+            )
             self._record(**machine.lease_fields())  # before it exists
             try:
                 self.machine = machine  # closed with the guest, also if start fails

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from . import accel, artifacts, matrix
-from .backends import libvirt as libvirt_backend
-from .backends.libvirt import LibvirtTarget
+from .backends import backend_class, load_backend
+from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
 from .config import CUSTOMIZE_KEYS, OPTIONS, Settings, resolve
 from .console import tail
@@ -165,15 +165,7 @@ class _Lifecycle:
 
 def check_libvirt(settings: Settings) -> None:
     """Connect to the libvirt URI and find the pool: clear errors naming the URI."""
-    uri = settings.uri
-    problem = libvirt_backend.remote_problem(uri)
-    if problem:
-        raise KvmConfigError(problem)
-    conn = libvirt_backend.connect(uri)
-    if settings.network.kind == "libvirt":
-        libvirt_backend.check_network(conn, uri, settings.network.name)
-    pool = libvirt_backend.storage_pool(conn, uri, settings.pool or libvirt_backend.DEFAULT_POOL)
-    libvirt_backend.reap_orphan_volumes(pool)  # what runs killed on this machine left
+    load_backend(settings.backend, settings).check()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -252,6 +244,7 @@ class _Session:
         self._run: RunContext | None = None
         self._images: dict[str, Image] = {}
         self._templates: TemplateStore | None = None
+        self._backend: Backend | None = None
         self._boot_files: dict[Path, BootFiles] = {}
         self._lock = threading.RLock()
 
@@ -342,7 +335,15 @@ class _Session:
         finally:
             if self._templates is not None:
                 self._templates.close()
-            libvirt_backend.close_connections()
+            self.backend.close()
+
+    @property
+    def backend(self) -> Backend:
+        """The run's backend (made once, from the settings)."""
+        with self._lock:
+            if self._backend is None:
+                self._backend = load_backend(self.settings.backend, self.settings)
+            return self._backend
 
 
 @pytest.fixture
@@ -471,17 +472,12 @@ def kvm_guest_factory(
             run = _kvm_session.run
         except KvmUnavailable as exc:
             pytest.skip(f"pytest-kvm: {exc}")
-        if shaped.backend == "libvirt":
-            labels = (
-                ("run", run.identity.run_id), ("worker", run.identity.worker),
-                ("pid", str(os.getpid())), ("host", socket.gethostname()),
-                ("test", request.node.nodeid),
-            )  # fmt: skip
-            target = LibvirtTarget(
-                shaped.uri, shaped.pool or libvirt_backend.DEFAULT_POOL, labels,
-                shaped.cache / "locks", shaped.accel,
-            )  # fmt: skip
-            config = dataclasses.replace(config, libvirt=target)
+        labels = (
+            ("run", run.identity.run_id), ("worker", run.identity.worker),
+            ("pid", str(os.getpid())), ("host", socket.gethostname()),
+            ("test", request.node.nodeid),
+        )  # fmt: skip
+        config = dataclasses.replace(config, runner=_kvm_session.backend, labels=labels)
         if shaped.kernel_args:
             # A real boot of the image's own kernel with the extra arguments.
             files = _kvm_session.boot_files(base)
@@ -494,7 +490,7 @@ def kvm_guest_factory(
             and disk_size is None and not shaped.kernel_args and disk is None
             and kernel is None and not display
             and shaped.network.kind == "user" and not base.is_encrypted
-            and shaped.backend == "qemu"  # libvirt: no template fast path yet
+            and not backend_class(shaped.backend).refusal("templates")
         ):  # fmt: skip
             shape = Shape(
                 memory=shaped.memory,

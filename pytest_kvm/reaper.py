@@ -29,7 +29,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .backends import TABLE, backend_class
 from .private import private_dir, read_regular, write_private
 
 LEASE_DIR_ENV = "PYTEST_KVM_LEASE_DIR"
@@ -251,9 +251,11 @@ def _reap_one(lease: Lease) -> list[str]:
         while process_alive(pid, start) and time.monotonic() < deadline:
             time.sleep(0.05)
         done.append(f"killed {'qemu-nbd' if lease.kind == 'nbd' else 'QEMU'} {pid}")
-    domain = data.get("domain")
-    if domain:
-        done += _destroy_domain(str(data.get("uri", "")), str(domain), data)
+    # What only the guest's backend can end (a libvirt domain). A lease without a
+    # backend name but with a domain is the libvirt backend's.
+    backend = str(data.get("backend") or ("libvirt" if data.get("domain") else ""))
+    if backend in TABLE:
+        done += backend_class(backend).reap(data)
     tap = data.get("tap")
     if tap and Path("/sys/class/net", str(tap)).exists():
         run = subprocess.run(["ip", "link", "del", "dev", str(tap)], capture_output=True)
@@ -289,41 +291,3 @@ def _is_our_process(pid: int, lease: Lease) -> bool:
         return bool(sock) and argv[0].endswith(b"qemu-nbd") and sock.encode() in argv
     name = str(lease.data.get("name") or "")
     return bool(name) and f"guest={name},".encode() in b"\0".join(argv)
-
-
-def domain_is_the_leases(xml: str, data: dict[str, Any]) -> bool:
-    """Whether a domain's owner labels (see plugin.py) name the lease's run, process and
-    host: a run id alone may be another run's, on another host or after a reboot."""
-    from .backends.libvirt import METADATA_NS
-
-    try:
-        root = ET.fromstring(xml)  # noqa: S314 (libvirtd's own output of a parsed domain)
-        owner = root.find(f"metadata/{{{METADATA_NS}}}owner")
-    except ET.ParseError:
-        return False
-    want = {"run": data.get("run_id"), "pid": data.get("pid"), "host": data.get("host")}
-    return owner is not None and all(
-        value is not None and owner.get(key) == str(value) for key, value in want.items()
-    )
-
-
-def _destroy_domain(uri: str, domain: str, data: dict[str, Any]) -> list[str]:
-    """Destroy a libvirt domain a dead run left (one created without AUTODESTROY)."""
-    try:
-        from .backends.libvirt import connect, load_libvirt
-
-        libvirt, _ = load_libvirt()
-        conn = connect(uri)
-    except Exception:  # no libvirt here, or its daemon is gone: nothing to do
-        return []
-    try:
-        dom = conn.lookupByName(domain)
-    except libvirt.libvirtError:
-        return []
-    try:
-        if not domain_is_the_leases(dom.XMLDesc(0), data):
-            return []  # not the domain this lease made
-        dom.destroy()
-    except libvirt.libvirtError:
-        return []
-    return [f"destroyed domain {domain}"]

@@ -34,11 +34,11 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
@@ -49,7 +49,10 @@ from ..network import pid_alive
 from ..private import private_dir, read_regular, write_private
 from ..qga import AgentCalls, GuestAgentError
 from ..ssh import SshJump
-from .base import Machine, MachineSpec, QmpError
+from .base import Backend, Labels, Machine, MachineSpec, QmpError
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
 DEFAULT_POOL = "pytest-kvm"
@@ -517,6 +520,15 @@ def reap_orphan_volumes(pool: Any) -> list[str]:
 
 # -- the domain ---------------------------------------------------------------------
 
+# What the libvirt backend cannot do yet, and the one message refusing each
+# (``LibvirtBackend.refusal``; the machine and the domain XML raise them too).
+REFUSALS = {
+    "templates": "templates are not supported on the libvirt backend yet",
+    "encrypted images": "encrypted images are not supported on the libvirt backend yet",
+    "vlans and bridges": "vlans and bridges are not supported on the libvirt backend yet",
+    "kernel_args": "kernel_args (direct kernel boot) is not supported on libvirt yet",
+}
+
 
 @dataclass(frozen=True)
 class LibvirtTarget:
@@ -551,7 +563,7 @@ def domain_xml(
     os_el = ET.SubElement(root, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
     if spec.kernel is not None:
-        raise GuestLaunchError("kernel_args (direct kernel boot) is not supported on libvirt yet")
+        raise GuestLaunchError(REFUSALS["kernel_args"])
     ET.SubElement(os_el, "boot", dev="cdrom" if spec.boot == "cdrom" else "hd")
     features = ET.SubElement(root, "features")
     ET.SubElement(features, "acpi")
@@ -788,11 +800,11 @@ class LibvirtMachine(Machine):
 
     def __init__(self, spec: MachineSpec, target: LibvirtTarget, accel: str) -> None:
         if any(drive.secret is not None for drive in spec.drives):
-            raise KvmConfigError("encrypted images are not supported on the libvirt backend yet")
+            raise KvmConfigError(REFUSALS["encrypted images"])
         if spec.ram_file is not None or spec.incoming is not None:
-            raise KvmConfigError("templates are not supported on the libvirt backend yet")
+            raise KvmConfigError(REFUSALS["templates"])
         if spec.nics or spec.tap_fd is not None:
-            raise KvmConfigError("vlans and bridges are not supported on the libvirt backend yet")
+            raise KvmConfigError(REFUSALS["vlans and bridges"])
         self.spec = spec
         self.target = target
         self._accel = accel
@@ -1133,3 +1145,100 @@ class LibvirtMachine(Machine):
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class LibvirtBackend(Backend):
+    """Guests as transient libvirt domains on ``settings.uri``, their disks in
+    ``settings.pool`` (our own one by default)."""
+
+    name = "libvirt"
+    refusals = REFUSALS
+
+    def _settings(self) -> Settings:
+        if self.settings is None:
+            raise KvmConfigError("the libvirt backend needs its target (URI and pool)")
+        return self.settings
+
+    @property
+    def uri(self) -> str:
+        return self._settings().uri
+
+    def check(self) -> None:
+        """Connect to the URI, find its network and pool (clear errors naming the
+        URI), and delete what runs killed on this machine left in the pool."""
+        settings = self._settings()
+        uri = settings.uri
+        problem = remote_problem(uri)
+        if problem:
+            raise KvmConfigError(problem)
+        conn = connect(uri)
+        if settings.network.kind == "libvirt":
+            check_network(conn, uri, settings.network.name)
+        pool = storage_pool(conn, uri, settings.pool or DEFAULT_POOL)
+        reap_orphan_volumes(pool)
+
+    def target(self, labels: Labels = ()) -> LibvirtTarget:
+        """Where and as whom a guest with these owner labels runs."""
+        settings = self._settings()
+        return LibvirtTarget(settings.uri, settings.pool or DEFAULT_POOL, labels,
+                             settings.cache / "locks", settings.accel)  # fmt: skip
+
+    def machine(
+        self,
+        spec: MachineSpec,
+        *,
+        on_spawn: Callable[[int], None] | None = None,
+        labels: Labels = (),
+    ) -> LibvirtMachine:
+        # No on_spawn: QEMU runs under libvirtd, which ends it (AUTODESTROY).
+        return LibvirtMachine(spec, self.target(labels), spec.accel)
+
+    def jump(self) -> SshJump | None:
+        return jump_for(self.uri)
+
+    @classmethod
+    def reap(cls, lease: Mapping[str, Any]) -> list[str]:
+        domain = lease.get("domain")
+        if not domain:
+            return []
+        return destroy_leased_domain(str(lease.get("uri", "")), str(domain), lease)
+
+    def close(self) -> None:
+        close_connections()
+
+
+def domain_is_the_leases(xml: str, data: Mapping[str, Any]) -> bool:
+    """Whether a domain's owner labels (see plugin.py) name the lease's run, process and
+    host: a run id alone may be another run's, on another host or after a reboot."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 (libvirtd's own output of a parsed domain)
+        owner = root.find(f"metadata/{{{METADATA_NS}}}owner")
+    except ET.ParseError:
+        return False
+    want = {"run": data.get("run_id"), "pid": data.get("pid"), "host": data.get("host")}
+    return owner is not None and all(
+        value is not None and owner.get(key) == str(value) for key, value in want.items()
+    )
+
+
+def destroy_leased_domain(uri: str, domain: str, data: Mapping[str, Any]) -> list[str]:
+    """Destroy a libvirt domain a dead run left (one created without AUTODESTROY)."""
+    try:
+        libvirt, _ = load_libvirt()
+        conn = connect(uri)
+    except Exception:  # no libvirt here, or its daemon is gone: nothing to do
+        return []
+    try:
+        dom = conn.lookupByName(domain)
+    except libvirt.libvirtError:
+        return []
+    try:
+        if not domain_is_the_leases(dom.XMLDesc(0), data):
+            return []  # not the domain this lease made
+        dom.destroy()
+    except libvirt.libvirtError:
+        return []
+    return [f"destroyed domain {domain}"]
+
+
+BACKEND = LibvirtBackend

@@ -27,7 +27,7 @@ from ..images.overlay import key_secret_opts, secret_object
 from ..network import netdev_args
 from ..qga import GuestAgent
 from ..spawn import spawn
-from .base import Machine, MachineSpec, QmpError
+from .base import Backend, Labels, Machine, MachineSpec, QmpError
 
 QEMU_BINARY = "qemu-system-x86_64"
 T = TypeVar("T")
@@ -403,3 +403,21 @@ class QemuMachine(Machine):
                 self._qmp.close()
             for path in (self.spec.qmp_socket, self.spec.console_socket, self.spec.qga_socket):
                 path.unlink(missing_ok=True)
+
+
+class QemuBackend(Backend):
+    """QEMU started directly on this host: nothing to check or hold per run."""
+
+    name = "qemu"
+
+    def machine(
+        self,
+        spec: MachineSpec,
+        *,
+        on_spawn: Callable[[int], None] | None = None,
+        labels: Labels = (),
+    ) -> QemuMachine:
+        return QemuMachine(spec, on_spawn=on_spawn)
+
+
+BACKEND = QemuBackend
