@@ -56,7 +56,7 @@ def measure(args: argparse.Namespace) -> None:
         if args.cold_upload:  # forget the uploaded image: time a real upload
             name = f"{image.path.stem[:40]}-{lv.file_sha256(image.path)[:20]}.qcow2"
             for vol in (name + ".ok", name):
-                found = lv._lookup(pool, vol)
+                found = lv.lookup(pool, vol)
                 if found is not None:
                     found.delete(0)
         t0 = time.monotonic()

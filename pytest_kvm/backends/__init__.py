@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from .base import Backend
 
 TABLE: dict[str, str] = {
-    "qemu": "pytest_kvm.backends.qemu",
-    "libvirt": "pytest_kvm.backends.libvirt",
+    "qemu": "pytest_kvm.backends.qemu.backend",
+    "libvirt": "pytest_kvm.backends.libvirt.backend",
 }
 
 
