@@ -37,6 +37,8 @@ def stats(values: list[float]) -> str:
 def measure(args: argparse.Namespace) -> None:
     from pytest_kvm import accel
     from pytest_kvm.backends import libvirt as lv
+    from pytest_kvm.backends import load_backend
+    from pytest_kvm.config import Settings
     from pytest_kvm.guest import Guest, GuestConfig
     from pytest_kvm.images.store import resolve
     from pytest_kvm.run import RunContext
@@ -54,14 +56,15 @@ def measure(args: argparse.Namespace) -> None:
         if args.cold_upload:  # forget the uploaded image: time a real upload
             name = f"{image.path.stem[:40]}-{lv.file_sha256(image.path)[:20]}.qcow2"
             for vol in (name + ".ok", name):
-                found = lv._lookup(pool, vol)
+                found = lv.lookup(pool, vol)
                 if found is not None:
                     found.delete(0)
         t0 = time.monotonic()
         lv.upload_image(conn, pool, image.path, args.cache / "locks")
         results["upload"].append(time.monotonic() - t0)
-        target = lv.LibvirtTarget("qemu:///system", lock_dir=args.cache / "locks")
-        libvirt_config = GuestConfig(image=image, backend="libvirt", libvirt=target)
+        settings = Settings(backend="libvirt", uri="qemu:///system", cache=args.cache)
+        runner = load_backend("libvirt", settings)
+        libvirt_config = GuestConfig(image=image, backend="libvirt", runner=runner)
         for i in range(args.runs):
             t0 = time.monotonic()
             with Guest(run, GuestConfig(image=image), template=template) as g:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from . import accel, artifacts, matrix
-from .backends import libvirt as libvirt_backend
+from .backends import load_backend
 from .config import OPTIONS, Settings, resolve
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
 from .guest import Guest
@@ -135,15 +135,7 @@ class _Lifecycle:
 
 def check_libvirt(settings: Settings) -> None:
     """Connect to the libvirt URI and find the pool: clear errors naming the URI."""
-    uri = settings.uri
-    problem = libvirt_backend.remote_problem(uri)
-    if problem:
-        raise KvmConfigError(problem)
-    conn = libvirt_backend.connect(uri)
-    if settings.network.kind == "libvirt":
-        libvirt_backend.check_network(conn, uri, settings.network.name)
-    pool = libvirt_backend.storage_pool(conn, uri, settings.pool or libvirt_backend.DEFAULT_POOL)
-    libvirt_backend.reap_orphan_volumes(pool)  # what runs killed on this machine left
+    load_backend(settings.backend, settings).check()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

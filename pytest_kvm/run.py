@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .accel import AccelChoice
+from .lease import Lease, lease_dir, owner_fields
 from .network import Identity
-from .reaper import Lease, lease_dir, owner_fields
 from .ssh import KeyPair
 
 

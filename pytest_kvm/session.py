@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from . import accel
-from .backends import libvirt as libvirt_backend
-from .backends.libvirt import LibvirtTarget
+from .backends import load_backend
+from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
 from .config import Settings
 from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
@@ -49,6 +49,7 @@ class KvmSession:
         self._templates: TemplateStore | None = None
         self._boot_files: dict[Path, BootFiles] = {}
         self._lock = threading.RLock()
+        self._backends: dict[tuple[str, str, str], Backend] = {}
 
     def progress(self, message: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -141,7 +142,17 @@ class KvmSession:
         finally:
             if self._templates is not None:
                 self._templates.close()
-            libvirt_backend.close_connections()
+            for backend in self._backends.values():
+                backend.close()
+
+    def backend(self, settings: Settings) -> Backend:
+        """The run's backend for these settings (a marker may name another URI or
+        pool), made once per backend, URI and pool."""
+        key = (settings.backend, settings.uri, settings.pool)
+        with self._lock:
+            if key not in self._backends:
+                self._backends[key] = load_backend(settings.backend, settings)
+            return self._backends[key]
 
 
 class TestGuests:
@@ -198,17 +209,12 @@ class TestGuests:
             run = self.session.run
         except KvmUnavailable as exc:
             pytest.skip(f"pytest-kvm: {exc}")
-        if shaped.backend == "libvirt":
-            labels = (
-                ("run", run.identity.run_id), ("worker", run.identity.worker),
-                ("pid", str(os.getpid())), ("host", socket.gethostname()),
-                ("test", self.nodeid),
-            )  # fmt: skip
-            target = LibvirtTarget(
-                shaped.uri, shaped.pool or libvirt_backend.DEFAULT_POOL, labels,
-                shaped.cache / "locks", shaped.accel,
-            )  # fmt: skip
-            config = dataclasses.replace(config, libvirt=target)
+        labels = (
+            ("run", run.identity.run_id), ("worker", run.identity.worker),
+            ("pid", str(os.getpid())), ("host", socket.gethostname()),
+            ("test", self.nodeid),
+        )  # fmt: skip
+        config = dataclasses.replace(config, runner=self.session.backend(shaped), labels=labels)
         if shaped.kernel_args:
             # A real boot of the image's own kernel with the extra arguments.
             config = dataclasses.replace(config, boot_files=self.session.boot_files(base))

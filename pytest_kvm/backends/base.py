@@ -1,16 +1,20 @@
-"""What a backend must provide: a machine built from a MachineSpec."""
+"""What a backend must provide: a per-run ``Backend`` that checks its setup, makes
+a ``Machine`` from a ``MachineSpec`` and says what it cannot do yet."""
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ..config import NetworkSpec
 
 if TYPE_CHECKING:
+    from ..config import Settings
     from ..qga import AgentCalls
+    from ..ssh import SshJump
 
 
 @dataclass(frozen=True)
@@ -246,3 +250,66 @@ class Machine(abc.ABC):
         """What the guest consumed so far (``cpu_time_ns``, ``peak_rss_kib``,
         ``disk_written_bytes``), or {} where the backend cannot tell."""
         return {}
+
+
+# A guest's owner labels: (key, value) pairs a backend may record with the machine
+# (libvirt: the domain's metadata) so that a reaper can tell whose it is.
+Labels = tuple[tuple[str, str], ...]
+
+
+class Backend(abc.ABC):
+    """Who runs this run's guests: one per run (and process), made from its settings
+    by ``backends.load_backend``. The constructor records; ``check`` acts (once per
+    run, before any guest); ``machine`` makes each guest's ``Machine``; ``close`` is
+    idempotent and lets go of whatever the backend holds for the run.
+
+    ``refusals`` is the one place saying what a backend cannot do yet: a feature
+    ("templates", "encrypted images", "vlans and bridges", "kernel_args") and the
+    message to refuse it with; callers ask ``refusal(feature)``."""
+
+    name: ClassVar[str]
+    refusals: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+
+    @classmethod
+    def refusal(cls, feature: str) -> str:
+        """ "" if this backend can do ``feature``, else the message refusing it."""
+        return cls.refusals.get(feature, "")
+
+    def check(self) -> None:
+        """Fail the run now (KvmConfigError) if its settings cannot work here."""
+        return None
+
+    @abc.abstractmethod
+    def machine(
+        self,
+        spec: MachineSpec,
+        *,
+        on_spawn: Callable[[int], None] | None = None,
+        labels: Labels = (),
+    ) -> Machine:
+        """A new, unstarted machine for ``spec``. ``on_spawn(pid)`` is called with the
+        process that runs it as soon as it exists (if this host runs it); ``labels``
+        name the guest's owner where the backend records them."""
+
+    @property
+    def uri(self) -> str:
+        """Where guests run, for their leases ("" for this host's QEMU)."""
+        return ""
+
+    def jump(self) -> SshJump | None:
+        """The SSH connection guests' forwards are reached through (their host is
+        another), or None when they are on our own 127.0.0.1."""
+        return None
+
+    @classmethod
+    def reap(cls, lease: Mapping[str, Any]) -> list[str]:
+        """End what a dead run's guest lease names that only this backend knows how
+        to end (processes, taps and dirs the reaper ends itself); what was done."""
+        return []
+
+    def close(self) -> None:
+        """Let go of the run's connections; idempotent."""
+        return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import ImageError, KvmUnavailable
 from ..images.overlay import check_qemu_path, key_secret_opts, secret_object
-from ..reaper import Lease, lease_dir, owner_fields
+from ..lease import Lease, lease_dir, owner_fields
 from ..spawn import spawn
 from ..util import process_start
 from .source import DiskSource

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..backends.libvirt import LibvirtTarget
+from ..backends import backend_class
+from ..backends.base import Backend, Labels
 from ..customize import check_hostname
 from ..errors import KvmConfigError
 from ..images import Image
@@ -71,10 +72,12 @@ class GuestConfig:
     # One more NIC per entry, on that kvm_vlan segment; None: a NIC on no segment
     # (what a template is made with, so that its clones can join one).
     vlans: tuple[Vlan | None, ...] = ()
-    # Who runs the guest: QEMU directly ("qemu") or libvirt, where ``libvirt`` says
-    # which hypervisor, pool and owner labels.
+    # Who runs the guest: QEMU directly ("qemu") or libvirt. ``runner`` is the run's
+    # Backend of that name (None: a qemu one); ``labels`` name the guest's owner
+    # where the backend records them (libvirt: the domain's metadata).
     backend: str = "qemu"
-    libvirt: LibvirtTarget | None = None
+    runner: Backend | None = None
+    labels: Labels = ()
     # --kvm-keep-on-failure: QEMU may outlive this process (no parent-death signal).
     keepable: bool = False
     # --kvm-snapshot (default on): the factory may restore this guest from a booted
@@ -107,8 +110,9 @@ class GuestConfig:
         # A bridge guest boots: it needs its own MAC and DHCP lease from its first breath.
         if self.network.kind != "user":
             return f"network {self.network}: guests boot for real (no template)"
-        if self.backend != "qemu":  # libvirt: no template fast path yet
-            return f"templates are not supported on the {self.backend} backend yet"
+        refused = backend_class(self.backend).refusal("templates")
+        if refused:
+            return refused
         return ""
 
 

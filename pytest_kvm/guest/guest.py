@@ -19,8 +19,8 @@ from typing import Any
 
 import paramiko
 
+from ..backends import load_backend
 from ..backends.base import Machine
-from ..backends.libvirt import jump_for
 from ..console import Console, tail
 from ..customize import GuestDisk
 from ..errors import GuestError, GuestTimeout, KvmConfigError
@@ -65,13 +65,12 @@ class Guest:
         self.name = run.identity.next_name(name)
         self.image = config.image
         self.backend = config.backend
-        if config.backend == "libvirt" and config.libvirt is None:
-            raise KvmConfigError("the libvirt backend needs its target (URI and pool)")
-        if config.backend == "libvirt" and template is not None:
-            raise KvmConfigError("templates are not supported on the libvirt backend yet")
+        if config.runner is None and config.backend != "qemu":
+            raise KvmConfigError(f"the {config.backend} backend needs its target (URI and pool)")
+        self._runner = config.runner or load_backend("qemu")
         # A remote hypervisor: its guests' forwards are on its host's 127.0.0.1, reached
         # through that host's SSH.
-        self._jump = jump_for(config.libvirt.uri) if config.libvirt else None
+        self._jump = self._runner.jump()
         scale = run.accel.timeout_scale
         self.boot_timeout = config.boot_timeout * scale
         self.timeout_scale = scale
@@ -179,13 +178,15 @@ class Guest:
                 workdir=str(state.workdir),
                 sockdir=str(state.sockdir),
                 backend=self.backend,
-                uri=self.config.libvirt.uri if self.config.libvirt else "",
+                uri=self._runner.uri,
             )
             state.console = Console(
                 state.workdir / "serial.log", state.sockdir / "console.sock", self.describe()
             )
             self._nics.prepare(self._run)
-            launcher = Launcher(self._run, self.config, state, self._nics, self._screen)
+            launcher = Launcher(
+                self._run, self.config, self._runner, state, self._nics, self._screen
+            )
             parts = (self._disk, self._nics, launcher, self._connection, self._commands)
             if self.template is not None:
                 Restore(self.config, state, self.template, parts).start()

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backends.base import Drive, Machine, MachineSpec
-from ..backends.libvirt import LibvirtMachine
-from ..backends.qemu import QemuMachine
+from ..backends.base import Backend, Drive, Machine, MachineSpec
 from ..errors import GuestLaunchError
 from ..images.kernel import BootFiles
 from ..network import free_port
@@ -24,10 +22,17 @@ class Launcher:
     """Starts the machine of one guest into ``state.machine``."""
 
     def __init__(
-        self, run: RunContext, config: GuestConfig, state: GuestState, nics: Nics, screen: Screen
+        self,
+        run: RunContext,
+        config: GuestConfig,
+        runner: Backend,
+        state: GuestState,
+        nics: Nics,
+        screen: Screen,
     ) -> None:
         self._run = run
         self._config = config
+        self._runner = runner
         self._state = state
         self._nics = nics
         self._screen = screen
@@ -87,12 +92,7 @@ class Launcher:
                 vnc=config.vnc,
                 die_with_parent=not config.keepable,
             )
-            machine: Machine
-            if config.backend == "libvirt":
-                assert config.libvirt is not None
-                machine = LibvirtMachine(spec, config.libvirt, self._run.accel.name)
-            else:
-                machine = QemuMachine(spec, on_spawn=self._record_qemu)
+            machine = self._runner.machine(spec, on_spawn=self._record_qemu, labels=config.labels)
             state.record(**machine.lease_fields())  # before it exists
             try:
                 state.machine = machine  # closed with the guest, also if start fails

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..backends.base import Machine
 from ..console import Console, tail
-from ..reaper import Lease
+from ..lease import Lease
 
 PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
 

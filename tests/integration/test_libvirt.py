@@ -182,7 +182,7 @@ def test_calls_on_a_daemon_that_stops_answering_fail_in_bounded_time(libvirtd, m
     gives up, instead of waiting forever."""
     import libvirt
 
-    from pytest_kvm.backends import libvirt as backend
+    from pytest_kvm.backends.libvirt import connection as backend
 
     monkeypatch.setattr(backend, "KEEPALIVE", (1, 2), raising=False)  # dead in about 3 s
     uri = f"{libvirtd.uri}&keepalive-test"  # a connection of its own (one per URI)

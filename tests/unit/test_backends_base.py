@@ -101,3 +101,10 @@ def test_libvirt_backend_error_reply_is_a_qmp_error(tmp_path, monkeypatch):
     assert sent == [{"execute": "screendump", "arguments": {"filename": "/x", "format": "png"}}]
     err = info.value
     assert (err.command, err.error_class, err.desc) == ("screendump", "GenericError", NO_PNG)
+
+
+def test_the_backend_option_names_the_backends_table():
+    from pytest_kvm.backends import TABLE
+    from pytest_kvm.config import BACKENDS
+
+    assert tuple(TABLE) == BACKENDS

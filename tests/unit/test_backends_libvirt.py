@@ -12,17 +12,16 @@ import pytest
 
 from pytest_kvm.backends.base import Drive
 from pytest_kvm.backends.libvirt import (
-    _VOLUME,
     METADATA_NS,
     LibvirtMachine,
     LibvirtTarget,
-    _connect_message,
-    _volume_xml,
     connect,
     domain_xml,
     is_remote,
     volume_name,
 )
+from pytest_kvm.backends.libvirt.connection import _connect_message
+from pytest_kvm.backends.libvirt.storage import _VOLUME, volume_xml
 from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import GuestLaunchError, KvmConfigError
 from tests.support.specs import LIBVIRT_DISKS as DISKS
@@ -94,7 +93,7 @@ def test_what_libvirt_cannot_do_yet_is_refused_clearly(tmp_path):
 
 
 def test_volume_xml_is_private_and_declares_its_backing():
-    root = ET.fromstring(_volume_xml("o.qcow2", 3 << 30, "qcow2", "/pool/base.qcow2"))
+    root = ET.fromstring(volume_xml("o.qcow2", 3 << 30, "qcow2", "/pool/base.qcow2"))
     assert root.findtext("name") == "o.qcow2" and root.findtext("capacity") == str(3 << 30)
     assert root.find("target/permissions/mode").text == "0600"
     assert root.find("backingStore/path").text == "/pool/base.qcow2"
@@ -194,9 +193,10 @@ def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
     """A libvirt client connection that deadlocks in destroy (seen in CI with a
     console stream read on another thread) costs DESTROY_WAIT, not the run."""
     libvirt = pytest.importorskip("libvirt")
-    from pytest_kvm.backends import libvirt as backend
+    from pytest_kvm.backends.libvirt import connection
+    from pytest_kvm.backends.libvirt import machine as machine_module
 
-    monkeypatch.setattr(backend, "DESTROY_WAIT", 0.2)
+    monkeypatch.setattr(machine_module, "DESTROY_WAIT", 0.2)
     release = threading.Event()
     done: list[object] = []
 
@@ -235,7 +235,7 @@ def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
     monkeypatch.setattr(libvirt, "open", lambda uri: Fresh())
     machine = LibvirtMachine(spec(tmp_path), LibvirtTarget("qemu:///system"), "tcg")
     stuck = object()
-    monkeypatch.setitem(backend._connections, "qemu:///system", stuck)
+    monkeypatch.setitem(connection._connections, "qemu:///system", stuck)
     machine._conn, machine._domain = stuck, StuckDomain()
     machine._volumes = [StuckVolume()]
     try:
@@ -243,7 +243,7 @@ def test_a_destroy_that_never_returns_is_done_again_over_a_new_connection(
         machine.close()
         machine.close()
         assert time.monotonic() - started < 5
-        assert "qemu:///system" not in backend._connections  # later guests connect anew
+        assert "qemu:///system" not in connection._connections  # later guests connect anew
         err = capsys.readouterr().err
         if fresh_answers:
             assert done == [("destroy", machine.domain_name),
@@ -322,13 +322,15 @@ def test_console_stream_never_holds_up_destroy(tmp_path, monkeypatch):
     the domain's connection returns at once, however long the console stays quiet
     (CI saw virDomainDestroy and virStreamRecv blocked on one shared connection)."""
     libvirt = pytest.importorskip("libvirt")
-    from pytest_kvm.backends import libvirt as backend
+    from pytest_kvm.backends.libvirt import connection, console
+    from pytest_kvm.backends.libvirt import machine as machine_module
 
-    monkeypatch.setattr(backend, "DESTROY_WAIT", 2.0)
+    for module in (machine_module, console):
+        monkeypatch.setattr(module, "DESTROY_WAIT", 2.0)
     log: list[str] = []
     domain_conn, console_conn = _Client(libvirt, log, "domain"), _Client(libvirt, log, "console")
     monkeypatch.setattr(libvirt, "open", lambda uri: console_conn)
-    monkeypatch.setattr(backend, "ensure_event_loop", lambda: None)
+    monkeypatch.setattr(connection, "ensure_event_loop", lambda: None)
     machine = LibvirtMachine(spec(tmp_path), LibvirtTarget("qemu:///system"), "tcg")
     machine._conn, machine._domain = domain_conn, _Domain(domain_conn)
     machine._open_console()
@@ -449,12 +451,12 @@ def test_uploads_a_dead_run_left_unfinished_are_reaped(tmp_path):
     """An upload of this machine whose process is gone and whose marker never came is
     deleted; complete uploads, and other machines' or live processes', stay."""
     libvirt = pytest.importorskip("libvirt")
-    from pytest_kvm.backends import libvirt as backend
+    from pytest_kvm.backends.libvirt import storage as backend
 
     pool = _Pool(libvirt)
     pool.name = lambda: "pytest-kvm"
     pool.connect = lambda: _UploadConn()
-    tag, dead, alive = backend._HOST_TAG, 2**22 + 12345, os.getpid()
+    tag, dead, alive = backend.HOST_TAG, 2**22 + 12345, os.getpid()
     digest = "a868962514df6e667804"
     names = [
         f"img-{digest}.up-h{tag}.p{dead}.0a1b2c3d.qcow2",  # unfinished, owner gone

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kvm.backends.libvirt import domain_is_the_leases
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.reaper import (
     LEASE_DIR_ENV,
     Lease,
-    domain_is_the_leases,
     lease_dir,
     leases,
     owner_fields,
@@ -231,7 +231,8 @@ def test_runs_whose_ids_start_alike_never_share_names_or_leases(
     """Two runs (same worker label) whose random ids share their first 32 bits, the
     part shown in short names: their leases, guests and domains stay apart."""
     from pytest_kvm.accel import AccelChoice
-    from pytest_kvm.backends.libvirt import LibvirtTarget
+    from pytest_kvm.backends import load_backend
+    from pytest_kvm.config import Settings
     from pytest_kvm.guest import Guest, GuestConfig
     from pytest_kvm.images import Image
     from pytest_kvm.run import RunContext
@@ -248,8 +249,8 @@ def test_runs_whose_ids_start_alike_never_share_names_or_leases(
         assert [len(run.identity.run_id) for run in runs] == [16, 16]  # 64 bits
         assert runs[0].identity.run_id != runs[1].identity.run_id
         image = Image("img", Path("/nonexistent.qcow2"), "qcow2", "img")
-        target = LibvirtTarget("qemu:///system")
-        config = GuestConfig(image=image, backend="libvirt", libvirt=target)
+        runner = load_backend("libvirt", Settings(backend="libvirt", uri="qemu:///system"))
+        config = GuestConfig(image=image, backend="libvirt", runner=runner)
         guests = [Guest(run, config) for run in runs]
         assert guests[0].name != guests[1].name
         domains = {f"pytest-kvm-{guest.name}" for guest in guests}  # see LibvirtMachine

@@ -1,4 +1,4 @@
-"""The qemu backend: QEMU started directly, QMP through qemu.qmp, no daemon.
+"""QemuMachine: one QEMU process started directly, QMP through qemu.qmp, no daemon.
 
 Lifecycle like QEMU's own ``QEMUMachine``: the constructor records, ``start()`` acts
 (and on failure cleans up first, then raises with argv and console tail), ``close()``
@@ -7,30 +7,23 @@ is idempotent and removes sockets and threads.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Coroutine
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
 
-from ..console import tail
-from ..errors import GuestLaunchError
-from ..images.overlay import key_secret_opts, secret_object
-from ..network import netdev_args
-from ..qga import GuestAgent
-from ..spawn import spawn
-from .base import Machine, MachineSpec, QmpError
-
-QEMU_BINARY = "qemu-system-x86_64"
-T = TypeVar("T")
+from ...console import tail
+from ...errors import GuestLaunchError
+from ...qga import GuestAgent
+from ...spawn import spawn
+from ..base import Machine, MachineSpec, QmpError
+from .argv import QEMU_BINARY, build_argv
+from .qmp import Qmp
 
 
 def _spawn(
@@ -48,165 +41,6 @@ def _spawn(
     )
 
 
-def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
-    """The QEMU command line for ``spec`` (pure: unit-tested without QEMU)."""
-    accel = "kvm" if spec.accel == "kvm" else "tcg,thread=multi"
-    argv = [
-        binary,
-        "-name", f"guest={spec.name},debug-threads=on",
-        "-machine", "q35",
-        "-accel", accel,
-        "-cpu", "host" if spec.accel == "kvm" else "max",
-        "-m", str(spec.memory),
-        "-smp", str(spec.cpus),
-        "-nodefaults", "-no-user-config",
-        "-display", "none",
-        "-chardev", f"socket,id=qmp,path={spec.qmp_socket}",
-        "-mon", "chardev=qmp,mode=control",
-        "-chardev",
-        f"socket,id=ser0,path={spec.console_socket},server=on,wait=off,"
-        f"logfile={spec.serial_log},logappend=on",
-        "-serial", "chardev:ser0",
-        "-device", "virtio-rng-pci",
-        # A new generation ID on every start, restored clones included: the guest
-        # kernel reseeds its random pool when it changes.
-        "-device", "vmgenid,guid=auto",
-        "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=qga0,path={spec.qga_socket},server=on,wait=off",
-        "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
-    ]  # fmt: skip
-    secrets = {drive.secret for drive in spec.drives if drive.secret is not None}
-    if len(secrets) > 1:
-        raise GuestLaunchError("drives encrypted with different secrets are not supported")
-    for secret in secrets:
-        argv += ["-object", secret_object(secret)]
-    for index, drive in enumerate(spec.drives):
-        _check_path_for_qemu(str(drive.path))
-        opts = f"file={drive.path},format={drive.format},if=none,id=drive{index}"
-        if drive.secret is not None and any(drive.encrypted):
-            opts += "," + key_secret_opts(drive.encrypted)
-        if drive.media == "cdrom":
-            argv += ["-drive", opts + ",media=cdrom,readonly=on"]
-            argv += ["-device", f"ide-cd,drive=drive{index},bus=ide.{index}"]
-            continue
-        if drive.readonly:
-            opts += ",readonly=on"
-        else:
-            opts += ",cache=unsafe,discard=unmap"
-        argv += ["-drive", opts]
-        bootindex = ",bootindex=1" if index == 0 and spec.boot == "disk" else ""
-        argv += ["-device", f"virtio-blk-pci,drive=drive{index}{bootindex}"]
-    # Every guest has a graphics card, so a failed test's artifacts hold a screenshot
-    # (QEMU's screendump needs one). No cost to clones, measured: it adds ~0.2 MB to a
-    # template's saved state; display=True only says what tests may use.
-    argv += ["-device", "VGA"]
-    if spec.vnc:
-        # The first free display from :0 up; nobody gets in before set_password.
-        argv += ["-vnc", "127.0.0.1:0,to=99,password=on"]
-    if spec.boot == "cdrom":
-        argv += ["-boot", "order=d"]
-    if spec.kernel is not None:
-        argv += ["-kernel", str(spec.kernel), "-append", spec.append]
-        if spec.initrd is not None:
-            argv += ["-initrd", str(spec.initrd)]
-    argv += netdev_args(spec.network, netdev_id="net0", ssh_port=spec.ssh_port, tap_fd=spec.tap_fd)
-    argv += ["-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
-    for nic in spec.nics:
-        argv += ["-netdev", nic.netdev]
-        argv += ["-device", f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}"]
-    if spec.ram_file is not None:
-        _check_path_for_qemu(str(spec.ram_file))
-        share = "on" if spec.ram_shared else "off"
-        argv += [
-            "-object",
-            f"memory-backend-file,id=ram0,size={spec.memory}M,mem-path={spec.ram_file},"
-            f"share={share}",
-            "-machine", "memory-backend=ram0",
-        ]  # fmt: skip
-    if spec.incoming is not None:
-        # The state comes through QMP once the x-ignore-shared capability is set
-        # (QEMU 7.2 has no command-line property for it); no -S, so the guest
-        # resumes by itself once the state is loaded.
-        argv += ["-incoming", "defer"]
-    argv += list(spec.extra_args)
-    return argv
-
-
-def _check_path_for_qemu(path: str) -> None:
-    # QEMU's option syntax splits on ',' ('' escapes it); refuse rather than misparse.
-    if "," in path:
-        raise GuestLaunchError(f"path {path!r} contains a comma, which QEMU options cannot carry")
-
-
-class _Qmp:
-    """A qemu.qmp client on its own event loop thread, so events arrive while tests run."""
-
-    def __init__(self, name: str) -> None:
-        self.client = QMPClient(name)
-        self.events: list[dict[str, Any]] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"qmp-{name}", daemon=True
-        )
-        self._thread.start()
-        self._collector: asyncio.Task[None] | None = None
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except FutureTimeout:
-            future.cancel()
-            raise TimeoutError(f"QMP did not answer within {timeout} s") from None
-
-    def start_server(self, path: str) -> None:
-        self.run(self.client.start_server(path), 10)
-
-    def accept(self, timeout: float, alive: Any) -> None:
-        future = asyncio.run_coroutine_threadsafe(self.client.accept(), self._loop)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                future.result(0.05)
-                break
-            except FutureTimeout:
-                if not alive() or time.monotonic() > deadline:
-                    future.cancel()
-                    raise TimeoutError("QEMU did not connect to QMP") from None
-        self._collector = self.run(self._start_collector(), 5)
-
-    async def getfd(self, fd: int, name: str) -> None:
-        """Hand QEMU a descriptor (SCM_RIGHTS), named for later commands."""
-        self.client.send_fd_scm(fd)
-        await self.client.execute("getfd", {"fdname": name})
-
-    async def _start_collector(self) -> asyncio.Task[None]:
-        return asyncio.create_task(self._collect())
-
-    async def _collect(self) -> None:
-        async for event in self.client.events:
-            self.events.append(dict(event))
-
-    async def _shutdown(self) -> None:
-        # Closing: the socket may already be gone.
-        with contextlib.suppress(Exception):
-            await self.client.disconnect()
-        if self._collector is not None:
-            self._collector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._collector
-
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        with contextlib.suppress(Exception):
-            self.run(self._shutdown(), 10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self._loop.close()
-
-
 class QemuMachine(Machine):
     """One QEMU process. ``on_spawn(pid)`` is called as soon as it exists, before
     ``start`` waits for it (so its lease can name it: see guest.py)."""
@@ -222,7 +56,7 @@ class QemuMachine(Machine):
         self._on_spawn = on_spawn
         self._argv = build_argv(spec, binary)
         self._proc: subprocess.Popen[bytes] | None = None
-        self._qmp: _Qmp | None = None
+        self._qmp: Qmp | None = None
         self._closed = False
         self._shots = 0
 
@@ -246,7 +80,7 @@ class QemuMachine(Machine):
             raise RuntimeError("machine already started")
         spec = self.spec
         try:
-            self._qmp = _Qmp(spec.name)
+            self._qmp = Qmp(spec.name)
             self._qmp.start_server(str(spec.qmp_socket))
             with spec.stderr_log.open("wb") as log:
                 fds = (spec.tap_fd,) if spec.tap_fd is not None else ()
