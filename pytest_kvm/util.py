@@ -7,6 +7,8 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import GuestLaunchError
@@ -141,3 +143,30 @@ def pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+
+
+class Background:
+    """``target`` running on a daemon thread of its own (started here): for calls
+    that may never return. ``wait`` says whether it ended in time; ``join`` returns
+    what it raised, or a ``TimeoutError`` while it still runs."""
+
+    def __init__(self, target: Callable[[], object], name: str = "background") -> None:
+        self._error: BaseException | None = None
+        self._target = target
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        except BaseException as exc:  # reported by join
+            self._error = exc
+
+    def wait(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float) -> BaseException | None:
+        if not self.wait(timeout):
+            return TimeoutError("still running")
+        return self._error

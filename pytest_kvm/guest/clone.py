@@ -7,15 +7,14 @@ from __future__ import annotations
 import contextlib
 import shlex
 import shutil
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..backends.base import Drive, Machine
 from ..errors import GuestError
 from ..images.overlay import create_overlay
 from ..qga import GuestAgentError
+from ..util import Background
 from .agent import agent_wait
 from .commands import Commands
 from .config import GuestConfig, SavedGuest
@@ -24,28 +23,6 @@ from .disk import Disk
 from .launch import Launcher
 from .nics import Nics
 from .state import GuestState, tail_text
-
-
-class _Background:
-    """Run ``target`` on a thread; ``join`` returns the exception it raised, if any."""
-
-    def __init__(self, target: Callable[[], None]) -> None:
-        self._error: BaseException | None = None
-        self._target = target
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._target()
-        except BaseException as exc:  # reported by join
-            self._error = exc
-
-    def join(self, timeout: float) -> BaseException | None:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            return TimeoutError("still running")
-        return self._error
 
 
 class Restore:
@@ -84,7 +61,7 @@ class Restore:
         timings["restore"] = time.monotonic() - t1
         t2 = time.monotonic()
         # The guest agent makes it this guest while SSH shakes hands.
-        adopt = _Background(self._adopt_by_agent) if template.agent else None
+        adopt = Background(self._adopt_by_agent, "adopt-by-agent") if template.agent else None
         self._connection.connect(time.monotonic() + 60 * scale, waited=60 * scale)
         timings["ssh_ready"] = time.monotonic() - t2
         t3 = time.monotonic()

@@ -14,6 +14,7 @@ from typing import Any
 
 from ...errors import KvmConfigError, KvmUnavailable
 from ...ssh import SshJump
+from ...util import Background
 
 DESTROY_WAIT = 60.0  # s for a destroy: libvirt's own SIGTERM, SIGKILL and job waits fit
 
@@ -166,18 +167,7 @@ def forget_connection(uri: str, conn: Any) -> None:
 def call_within(seconds: float, call: Callable[[], object]) -> bool:
     """Run a libvirt call that might never return (a stuck client connection or
     daemon) on a thread of its own; True when it returned or raised within seconds."""
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            call()
-        except Exception:  # noqa: S110 - the caller asks only whether it returned
-            pass
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="libvirt-call", daemon=True).start()
-    return done.wait(seconds)
+    return Background(call, "libvirt-call").wait(seconds)
 
 
 def close_connections() -> None:
