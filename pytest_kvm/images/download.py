@@ -34,257 +34,37 @@ downloaded once, cached by URL, and reported as not verified.
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ..errors import ImageError, KvmConfigError
+from ..errors import ImageError
 from ..uselock import hold, release, unused
 from ..util import fsync_path, rename_synced
 
-DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
-CHUNK = 256 * 1024
-#: Seconds between two progress lines of one download.
-PROGRESS_INTERVAL = 2.0
-#: Tries of one download within a resolve; each resumes where the last stopped.
-ATTEMPTS = 4
-#: Seconds before the second try; doubled for each later one.
-RETRY_DELAY = 1.0
-#: Socket timeout of each request, in seconds.
-TIMEOUT = 60.0
-_MIB = 1024 * 1024
-_FRAGMENT = re.compile(r"^(sha256|sha512)=([0-9a-fA-F]+)$")
-_SAFE = re.compile(r"[^A-Za-z0-9._+-]")
+# Re-exported: what other modules and tests import from here.
+from .checksums import GPGV_TIMEOUT as GPGV_TIMEOUT
+from .checksums import fetch_checksum as fetch_checksum
+from .checksums import is_clearsigned as is_clearsigned
+from .checksums import parse_checksums as parse_checksums
+from .checksums import verified_text as verified_text
+from .fetching import NoDowngrade as NoDowngrade
+from .fetching import copy_file, http_download, part_meta, read_json, write_json
+from .source import DIGEST_LENGTHS as DIGEST_LENGTHS
+from .source import Source as Source
+from .source import catalog_source as catalog_source
+from .source import check_url as check_url
+from .source import file_path as file_path
+from .source import parse_url as parse_url
+from .source import url_stem as url_stem
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where an image comes from and how it is checked."""
-
-    url: str  # without the fragment
-    key: str  # the cache directory's name
-    label: str  # what progress lines and errors call it
-    algorithm: str = ""  # "sha256" | "sha512" | "" (unknown until the checksum file)
-    digest: str = ""  # pinned by the URL's fragment (lower case)
-    checksum_url: str = ""  # catalog entries: where the digest is published
-    checksum_name: str = ""  # the name the checksum file lists
-    format: str = ""  # what the catalog entry says the file is
-    signing_key: Path | None = None  # the keyring that signs the checksum file
-
-    @property
-    def filename(self) -> str:
-        return _file_name(self.url)
-
-    @property
-    def is_file(self) -> bool:
-        return self.url.lower().startswith("file://")
-
-
-def _file_name(url: str) -> str:
-    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    name = _SAFE.sub("_", name).lstrip(".")[:120]
-    return name or "image"
-
-
-def url_stem(url: str) -> str:
-    """The readable name of a URL's image: its file name without the disk suffix."""
-    stem = _file_name(url.split("#", 1)[0])
-    for suffix in (".qcow2", ".img", ".raw"):
-        stem = stem.removesuffix(suffix)
-    return stem or "image"
-
-
-def parse_url(spec: str) -> Source:
-    """The Source of a URL ``--kvm-image`` value; KvmConfigError if it is malformed."""
-    url, _, fragment = spec.partition("#")
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https", "file"):
-        raise KvmConfigError(f"image {spec!r}: URL scheme {parts.scheme!r} is not supported")
-    if scheme != "file" and not parts.hostname:
-        raise KvmConfigError(f"image {spec!r}: the URL has no host")
-    if not parts.path.rstrip("/"):
-        raise KvmConfigError(f"image {spec!r}: the URL names no file")
-    algorithm = digest = ""
-    if fragment:
-        m = _FRAGMENT.match(fragment)
-        if not m or len(m.group(2)) != DIGEST_LENGTHS[m.group(1)]:
-            raise KvmConfigError(
-                f"image {spec!r}: the URL fragment must be sha256=HEX (64 hex digits) "
-                f"or sha512=HEX (128), not {fragment!r}"
-            )
-        algorithm, digest = m.group(1), m.group(2).lower()
-    stem = url_stem(url)
-    key = f"{stem[:60]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
-    return Source(url=url, key=key, label=stem, algorithm=algorithm, digest=digest)
-
-
-def check_url(spec: str) -> None:
-    """Start-up checks of a URL value: its form, and that a file:// source exists."""
-    source = parse_url(spec)
-    if source.is_file:
-        path = file_path(source.url)
-        if not path.is_file():
-            raise ImageError(f"image {spec!r}: {str(path)!r} does not exist or is not a file")
-
-
-def file_path(url: str) -> Path:
-    parts = urllib.parse.urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise KvmConfigError(f"image {url!r}: a file:// URL must name a local file")
-    return Path(urllib.request.url2pathname(parts.path))
-
-
-def catalog_source(name: str) -> Source:
-    """The Source of the downloaded catalog image ``name`` (``catalog/cloud/NAME.toml``)."""
-    from .recipe import load_download
-
-    entry = load_download(name)
-    return Source(
-        url=entry.url,
-        key=name,
-        label=name,
-        algorithm=entry.checksum,
-        checksum_url=entry.checksum_url,
-        checksum_name=entry.checksum_name or _file_name(entry.url),
-        format=entry.format,
-        signing_key=entry.signing_key,
-    )
-
-
-# --- checksum files ---------------------------------------------------------
-
-_BSD = re.compile(r"^(SHA\d+)\s*\((.+)\)\s*=\s*([0-9A-Fa-f]+)$")
-_GNU = re.compile(r"^\\?([0-9A-Fa-f]+)\s+[* ]?(.+)$")
-_HEX = re.compile(r"^[0-9A-Fa-f]+$")
-
-
-def parse_checksums(text: str, name: str, algorithm: str, where: str = "checksum file") -> str:
-    """The digest ``text`` lists for file ``name``, in lower case.
-
-    Understands GNU coreutils lines (``HEX  NAME``, ``HEX *NAME``), BSD lines
-    (``SHA256 (NAME) = HEX``, as in Fedora's and Rocky's CHECKSUM files, which may
-    carry ``#`` comments) and a file that is one digest. A PGP clear-signed file is
-    refused: :func:`verified_text` checks it and gives what it signs.
-    """
-    length = DIGEST_LENGTHS[algorithm]
-    if is_clearsigned(text):
-        raise ImageError(
-            f"{where} is PGP-signed and was not checked: its catalog entry needs a signing_key"
-        )
-    lines = text.splitlines()
-    found: list[str] = []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if m := _BSD.match(line):
-            label, listed, digest = m.groups()
-            if label.lower() == algorithm and _same_file(listed, name) and len(digest) == length:
-                found.append(digest.lower())
-        elif m := _GNU.match(line):
-            digest, listed = m.groups()
-            if _same_file(listed, name) and len(digest) == length:
-                found.append(digest.lower())
-    if not found:
-        tokens = " ".join(lines).split()
-        if len(tokens) == 1 and _HEX.match(tokens[0]) and len(tokens[0]) == length:
-            return tokens[0].lower()
-        raise ImageError(f"{where} lists no {algorithm} digest for {name!r}")
-    if len(set(found)) > 1:
-        raise ImageError(f"{where} lists different {algorithm} digests for {name!r}")
-    return found[0]
-
-
-_CLEARSIGNED = "-----BEGIN PGP SIGNED MESSAGE-----"
-#: Seconds gpgv may take to check a checksum file.
-GPGV_TIMEOUT = 60.0
-
-
-def is_clearsigned(text: str) -> bool:
-    return any(line.startswith(_CLEARSIGNED) for line in text.splitlines())
-
-
-def verified_text(raw: bytes, key: Path, where: str) -> str:
-    """What the PGP clear-signed ``raw`` says, once gpgv found its signature good and
-    made by ``key`` (a binary keyring); an ImageError otherwise. Only the signed text
-    is returned: nothing around the signature is trusted."""
-    gpgv = shutil.which("gpgv")
-    if gpgv is None:
-        raise ImageError(
-            f"{where} is PGP-signed and checking it needs gpgv, which is not installed "
-            "(Debian package: gpgv)"
-        )
-    with tempfile.TemporaryDirectory(prefix="pytest-kvm-gpgv-") as tmp:
-        signed, out = Path(tmp) / "checksums.asc", Path(tmp) / "checksums"
-        signed.write_bytes(raw)
-        try:
-            proc = subprocess.run(
-                [gpgv, "--homedir", tmp, "--keyring", str(key.resolve()),
-                 "--output", str(out), "--", str(signed)],
-                capture_output=True, text=True, timeout=GPGV_TIMEOUT,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ImageError(f"{where}: gpgv did not run: {exc}") from None
-        if proc.returncode != 0 or not out.is_file():
-            why = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-            raise ImageError(
-                f"{where}: its PGP signature is not good with the key {key} (gpgv: {why[0]}); "
-                "the file was changed or is not signed by its publisher, so it is not used"
-            )
-        return out.read_text("utf-8", "replace")
-
-
-def _same_file(listed: str, name: str) -> bool:
-    listed = listed.strip().lstrip("*")
-    return listed == name or listed.rsplit("/", 1)[-1] == name
-
-
-def fetch_checksum(source: Source) -> str:
-    """The digest the source's checksum file publishes for its image."""
-    where = f"checksum file {source.checksum_url}"
-    try:
-        if source.checksum_url.lower().startswith("file://"):
-            raw = file_path(source.checksum_url).read_bytes()
-        else:
-            with _open(source.checksum_url, _HEADERS) as resp:
-                raw = resp.read(4 * _MIB)
-    except (OSError, http.client.HTTPException) as exc:
-        raise ImageError(f"{source.label}: cannot fetch {where}: {_reason(exc)}") from None
-    if source.signing_key is not None:
-        text = verified_text(raw, source.signing_key, f"{source.label}: {where}")
-    else:
-        text = raw.decode("utf-8", "replace")
-    name = source.checksum_name or source.filename
-    return parse_checksums(text, name, source.algorithm, f"{source.label}: {where}")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc) or type(exc).__name__
-
 
 # --- the cache -----------------------------------------------------------------
 
@@ -317,7 +97,7 @@ def _current(source: Source, directory: Path) -> Path | None:
 
 def current_file(directory: Path, filename: str | None = None) -> Path | None:
     """The file of the version ``directory``'s pointer names (None: none, or it is gone)."""
-    pointer = _read_json(directory / CURRENT) or {}
+    pointer = read_json(directory / CURRENT) or {}
     version, name = pointer.get("version"), pointer.get("file")
     if not isinstance(version, str) or not _VERSION.match(version) or not isinstance(name, str):
         return None
@@ -328,12 +108,12 @@ def current_file(directory: Path, filename: str | None = None) -> Path | None:
 
 
 def _set_current(directory: Path, target: Path) -> None:
-    _write_json(directory / CURRENT, {"version": target.parent.name, "file": target.name})
+    write_json(directory / CURRENT, {"version": target.parent.name, "file": target.name})
 
 
 def _record(source: Source, target: Path) -> dict[str, Any] | None:
     """What was recorded when ``target`` was verified, if it still describes it."""
-    record = _read_json(_record_path(target))
+    record = read_json(_record_path(target))
     if record is None or record.get("url") != source.url:
         return None
     try:
@@ -359,20 +139,6 @@ def _record(source: Source, target: Path) -> dict[str, Any] | None:
 
 def _record_path(target: Path) -> Path:
     return target.with_name(target.name + ".json")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def forget(path: Path) -> None:
@@ -456,15 +222,15 @@ def _download(
 ) -> Path:
     part = directory / (source.filename + ".part")
     if source.is_file:
-        actual = _copy(source, part, algorithm, progress)
+        actual = copy_file(source, part, algorithm, progress)
         origin = file_path(source.url).stat()
         source_stat: list[int] | None = [origin.st_size, origin.st_mtime_ns]
     else:
-        actual = _http(source, part, algorithm, progress)
+        actual = http_download(source, part, algorithm, progress)
         source_stat = None
     if expected and actual != expected:
         part.unlink(missing_ok=True)
-        _part_meta(part).unlink(missing_ok=True)
+        part_meta(part).unlink(missing_ok=True)
         raise ImageError(
             f"image {source.label!r}: checksum mismatch for {source.url}: expected "
             f"{algorithm} {expected}, got {actual}; the download was deleted"
@@ -480,9 +246,9 @@ def _download(
     target = version / source.filename
     # The path names the digest: a file already there has these very bytes.
     rename_synced(part, target)
-    _part_meta(part).unlink(missing_ok=True)
+    part_meta(part).unlink(missing_ok=True)
     st = target.stat()
-    _write_json(
+    write_json(
         _record_path(target),
         {
             "url": source.url,
@@ -530,206 +296,6 @@ def prune(cache: Path) -> tuple[list[Path], list[Path]]:
         finally:
             lock.release()
     return removed, in_use
-
-
-class _Meter:
-    """Progress lines, at most one per :data:`PROGRESS_INTERVAL` seconds, and a last one."""
-
-    def __init__(self, label: str, progress: Progress, total: int | None, start: int) -> None:
-        self.label = label
-        self.progress = progress
-        self.total = total
-        self.done = start
-        self.start_bytes = start
-        self.started = self.last = time.monotonic()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_INTERVAL:
-            self.last = now
-            self.progress(f"pytest-kvm: downloading {self.label}: {self._state(now)}")
-
-    def finish(self) -> None:
-        now = time.monotonic()
-        self.progress(f"pytest-kvm: downloaded {self.label}: {self._state(now)}")
-
-    def _state(self, now: float) -> str:
-        rate = (self.done - self.start_bytes) / max(now - self.started, 1e-3) / _MIB
-        size = f"{self.done / _MIB:.1f}"
-        if self.total:
-            percent = f"{100 * self.done / self.total:3.0f}% "
-            size += f"/{self.total / _MIB:.1f}"
-        else:
-            percent = ""
-        return f"{percent}{size} MiB, {rate:.1f} MiB/s"
-
-
-def _copy(source: Source, part: Path, algorithm: str, progress: Progress) -> str:
-    origin = file_path(source.url)
-    hasher = hashlib.new(algorithm)
-    try:
-        total = origin.stat().st_size
-        progress(f"pytest-kvm: copying {source.label} from {origin} ({total / _MIB:.1f} MiB)")
-        meter = _Meter(source.label, progress, total, 0)
-        with origin.open("rb") as src, part.open("wb") as dst:
-            while chunk := src.read(CHUNK):
-                dst.write(chunk)
-                hasher.update(chunk)
-                meter.add(len(chunk))
-    except OSError as exc:
-        part.unlink(missing_ok=True)
-        raise ImageError(f"image {source.label!r}: cannot copy {origin}: {exc}") from None
-    meter.finish()
-    return hasher.hexdigest()
-
-
-_HEADERS = {"User-Agent": "pytest-kvm (image download)", "Accept-Encoding": "identity"}
-
-
-class NoDowngrade(urllib.request.HTTPRedirectHandler):
-    """Redirects are followed, but never from https to plain http: a download asked
-    for over TLS is not handed to whoever answers on the path in clear text."""
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        was = urllib.parse.urlsplit(req.full_url).scheme.lower()
-        if was == "https" and urllib.parse.urlsplit(newurl).scheme.lower() != "https":
-            raise ImageError(
-                f"refusing the redirect of {req.full_url} to {newurl}: from https to plain http"
-            )
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _open(url: str, headers: dict[str, str]) -> Any:
-    """A GET of an http(s) URL (proxies from the environment, as urllib does)."""
-    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
-        raise ImageError(f"not an http(s) URL: {url}")
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310 (checked above)
-    return urllib.request.build_opener(NoDowngrade).open(request, timeout=TIMEOUT)
-
-
-def _part_meta(part: Path) -> Path:
-    return part.with_name(part.name + ".json")
-
-
-def _hash_file(path: Path, algorithm: str) -> Any:
-    hasher = hashlib.new(algorithm)
-    with path.open("rb") as f:
-        while chunk := f.read(4 * _MIB):
-            hasher.update(chunk)
-    return hasher
-
-
-class _Retry(Exception):
-    """A try ended early (connection dropped, short body, server error)."""
-
-
-def _http(source: Source, part: Path, algorithm: str, progress: Progress) -> str:
-    """Download ``source.url`` into ``part``, resuming what is there; its digest."""
-    last = ""
-    for attempt in range(ATTEMPTS):
-        if attempt:
-            time.sleep(RETRY_DELAY * 2 ** (attempt - 1))
-        try:
-            return _http_try(source, part, algorithm, progress)
-        except _Retry as exc:
-            last = str(exc)
-            progress(f"pytest-kvm: download of {source.label} interrupted ({last}); retrying")
-    raise ImageError(
-        f"image {source.label!r}: download of {source.url} failed {ATTEMPTS} times "
-        f"(last: {last}); {part} is kept and the next run resumes it"
-    )
-
-
-def _http_try(source: Source, part: Path, algorithm: str, progress: Progress) -> str:
-    have = part.stat().st_size if part.exists() else 0
-    meta = _read_json(_part_meta(part)) or {}
-    headers = dict(_HEADERS)
-    if have:
-        headers["Range"] = f"bytes={have}-"
-        validator = meta.get("etag") or meta.get("last_modified")
-        if validator:
-            headers["If-Range"] = validator
-    try:
-        resp = _open(source.url, headers)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # the part is not a prefix of what is served now
-            part.unlink(missing_ok=True)
-            raise _Retry("the server refused to resume; starting again") from None
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise _Retry(_reason(exc)) from None
-        raise ImageError(
-            f"image {source.label!r}: cannot download {source.url}: {_reason(exc)}"
-        ) from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, socket.gaierror):  # an unknown host stays unknown
-            raise ImageError(
-                f"image {source.label!r}: cannot download {source.url}: {_reason(exc)}"
-            ) from None
-        raise _Retry(_reason(exc)) from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise _Retry(_reason(exc)) from None
-    with resp:
-        start = 0
-        total = _int(resp.headers.get("Content-Length"))
-        if resp.status == 206:
-            m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", ""))
-            if not have or not m or int(m.group(1)) != have:
-                part.unlink(missing_ok=True)
-                raise _Retry("the server sent another range than asked for; starting again")
-            start = have
-            total = int(m.group(2)) if m.group(2) != "*" else None
-        if start:
-            hasher = _hash_file(part, algorithm)
-            progress(f"pytest-kvm: resuming {source.label} at {start / _MIB:.1f} MiB")
-        else:
-            hasher = hashlib.new(algorithm)
-            size = f" ({total / _MIB:.1f} MiB)" if total else ""
-            progress(f"pytest-kvm: downloading {source.label} from {source.url}{size}")
-        validators = {
-            "etag": resp.headers.get("ETag"),
-            "last_modified": resp.headers.get("Last-Modified"),
-        }
-        _write_json(_part_meta(part), {k: v for k, v in validators.items() if v})
-        meter = _Meter(source.label, progress, total, start)
-        try:
-            with part.open("r+b" if start else "wb") as out:
-                out.seek(start)
-                out.truncate()
-                while chunk := _read(resp):
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    meter.add(len(chunk))
-        except OSError as exc:  # the disk, not the network: _read raises _Retry
-            raise ImageError(f"image {source.label!r}: cannot write {part}: {exc}") from None
-        if total is not None and meter.done != total:
-            raise _Retry(f"got {meter.done} of {total} bytes")
-    meter.finish()
-    digest: str = hasher.hexdigest()
-    return digest
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _read(resp: Any) -> bytes:
-    try:
-        chunk: bytes = resp.read(CHUNK)
-    except (OSError, http.client.HTTPException) as exc:
-        raise _Retry(_reason(exc)) from None
-    return chunk
 
 
 def remove(source: Source, cache: Path) -> None:

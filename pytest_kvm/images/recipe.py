@@ -200,15 +200,7 @@ _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 def load_recipe_file(path: Path) -> Recipe:
     """Load and validate a recipe from any path; the name is the file's stem."""
-    try:
-        source = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
-    try:
-        data = tomllib.loads(source.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ImageError(f"recipe {path} is not valid TOML: {exc}") from exc
-
+    source, data = _read_recipe(path)
     where = f"recipe {path}"
     top = _Fields(data, where)
     suite = top.string("suite")
@@ -236,13 +228,7 @@ def load_recipe_file(path: Path) -> Recipe:
     path_include = dpkg.strings("path_include")
     dpkg.check_unknown()
 
-    initramfs = top.table("initramfs")
-    modules = initramfs.string("modules", "most", choices=_INITRAMFS_MODULES)
-    drivers = initramfs.strings("drivers", re.compile(r"^[A-Za-z0-9_-]+$"))
-    compress = initramfs.string("compress", "zstd", choices=_INITRAMFS_COMPRESS)
-    initramfs.check_unknown()
-    if modules == "list" and not drivers:
-        raise ImageError(f"{where}: [initramfs] modules = 'list' needs a 'drivers' list")
+    modules, drivers, compress = _initramfs(top.table("initramfs"), where)
 
     units = top.table("units")
     enable = units.strings("enable", _UNIT_RE)
@@ -251,11 +237,7 @@ def load_recipe_file(path: Path) -> Recipe:
     units.check_unknown()
     top.check_unknown()
 
-    minimum = 256 * _MIB
-    if disk_size < minimum:
-        raise ImageError(f"{where}: 'disk_size' must be at least 256M, got {disk_size} bytes")
-    if disk_size % _MIB:
-        raise ImageError(f"{where}: 'disk_size' must be a whole number of MiB")
+    _check_disk_size(disk_size, where)
 
     return Recipe(
         name=path.stem,
@@ -281,6 +263,38 @@ def load_recipe_file(path: Path) -> Recipe:
         mask_units=mask,
         source=source,
     )
+
+
+def _read_recipe(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The recipe file's bytes (they feed :meth:`Recipe.digest`) and its TOML."""
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(source.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ImageError(f"recipe {path} is not valid TOML: {exc}") from exc
+    return source, data
+
+
+def _initramfs(initramfs: _Fields, where: str) -> tuple[str, tuple[str, ...], str]:
+    """The ``[initramfs]`` table: modules, drivers and compress."""
+    modules = initramfs.string("modules", "most", choices=_INITRAMFS_MODULES)
+    drivers = initramfs.strings("drivers", re.compile(r"^[A-Za-z0-9_-]+$"))
+    compress = initramfs.string("compress", "zstd", choices=_INITRAMFS_COMPRESS)
+    initramfs.check_unknown()
+    if modules == "list" and not drivers:
+        raise ImageError(f"{where}: [initramfs] modules = 'list' needs a 'drivers' list")
+    return modules, drivers, compress
+
+
+def _check_disk_size(disk_size: int, where: str) -> None:
+    minimum = 256 * _MIB
+    if disk_size < minimum:
+        raise ImageError(f"{where}: 'disk_size' must be at least 256M, got {disk_size} bytes")
+    if disk_size % _MIB:
+        raise ImageError(f"{where}: 'disk_size' must be a whole number of MiB")
 
 
 # --- Downloaded images -----------------------------------------------------

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm.errors import ImageError, KvmUnavailable
-from pytest_kvm.images import builder
+from pytest_kvm.images import builder, rootfs
 from pytest_kvm.images import recipe as recipe_mod
+from pytest_kvm.images.bootdisk import copy_sparse
 from pytest_kvm.images.builder import (
     PARTITION_START,
-    _copy_sparse,
     build_image,
     install_grub,
     kernel_command_line,
@@ -98,7 +98,7 @@ def test_copy_sparse_keeps_data_at_offset_and_holes(tmp_path: Path) -> None:
         f.write(b"Z" * 4096)
     with open(dst, "wb") as f:
         f.truncate((64 << 20) + PARTITION_START)
-    _copy_sparse(src, dst, PARTITION_START)
+    copy_sparse(src, dst, PARTITION_START)
     with open(dst, "rb") as f:
         f.seek(PARTITION_START + (1 << 20))
         assert f.read(4096) == b"A" * 4096
@@ -135,6 +135,10 @@ def _build(tmp_path: Path, **recipe_args: object) -> builder._Build:
     )
 
 
+def _config(build: builder._Build) -> rootfs.RootConfig:
+    return rootfs.RootConfig(build.recipe, build.root, build.root_uuid, "chroot", build._run, print)
+
+
 def _bootstrap_argv(build: builder._Build, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[list[str]] = []
     monkeypatch.setattr(build, "_stream", lambda argv, prefix: seen.append(list(argv)))
@@ -159,7 +163,7 @@ def test_networkd_configuration(tmp_path: Path) -> None:
     wait_online = build.root / "usr/lib/systemd/systemd-networkd-wait-online"
     wait_online.parent.mkdir(parents=True)
     wait_online.touch()
-    build._configure_networkd()
+    _config(build)._configure_networkd()
     network = (build.root / "etc/systemd/network/10-dhcp.network").read_text()
     assert "Name=en* eth*" in network and "DHCP=yes" in network
     assert "\nKeepConfiguration=dhcp\n" in network  # the address never drops
@@ -175,7 +179,7 @@ def test_ifupdown_configuration_is_dhcp_on_eth0(tmp_path: Path) -> None:
     ifup = build.root / "usr/sbin/ifup"
     ifup.parent.mkdir(parents=True)
     ifup.touch()
-    build._configure_ifupdown()
+    _config(build)._configure_ifupdown()
     interfaces = (build.root / "etc/network/interfaces").read_text()
     assert "auto lo\niface lo inet loopback\n" in interfaces
     assert "auto eth0\niface eth0 inet dhcp\n" in interfaces
@@ -186,10 +190,10 @@ def test_ifupdown_configuration_is_dhcp_on_eth0(tmp_path: Path) -> None:
 def test_ifupdown_configuration_needs_ifupdown_installed(tmp_path: Path) -> None:
     build = _build(tmp_path, network="ifupdown", kernel_args=("net.ifnames=0",))
     with pytest.raises(ImageError, match="sbin/ifup not found"):
-        build._configure_ifupdown()
+        _config(build)._configure_ifupdown()
 
 
 def test_cloud_init_is_told_who_configures_the_network() -> None:
-    assert set(builder._NETWORK_COMMENT) == set(recipe_mod._NETWORKS)
-    assert "systemd-networkd" in builder._NETWORK_COMMENT["networkd"]
-    assert "ifupdown" in builder._NETWORK_COMMENT["ifupdown"]
+    assert set(rootfs._NETWORK_COMMENT) == set(recipe_mod._NETWORKS)
+    assert "systemd-networkd" in rootfs._NETWORK_COMMENT["networkd"]
+    assert "ifupdown" in rootfs._NETWORK_COMMENT["ifupdown"]

@@ -17,7 +17,7 @@ import pytest
 
 from pytest_kvm.config import resolve as resolve_settings
 from pytest_kvm.errors import ImageError, KvmConfigError
-from pytest_kvm.images import download
+from pytest_kvm.images import download, fetching
 from pytest_kvm.images.download import parse_checksums, parse_url
 from pytest_kvm.images.recipe import (
     RECIPES_ENV,
@@ -50,7 +50,7 @@ def server(qcow2: bytes) -> Iterator[ImageServer]:
 
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(download, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(fetching, "RETRY_DELAY", 0.0)
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_an_interrupted_download_resumes_with_a_range_request(
 def test_a_failed_download_keeps_its_part_for_the_next_run(
     server: ImageServer, qcow2: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(download, "ATTEMPTS", 2)
+    monkeypatch.setattr(fetching, "ATTEMPTS", 2)
     server.drops["/" + NAME] = [200_000, 0]  # 200 kB, then nothing
     spec = pinned(server, qcow2)
     with pytest.raises(ImageError, match=r"failed 2 times .* the next run resumes it"):
@@ -258,7 +258,7 @@ def test_parallel_resolves_download_once(
 def test_progress_lines_are_throttled(
     server: ImageServer, qcow2: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(download, "CHUNK", 16 * 1024)
+    monkeypatch.setattr(fetching, "CHUNK", 16 * 1024)
     quiet: list[str] = []
     resolve(pinned(server, qcow2), tmp_path / "a", quiet.append)
     # default interval (2 s): the start and the end, not a line per 16 KiB chunk
@@ -266,7 +266,7 @@ def test_progress_lines_are_throttled(
     assert quiet[0].startswith("pytest-kvm: downloading disk from http://127.0.0.1:")
     assert quiet[1].startswith("pytest-kvm: downloaded disk: 100% ")
     assert "MiB/s" in quiet[1]
-    monkeypatch.setattr(download, "PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr(fetching, "PROGRESS_INTERVAL", 0.0)
     chatty: list[str] = []
     resolve(pinned(server, qcow2), tmp_path / "b", chatty.append)
     percents = [line for line in chatty if line.startswith("pytest-kvm: downloading disk: ")]
@@ -605,7 +605,7 @@ def test_an_unknown_host_is_not_retried(tmp_path: Path, monkeypatch: pytest.Monk
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)  # no lookup leaves the machine
-    monkeypatch.setattr(download, "RETRY_DELAY", 60.0)  # a retry would hang the test
+    monkeypatch.setattr(fetching, "RETRY_DELAY", 60.0)  # a retry would hang the test
     with pytest.raises(ImageError, match=r"cannot download .*Name or service not known"):
         resolve("https://h.example/x.qcow2", tmp_path, lambda _: None)
 
