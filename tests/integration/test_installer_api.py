@@ -15,8 +15,7 @@ import pytest
 from pytest_kvm.display import png_size
 from pytest_kvm.errors import GuestError, GuestTimeout, KvmConfigError
 from tests.integration.support.tiny_boot import build_tiny_iso
-
-from ..unit.test_display import _decode_png
+from tests.support.images import decode_png
 
 
 def _host_boot_files() -> tuple[Path, Path]:
@@ -111,7 +110,7 @@ def test_screenshot_from_a_qemu_that_cannot_write_png(kvm_guest_factory, tmp_pat
     monkeypatch.setattr(machine, "qmp", qemu_without_png)
     data = inst.screenshot(tmp_path / "screen.png").read_bytes()
     assert [sorted(d) for d in dumps] == [["filename", "format"], ["filename"]]
-    width, height, pixels = _decode_png(data)  # checks every chunk's CRC
+    width, height, pixels = decode_png(data)  # checks every chunk's CRC
     assert (width, height) == png_size(data) and width >= 640 and height >= 400
     assert len(set(pixels)) > 1  # the BIOS's text, not a blank frame
 

@@ -161,8 +161,7 @@ def test_tcg_domain_gets_the_qemu_backends_cpu(libvirtd, tmp_path):
     x86_64 on x86_64, which the qemu backend spells thread=multi)."""
     from pytest_kvm.backends.libvirt import domain_xml
     from pytest_kvm.backends.qemu import build_argv
-
-    from ..unit.test_argv import opt, spec
+    from tests.support.specs import opt, spec
 
     machine = spec(tmp_path, cpus=2)
     xml = tmp_path / "domain.xml"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 
@@ -32,3 +34,23 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def decode_png(data: bytes) -> tuple[int, int, bytes]:
+    """Width, height and RGB pixels of a PNG written by ppm_to_png (filter 0 rows)."""
+    pos, idat = 8, b""
+    width = height = 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        crc = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0]
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    rows = [raw[r * (1 + 3 * width) + 1 : (r + 1) * (1 + 3 * width)] for r in range(height)]
+    return width, height, b"".join(rows)

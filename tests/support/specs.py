@@ -41,3 +41,8 @@ def small_spec(tmp_path: Path) -> MachineSpec:
     work.mkdir()
     return MachineSpec("kvm-t-main-01", work, (), 256, 1, "tcg", NetworkSpec("user"),
                        "02:6b:76:00:00:01", 40022)  # fmt: skip
+
+
+def opt(argv: list[str], flag: str) -> list[str]:
+    """The values of every ``flag`` in ``argv`` (``-smp 2`` -> ["2"])."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]

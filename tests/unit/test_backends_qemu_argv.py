@@ -4,11 +4,7 @@ from pytest_kvm.backends.base import Drive
 from pytest_kvm.backends.qemu import build_argv
 from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import GuestLaunchError, KvmConfigError
-from tests.support.specs import spec
-
-
-def opt(argv: list[str], flag: str) -> list[str]:
-    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+from tests.support.specs import opt, spec
 
 
 def test_tcg_guest_argv(tmp_path):

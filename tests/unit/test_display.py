@@ -1,8 +1,5 @@
 """Keys, screenshots and the VGA text screen: the pure parts."""
 
-import struct
-import zlib
-
 import pytest
 
 from pytest_kvm.display import (
@@ -15,6 +12,7 @@ from pytest_kvm.display import (
     vnc_password,
 )
 from pytest_kvm.errors import KvmConfigError
+from tests.support.images import decode_png
 
 
 def test_key_chords_and_aliases():
@@ -45,32 +43,12 @@ def test_text_becomes_us_keyboard_chords():
         text_chords("ü")
 
 
-def _decode_png(data: bytes) -> tuple[int, int, bytes]:
-    """Width, height and RGB pixels of a PNG written by ppm_to_png (filter 0 rows)."""
-    pos, idat = 8, b""
-    width = height = 0
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        crc = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0]
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        if kind == b"IHDR":
-            width, height = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    raw = zlib.decompress(idat)
-    rows = [raw[r * (1 + 3 * width) + 1 : (r + 1) * (1 + 3 * width)] for r in range(height)]
-    return width, height, b"".join(rows)
-
-
 def test_ppm_to_png_keeps_every_pixel():
     pixels = bytes(range(2 * 3 * 3))  # 3x2, RGB
     ppm = b"P6\n# made by a test\n3 2\n255\n" + pixels
     png = ppm_to_png(ppm)
     assert png_size(png) == (3, 2)
-    assert _decode_png(png) == (3, 2, pixels)
+    assert decode_png(png) == (3, 2, pixels)
     with pytest.raises(ValueError, match="not a binary PPM"):
         ppm_to_png(b"P3\n1 1\n255\n0 0 0\n")
     with pytest.raises(ValueError, match="truncated"):
