@@ -2,7 +2,10 @@
 
 It records its parts in the constructor and starts them in ``start()``; the parts
 (commands, boot, clone, NICs, screen, disk) get what they need passed in and never
-call back into it. Its cleanup is one ExitStack, in a fixed order."""
+call back into it. Its cleanup is one ExitStack, in a fixed order.
+
+Just over 600 lines: most of it is the user documentation of the delegating methods
+(the docstrings ``help(guest)`` shows), kept here where users read it."""
 
 from __future__ import annotations
 

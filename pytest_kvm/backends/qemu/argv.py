@@ -10,6 +10,8 @@ from ..base import MachineSpec
 QEMU_BINARY = "qemu-system-x86_64"
 
 
+# About 80 lines on purpose: one flat list of QEMU options in the order QEMU reads
+# them, each a line or two; split, the order would be harder to check against argv.
 def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
     """The QEMU command line for ``spec`` (pure: unit-tested without QEMU)."""
     accel = "kvm" if spec.accel == "kvm" else "tcg,thread=multi"
