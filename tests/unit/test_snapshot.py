@@ -1,0 +1,149 @@
+"""Prepared snapshots' logic without guests: the recipe, its key, prune and listing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm import cli
+from pytest_kvm.errors import KvmConfigError
+from pytest_kvm.request import marker_settings, marker_snapshot
+from pytest_kvm.snapshot import Snapshot, define, snapshot_key, snapshot_name
+from pytest_kvm.template import prune, snapshot_of, stale_reason
+from tests.unit.test_template import image, make_template  # noqa: F401 (a fixture)
+
+
+def setup_one(guest):
+    guest.succeed("echo one")
+
+
+def setup_two(guest):
+    guest.succeed("echo two")
+
+
+def base_template(key: str = "0123456789abcdef") -> types.SimpleNamespace:
+    return types.SimpleNamespace(key=key, name=f"debian-12-1024M-2cpu-user-{key}")
+
+
+def key_of(snap: Snapshot, inputs: dict[str, str] | None = None, base: str = "k1") -> str:
+    return snapshot_key(snap, base_template(base), inputs or {})  # type: ignore[arg-type]
+
+
+def test_the_key_follows_base_name_setup_source_and_input_contents():
+    one = define("web", setup_one)
+    first = key_of(one)
+    assert first == key_of(define("web", setup_one))  # the same recipe, the same key
+    others = {
+        key_of(one, base="k2"),  # another base template
+        key_of(define("web2", setup_one)),
+        key_of(define("web", setup_two)),  # another setup
+        key_of(one, {"site.conf": "aa"}),  # an input's contents
+    }
+    assert first not in others and len(others) == 4
+    assert key_of(one, {"site.conf": "aa"}) != key_of(one, {"site.conf": "bb"})
+    assert "echo one" in one.source and "def setup_one" in one.source
+
+
+def test_a_setup_without_source_is_keyed_by_its_code_with_a_warning():
+    namespace: dict[str, object] = {}
+    exec("def setup(guest):\n    guest.succeed('x')\n", namespace)
+    with pytest.warns(UserWarning, match="source of setup is not available"):
+        snap = define("web", namespace["setup"])  # type: ignore[arg-type]
+    assert snap.source.startswith("code:")
+    with pytest.raises(KvmConfigError, match="no source and no code"):
+        define("web", print)
+
+
+def test_the_recipe_is_checked_where_it_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "site.conf").write_text("x")
+    snap = define("web", setup_one, inputs=["site.conf"], memory=2048)
+    assert snap.inputs == (("site.conf", tmp_path / "site.conf"),)
+    assert snap.shape() == {"memory": 2048}
+    with pytest.raises(KvmConfigError, match="is not a file"):
+        define("web", setup_one, inputs=["missing.conf"])
+    with pytest.raises(KvmConfigError, match="not network"):
+        define("web", setup_one, network="bridge=br0")  # type: ignore[arg-type]
+    with pytest.raises(KvmConfigError, match="positive integer"):
+        define("web", setup_one, memory=0)
+    with pytest.raises(KvmConfigError, match="the name must be"):
+        define("a b", setup_one)
+    with pytest.raises(KvmConfigError, match="setup must be a function"):
+        define("web", "apt-get install nginx")  # type: ignore[arg-type]
+
+
+def test_a_chain_starts_at_the_snapshot_over_an_image():
+    a = define("a", setup_one, image="debian-12", cpus=1, memory=512)
+    b = define("b", setup_two, image=a, memory=2048)
+    assert b.chain() == [a, b]
+    assert b.base_image == "debian-12"
+    assert b.shape() == {"memory": 2048, "cpus": 1}  # the outer one wins
+    assert define("c", setup_one).base_image is None  # the test's image
+
+
+def test_a_snapshot_is_named_after_its_base_without_the_base_key():
+    snap = define("web", setup_one)
+    name = snapshot_name(snap, base_template(), "fedcba9876543210")  # type: ignore[arg-type]
+    assert name == "debian-12-1024M-2cpu-user@web-fedcba9876543210"
+
+
+class Node:
+    def __init__(self, *kwargs: dict[str, object]) -> None:
+        self._markers = [types.SimpleNamespace(args=(), kwargs=k) for k in kwargs]
+        self.nodeid = "t.py::test"
+
+    def iter_markers(self, name: str):  # closest first, like pytest's
+        return iter(self._markers)
+
+
+def test_a_marker_may_name_a_snapshot_and_the_image_matrix_stays():
+    from pytest_kvm.config import Settings
+
+    snap = define("web", setup_one)
+    base = Settings(images=("debian-12",))
+    node = Node({"image": snap}, {"memory": 2048})
+    assert marker_snapshot(node) is snap
+    settings = marker_settings(node, base)
+    assert settings.images == ("debian-12",) and settings.memory == 2048
+    # A closer marker naming an image overrides a farther one naming a snapshot.
+    assert marker_snapshot(Node({"image": "debian-11"}, {"image": snap})) is None
+    assert marker_snapshot(Node({"memory": 512})) is None
+
+
+def make_snapshot(root: Path, image, base: Path, name: str = "t@web-1") -> Path:  # noqa: F811
+    work = make_template(root, image, name)
+    meta = json.loads((work / "meta.json").read_text())
+    created = json.loads((base / "meta.json").read_text())["created"]
+    meta.update(snapshot="web", base=base.name, base_created=created)
+    (work / "meta.json").write_text(json.dumps(meta))
+    return work
+
+
+def test_prune_removes_a_snapshot_whose_base_is_gone_or_made_again(image, tmp_path, capsys):  # noqa: F811
+    root = tmp_path / "templates"
+    base = make_template(root, image, "t")
+    snap = make_snapshot(root, image, base)
+    assert stale_reason(snap) == "" and snapshot_of(snap) == ("web", "t")
+    assert snapshot_of(base) is None
+    assert cli.main(["--cache", str(tmp_path), "image", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "SNAPSHOTS" in listed
+    assert any(line.split()[:1] == ["web"] and line.rstrip().endswith(" t") for line in
+               listed.splitlines()), listed  # fmt: skip
+    # The base was made again (another "created"): the snapshot is stale, the base not.
+    meta = json.loads((base / "meta.json").read_text())
+    meta["created"] += 1
+    (base / "meta.json").write_text(json.dumps(meta))
+    why = stale_reason(snap)
+    assert "was made again" in why
+    assert prune(root).removed == [(snap, why)]
+    assert base.exists() and not snap.exists()
+    # A base that is gone.
+    again = make_snapshot(root, image, base, "t@web-2")
+    shutil.rmtree(base)
+    assert "is gone" in stale_reason(again)
+    assert [p for p, _ in prune(root).removed] == [again]
