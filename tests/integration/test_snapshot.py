@@ -128,7 +128,9 @@ def test_image_list_shows_snapshots(kvm_guest_factory, prepared, cache_arg):
 def private_cache(tmp_path, kvm_image, request):
     """A cache with only the run's base template in it (linked, not copied)."""
     session = request.getfixturevalue("_kvm_session")
-    base = session.templates.get(kvm_image, Shape(memory=1024, cpus=2), 300)
+    # Inner runs name the image by its path, which names their template.
+    image = session.image(str(kvm_image.path))
+    base = session.templates.get(image, Shape(memory=1024, cpus=2), 300)
     cache = tmp_path / "cache"
     (cache / "templates").mkdir(parents=True)
     (cache / "templates" / base.name).symlink_to(base.dir)
