@@ -36,19 +36,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import NetworkSpec
-from .errors import GuestError, ImageError, KvmConfigError, SnapshotFailed
+from .errors import CommandFailed, GuestError, ImageError, KvmConfigError, SnapshotFailed
 from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
 from .images.builder import fsync_path
 from .images.overlay import MIN_FREE_SPACE, check_free_space
 from .template import SETTLE, TEMPLATE_HOSTNAME, WARM, Shape, Template, TemplateStore
-from .util import sha256_file, tail
+from .util import sha256_file, tail, tail_text
 
 # Bump when what goes into a snapshot changes, so old ones are not used.
 SNAPSHOT_FORMAT = 1
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 SHAPE_KEYS = ("memory", "cpus")
 CONSOLE_LINES = 25
+OUTPUT_LINES = 20
 
 Setup = Callable[[Guest], object]
 
@@ -154,10 +155,14 @@ def setup_source(setup: Setup, where: str) -> str:
 
 
 def snapshot_key(snap: Snapshot, base: Template, inputs: dict[str, str]) -> str:
+    """The base template's key and when it was made (one made again under the same
+    key is another disk under the snapshot's overlay), the name, setup's source and
+    the inputs' contents."""
     payload = json.dumps(
         {
             "format": SNAPSHOT_FORMAT,
             "base": base.key,
+            "base_created": base_created(base),
             "name": snap.name,
             "setup": hashlib.sha256(snap.source.encode()).hexdigest(),
             "inputs": inputs,
@@ -165,6 +170,14 @@ def snapshot_key(snap: Snapshot, base: Template, inputs: dict[str, str]) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def base_created(base: Template) -> object:
+    """When ``base`` was made (its meta.json's ``created``)."""
+    try:
+        return json.loads((base.dir / "meta.json").read_text()).get("created")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def snapshot_name(snap: Snapshot, base: Template, key: str) -> str:
@@ -238,7 +251,7 @@ class Snapshots:
             extra: dict[str, object] = {
                 "snapshot": snap.name, "snapshot_format": SNAPSHOT_FORMAT,
                 "base": base.name, "base_key": base.key,
-                "base_created": json.loads((base.dir / "meta.json").read_text())["created"],
+                "base_created": base_created(base),
                 "inputs": {given: str(path) for given, path in snap.inputs},
             }  # fmt: skip
             self.store._write_meta(
@@ -303,10 +316,16 @@ def run_setup(snap: Snapshot, guest: Guest, base: Template) -> None:
         snap.setup(guest)
     except Exception as exc:
         console = tail(guest.serial_log, CONSOLE_LINES)
+        output = ""
+        if isinstance(exc, CommandFailed):
+            output = (
+                f"\nits stdout:\n{tail_text(exc.stdout, OUTPUT_LINES)}"
+                f"\nits stderr:\n{tail_text(exc.stderr, OUTPUT_LINES)}"
+            )
         raise SnapshotFailed(
             f"kvm_snapshot {snap.name!r}: setup failed in {guest.describe()} (a clone of "
-            f"template {base.name}); nothing was saved: {type(exc).__name__}: {exc}\n"
-            f"last console lines:\n{console}",
+            f"template {base.name}); nothing was saved: {type(exc).__name__}: {exc}"
+            f"{output}\nlast console lines:\n{console}",
             guest.name,
             snapshot=snap.name,
             console_tail=console,

@@ -25,15 +25,20 @@ def setup_two(guest):
     guest.succeed("echo two")
 
 
-def base_template(key: str = "0123456789abcdef") -> types.SimpleNamespace:
-    return types.SimpleNamespace(key=key, name=f"debian-12-1024M-2cpu-user-{key}")
+def base_template(key: str = "0123456789abcdef", dir: Path = Path("/nonexistent")):
+    return types.SimpleNamespace(key=key, name=f"debian-12-1024M-2cpu-user-{key}", dir=dir)
 
 
 def key_of(snap: Snapshot, inputs: dict[str, str] | None = None, base: str = "k1") -> str:
     return snapshot_key(snap, base_template(base), inputs or {})  # type: ignore[arg-type]
 
 
-def test_the_key_follows_base_name_setup_source_and_input_contents():
+def made_at(tmp_path: Path, created: float) -> Path:
+    (tmp_path / "meta.json").write_text(json.dumps({"created": created}))
+    return tmp_path
+
+
+def test_the_key_follows_base_name_setup_source_and_input_contents(tmp_path):
     one = define("web", setup_one)
     first = key_of(one)
     assert first == key_of(define("web", setup_one))  # the same recipe, the same key
@@ -45,6 +50,10 @@ def test_the_key_follows_base_name_setup_source_and_input_contents():
     }
     assert first not in others and len(others) == 4
     assert key_of(one, {"site.conf": "aa"}) != key_of(one, {"site.conf": "bb"})
+    # A base template made again under its key (say, it was damaged) is another base.
+    assert first != snapshot_key(one, base_template("k1", made_at(tmp_path, 1.0)), {})
+    made_again = snapshot_key(one, base_template("k1", made_at(tmp_path, 2.0)), {})
+    assert made_again != snapshot_key(one, base_template("k1", made_at(tmp_path, 1.0)), {})
     assert "echo one" in one.source and "def setup_one" in one.source
 
 
