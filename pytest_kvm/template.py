@@ -480,6 +480,7 @@ def prune(root: Path, everything: bool = False) -> Pruned:
     result = Pruned([], [])
     if not root.is_dir():
         return result
+    older = superseded(root)
     for path in sorted(root.iterdir()):
         if not path.is_dir():
             continue
@@ -488,7 +489,7 @@ def prune(root: Path, everything: bool = False) -> Pruned:
             name, _, _ = name[1:].rpartition(".building-")
             why = "half made"
         else:
-            why = "removed on request" if everything else stale_reason(path)
+            why = "removed on request" if everything else stale_reason(path) or older.get(path, "")
         if not why:
             continue
         busy = _remove_unless_busy(root, name, path, complete=why != "half made")
@@ -497,6 +498,29 @@ def prune(root: Path, everything: bool = False) -> Pruned:
         else:
             result.removed.append((path, why))
     return result
+
+
+def superseded(root: Path) -> dict[Path, str]:
+    """Prepared snapshots that a newer build of the same name over the same base
+    replaced (its setup or inputs changed): path -> why."""
+    newest: dict[tuple[str, str], tuple[float, Path]] = {}
+    older: dict[Path, str] = {}
+    for meta_path in sorted(root.glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            if "snapshot" not in meta:
+                continue
+            which, made = (str(meta["snapshot"]), str(meta["base"])), float(meta["created"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        path, kept = meta_path.parent, newest.get(which)
+        if kept is None or made > kept[0]:
+            if kept is not None:
+                older[kept[1]] = f"replaced by a newer build of snapshot {which[0]}"
+            newest[which] = (made, path)
+        else:
+            older[path] = f"replaced by a newer build of snapshot {which[0]}"
+    return older
 
 
 def _remove_unless_busy(root: Path, name: str, path: Path, complete: bool) -> str:

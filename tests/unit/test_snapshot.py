@@ -124,10 +124,11 @@ def test_a_marker_may_name_a_snapshot_and_the_image_matrix_stays():
 
 
 def make_snapshot(root: Path, image, base: Path, name: str = "t@web-1") -> Path:  # noqa: F811
+    """A snapshot over ``base`` named ``<base>@<snapshot>-<key>``."""
     work = make_template(root, image, name)
     meta = json.loads((work / "meta.json").read_text())
     created = json.loads((base / "meta.json").read_text())["created"]
-    meta.update(snapshot="web", base=base.name, base_created=created)
+    meta.update(snapshot=name.split("@")[1].rsplit("-")[0], base=base.name, base_created=created)
     (work / "meta.json").write_text(json.dumps(meta))
     return work
 
@@ -156,3 +157,17 @@ def test_prune_removes_a_snapshot_whose_base_is_gone_or_made_again(image, tmp_pa
     shutil.rmtree(base)
     assert "is gone" in stale_reason(again)
     assert [p for p, _ in prune(root).removed] == [again]
+
+
+def test_prune_removes_a_snapshot_that_a_newer_build_of_it_replaced(image, tmp_path):  # noqa: F811
+    root = tmp_path / "templates"
+    base = make_template(root, image, "t")
+    old = make_snapshot(root, image, base, "t@web-1")
+    new = make_snapshot(root, image, base, "t@web-2")
+    other = make_snapshot(root, image, base, "t@db-3")
+    for path, created in ((old, 1.0), (new, 2.0), (other, 0.5)):
+        meta = json.loads((path / "meta.json").read_text())
+        meta["created"] = created
+        (path / "meta.json").write_text(json.dumps(meta))
+    assert prune(root).removed == [(old, "replaced by a newer build of snapshot web")]
+    assert new.exists() and other.exists() and base.exists()
