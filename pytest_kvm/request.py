@@ -31,8 +31,11 @@ def marker_settings(node: Any, base: Settings) -> Settings:
         if marker.args:
             raise KvmConfigError(f"{node.nodeid}: @pytest.mark.kvm takes keyword arguments only")
         kwargs = marker.kwargs
-        if isinstance(kwargs.get("image"), Snapshot):  # see marker_snapshot
+        snapshot = kwargs.get("image")
+        if isinstance(snapshot, Snapshot):  # see marker_snapshot
             kwargs = {k: v for k, v in kwargs.items() if k != "image"}
+            if isinstance(snapshot.base_image, str):  # it pins an image: the matrix is that
+                kwargs["image"] = snapshot.base_image
         settings = settings.with_marker(kwargs, node.nodeid)
     return settings
 

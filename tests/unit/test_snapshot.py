@@ -121,6 +121,9 @@ def test_a_marker_may_name_a_snapshot_and_the_image_matrix_stays():
     # A closer marker naming an image overrides a farther one naming a snapshot.
     assert marker_snapshot(Node({"image": "debian-11"}, {"image": snap})) is None
     assert marker_snapshot(Node({"memory": 512})) is None
+    # A snapshot that pins its image: the test runs on that image only.
+    pinned = define("web", setup_one, image="debian-11")
+    assert marker_settings(Node({"image": pinned}), base).images == ("debian-11",)
 
 
 def make_snapshot(root: Path, image, base: Path, name: str = "t@web-1") -> Path:  # noqa: F811
