@@ -505,6 +505,7 @@ def superseded(root: Path) -> dict[Path, str]:
     replaced (its setup or inputs changed): path -> why."""
     newest: dict[tuple[str, str], tuple[float, Path]] = {}
     older: dict[Path, str] = {}
+    bases: dict[Path, Path] = {}
     for meta_path in sorted(root.glob("*/meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
@@ -514,12 +515,20 @@ def superseded(root: Path) -> dict[Path, str]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         path, kept = meta_path.parent, newest.get(which)
+        bases[path] = root / which[1]
         if kept is None or made > kept[0]:
             if kept is not None:
                 older[kept[1]] = f"replaced by a newer build of snapshot {which[0]}"
             newest[which] = (made, path)
         else:
             older[path] = f"replaced by a newer build of snapshot {which[0]}"
+    changed = True
+    while changed:  # and snapshots over those, whatever order prune meets them in
+        changed = False
+        for path, base in bases.items():
+            if base in older and path not in older:
+                older[path] = f"its base template {base.name} was replaced"
+                changed = True
     return older
 
 

@@ -172,5 +172,9 @@ def test_prune_removes_a_snapshot_that_a_newer_build_of_it_replaced(image, tmp_p
         meta = json.loads((path / "meta.json").read_text())
         meta["created"] = created
         (path / "meta.json").write_text(json.dumps(meta))
-    assert prune(root).removed == [(old, "replaced by a newer build of snapshot web")]
+    over_old = make_snapshot(root, image, old, "t@a-4")  # met before t@web-1, its base
+    assert prune(root).removed == [
+        (over_old, "its base template t@web-1 was replaced"),
+        (old, "replaced by a newer build of snapshot web"),
+    ]
     assert new.exists() and other.exists() and base.exists()
