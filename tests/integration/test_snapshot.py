@@ -95,6 +95,15 @@ def test_two_clones_of_a_snapshot_are_two_machines(kvm_guest_factory, prepared):
     b.fail("test -e /root/mine")
 
 
+def test_what_setup_wrote_is_on_the_saved_disk(kvm_guest_factory, prepared):
+    # Not only in the saved RAM's page cache: dropped, the file is read from the disk.
+    # (A reboot shows the same and costs a boot under TCG.)
+    g = kvm_guest_factory(image=prepared)
+    g.succeed("sync; echo 3 > /proc/sys/vm/drop_caches")
+    assert g.succeed("cat /etc/prepared").strip() == "prepared-state"
+    assert g.succeed("systemctl is-enabled prepared.service").strip() == "enabled"
+
+
 @pytest.mark.kvm(image=PREPARED)
 def test_the_marker_names_a_snapshot(kvm_guest):
     assert kvm_guest.succeed("cat /etc/prepared").strip() == "prepared-state"
