@@ -178,3 +178,62 @@ def test_prune_removes_a_snapshot_that_a_newer_build_of_it_replaced(image, tmp_p
         (old, "replaced by a newer build of snapshot web"),
     ]
     assert new.exists() and other.exists() and base.exists()
+
+
+class Resolved(Exception):
+    pass
+
+
+class FakeSession:
+    """What TestGuests asks of a KvmSession on the way to a snapshot's template."""
+
+    def __init__(self) -> None:
+        from pytest_kvm.request import SpecChecks
+
+        self.specs = SpecChecks()
+        self.run = types.SimpleNamespace(identity=types.SimpleNamespace(run_id="r", worker="w"))
+        self.asked: list[tuple[object, object, object]] = []
+        self.snapshots = types.SimpleNamespace(resolve=self.resolve)
+
+    def backend(self, settings):
+        return None
+
+    def image(self, spec):
+        return types.SimpleNamespace(name=f"resolved {spec}", is_encrypted=False)
+
+    def resolve(self, snap, base, shape, timeout):
+        self.asked.append((snap.name, base, shape))
+        raise Resolved
+
+
+TEST_IMAGE = types.SimpleNamespace(name="the test's image", is_encrypted=False)
+
+
+def ask(snap, settings=None, **factory):
+    from pytest_kvm.config import Settings
+    from pytest_kvm.session import TestGuests
+
+    session = FakeSession()
+    guests = TestGuests(session, settings or Settings(), TEST_IMAGE, "t.py::test")  # type: ignore[arg-type]
+    with pytest.raises(Resolved):
+        guests.start(image=snap, **factory)
+    return session.asked[0]
+
+
+def test_a_guest_of_a_snapshot_resolves_it_over_the_tests_image_at_its_shape():
+    name, base, shape = ask(define("web", setup_one, memory=768))
+    assert name == "web" and base.name == "the test's image"  # one per matrix image
+    assert (shape.memory, shape.cpus, shape.network) == (768, 2, "user")
+    # The factory's own memory= wins; a pinned image is resolved, the matrix's is not used.
+    _, base, shape = ask(define("web", setup_one, image="debian-11", memory=768), memory=1536)
+    assert base.name == "resolved debian-11" and shape.memory == 1536
+
+
+def test_a_snapshot_on_a_network_that_cannot_restore_is_a_clear_error():
+    from pytest_kvm.config import NetworkSpec, Settings
+    from pytest_kvm.session import TestGuests
+
+    settings = Settings(network=NetworkSpec("bridge=br0"))
+    guests = TestGuests(FakeSession(), settings, TEST_IMAGE, "t.py::test")  # type: ignore[arg-type]
+    with pytest.raises(KvmConfigError, match="image=kvm_snapshot 'web': its guests are restored"):
+        guests.start(image=define("web", setup_one))
