@@ -67,14 +67,28 @@ def cmd_image_list(args: argparse.Namespace) -> int:
         if path not in known:
             size = f"{path.stat().st_size / 2**20:.0f}M"
             print(f"{path.stem:<16} {'stale':<10} {size:>8}  {path} (older recipe)")
-    from .template import list_templates, stale_reason
+    from .template import list_templates, snapshot_of, stale_reason
 
-    templates = list_templates(cache / "templates")
+    found = list_templates(cache / "templates")
+    kinds = [(path, used, snapshot_of(path)) for path, used in found]
+    snapshots = [(path, used, of) for path, used, of in kinds if of is not None]
+    templates = [(path, used) for path, used, of in kinds if of is None]
     if templates:
         print("\nTEMPLATES (booted guests that tests are restored from)")
         for path, used in templates:
             stale = stale_reason(path)
             print(f"  {path}  {used / 2**20:.0f}M" + (f"  stale: {stale}" if stale else ""))
+    if snapshots:
+        print("\nSNAPSHOTS (kvm_snapshot: prepared states, each over a base template)")
+        print(f"  {'NAME':<16} {'SIZE':>8}  BASE")
+        for path, used, (name, base) in snapshots:
+            stale = stale_reason(path)
+            print(
+                f"  {name:<16} {used / 2**20:>7.0f}M  {base}"
+                + (f"  stale: {stale}" if stale else "")
+            )
+            print(f"  {'':<16} {'':>8}  {path}")
+    if found:
         print("`pytest-kvm template prune` removes stale ones (--all: every one)")
     layers = sorted((cache / "layers").glob("*.qcow2"))
     if layers:

@@ -78,3 +78,16 @@ class CommandFailed(GuestError):
         self.exit_status = exit_status
         self.stdout = stdout
         self.stderr = stderr
+
+
+class SnapshotFailed(GuestError):
+    """A prepared snapshot's ``setup`` failed (``kvm_snapshot``): nothing was cached.
+    The message names the snapshot and carries the command's output (when a command
+    failed) and the console tail; ``.snapshot`` is its name, ``.console_tail`` the tail."""
+
+    def __init__(
+        self, message: str, guest: str | None = None, *, snapshot: str = "", console_tail: str = ""
+    ) -> None:
+        super().__init__(message, guest)
+        self.snapshot = snapshot
+        self.console_tail = console_tail

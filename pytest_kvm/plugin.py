@@ -23,8 +23,16 @@ from .images.store import check_encryption, classify
 from .media import AnswerServer
 from .reaper import reap
 from .reporting import Reporting
-from .request import FACTORY_SIGNATURE, GUEST_FIXTURES, GuestRequest, SpecChecks, marker_settings
+from .request import (
+    FACTORY_SIGNATURE,
+    GUEST_FIXTURES,
+    GuestRequest,
+    SpecChecks,
+    marker_settings,
+    marker_snapshot,
+)
 from .session import KvmSession, TestGuests, guests_key, settings_key, spec_checks_key
+from .snapshot import Snapshot, define
 from .vlan import Vlan
 
 __all__ = ["GUEST_FIXTURES", "settings_key"]  # settings_key: tests and conftests read it
@@ -212,7 +220,9 @@ def kvm_guest_factory(
 ) -> Iterator[GuestFactory]:
     """``factory(image=None, network=None, memory=None, cpus=None, name=None, ...)``."""
     settings = marker_settings(request.node, _kvm_session.settings)
-    guests = TestGuests(_kvm_session, settings, kvm_image, request.node.nodeid)
+    guests = TestGuests(
+        _kvm_session, settings, kvm_image, request.node.nodeid, marker_snapshot(request.node)
+    )
     request.node.stash[guests_key] = guests.started
     try:
         yield _factory(guests)
@@ -258,6 +268,17 @@ def kvm_vlan(_kvm_session: KvmSession) -> Iterator[Vlan]:
     vlan = Vlan(f"vlan{number}", run.sock_dir / f"vlan{number}")
     with vlan:
         yield vlan
+
+
+@pytest.fixture(scope="session")
+def kvm_snapshot() -> Callable[..., Snapshot]:
+    """``kvm_snapshot(name, setup, *, image=None, inputs=(), memory=, cpus=)``: a prepared
+    snapshot, for ``kvm_guest_factory(image=...)``. ``setup(guest)`` runs once per base
+    (the test's image, or ``image=``) in a guest with the network up; its result is
+    saved as a template chained on the base's, and reused until the base, the name,
+    setup's source or an input file's contents change. Nothing starts until a guest
+    asks for it. (At module level, for a marker: ``pytest_kvm.snapshot.define``.)"""
+    return define
 
 
 @pytest.fixture

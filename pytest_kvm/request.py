@@ -16,6 +16,7 @@ from .errors import ImageError, KvmConfigError
 from .images import Image
 from .images.store import check_spec
 from .media import check_boot_file
+from .snapshot import Snapshot
 from .vlan import Vlan
 
 # The fixtures that make a test parametrized over the images.
@@ -29,8 +30,24 @@ def marker_settings(node: Any, base: Settings) -> Settings:
     for marker in reversed(list(node.iter_markers("kvm"))):
         if marker.args:
             raise KvmConfigError(f"{node.nodeid}: @pytest.mark.kvm takes keyword arguments only")
-        settings = settings.with_marker(marker.kwargs, node.nodeid)
+        kwargs = marker.kwargs
+        snapshot = kwargs.get("image")
+        if isinstance(snapshot, Snapshot):  # see marker_snapshot
+            kwargs = {k: v for k, v in kwargs.items() if k != "image"}
+            if isinstance(snapshot.base_image, str):  # it pins an image: the matrix is that
+                kwargs["image"] = snapshot.base_image
+        settings = settings.with_marker(kwargs, node.nodeid)
     return settings
+
+
+def marker_snapshot(node: Any) -> Snapshot | None:
+    """The prepared snapshot that the closest ``@pytest.mark.kvm(image=...)`` names,
+    if it names one: the factory's default image then (the image matrix stays)."""
+    for marker in node.iter_markers("kvm"):
+        if "image" in marker.kwargs:
+            image = marker.kwargs["image"]
+            return image if isinstance(image, Snapshot) else None
+    return None
 
 
 class SpecChecks:
@@ -60,7 +77,7 @@ class GuestRequest:
     """One ``kvm_guest_factory(...)`` call, validated; ``where`` names the test."""
 
     where: str
-    image: str | Image | None = None
+    image: str | Image | Snapshot | None = None
     network: str | None = None
     memory: int | None = None
     cpus: int | None = None
@@ -83,7 +100,7 @@ class GuestRequest:
     def build(
         cls,
         where: str,
-        image: str | Image | None = None,
+        image: str | Image | Snapshot | None = None,
         network: str | Vlan | None = None,
         memory: int | None = None,
         cpus: int | None = None,

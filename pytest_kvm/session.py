@@ -21,7 +21,7 @@ from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
 from .config import Settings
 from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
-from .errors import KvmUnavailable
+from .errors import KvmConfigError, KvmUnavailable
 from .guest import Guest, GuestConfig
 from .images import Image
 from .images.kernel import BootFiles, boot_files
@@ -30,6 +30,7 @@ from .images.store import resolve as resolve_image
 from .reaper import reap
 from .request import GuestRequest, SpecChecks, check_factory_call
 from .run import RunContext
+from .snapshot import Snapshot, Snapshots
 from .template import Shape, Template, TemplateStore
 
 settings_key = pytest.StashKey[Settings]()
@@ -47,6 +48,7 @@ class KvmSession:
         self._run: RunContext | None = None
         self._images: dict[str, Image] = {}
         self._templates: TemplateStore | None = None
+        self._snapshots: Snapshots | None = None
         self._boot_files: dict[Path, BootFiles] = {}
         self._lock = threading.RLock()
         self._backends: dict[tuple[str, str, str], Backend] = {}
@@ -100,6 +102,14 @@ class KvmSession:
                 self.settings.cache / "templates", self.run, self.progress
             )
         return self._templates
+
+    @property
+    def snapshots(self) -> Snapshots:
+        """The run's prepared snapshots (``kvm_snapshot``), over its templates."""
+        with self._lock:
+            if self._snapshots is None:
+                self._snapshots = Snapshots(self._template_store())
+            return self._snapshots
 
     def image(self, spec: str) -> Image:
         with self._lock:
@@ -155,17 +165,35 @@ class KvmSession:
             return self._backends[key]
 
 
+def _shape(config: GuestConfig) -> Shape:
+    return Shape(
+        memory=config.memory,
+        cpus=config.cpus,
+        network=config.network.kind,
+        vlans=len(config.vlans),
+        display=config.vnc,
+    )
+
+
 class TestGuests:
     """One test's guests: ``start(...)`` is what ``kvm_guest_factory`` hands the test
     (and what a guest's ``boot_installed()`` calls); ``close()`` ends them all."""
 
     __test__ = False  # not a test class, whatever its name
 
-    def __init__(self, session: KvmSession, settings: Settings, image: Image, nodeid: str) -> None:
+    def __init__(
+        self,
+        session: KvmSession,
+        settings: Settings,
+        image: Image,
+        nodeid: str,
+        snapshot: Snapshot | None = None,
+    ) -> None:
         self.session = session
         self.settings = settings  # the run's, with the test's markers applied
         self.image = image  # the test's kvm_image: what image=None means
         self.nodeid = nodeid
+        self.snapshot = snapshot  # @pytest.mark.kvm(image=a Snapshot): image=None means it
         self.started: list[Guest] = []
 
     def start(self, *args: Any, **kwargs: Any) -> Guest:
@@ -174,8 +202,22 @@ class TestGuests:
         __tracebackhide__ = True
         check_factory_call(args, kwargs)
         request = GuestRequest.build(f"{self.nodeid}: kvm_guest_factory", *args, **kwargs)
+        snapshot = request.image if isinstance(request.image, Snapshot) else None
+        if request.image is None and request.disk is None:
+            snapshot = self.snapshot
+        if snapshot is not None:  # its base image, its memory=/cpus= unless given here
+            shape = snapshot.shape()
+            request = dataclasses.replace(
+                request,
+                image=snapshot.base_image,
+                memory=request.memory if request.memory is not None else shape.get("memory"),
+                cpus=request.cpus if request.cpus is not None else shape.get("cpus"),
+            )
         config = self.guest_config(request)
-        template = self.template_for(config)
+        if snapshot is not None:
+            template: Template | None = self.snapshot_for(config, snapshot)
+        else:
+            template = self.template_for(config)
         guest = Guest(self.session.run, config, request.name, template=template)
         guest.boot_disk = self.start  # boot_installed(): this test's next guest
         self.started.append(guest)
@@ -225,6 +267,7 @@ class TestGuests:
             return self.session.disk_image(request.disk.resolve())
         if isinstance(request.image, Image):
             return request.image
+        assert not isinstance(request.image, Snapshot)  # start() resolved it
         if request.image is not None:
             self.session.specs.check(str(request.image))
             return self.session.image(str(request.image))
@@ -234,14 +277,20 @@ class TestGuests:
         """The template this guest is restored from, or None: it boots for real."""
         if not config.snapshot or config.restore_refusal():
             return None
-        shape = Shape(
-            memory=config.memory,
-            cpus=config.cpus,
-            network=config.network.kind,
-            vlans=len(config.vlans),
-            display=config.vnc,
+        return self.session.templates.get(config.image, _shape(config), config.boot_timeout)
+
+    def snapshot_for(self, config: GuestConfig, snapshot: Snapshot) -> Template:
+        """The prepared snapshot's template (built now if need be) that this guest is
+        restored from: whatever --kvm-snapshot says, since it exists only as one."""
+        refusal = config.restore_refusal()
+        if refusal:
+            raise KvmConfigError(
+                f"{self.nodeid}: image=kvm_snapshot {snapshot.name!r}: its guests are "
+                f"restored from it, and this one cannot be: {refusal}"
+            )
+        return self.session.snapshots.resolve(
+            snapshot, config.image, _shape(config), config.boot_timeout
         )
-        return self.session.templates.get(config.image, shape, config.boot_timeout)
 
     def close(self) -> None:
         """Close every guest, newest first; an error closing one does not skip the others."""

@@ -192,10 +192,27 @@ class TemplateStore:
     def get(self, image: Image, shape: Shape, boot_timeout: float) -> Template:
         """The template for ``image`` at ``shape``: checked, or built now."""
         key = template_key(image, shape, self.run.accel.name, qemu_version())
+        name = f"{image.name}-{shape.label()}-{key}"
+        return self.obtain(
+            name,
+            key,
+            lambda: self._load(self.root / name, key, image, shape),
+            lambda: self._build(name, key, image, shape, boot_timeout),
+        )
+
+    def obtain(
+        self,
+        name: str,
+        key: str,
+        load: Callable[[], Template | None],
+        build: Callable[[], Template],
+    ) -> Template:
+        """Template ``name``: ``load()`` (checked) or else ``build()``, under its file
+        lock (one builder; the others wait), then held in use until the run ends.
+        Prepared snapshots (``snapshot.py``) come through here too."""
         if key in self._checked:
             return self._checked[key]
         self.root.mkdir(parents=True, exist_ok=True)
-        name = f"{image.name}-{shape.label()}-{key}"
         lock = FileLock(str(self.root / f".{name}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -208,9 +225,9 @@ class TemplateStore:
                     f"template {name}: another process held its lock for {self.lock_timeout:.0f} s"
                 ) from None
         try:
-            template = self._load(self.root / name, key, image, shape)
+            template = load()
             if template is None:
-                template = self._build(name, key, image, shape, boot_timeout)
+                template = build()
             # In use from now until the run ends: prune leaves it alone. Taken under
             # the build lock, which prune holds while it removes a template.
             hold(use_lock(self.root, name))
@@ -342,6 +359,7 @@ class TemplateStore:
         mac: str,
         agent: bool,
         vlan_macs: tuple[str, ...] = (),
+        extra: dict[str, object] | None = None,
     ) -> None:
         for name in _CHECKED_FILES:
             fsync_path(work / name)
@@ -357,6 +375,7 @@ class TemplateStore:
             "created": time.time(),
             "files": {name: _file_record(work / name) for name in _CHECKED_FILES},
             "state_sha256": _sha256(work / "state"),
+            **(extra or {}),  # a prepared snapshot's "base", "snapshot", ...
         }
         tmp = work / "meta.json.tmp"
         with tmp.open("w") as out:
@@ -425,9 +444,21 @@ def stale_reason(path: Path) -> str:
             return f"its base image {base} changed"
         if meta.get("qemu") != qemu_version():
             return f"made with {meta.get('qemu')}"
+        if "base" in meta:  # a prepared snapshot (snapshot.py): its base template too
+            return _stale_base(path.parent / meta["base"], meta.get("base_created"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable ({exc})"
     return ""
+
+
+def _stale_base(base: Path, created: object) -> str:
+    """Why a snapshot over template ``base`` is stale ("" if it is not)."""
+    if not (base / "meta.json").is_file():
+        return f"its base template {base.name} is gone"
+    if json.loads((base / "meta.json").read_text()).get("created") != created:
+        return f"its base template {base.name} was made again since"
+    why = stale_reason(base)
+    return f"its base template {base.name} is stale ({why})" if why else ""
 
 
 def use_lock(root: Path, name: str) -> Path:
@@ -449,6 +480,7 @@ def prune(root: Path, everything: bool = False) -> Pruned:
     result = Pruned([], [])
     if not root.is_dir():
         return result
+    older = superseded(root)
     for path in sorted(root.iterdir()):
         if not path.is_dir():
             continue
@@ -457,7 +489,7 @@ def prune(root: Path, everything: bool = False) -> Pruned:
             name, _, _ = name[1:].rpartition(".building-")
             why = "half made"
         else:
-            why = "removed on request" if everything else stale_reason(path)
+            why = "removed on request" if everything else stale_reason(path) or older.get(path, "")
         if not why:
             continue
         busy = _remove_unless_busy(root, name, path, complete=why != "half made")
@@ -466,6 +498,38 @@ def prune(root: Path, everything: bool = False) -> Pruned:
         else:
             result.removed.append((path, why))
     return result
+
+
+def superseded(root: Path) -> dict[Path, str]:
+    """Prepared snapshots that a newer build of the same name over the same base
+    replaced (its setup or inputs changed): path -> why."""
+    newest: dict[tuple[str, str], tuple[float, Path]] = {}
+    older: dict[Path, str] = {}
+    bases: dict[Path, Path] = {}
+    for meta_path in sorted(root.glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            if "snapshot" not in meta:
+                continue
+            which, made = (str(meta["snapshot"]), str(meta["base"])), float(meta["created"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        path, kept = meta_path.parent, newest.get(which)
+        bases[path] = root / which[1]
+        if kept is None or made > kept[0]:
+            if kept is not None:
+                older[kept[1]] = f"replaced by a newer build of snapshot {which[0]}"
+            newest[which] = (made, path)
+        else:
+            older[path] = f"replaced by a newer build of snapshot {which[0]}"
+    changed = True
+    while changed:  # and snapshots over those, whatever order prune meets them in
+        changed = False
+        for path, base in bases.items():
+            if base in older and path not in older:
+                older[path] = f"its base template {base.name} was replaced"
+                changed = True
+    return older
 
 
 def _remove_unless_busy(root: Path, name: str, path: Path, complete: bool) -> str:
@@ -486,6 +550,16 @@ def _remove_unless_busy(root: Path, name: str, path: Path, complete: bool) -> st
             return ""
     finally:
         lock.release()
+
+
+def snapshot_of(path: Path) -> tuple[str, str] | None:
+    """(snapshot name, base template name) if the template at ``path`` is a prepared
+    snapshot (``kvm_snapshot``); else None."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        return (str(meta["snapshot"]), str(meta["base"])) if "snapshot" in meta else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def list_templates(root: Path) -> list[tuple[Path, int]]:

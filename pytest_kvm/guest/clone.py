@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ..qga import GuestAgentError
 from ..util import Background
 from .agent import agent_wait
 from .commands import Commands
-from .config import GuestConfig, SavedGuest
+from .config import BootPlan, GuestConfig, SavedGuest
 from .connection import Connection
 from .disk import Disk
 from .launch import Launcher
@@ -34,10 +35,12 @@ class Restore:
         state: GuestState,
         template: SavedGuest,
         parts: tuple[Disk, Nics, Launcher, Connection, Commands],
+        plan: BootPlan | None = None,
     ) -> None:
         self._config = config
         self._state = state
         self._template = template
+        self._plan = plan  # a prepared snapshot's build: its disk and RAM are kept
         self._disk, self._nics, self._launcher, self._connection, self._commands = parts
 
     def start(self) -> None:
@@ -45,7 +48,8 @@ class Restore:
         assert state.workdir is not None
         scale = state.timeout_scale
         t0 = time.monotonic()
-        overlay = create_overlay(template.disk, "qcow2", state.workdir / "disk.qcow2")
+        where = self._plan.dir if self._plan else state.workdir
+        overlay = create_overlay(template.disk.absolute(), "qcow2", where / "disk.qcow2")
         self._disk.overlay = overlay
         self._connection.host_key = template.host_key
         # The console log starts with the template's boot, so it is whole from power-on.
@@ -56,7 +60,10 @@ class Restore:
         timings["overlay"] = time.monotonic() - t0
         t1 = time.monotonic()
         drives = (Drive(overlay, "qcow2"), Drive(template.seed, "raw", readonly=True))
-        self._launcher.launch(drives, ram_file=template.ram, ram_shared=False,
+        ram, shared = template.ram, False
+        if self._plan:  # its own copy of the template's RAM, written through, kept
+            ram, shared = copy_ram(template.ram, self._plan.dir / "ram"), True
+        self._launcher.launch(drives, ram_file=ram, ram_shared=shared,
                               incoming=template.state)  # fmt: skip
         timings["restore"] = time.monotonic() - t1
         t2 = time.monotonic()
@@ -126,6 +133,18 @@ class Restore:
                 )  # fmt: skip
                 agent_wait(agent, started["pid"], "the vlan set-up", 60 * scale)
                 self._nics.vlans_done = True
+
+
+def copy_ram(source: Path, target: Path) -> Path:
+    """A copy of a template's RAM file, its holes kept (pages never touched)."""
+    try:
+        subprocess.run(
+            ["cp", "--sparse=always", "--", str(source), str(target)],
+            check=True, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    except subprocess.CalledProcessError as exc:
+        raise GuestError(f"copying {source} to {target}: {exc.stderr.strip()}") from None
+    return target
 
 
 def _wait_connections_closed(machine: Machine, timeout: float) -> None:

@@ -28,7 +28,7 @@ from ..console import Console, tail
 from ..customize import GuestDisk
 from ..errors import GuestError, GuestTimeout, KvmConfigError
 from ..run import RunContext
-from ..ssh import CommandTimeout, SshSession
+from ..ssh import CommandTimeout, KeyPair, SshSession
 from ..vlan import Vlan
 from .agent import agent_answers, sync_by_agent
 from .boot import RealBoot
@@ -192,7 +192,7 @@ class Guest:
             )
             parts = (self._disk, self._nics, launcher, self._connection, self._commands)
             if self.template is not None:
-                Restore(self.config, state, self.template, parts).start()
+                Restore(self.config, state, self.template, parts, self._plan).start()
             else:
                 RealBoot(self.config, state, self._plan, self._client_key, parts).start()
             if self._nics.vlan_ports and self.config.ssh and not self._nics.vlans_done:
@@ -295,6 +295,11 @@ class Guest:
         """Whether qemu-ga answers on the guest's agent channel."""
         assert self._state.sockdir is not None and self.machine is not None
         return agent_answers(self.machine, timeout * self.timeout_scale)
+
+    @property
+    def host_key(self) -> KeyPair | None:
+        """The SSH host key this guest is pinned to (what a template saves)."""
+        return self._connection.host_key
 
     def save_state(self, path: Path) -> None:
         """Close SSH, pause the guest, write its device state to ``path``, stop QEMU.
