@@ -241,7 +241,9 @@ class TestGuests:
             vlans=len(config.vlans),
             display=config.vnc,
         )
-        return self.session.templates.get(config.image, shape, config.boot_timeout)
+        return self.session.templates.get(
+            config.image, shape, config.boot_timeout, config.runner, config.labels
+        )
 
     def close(self) -> None:
         """Close every guest, newest first; an error closing one does not skip the others."""
