@@ -16,6 +16,7 @@ from pytest_kvm.backends.libvirt.saveimage import (
     clone_xml,
     read_header,
     rewritten,
+    saved_macs,
 )
 
 SAVED = f"""<domain type='qemu'>
@@ -78,6 +79,7 @@ def test_a_clone_gets_its_name_uuid_labels_and_disks_and_keeps_the_stream(tmp_pa
     assert cdrom.find("source").get("volume") == "c.1.raw"
     # The MAC is the template's: QEMU's saved state holds it.
     assert root.find("devices/interface/mac").get("address") == "02:6b:76:00:00:01"
+    assert saved_macs(xml) == ["02:6b:76:00:00:01"]
 
 
 def test_what_cannot_be_a_clone_is_refused(tmp_path):

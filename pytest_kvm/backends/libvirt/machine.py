@@ -56,7 +56,7 @@ from .domain import (
     domain_xml,
     remote_domain_type,
 )
-from .saveimage import clone_xml, read_header, rewritten
+from .saveimage import clone_xml, read_header, rewritten, saved_macs
 from .storage import (
     clone_state,
     lookup,
@@ -170,6 +170,13 @@ class LibvirtMachine(Machine):
         the guest's lease names it, and the reaper destroys it after a crash."""
         libvirt, _ = load_libvirt()
         header = read_header(saved)
+        if saved_macs(header.xml)[:1] != [self.spec.mac.lower()]:
+            # QEMU's saved state holds the template's MAC: another one in the XML
+            # would be a guest whose MAC is not the one it is said to have.
+            raise GuestLaunchError(
+                f"a libvirt clone keeps its template's MAC {saved_macs(header.xml)[:1]}, "
+                f"not {self.spec.mac}"
+            )
         vnc = (self.spec.workdir / "vnc-password").read_text().strip() if self.spec.vnc else None
         self._xml = clone_xml(header.xml, self.domain_name, [(p, v) for p, v, _, _ in disks],
                               self.target.labels, METADATA_NS, vnc)  # fmt: skip

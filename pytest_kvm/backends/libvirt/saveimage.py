@@ -127,6 +127,12 @@ def clone_xml(
     return ET.tostring(root, encoding="unicode")
 
 
+def saved_macs(saved: str) -> list[str]:
+    """The MACs of the saved domain's NICs, in order."""
+    root = ET.fromstring(saved)  # noqa: S314 (libvirtd's own XML, from our own template)
+    return [str(mac.get("address", "")).lower() for mac in root.findall("devices/interface/mac")]
+
+
 def _child(parent: ET.Element, tag: str) -> ET.Element:
     found = parent.find(tag)
     if found is None:
