@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from . import accel
-from .backends import load_backend
+from .backends import backend_class, load_backend
 from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
 from .config import Settings
@@ -277,12 +277,14 @@ class TestGuests:
         """The template this guest is restored from, or None: it boots for real."""
         if not config.snapshot or config.restore_refusal():
             return None
-        return self.session.templates.get(config.image, _shape(config), config.boot_timeout)
+        return self.session.templates.get(
+            config.image, _shape(config), config.boot_timeout, config.runner, config.labels
+        )
 
     def snapshot_for(self, config: GuestConfig, snapshot: Snapshot) -> Template:
         """The prepared snapshot's template (built now if need be) that this guest is
         restored from: whatever --kvm-snapshot says, since it exists only as one."""
-        refusal = config.restore_refusal()
+        refusal = config.restore_refusal() or backend_class(config.backend).refusal("snapshots")
         if refusal:
             raise KvmConfigError(
                 f"{self.nodeid}: image=kvm_snapshot {snapshot.name!r}: its guests are "

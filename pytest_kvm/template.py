@@ -35,6 +35,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .backends.base import Backend, Labels
 from .backends.qemu import QEMU_BINARY
 from .config import NetworkSpec
 from .errors import GuestError, ImageError, KvmError
@@ -145,17 +146,19 @@ def image_identity(image: Image) -> dict[str, object]:
     return image.identity()
 
 
-def template_key(image: Image, shape: Shape, accel: str, qemu: str) -> str:
-    payload = json.dumps(
-        {
-            "format": TEMPLATE_FORMAT,
-            "image": image_identity(image),
-            "shape": shape.key_fields(),
-            "accel": accel,
-            "qemu": qemu,
-        },
-        sort_keys=True,
-    )
+def template_key(
+    image: Image, shape: Shape, accel: str, qemu: str, backend: dict[str, object] | None = None
+) -> str:
+    fields = {
+        "format": TEMPLATE_FORMAT,
+        "image": image_identity(image),
+        "shape": shape.key_fields(),
+        "accel": accel,
+        "qemu": qemu,
+    }
+    if backend:  # the qemu backend's {} leaves its keys as they were
+        fields["backend"] = backend
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -189,15 +192,26 @@ class TemplateStore:
         self._checked: dict[str, Template] = {}
         self._in_use: set[str] = set()
 
-    def get(self, image: Image, shape: Shape, boot_timeout: float) -> Template:
-        """The template for ``image`` at ``shape``: checked, or built now."""
-        key = template_key(image, shape, self.run.accel.name, qemu_version())
-        name = f"{image.name}-{shape.label()}-{key}"
+    def get(
+        self,
+        image: Image,
+        shape: Shape,
+        boot_timeout: float,
+        runner: Backend | None = None,
+        labels: Labels = (),
+    ) -> Template:
+        """The template for ``image`` at ``shape``: checked, or built now. ``runner``
+        is the backend its clones run on (None: the qemu backend); ``labels`` name
+        the owner of the guest that makes it."""
+        identity = runner.template_identity() if runner is not None else {}
+        key = template_key(image, shape, self.run.accel.name, qemu_version(), identity)
+        backend = f"{runner.name}-" if identity and runner is not None else ""
+        name = f"{image.name}-{backend}{shape.label()}-{key}"
         return self.obtain(
             name,
             key,
             lambda: self._load(self.root / name, key, image, shape),
-            lambda: self._build(name, key, image, shape, boot_timeout),
+            lambda: self._build(name, key, image, shape, boot_timeout, runner, labels),
         )
 
     def obtain(
@@ -274,6 +288,8 @@ class TemplateStore:
             if meta.get("format") != TEMPLATE_FORMAT or meta.get("key") != key:
                 return "was made by another version or for other settings"
             for name in _CHECKED_FILES:
+                if name not in meta["files"] and name == "ram" and meta.get("ram") is False:
+                    continue  # a libvirt save image holds the RAM
                 if _file_record(path / name) != meta["files"][name]:
                     return f"has a changed {name}"
             if _sha256(path / "state") != meta["state_sha256"]:
@@ -294,7 +310,16 @@ class TemplateStore:
 
     # -- building ----------------------------------------------------------------------
 
-    def _build(self, name: str, key: str, image: Image, shape: Shape, timeout: float) -> Template:
+    def _build(
+        self,
+        name: str,
+        key: str,
+        image: Image,
+        shape: Shape,
+        timeout: float,
+        runner: Backend | None = None,
+        labels: Labels = (),
+    ) -> Template:
         # We hold the lock: any half-made template of this name is from a dead run.
         for stale in self.root.glob(f".{name}.building-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -321,6 +346,9 @@ class TemplateStore:
                 hostname=TEMPLATE_HOSTNAME,
                 vlans=(None,) * shape.vlans,
                 display=shape.display,
+                backend=runner.name if runner is not None else "qemu",
+                runner=runner,
+                labels=labels,
             )
             guest = Guest(self.run, config, "template", plan=BootPlan(work, client, host))
             with guest:  # starts it; closing removes all but the plan's files
@@ -361,7 +389,8 @@ class TemplateStore:
         vlan_macs: tuple[str, ...] = (),
         extra: dict[str, object] | None = None,
     ) -> None:
-        for name in _CHECKED_FILES:
+        files = [name for name in _CHECKED_FILES if (work / name).exists() or name != "ram"]
+        for name in files:
             fsync_path(work / name)
         meta = {
             "format": TEMPLATE_FORMAT,
@@ -373,7 +402,8 @@ class TemplateStore:
             "vlan_macs": list(vlan_macs),
             "agent": agent,
             "created": time.time(),
-            "files": {name: _file_record(work / name) for name in _CHECKED_FILES},
+            "files": {name: _file_record(work / name) for name in files},
+            **({} if "ram" in files else {"ram": False}),  # in the saved state (libvirt)
             "state_sha256": _sha256(work / "state"),
             **(extra or {}),  # a prepared snapshot's "base", "snapshot", ...
         }

@@ -118,8 +118,12 @@ class QmpError(RuntimeError):
 @runtime_checkable
 class SavesState(Protocol):
     """Capability: the machine can write its device state for a template (RAM stays
-    in its shared RAM file) and a clone can be restored from it
-    (``MachineSpec.incoming``). ``Guest`` asks ``machine.state_saver()``."""
+    in its shared RAM file, or goes into ``path`` too where ``Backend.ram_in_file``
+    is False) and a clone can be restored from it (``MachineSpec.incoming``, a local
+    path: a backend running guests elsewhere brings it there). ``Guest`` asks
+    ``machine.state_saver()``. The machine may stop as it saves (``is_running()``
+    is then False); its disk (``spec.drives[0].path``) is as saved once this returns
+    (a ``disk_is_remote`` backend brings it back)."""
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None: ...
 
@@ -269,6 +273,11 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     refusals: ClassVar[Mapping[str, str]] = {}
+    # Templates: True, a template's guest RAM is a file of its own next to its saved
+    # state (``MachineSpec.ram_file``, shared while the template runs, mapped private
+    # by clones); False, the saved state (``SavesState.save_state``) holds the RAM
+    # too, and machines ignore ``ram_file``.
+    ram_in_file: ClassVar[bool] = True
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings
@@ -298,6 +307,13 @@ class Backend(abc.ABC):
     def uri(self) -> str:
         """Where guests run, for their leases ("" for this host's QEMU)."""
         return ""
+
+    def template_identity(self) -> dict[str, object]:
+        """What a template saved on this backend depends on beyond the image, shape,
+        accelerator and this host's QEMU: it goes into the template key ({}: nothing,
+        the key stays what it was before backends had a say). A backend whose saved
+        state is another format or lives on another host says so here."""
+        return {}
 
     def jump(self) -> SshJump | None:
         """The SSH connection guests' forwards are reached through (their host is

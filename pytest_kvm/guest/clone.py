@@ -172,6 +172,7 @@ def save_state(state: GuestState, user_network: bool, connection: Connection, pa
     if user_network:
         _wait_connections_closed(machine, 10 * scale)
     saver.save_state(path, timeout=120 * scale)
-    machine.qmp("quit")
+    if machine.is_running():  # libvirt's save stops the domain itself
+        machine.qmp("quit")
     if not machine.wait_for_exit(30 * scale):
         raise GuestError(f"{state.what}: QEMU did not quit after saving", state.name)

@@ -31,6 +31,7 @@ def _sha256(path: Path) -> str:
 def test_commands_files_and_console(kvm_guest, tmp_path: Path, request):
     g = kvm_guest
     assert g.backend == BACKEND
+    _restored(g)
     assert (f"-J {JUMP} " in g.ssh_command) if JUMP else ("-J" not in g.ssh_command)
     r = g.run("echo out; echo err >&2; exit 3")
     assert (r.exit_status, r.stdout, r.stderr) == (3, "out\n", "err\n")
@@ -63,6 +64,12 @@ def test_commands_files_and_console(kvm_guest, tmp_path: Path, request):
     _forward_port_agent_and_monitor(g)
     if BACKEND == "libvirt":
         _check_domain(g, request.node.nodeid)
+
+
+def _restored(g) -> None:
+    """The guest came from its template (both backends restore plain guests), not a boot."""
+    assert "restore" in g.boot_timings, g.boot_timings
+    assert f"{g.name}: restored from template" in g.serial_log.read_text(errors="replace")
 
 
 def _forward_port_agent_and_monitor(g) -> None:
@@ -117,6 +124,7 @@ def _check_domain(g, nodeid: str) -> None:
 
 def test_reboot_shutdown_and_the_stopped_disk(kvm_guest):
     g = kvm_guest
+    _restored(g)
     boot_before = g.succeed("cat /proc/sys/kernel/random/boot_id")
     g.succeed("echo kept > /var/lib/pytest-kvm-state && sync")
     g.reboot()

@@ -281,6 +281,55 @@ def test_domain_dies_with_the_run_that_made_it(
         shutil.rmtree(path, ignore_errors=True)
 
 
+INNER_RESTORED = """
+import os, time
+from pathlib import Path
+
+def test_hangs(kvm_guest_factory):
+    guest = kvm_guest_factory()
+    assert "restore" in guest.boot_timings  # from the template, not booted
+    ready = Path(os.environ["PKVM_TEST_READY"])
+    ready.with_suffix(".tmp").write_text(guest.machine.domain_name)
+    ready.with_suffix(".tmp").replace(ready)
+    time.sleep(600)
+"""
+
+
+def test_restored_domain_is_reaped_after_sigkill(
+    libvirtd, pytester, image_arg, cache_arg, inner_env, tmp_path, monkeypatch
+):
+    """A domain restored from a template has no AUTODESTROY: it outlives a SIGKILLed
+    run, and `pytest-kvm reap` destroys it (its lease names it) and deletes its
+    volumes."""
+    ready = tmp_path / "ready"
+    monkeypatch.setenv("PKVM_TEST_READY", str(ready))
+    pytester.makepyfile(test_inner=INNER_RESTORED)
+    argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
+    proc = subprocess.Popen(argv, cwd=pytester.path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 1500
+        while not ready.exists():
+            assert proc.poll() is None, "the inner run ended before its guest was up"
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        name = ready.read_text()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(3)
+    assert name in _ours()  # not auto-destroyed with its connection
+    assert [v for v in _guest_volumes() if v.startswith(name + ".")]
+    reaped = subprocess.run(
+        libvirtd.wrap([sys.executable, "-m", "pytest_kvm.cli", "reap"]),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert reaped.returncode == 0, reaped.stderr
+    assert f"destroyed domain {name}" in reaped.stdout, reaped.stdout
+    assert name not in _ours()
+    assert [v for v in _guest_volumes() if v.startswith(name + ".")] == []
+
+
 def _usage_error(result) -> str:
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
     return result.stderr.str()

@@ -42,6 +42,8 @@ def test_a_plain_guest_may_be_restored_from_a_template():
     assert GuestConfig(image=IMAGE).restore_refusal() == ""
     # --kvm-vnc guests come from a template with a display.
     assert GuestConfig(image=IMAGE, vnc=True, memory=2048, cpus=1).restore_refusal() == ""
+    # libvirt guests too (libvirt save images, restoreFlags).
+    assert GuestConfig(image=IMAGE, backend="libvirt").restore_refusal() == ""
 
 
 @pytest.mark.parametrize(
@@ -57,7 +59,6 @@ def test_a_plain_guest_may_be_restored_from_a_template():
         ({"display": True}, "need a real boot"),
         ({"blank": True}, "need a real boot"),
         ({"network": NetworkSpec("bridge", "br0")}, "guests boot for real"),
-        ({"backend": "libvirt"}, "not supported on the libvirt backend"),
         (
             {"image": Image("enc", Path("/e.qcow2"), "qcow2", "enc", encrypted=(True,))},
             "encrypted images boot for real",

@@ -57,14 +57,29 @@ def test_key_follows_everything_that_shapes_a_template(image, tmp_path):
         template_key(image, Shape(1024, 2), "kvm", "QEMU 7.2"),
         template_key(image, Shape(1024, 2), "tcg", "QEMU 8.2"),
         template_key(image, Shape(1024, 2, display=True), "tcg", "QEMU 7.2"),  # --kvm-vnc
+        # libvirt save images, per hypervisor host and versions there
+        template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2", {"backend": "libvirt", "host": "a"}),
+        template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2", {"backend": "libvirt", "host": "b"}),
     }
-    assert base not in others and len(others) == 6
+    assert base not in others and len(others) == 8
+    # The qemu backend's identity ({}) leaves its keys as they were.
+    assert template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2", {}) == base
     assert Shape(1024, 2, display=True).label().endswith("-vga")
     # Without a display the key is what it was before that field existed.
     assert "display" not in Shape(1024, 2).key_fields()
     # A rewritten base image (new mtime) is a different template.
     os.utime(image.path, ns=(1, 1))
     assert template_key(image, Shape(1024, 2), "tcg", "QEMU 7.2") != base
+
+
+def test_a_template_whose_state_holds_its_ram_passes_its_check(image, tmp_path):
+    """A libvirt template has no RAM file: its save image holds the RAM."""
+    work = make_template(tmp_path / "templates", image)
+    key = json.loads((work / "meta.json").read_text())["key"]
+    (work / "ram").unlink()
+    TemplateStore._write_meta(work, key, image, Shape(1024, 2), "02:6b:76:00:00:01", True)
+    assert json.loads((work / "meta.json").read_text())["ram"] is False
+    assert TemplateStore._problem(work, key) == ""
 
 
 def test_a_complete_template_passes_its_check(image, tmp_path):

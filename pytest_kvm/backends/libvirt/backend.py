@@ -49,6 +49,7 @@ class LibvirtBackend(Backend):
 
     name = "libvirt"
     refusals = REFUSALS
+    ram_in_file = False  # virDomainSave writes RAM and devices into one save image
 
     def _settings(self) -> Settings:
         if self.settings is None:
@@ -88,6 +89,19 @@ class LibvirtBackend(Backend):
     ) -> LibvirtMachine:
         # No on_spawn: QEMU runs under libvirtd, which ends it (AUTODESTROY).
         return LibvirtMachine(spec, self.target(labels), spec.accel)
+
+    def template_identity(self) -> dict[str, object]:
+        """Templates here are libvirt save images restored by that host's libvirt and
+        QEMU: the hypervisor host's name (not the URI: the same host reached locally
+        or through SSH shares them) and both versions are in the key. Each host (and
+        pool) gets its own upload of the template's disk and state."""
+        conn = connect(self.uri)
+        return {
+            "backend": "libvirt",
+            "host": conn.getHostname(),
+            "libvirt": conn.getLibVersion(),
+            "hypervisor": conn.getVersion(),
+        }
 
     def jump(self) -> SshJump | None:
         return jump_for(self.uri)
@@ -129,12 +143,31 @@ def destroy_leased_domain(uri: str, domain: str, data: Mapping[str, Any]) -> lis
     except libvirt.libvirtError:
         return []
     try:
-        if not domain_is_the_leases(dom.XMLDesc(0), data):
+        xml = dom.XMLDesc(0)
+        if not domain_is_the_leases(xml, data):
             return []  # not the domain this lease made
         dom.destroy()
     except libvirt.libvirtError:
         return []
-    return [f"destroyed domain {domain}"]
+    return [f"destroyed domain {domain}", *_delete_volumes(conn, domain, xml)]
+
+
+def _delete_volumes(conn: Any, domain: str, xml: str) -> list[str]:
+    """Delete the destroyed domain's own volumes (its overlay and seed, named after
+    it), which a restored domain, never auto-destroyed, still held."""
+    libvirt, _ = load_libvirt()
+    done = []
+    root = ET.fromstring(xml)  # noqa: S314 (libvirtd's own output)
+    for source in root.findall("devices/disk/source"):
+        pool, volume = source.get("pool"), source.get("volume")
+        if not pool or not volume or not volume.startswith(f"{domain}."):
+            continue
+        try:
+            conn.storagePoolLookupByName(pool).storageVolLookupByName(volume).delete(0)
+        except libvirt.libvirtError:
+            continue
+        done.append(f"deleted volume {volume}")
+    return done
 
 
 BACKEND = LibvirtBackend

@@ -21,10 +21,10 @@ USER_NETDEV = "hostnet0"  # libvirt's id for the first <interface>'s netdev
 # What the libvirt backend cannot do yet, and the one message refusing each
 # (``LibvirtBackend.refusal``; the machine and the domain XML raise them too).
 REFUSALS = {
-    "templates": "templates are not supported on the libvirt backend yet",
     "encrypted images": "encrypted images are not supported on the libvirt backend yet",
     "vlans and bridges": "vlans and bridges are not supported on the libvirt backend yet",
     "kernel_args": "kernel_args (direct kernel boot) is not supported on libvirt yet",
+    "snapshots": "kvm_snapshot images are not supported on the libvirt backend yet",
 }
 
 

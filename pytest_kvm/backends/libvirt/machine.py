@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,24 @@ from .connection import (
     open_connection,
 )
 from .console import ConsolePump, open_console
-from .domain import REFUSALS, USER_NETDEV, LibvirtTarget, domain_xml, remote_domain_type
+from .domain import (
+    METADATA_NS,
+    REFUSALS,
+    USER_NETDEV,
+    LibvirtTarget,
+    domain_xml,
+    remote_domain_type,
+)
+from .saveimage import clone_xml, read_header, rewritten, saved_macs
 from .storage import (
+    clone_state,
     lookup,
     reap_orphan_volumes,
+    refresh_pool,
     send_file,
     storage_pool,
     upload_image,
+    upload_state,
     volume_name,
     volume_xml,
 )
@@ -78,8 +90,6 @@ class LibvirtMachine(Machine):
     def __init__(self, spec: MachineSpec, target: LibvirtTarget, accel: str) -> None:
         if any(drive.secret is not None for drive in spec.drives):
             raise KvmConfigError(REFUSALS["encrypted images"])
-        if spec.ram_file is not None or spec.incoming is not None:
-            raise KvmConfigError(REFUSALS["templates"])
         if spec.nics or spec.tap_fd is not None:
             raise KvmConfigError(REFUSALS["vlans and bridges"])
         self.spec = spec
@@ -91,6 +101,7 @@ class LibvirtMachine(Machine):
         self._domain: Any = None
         self._pool: Any = None
         self._volumes: list[Any] = []
+        self._local_backing: Path | None = None  # what the uploaded overlay is on, here
         self._pump: ConsolePump | None = None
         self._xml = ""
         self._closed = False
@@ -126,10 +137,13 @@ class LibvirtMachine(Machine):
             if is_remote(self.target.uri) and self.target.accel == "auto":
                 self.domain_type = remote_domain_type(self._conn)
             disks = self._upload_disks()
-            self._xml = domain_xml(spec, self.domain_name, self.domain_type, disks,
-                                   self.target.labels)  # fmt: skip
-            flags = libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED
-            self._domain = self._conn.createXML(self._xml, flags)
+            if spec.incoming is not None:
+                self._restore(spec.incoming, disks)
+            else:
+                self._xml = domain_xml(spec, self.domain_name, self.domain_type, disks,
+                                       self.target.labels)  # fmt: skip
+                flags = libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED
+                self._domain = self._conn.createXML(self._xml, flags)
             self._open_console()
             self._domain.resume()
             self._sampling.clear()
@@ -149,6 +163,69 @@ class LibvirtMachine(Machine):
                 argv=self.argv,
                 console_tail=tail(spec.serial_log, 20),
             ) from None
+
+    def _restore(self, saved: Path, disks: list[tuple[str, str, str, str]]) -> None:
+        """The domain restored, paused, from a copy of the template's save image whose
+        XML names this guest (see saveimage.py). A restored domain has no AUTODESTROY:
+        the guest's lease names it, and the reaper destroys it after a crash."""
+        libvirt, _ = load_libvirt()
+        header = read_header(saved)
+        if saved_macs(header.xml)[:1] != [self.spec.mac.lower()]:
+            # QEMU's saved state holds the template's MAC: another one in the XML
+            # would be a guest whose MAC is not the one it is said to have.
+            raise GuestLaunchError(
+                f"a libvirt clone keeps its template's MAC {saved_macs(header.xml)[:1]}, "
+                f"not {self.spec.mac}"
+            )
+        vnc = (self.spec.workdir / "vnc-password").read_text().strip() if self.spec.vnc else None
+        self._xml = clone_xml(header.xml, self.domain_name, [(p, v) for p, v, _, _ in disks],
+                              self.target.labels, METADATA_NS, vnc)  # fmt: skip
+        state = upload_state(self._conn, self._pool, saved, self.target.lock_dir)
+        name = volume_name(self.domain_name, 9, "save")
+        stale = lookup(self._pool, name)
+        if stale is not None:
+            stale.delete(0)
+        copy = clone_state(self._conn, self._pool, state, name, rewritten(header, self._xml))
+        try:
+            self._conn.restoreFlags(copy.path(), None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                copy.delete(0)  # QEMU has read all of it
+        self._domain = self._conn.lookupByName(self.domain_name)
+
+    def save_state(self, path: Path, timeout: float = 120.0) -> None:
+        """Save the running domain with ``virDomainSave`` (RAM and devices in one
+        file; the domain stops), into the pool where it runs, then bring the file to
+        ``path`` and the guest's disk, as it was saved, to its local overlay."""
+        libvirt, _ = load_libvirt()
+        if self._domain is None or self._pool is None:
+            raise GuestLaunchError("the domain is not running")
+        name = volume_name(self.domain_name, 8, "save")
+        target = ET.fromstring(self._pool.XMLDesc(0)).findtext("target/path")  # noqa: S314
+        remote = f"{target}/{name}"
+        try:
+            self._domain.save(remote)
+        except libvirt.libvirtError as exc:
+            raise GuestLaunchError(f"libvirt could not save {self.domain_name}: "
+                                   f"{first_line(exc)}") from None  # fmt: skip
+        self._exit = 0
+        refresh_pool(self._pool)
+        vol = self._pool.storageVolLookupByName(name)
+        self._volumes.append(vol)
+        self._download(vol, path)
+        self.download_overlay(self.spec.drives[0].path, self._local_backing)
+
+    def _download(self, vol: Any, dest: Path) -> None:
+        stream = self._conn.newStream(0)
+        vol.download(stream, 0, 0, 0)
+        tmp = dest.with_name(dest.name + ".download")
+        try:
+            with tmp.open("wb") as out:
+                stream.recvAll(lambda _s, data, _o: _o.write(data), out)
+            stream.finish()
+            tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _open_console(self) -> None:
         conn, stream = open_console(self.target.uri, self._domain)
@@ -175,6 +252,7 @@ class LibvirtMachine(Machine):
                     send_file(self._conn, vol, drive.path)
                     disks.append((pool_name, name, "qcow2", "disk"))
                     continue
+                self._local_backing = Path(backing)
                 base = upload_image(self._conn, self._pool, Path(backing), self.target.lock_dir)
                 upload = drive.path.with_name(drive.path.name + ".libvirt")
                 shutil.copyfile(drive.path, upload)
@@ -394,7 +472,8 @@ class LibvirtMachine(Machine):
         """The password is in the domain XML already."""
 
     def fetch_disk(self, dest: Path, backing: Path | None) -> None:
-        self.download_overlay(dest, backing)
+        # A clone's overlay is on its template's disk, not on the image.
+        self.download_overlay(dest, self._local_backing if backing is not None else None)
 
     def download_overlay(self, dest: Path, backing: Path | None) -> None:
         """Copy the guest's overlay volume back to ``dest``, rebased onto the local

@@ -187,7 +187,13 @@ def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
     finds none complete uploads its own."""
     libvirt, _ = load_libvirt()
     info = image_info(path)
-    flatten = bool(info.get("backing-filename")) or info.get("format") != "qcow2"
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    # A template's disk (an overlay on an image) goes up as a layer on the image's
+    # volume: clones' overlays are backed by it. Other chains are flattened.
+    layer = None
+    if backing and info.get("format") == "qcow2" and info.get("backing-filename-format") == "qcow2":
+        layer = upload_image(conn, pool, Path(backing), lock_dir)
+    flatten = (bool(backing) and layer is None) or info.get("format") != "qcow2"
     prefix = f"{path.stem[:40]}-{file_sha256(path)[:20]}"
     host = hashlib.sha256(conn.getURI().encode()).hexdigest()[:12]
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +214,18 @@ def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
                                 timeout=1800)  # fmt: skip
                 if proc.returncode != 0:
                     raise ImageError(f"cannot flatten {str(path)!r}: {proc.stderr.strip()}")
-            vol = pool.createXML(volume_xml(name, source.stat().st_size, "qcow2"), 0)
+            if layer is not None:
+                tmpdir = Path(tempfile.mkdtemp(prefix="pytest-kvm-layer-", dir=lock_dir))
+                source = tmpdir / "layer.qcow2"
+                shutil.copyfile(path, source)
+                proc = qemu_img("rebase", "-u", "-F", "qcow2", "-b", layer.path(), "--",
+                                str(source))  # fmt: skip
+                if proc.returncode != 0:
+                    raise ImageError(f"cannot rebase {str(path)!r}: {proc.stderr.strip()}")
+            vol = pool.createXML(
+                volume_xml(name, source.stat().st_size, "qcow2",
+                           layer.path() if layer is not None else None), 0
+            )  # fmt: skip
             send_file(conn, vol, source)
             pool.createXML(volume_xml(name + ".ok", 0, "raw"), 0)  # now complete
         except BaseException:
@@ -222,13 +239,61 @@ def upload_image(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
         return pool.storageVolLookupByName(name)
 
 
-def complete_upload(pool: Any, prefix: str) -> Any | None:
+def upload_state(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
+    """The pool's volume holding a template's saved state (a libvirt save image), as
+    ``upload_image`` does for images: once per host and checksum, complete with its
+    ``.ok`` marker. Clones restore from copies of it (``clone_state``)."""
+    libvirt, _ = load_libvirt()
+    prefix = f"state-{file_sha256(path)[:20]}"
+    host = hashlib.sha256(conn.getURI().encode()).hexdigest()[:12]
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / f"upload-{host}-{prefix}.lock")):
+        refresh_pool(pool)
+        done = complete_upload(pool, prefix, ".save")
+        if done is not None:
+            return done
+        name = f"{prefix}.up-h{HOST_TAG}.p{os.getpid()}.{secrets.token_hex(4)}.save"
+        vol = None
+        try:
+            vol = pool.createXML(volume_xml(name, path.stat().st_size, "raw"), 0)
+            send_file(conn, vol, path)
+            pool.createXML(volume_xml(name + ".ok", 0, "raw"), 0)
+        except BaseException:
+            if vol is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+            raise
+        return pool.storageVolLookupByName(name)
+
+
+def clone_state(conn: Any, pool: Any, state: Any, name: str, head: bytes) -> Any:
+    """A copy of the saved-state volume ``state`` named ``name``, made where the pool
+    is, its first ``len(head)`` bytes replaced by ``head`` (the clone's header and XML)."""
+    vol = pool.createXMLFrom(volume_xml(name, state.info()[1], "raw"), state, 0)
+    try:
+        stream = conn.newStream(0)
+        vol.upload(stream, 0, len(head), 0)
+        try:
+            stream.send(head)
+            stream.finish()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.abort()
+            raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            vol.delete(0)
+        raise
+    return vol
+
+
+def complete_upload(pool: Any, prefix: str, suffix: str = ".qcow2") -> Any | None:
     """A complete upload of the image named ``prefix`` (name + checksum) in ``pool``:
     a volume whose ``.ok`` marker exists (the first by name), else None."""
     names = {vol.name() for vol in pool.listAllVolumes(0)}
     for name in sorted(names):
-        ours = name == f"{prefix}.qcow2" or (name.startswith(f"{prefix}.up-") and
-                                             name.endswith(".qcow2"))  # fmt: skip
+        ours = name == f"{prefix}{suffix}" or (name.startswith(f"{prefix}.up-") and
+                                               name.endswith(suffix))  # fmt: skip
         if ours and f"{name}.ok" in names:
             found = lookup(pool, name)
             if found is not None:
@@ -240,7 +305,7 @@ HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
 _VOLUME = re.compile(r"^pytest-kvm-.+\.h([0-9a-f]{6})\.p(\d+)\.\d+\.[a-z0-9]+$")
 
-_UPLOAD = re.compile(r"^.+-[0-9a-f]{20}\.up-h([0-9a-f]{6})\.p(\d+)\.[0-9a-f]+\.qcow2$")
+_UPLOAD = re.compile(r"^.+-[0-9a-f]{20}\.up-h([0-9a-f]{6})\.p(\d+)\.[0-9a-f]+\.(qcow2|save)$")
 
 _reaped: set[str] = set()
 
