@@ -22,7 +22,7 @@ from .backends.qemu import QEMU_BINARY
 from .config import Settings
 from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
 from .errors import KvmUnavailable
-from .guest import Guest, GuestConfig
+from .guest import Guest, GuestConfig, template_refusal
 from .images import Image
 from .images.kernel import BootFiles, boot_files
 from .images.store import classify
@@ -234,14 +234,17 @@ class TestGuests:
         """The template this guest is restored from, or None: it boots for real."""
         if not config.snapshot or config.restore_refusal():
             return None
+        net = config.network
         shape = Shape(
             memory=config.memory,
             cpus=config.cpus,
-            network=config.network.kind,
+            # A bridge's: one template per bridge (its clones join the same one).
+            network=net.kind if net.kind == "user" else f"{net.kind}={net.name}",
             vlans=len(config.vlans),
             display=config.vnc,
         )
-        return self.session.templates.get(config.image, shape, config.boot_timeout)
+        template = self.session.templates.get(config.image, shape, config.boot_timeout)
+        return None if template_refusal(config, template) else template
 
     def close(self) -> None:
         """Close every guest, newest first; an error closing one does not skip the others."""

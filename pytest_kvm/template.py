@@ -36,7 +36,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .backends.qemu import QEMU_BINARY
-from .config import NetworkSpec
+from .config import parse_network
 from .errors import GuestError, ImageError, KvmError
 from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
@@ -80,7 +80,8 @@ class Shape:
     def label(self) -> str:
         nics = f"-{self.vlans}vlan" if self.vlans else ""
         vga = "-vga" if self.display else ""
-        return f"{self.memory}M-{self.cpus}cpu-{self.network}{nics}{vga}"
+        network = self.network.replace("=", "-")  # bridge=br0: bridge-br0
+        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}"
 
     def key_fields(self) -> dict[str, object]:
         """What goes into the template key: fields at their defaults are left out, so
@@ -299,7 +300,7 @@ class TemplateStore:
                 image=image,
                 memory=shape.memory,
                 cpus=shape.cpus,
-                network=NetworkSpec(shape.network),
+                network=parse_network(shape.network, f"template {name}"),
                 boot_timeout=timeout,
                 hostname=TEMPLATE_HOSTNAME,
                 vlans=(None,) * shape.vlans,
