@@ -166,7 +166,11 @@ class CloneIdentity:
                 "rm -f /run/systemd/netif/leases/* /var/lib/dhcp/*.leases",
             ]
         lines += [
-            f'ip link set dev "$dev" address {new}',
+            # Down and up: the kernel drops the IPv6 addresses made from the old MAC
+            # (link-local, SLAAC) and makes the link-local one from the new MAC.
+            # (one ip process for the three steps).
+            "printf 'link set dev %s down\\nlink set dev %s address %s\\nlink set dev %s up\\n' "
+            f'"$dev" "$dev" {new} "$dev" | ip -batch -',
             f"configs=$(pytest_kvm_files {_NETWORK_CONFIG})",
             'if [ -n "$configs" ]; then',
             f"  named=$(grep -liF {old} $configs || true)",

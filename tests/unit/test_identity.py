@@ -70,7 +70,7 @@ def test_the_script(bridge: bool, private: bool):
     script = ident.script(1700000000.25, host_private_key=private, more="echo vlans")
     _sh_syntax(script)
     assert "date -u -s @1700000000.250000" in script
-    assert f"address {NEW}" in script
+    assert f"\"$dev\" {NEW} \"$dev\" | ip -batch -" in script
     assert ident.machine_id in script and f"IAID={ident.iaid}" in script
     assert shlex.quote(ident.host_key.public_openssh) in script
     assert (ident.host_key.private_openssh in script) == private
@@ -100,7 +100,10 @@ def _run(script: str, root: Path) -> subprocess.CompletedProcess[str]:
     bin_dir.mkdir()
     for name in ("date", "ip", "systemctl"):
         fake = bin_dir / name
-        fake.write_text(f'#!/bin/sh\necho {name} "$@" >>{root}/log\n')
+        fake.write_text(
+            f'#!/bin/sh\necho {name} "$@" >>{root}/log\n'
+            f'if [ "$1" = -batch ]; then cat >>{root}/log; fi\n'
+        )
         fake.chmod(0o755)
     return subprocess.run(
         ["sh", "-c", text], capture_output=True, text=True,
@@ -130,7 +133,7 @@ def test_the_script_on_a_fake_guest(tmp_path: Path):
     result = _run(ident.script(5.0, host_private_key=True), root)
     assert result.returncode == 0, result.stderr
     log = (root / "log").read_text()
-    assert f"ip link set dev enp0s6 address {NEW}" in log
+    assert f"link set dev enp0s6 down\nlink set dev enp0s6 address {NEW}\n" in log
     assert "systemctl --no-block try-restart systemd-journald.service" in log
     assert (root / "etc/machine-id").read_text() == ident.machine_id + "\n"
     assert (root / "var/lib/dbus/machine-id").read_text() == ident.machine_id + "\n"
