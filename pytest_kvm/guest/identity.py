@@ -94,10 +94,36 @@ class CloneIdentity:
         ]
         lines += self._hostname_lines()
         lines += self._host_key_lines(host_private_key)
-        lines += self._nic_lines()
         lines += self._machine_id_lines()
+        lines += self._iaid_lines()
+        networkd = "systemd-networkd.socket systemd-networkd.service"
+        if self.bridge:
+            # Not the template's DHCP client: it would ask for the template's lease
+            # again when the link comes back up. It starts again with the clone's
+            # identity, and the bridge's DHCP server gives the clone a lease of its own.
+            lines += [
+                "running=",
+                "if [ -d /run/systemd/system ] && systemctl -q is-active systemd-networkd; then",
+                f"  running=1; systemctl stop {networkd}",
+                "fi",
+            ]
+        lines += self._nic_lines()
+        if self.bridge:
+            lines += ['if [ -n "$running" ]; then systemctl start ' + networkd + "; fi"]
         lines += [
-            # The DHCP client's IAID: a drop-in for every .network file that does DHCP.
+            more,
+            # journald and networkd read the new machine-id (DUID) when they start
+            # again (try-restart: if they run); --no-block: nobody waits for them.
+            "if [ -d /run/systemd/system ]; then",
+            "  systemctl --no-block try-restart systemd-journald.service"
+            + ("" if self.bridge else " systemd-networkd.service"),
+            "fi",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _iaid_lines(self) -> list[str]:
+        """The DHCP client's IAID: a drop-in for every .network file that does DHCP."""
+        return [
             f"nets=$(pytest_kvm_files {_NETWORKD_FILES})",
             "dhcp=",
             'if [ -n "$nets" ]; then',
@@ -111,14 +137,7 @@ class CloneIdentity:
             f"    printf '[DHCPv4]\\nIAID={self.iaid}\\n' >\"$d/{_DROPIN}\"",
             "  done",
             "fi",
-            more,
-            # journald and networkd read the new machine-id (DUID) when they start
-            # again (try-restart: if they run); --no-block: nobody waits for them.
-            "if [ -d /run/systemd/system ]; then",
-            "  systemctl --no-block try-restart systemd-journald.service systemd-networkd.service",
-            "fi",
         ]
-        return "\n".join(lines) + "\n"
 
     def _hostname_lines(self) -> list[str]:
         hostname = shlex.quote(self.hostname)

@@ -70,7 +70,7 @@ def test_the_script(bridge: bool, private: bool):
     script = ident.script(1700000000.25, host_private_key=private, more="echo vlans")
     _sh_syntax(script)
     assert "date -u -s @1700000000.250000" in script
-    assert f"\"$dev\" {NEW} \"$dev\" | ip -batch -" in script
+    assert f'"$dev" {NEW} "$dev" | ip -batch -' in script
     assert ident.machine_id in script and f"IAID={ident.iaid}" in script
     assert shlex.quote(ident.host_key.public_openssh) in script
     assert (ident.host_key.private_openssh in script) == private
