@@ -27,6 +27,7 @@ from .images import Image
 from .images.kernel import BootFiles, boot_files
 from .images.store import classify
 from .images.store import resolve as resolve_image
+from .network import bridge_problem
 from .reaper import reap
 from .request import GuestRequest, SpecChecks, check_factory_call
 from .run import RunContext
@@ -235,6 +236,8 @@ class TestGuests:
         if not config.snapshot or config.restore_refusal():
             return None
         net = config.network
+        if net.kind == "bridge" and bridge_problem(net.name):
+            return None  # the guest's own start says what is wrong, no template is made
         shape = Shape(
             memory=config.memory,
             cpus=config.cpus,
