@@ -19,7 +19,7 @@ from . import accel
 from .backends import load_backend
 from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
-from .config import Settings
+from .config import DEFAULT_BRIDGE_HELPER, Settings
 from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
 from .errors import KvmUnavailable
 from .guest import Guest, GuestConfig, template_refusal
@@ -27,7 +27,7 @@ from .images import Image
 from .images.kernel import BootFiles, boot_files
 from .images.store import classify
 from .images.store import resolve as resolve_image
-from .network import bridge_problem
+from .network import NetworkSpec, bridge_problem, has_net_admin, helper_problem
 from .reaper import reap
 from .request import GuestRequest, SpecChecks, check_factory_call
 from .run import RunContext
@@ -156,6 +156,15 @@ class KvmSession:
             return self._backends[key]
 
 
+def _bridge_unusable(net: NetworkSpec) -> bool:
+    """Whether no guest can join this bridge here (no such bridge, no tap and no helper)."""
+    if bridge_problem(net.name):
+        return True
+    if net.helper:
+        return bool(helper_problem(net.helper, net.name))
+    return not has_net_admin() and bool(helper_problem(DEFAULT_BRIDGE_HELPER, net.name))
+
+
 class TestGuests:
     """One test's guests: ``start(...)`` is what ``kvm_guest_factory`` hands the test
     (and what a guest's ``boot_installed()`` calls); ``close()`` ends them all."""
@@ -236,7 +245,7 @@ class TestGuests:
         if not config.snapshot or config.restore_refusal():
             return None
         net = config.network
-        if net.kind == "bridge" and bridge_problem(net.name):
+        if net.kind == "bridge" and _bridge_unusable(net):
             return None  # the guest's own start says what is wrong, no template is made
         shape = Shape(
             memory=config.memory,
