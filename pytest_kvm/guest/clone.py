@@ -97,8 +97,10 @@ class Restore:
                     f"(exit {result.exit_status}): {tail_text(result.stderr or result.stdout)}",
                     state.name,
                 )
-        # From here on, SSH (a reconnect, a reboot) meets the clone's own host key.
+        # From here on, SSH (a reconnect, a reboot, ssh_command's known_hosts) meets
+        # the clone's own host key; the open session was checked already.
         self._connection.host_key = identity.host_key
+        self._connection.current().host_key = identity.host_key
         timings["adopt"] = time.monotonic() - t3
 
     def _join(self, adopt: Background, timeout: float) -> None:

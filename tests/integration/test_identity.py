@@ -5,10 +5,20 @@ test_network.py, inside a network namespace); and it stays that machine after re
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import shlex
 import socket
+import subprocess
 import threading
 
-from tests.support.identity import assert_distinct, primary_dev, qemu_macs, read_identity
+from pytest_kvm.guest import Guest
+from tests.support.identity import (
+    assert_distinct,
+    fingerprint,
+    primary_dev,
+    qemu_macs,
+    read_identity,
+)
 
 
 def _three(factory, **kwargs):
@@ -104,3 +114,21 @@ def test_a_clone_stays_itself_after_reboot(kvm_guest_factory):
     assert guest.template is not None
     assert guest.template.mac not in guest.succeed("ip link")
     assert "Linux version" in guest.succeed("journalctl -b -k --no-pager | head -n 3")
+
+
+def test_without_the_guest_agent_the_identity_is_set_over_ssh(kvm_guest_factory):
+    """As for an image without qemu-ga: the first connection meets the template's host
+    key, then the pin moves to the clone's own (a reconnect and OpenSSH use it)."""
+    g = kvm_guest_factory()
+    assert g.template is not None and g.template.agent  # the catalog image has qemu-ga
+    template = dataclasses.replace(g.template, agent=False)
+    with Guest(g._run, g.config, template=template) as clone:
+        # The first connection was checked against the template's host key.
+        offered = clone.ssh.get_transport().get_remote_server_key()
+        assert fingerprint(offered) == fingerprint(template.host_key.public_key())
+        clone.reconnect()  # a new handshake: the clone's own key, pinned
+        assert_distinct([g, clone], [read_identity(g), read_identity(clone)])
+        argv = [*shlex.split(clone.ssh_command), "-o", "BatchMode=yes", "hostname"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == clone.name
