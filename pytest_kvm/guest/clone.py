@@ -50,13 +50,20 @@ class Restore:
         t0 = time.monotonic()
         overlay = create_overlay(template.disk, "qcow2", state.workdir / "disk.qcow2")
         self._disk.overlay = overlay
+        if not template.agent and self._nics.user:
+            # Nothing could tell the guest kernel its new MAC before SSH, and the NIC
+            # (the device's MAC from the state) would drop what comes to the old one:
+            # a user-mode clone keeps the template's MAC, alone on its own network.
+            state.mac = template.mac
         identity = CloneIdentity.new(
             template.mac, state.mac, self._hostname(), bridge=not self._nics.user
         )
-        # Its own copy of the device state, with its own MAC where the template's was.
-        incoming = write_clone_state(
-            template.state, state.workdir / "state", template.mac, state.mac, state.what
-        )
+        incoming = template.state
+        if state.mac != template.mac:
+            # Its own copy of the device state, its own MAC where the template's was.
+            incoming = write_clone_state(
+                template.state, state.workdir / "state", template.mac, state.mac, state.what
+            )
         # The console log starts with the template's boot, so it is whole from power-on.
         log = state.workdir / "serial.log"
         shutil.copyfile(template.serial_log, log)

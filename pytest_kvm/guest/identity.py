@@ -107,7 +107,8 @@ class CloneIdentity:
                 f"  running=1; systemctl stop {networkd}",
                 "fi",
             ]
-        lines += self._nic_lines()
+        if self.mac != self.old_mac:
+            lines += self._nic_lines()
         if self.bridge:
             lines += ['if [ -n "$running" ]; then systemctl start ' + networkd + "; fi"]
         lines += [

@@ -160,3 +160,9 @@ def test_the_script_says_when_the_nic_is_missing(tmp_path: Path):
     result = _run(CloneIdentity.new(OLD, NEW, "x").script(0, False), tmp_path)
     assert result.returncode == 3
     assert f"no network interface with MAC {OLD}" in result.stderr
+
+
+def test_a_clone_that_keeps_the_mac_leaves_the_nic_alone():
+    script = CloneIdentity.new(OLD, OLD, "x").script(0, True)
+    assert "ip -batch" not in script and "/sys/class/net" not in script
+    assert "machine-id" in script
