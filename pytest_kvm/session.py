@@ -19,14 +19,15 @@ from . import accel
 from .backends import backend_class, load_backend
 from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
-from .config import Settings
+from .config import DEFAULT_BRIDGE_HELPER, Settings
 from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
 from .errors import KvmConfigError, KvmUnavailable
-from .guest import Guest, GuestConfig
+from .guest import Guest, GuestConfig, template_refusal
 from .images import Image
 from .images.kernel import BootFiles, boot_files
 from .images.store import classify
 from .images.store import resolve as resolve_image
+from .network import NetworkSpec, bridge_problem, has_net_admin, helper_problem
 from .reaper import reap
 from .request import GuestRequest, SpecChecks, check_factory_call
 from .run import RunContext
@@ -166,13 +167,24 @@ class KvmSession:
 
 
 def _shape(config: GuestConfig) -> Shape:
+    net = config.network
     return Shape(
         memory=config.memory,
         cpus=config.cpus,
-        network=config.network.kind,
+        # A bridge's: one template per bridge (its clones join the same one).
+        network=net.kind if net.kind == "user" else f"{net.kind}={net.name}",
         vlans=len(config.vlans),
         display=config.vnc,
     )
+
+
+def _bridge_unusable(net: NetworkSpec) -> bool:
+    """Whether no guest can join this bridge here (no such bridge, no tap and no helper)."""
+    if bridge_problem(net.name):
+        return True
+    if net.helper:
+        return bool(helper_problem(net.helper, net.name))
+    return not has_net_admin() and bool(helper_problem(DEFAULT_BRIDGE_HELPER, net.name))
 
 
 class TestGuests:
@@ -277,14 +289,20 @@ class TestGuests:
         """The template this guest is restored from, or None: it boots for real."""
         if not config.snapshot or config.restore_refusal():
             return None
-        return self.session.templates.get(
+        net = config.network
+        if net.kind == "bridge" and _bridge_unusable(net):
+            return None  # the guest's own start says what is wrong, no template is made
+        template = self.session.templates.get(
             config.image, _shape(config), config.boot_timeout, config.runner, config.labels
         )
+        return None if template_refusal(config, template) else template
 
     def snapshot_for(self, config: GuestConfig, snapshot: Snapshot) -> Template:
         """The prepared snapshot's template (built now if need be) that this guest is
         restored from: whatever --kvm-snapshot says, since it exists only as one."""
         refusal = config.restore_refusal() or backend_class(config.backend).refusal("snapshots")
+        if not refusal and config.network.kind != "user":
+            refusal = f"network {config.network}: snapshots are made on user networking only"
         if refusal:
             raise KvmConfigError(
                 f"{self.nodeid}: image=kvm_snapshot {snapshot.name!r}: its guests are "

@@ -37,7 +37,7 @@ from filelock import FileLock, Timeout
 
 from .backends.base import Backend, Labels
 from .backends.qemu import QEMU_BINARY
-from .config import NetworkSpec
+from .config import parse_network
 from .errors import GuestError, ImageError, KvmError
 from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
@@ -81,7 +81,8 @@ class Shape:
     def label(self) -> str:
         nics = f"-{self.vlans}vlan" if self.vlans else ""
         vga = "-vga" if self.display else ""
-        return f"{self.memory}M-{self.cpus}cpu-{self.network}{nics}{vga}"
+        network = self.network.replace("=", "-")  # bridge=br0: bridge-br0
+        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}"
 
     def key_fields(self) -> dict[str, object]:
         """What goes into the template key: fields at their defaults are left out, so
@@ -341,7 +342,7 @@ class TemplateStore:
                 image=image,
                 memory=shape.memory,
                 cpus=shape.cpus,
-                network=NetworkSpec(shape.network),
+                network=parse_network(shape.network, f"template {name}"),
                 boot_timeout=timeout,
                 hostname=TEMPLATE_HOSTNAME,
                 vlans=(None,) * shape.vlans,

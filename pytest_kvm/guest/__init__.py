@@ -9,6 +9,7 @@ from .config import (
     GuestConfig,
     SavedGuest,
     parse_size,
+    template_refusal,
 )
 from .guest import Guest
 
@@ -22,4 +23,5 @@ __all__ = [
     "GuestConfig",
     "SavedGuest",
     "parse_size",
+    "template_refusal",
 ]

@@ -1,33 +1,34 @@
 """A guest restored from a template: a fresh overlay over the template's disk, its
-saved state, then made its own machine (time, host name, vlan NICs) through qemu-ga
-or SSH. Also the other side: saving a booted guest's state as a template."""
+saved state (with the clone's own MAC), then made its own machine (MAC, machine-id,
+DHCP identity, host key, time, host name, vlan NICs) through qemu-ga or SSH.
+Also the other side: saving a booted guest's state as a template."""
 
 from __future__ import annotations
 
-import contextlib
-import shlex
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from ..backends.base import Drive, Machine
 from ..errors import GuestError
 from ..images.overlay import create_overlay
-from ..qga import GuestAgentError
 from ..util import Background
 from .agent import agent_wait
 from .commands import Commands
 from .config import BootPlan, GuestConfig, SavedGuest
 from .connection import Connection
 from .disk import Disk
+from .identity import HOST_KEY, CloneIdentity, write_clone_state
 from .launch import Launcher
 from .nics import Nics
 from .state import GuestState, tail_text
 
 
 class Restore:
-    """Restore ``template``'s saved state over a fresh overlay, then make it this guest."""
+    """Restore ``template``'s saved state over a fresh overlay, then make it this guest:
+    a machine of its own (``identity.py``), reached at its own MAC and host key."""
 
     def __init__(
         self,
@@ -42,6 +43,8 @@ class Restore:
         self._template = template
         self._plan = plan  # a prepared snapshot's build: its disk and RAM are kept
         self._disk, self._nics, self._launcher, self._connection, self._commands = parts
+        self._key_set = threading.Event()  # qemu-ga tried to write the host key
+        self._key_in_guest = False  # ... and did
 
     def start(self) -> None:
         state, template, timings = self._state, self._template, self._state.boot_timings
@@ -51,7 +54,23 @@ class Restore:
         where = self._plan.dir if self._plan else state.workdir
         overlay = create_overlay(template.disk.absolute(), "qcow2", where / "disk.qcow2")
         self._disk.overlay = overlay
-        self._connection.host_key = template.host_key
+        if not template.agent and self._nics.user:
+            # Nothing could tell the guest kernel its new MAC before SSH, and the NIC
+            # (the device's MAC from the state) would drop what comes to the old one:
+            # a user-mode clone keeps the template's MAC, alone on its own network.
+            state.mac = template.mac
+        runner = self._config.runner
+        if runner is not None and not runner.clone_mac:
+            state.mac = template.mac  # see Backend.clone_mac
+        identity = CloneIdentity.new(
+            template.mac, state.mac, self._hostname(), bridge=not self._nics.user
+        )
+        incoming = template.state
+        if state.mac != template.mac:
+            # Its own copy of the device state, its own MAC where the template's was.
+            incoming = write_clone_state(
+                template.state, state.workdir / "state", template.mac, state.mac, state.what
+            )
         # The console log starts with the template's boot, so it is whole from power-on.
         log = state.workdir / "serial.log"
         shutil.copyfile(template.serial_log, log)
@@ -64,75 +83,79 @@ class Restore:
         if self._plan:  # its own copy of the template's RAM, written through, kept
             ram, shared = copy_ram(template.ram, self._plan.dir / "ram"), True
         self._launcher.launch(drives, ram_file=ram, ram_shared=shared,
-                              incoming=template.state)  # fmt: skip
+                              incoming=incoming)  # fmt: skip
         timings["restore"] = time.monotonic() - t1
         t2 = time.monotonic()
         # The guest agent makes it this guest while SSH shakes hands.
-        adopt = Background(self._adopt_by_agent, "adopt-by-agent") if template.agent else None
+        adopt = None
+        if template.agent:
+            adopt = Background(lambda: self._adopt_by_agent(identity), "adopt-by-agent")
+        if not self._nics.user:
+            # A bridge guest: its own address once it took its own MAC and DHCP lease.
+            assert adopt is not None  # config.template_refusal
+            self._join(adopt, 90 * scale)
+            t3 = time.monotonic()
+            deadline = time.monotonic() + self._config.boot_timeout * scale
+            state.address = self._nics.learn_address(deadline, self._config.boot_timeout * scale)
+            timings["address"] = time.monotonic() - t3
+        else:
+            self._key_set.wait(30 * scale if adopt is not None else 0)
+        # Pinned: the clone's own key once qemu-ga wrote it, else the template's.
+        self._connection.host_key = identity.host_key if self._key_in_guest else template.host_key
         self._connection.connect(time.monotonic() + 60 * scale, waited=60 * scale)
         timings["ssh_ready"] = time.monotonic() - t2
         t3 = time.monotonic()
         if adopt is None or adopt.join(90 * scale) is not None:  # over SSH
-            result = self._commands.run(self._adopt_script(), timeout=60)
+            script = identity.script(time.time(), host_private_key=True)
+            result = self._commands.run(script, timeout=60)
             if result.exit_status != 0:
                 raise GuestError(
                     f"{state.what}: could not make the restored clone its own machine "
                     f"(exit {result.exit_status}): {tail_text(result.stderr or result.stdout)}",
                     state.name,
                 )
+        # From here on, SSH (a reconnect, a reboot, ssh_command's known_hosts) meets
+        # the clone's own host key; the open session was checked already.
+        self._connection.host_key = identity.host_key
+        self._connection.current().host_key = identity.host_key
         timings["adopt"] = time.monotonic() - t3
+
+    def _join(self, adopt: Background, timeout: float) -> None:
+        error = adopt.join(timeout)
+        if error is not None:
+            raise GuestError(
+                f"{self._state.what}: the guest agent could not make the restored clone its "
+                f"own machine: {error}",
+                self._state.name,
+            ) from error
 
     def _hostname(self) -> str:
         return self._config.hostname or self._state.name[:63]
 
-    def _adopt_script(self) -> str:
-        """Make a restored clone its own machine: the host's time and its own hostname.
-
-        The kernel's random pool reseeds itself: QEMU gives every start a new VM
-        generation ID (vmgenid). On user networking the clone keeps the template's
-        MAC: the slirp ARP and DHCP tables restored with it hold that MAC, and a
-        guest that changes its MAC at run time loses its network."""
-        hostname = shlex.quote(self._hostname())
-        return "\n".join(
-            [
-                "set -e",
-                f"date -u -s @{time.time():.6f} >/dev/null",
-                f"hostname {hostname}",
-                f"printf '%s\\n' {hostname} >/etc/hostname",
-                # cloud-init would put the template's hostname back at the next boot.
-                "if [ -d /etc/cloud/cloud.cfg.d ]; then",
-                "  printf 'preserve_hostname: true\\n' "
-                ">/etc/cloud/cloud.cfg.d/99-pytest-kvm-clone.cfg",
-                "fi",
-            ]
-        )
-
-    def _adopt_by_agent(self) -> None:
-        """The same as ``_adopt_script`` through qemu-ga, with one process started in
-        the guest instead of a shell and three (each costs a lot under TCG)."""
+    def _adopt_by_agent(self, identity: CloneIdentity) -> None:
+        """The clone's host key first (before SSH connects, which waits for it), then
+        ``identity.script`` and the vlan NICs' in one shell: each process started in
+        the guest costs a lot under TCG."""
         state = self._state
         assert state.sockdir is not None and state.machine is not None
         scale = state.timeout_scale
-        hostname = self._hostname() + "\n"
-        with state.machine.agent() as agent:
-            agent.connect(10 * scale)
-            started = agent.execute(
-                "guest-exec", path="/bin/date", arg=["-u", "-s", f"@{time.time():.6f}"]
-            )
-            agent.write_file("/proc/sys/kernel/hostname", hostname)
-            agent.write_file("/etc/hostname", hostname)
-            with contextlib.suppress(GuestAgentError):  # an image without cloud-init
-                agent.write_file(
-                    "/etc/cloud/cloud.cfg.d/99-pytest-kvm-clone.cfg", "preserve_hostname: true\n"
-                )
-            agent_wait(agent, started["pid"], "date", 20 * scale)
-            if self._nics.vlan_ports:  # while SSH still shakes hands
+        try:
+            with state.machine.agent() as agent:
+                agent.connect(10 * scale)
+                try:
+                    agent.write_file(HOST_KEY, identity.host_key.private_openssh)
+                    self._key_in_guest = True
+                finally:
+                    self._key_set.set()
+                vlans = self._nics.vlan_script() if self._nics.vlan_ports else ""
+                script = identity.script(time.time(), host_private_key=False, more=vlans)
                 started = agent.execute(
-                    "guest-exec", path="/bin/sh", arg=["-c", self._nics.vlan_script()],
-                    **{"capture-output": True},
-                )  # fmt: skip
-                agent_wait(agent, started["pid"], "the vlan set-up", 60 * scale)
-                self._nics.vlans_done = True
+                    "guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True}
+                )
+                agent_wait(agent, started["pid"], "making the clone its own machine", 90 * scale)
+                self._nics.vlans_done = bool(vlans)
+        finally:
+            self._key_set.set()
 
 
 def copy_ram(source: Path, target: Path) -> Path:

@@ -107,9 +107,11 @@ class GuestConfig:
                 f"image {self.image.name}: encrypted images boot for real (a template's "
                 "saved RAM would hold the decrypted disk in the clear)"
             )
-        # A bridge guest boots: it needs its own MAC and DHCP lease from its first breath.
-        if self.network.kind != "user":
+        # A bridge clone takes its own MAC and DHCP lease (identity.py).
+        if self.network.kind not in ("user", "bridge"):
             return f"network {self.network}: guests boot for real (no template)"
+        if self.network.kind == "bridge" and self.backend != "qemu":
+            return f"network {self.network}: bridge templates are made on the qemu backend only"
         refused = backend_class(self.backend).refusal("templates")
         if refused:
             return refused
@@ -191,10 +193,23 @@ def check_config(config: GuestConfig) -> None:
         raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
 
 
+def template_refusal(config: GuestConfig, template: SavedGuest) -> str:
+    """ "" if a guest of ``config`` may be restored from this template; else why it
+    boots for real (what only the built template tells)."""
+    if config.network.kind == "bridge" and not template.agent:
+        return (
+            f"network {config.network}: the template's qemu-ga did not answer, and a "
+            "bridge clone is unreachable until it took its own MAC and DHCP lease (it "
+            "holds the template's address until then, as every other clone does): only "
+            "the guest agent reaches it before that, so it boots for real"
+        )
+    return ""
+
+
 def check_template(config: GuestConfig, template: SavedGuest) -> None:
     """A guest restored from ``template``: the config may be restored, and is shaped
     like the template."""
-    refusal = config.restore_refusal()
+    refusal = config.restore_refusal() or template_refusal(config, template)
     if refusal:
         raise KvmConfigError(refusal)
     if template.shape.display != (config.display or config.vnc):

@@ -81,8 +81,8 @@ class Guest:
             name=self.name,
             what=self.describe(),
             timeout_scale=scale,
-            # A clone on user networking keeps its template's MAC (see clone.py).
-            mac=template.mac if template else run.identity.mac_for(self.name),
+            # A clone too has its own (see identity.py); a bridge guest's is reserved.
+            mac=run.identity.mac_for(self.name),
             address="127.0.0.1" if config.network.kind == "user" else "",
         )
         self._connection = Connection(

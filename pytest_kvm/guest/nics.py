@@ -43,7 +43,10 @@ pytest_kvm_vlan() {
     if [ "$a" = "$1" ] || [ "$a" = "$2" ]; then dev=${d##*/}; fi
   done
   if [ -z "$dev" ]; then echo "no network interface with MAC $1 or $2" >&2; return 3; fi
+  # down and up: no IPv6 link-local address made from the template's MAC stays
+  ip link set dev "$dev" down
   ip link set dev "$dev" address "$2"
+  ip link set dev "$dev" up
   if systemctl is-active -q systemd-networkd 2>/dev/null; then
     mkdir -p /etc/systemd/network
     printf "$4" >"/etc/systemd/network/05-pytest-kvm-$2.network"

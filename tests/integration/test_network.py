@@ -144,7 +144,9 @@ def test_vlan_is_private_to_its_guests(kvm_guest_factory, kvm_vlan):
 # -- bridges, inside a network namespace ------------------------------------------------
 
 INNER_BRIDGE = """
+import base64
 import concurrent.futures
+import hashlib
 import os
 import socket
 
@@ -155,12 +157,33 @@ from pytest_kvm.errors import KvmConfigError
 LEASES = os.environ["PKVM_TEST_LEASES"]
 
 
-def lease_for(mac):
+# dnsmasq's lease of a MAC: its address (or another field: 4 is the client id).
+def lease_for(mac, field=2):
     for line in open(LEASES):
         fields = line.split()
-        if len(fields) >= 3 and fields[1].lower() == mac.lower():
-            return fields[2]
+        if len(fields) >= 5 and fields[1].lower() == mac.lower():
+            return fields[field]
     return None
+
+
+def fingerprint(key):
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+# What must be the guest's own: seen by the guest, by SSH and by the DHCP server.
+def identity(guest):
+    host_key = guest.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
+    offered = fingerprint(guest.ssh.get_transport().get_remote_server_key())
+    assert host_key == offered
+    return {
+        "mac": guest.mac,
+        "address": guest.address,
+        "machine_id": guest.succeed("cat /etc/machine-id").strip(),
+        "host_key": host_key,
+        "hostname": guest.succeed("hostname").strip(),
+        "client_id": lease_for(guest.mac, 4),
+    }
 
 
 def check_reachable(guest):
@@ -188,11 +211,19 @@ def _check_reachable(guest):
 def test_four_guests_started_at_once(kvm_guest_factory):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         guests = list(pool.map(lambda _: kvm_guest_factory(), range(4)))
-    assert len({g.mac for g in guests}) == 4
-    assert len({g.address for g in guests}) == 4
+    # Restored from the one template of this bridge, not booted.
+    assert all(g.template is not None and g.template == guests[0].template for g in guests)
     for guest in guests:
         assert int(guest.mac.split(":")[0], 16) & 2  # locally administered
         check_reachable(guest)
+    # Each a machine of its own: one lease each (with its own DHCP client id), its
+    # own MAC, address, machine-id, host key and host name.
+    idents = [identity(g) for g in guests]
+    for key in idents[0]:
+        assert len({ident[key] for ident in idents}) == 4, (key, idents)
+    template = guests[0].template
+    assert template.mac not in {ident["mac"] for ident in idents}
+    assert lease_for(template.mac) not in {ident["address"] for ident in idents}
     # One tap per guest on the bridge, besides the veth port the suite made.
     taps = [p for p in os.listdir("/sys/class/net/br0/brif") if p != "veth0"]
     assert len(taps) == 4, taps
@@ -215,6 +246,7 @@ RESTART_NETWORKD = (
 
 @pytest.mark.kvm(network="bridge=br0,helper", memory=512, cpus=1)
 def test_qemu_bridge_helper(kvm_guest):
+    assert kvm_guest.template is not None  # the same bridge's template
     check_reachable(kvm_guest)
     # The address a test reaches the guest at never goes away, not even for the
     # moment a restarted DHCP client takes to get the same lease again.
@@ -285,7 +317,11 @@ def test_bridge_guests_get_dhcp_addresses_and_unique_macs(
     result = pytester.run(*argv, timeout=1800)
     result.assert_outcomes(passed=5)
     leases = bridge_netns.leases.read_text().splitlines()
-    assert len(leases) == 5  # four at once, and the helper's guest
+    # Four at once and the helper's guest, all clones; and the template's own, when
+    # this run made it (it boots once per bridge, then is cached).
+    made = "making template" in result.stdout.str() + result.stderr.str()
+    assert len(leases) == (6 if made else 5), leases
+    assert len({line.split()[1] for line in leases}) == len(leases)  # one per MAC
     # After the run: no guest, no tap on the bridge, no qemu.
     assert bridge_netns.links("tun") == []
     assert bridge_netns.ports() == ["veth0"]

@@ -5,7 +5,7 @@ import pytest
 from pytest_kvm.accel import AccelChoice
 from pytest_kvm.config import NetworkSpec
 from pytest_kvm.errors import KvmConfigError
-from pytest_kvm.guest import Guest, GuestConfig
+from pytest_kvm.guest import Guest, GuestConfig, template_refusal
 from pytest_kvm.images import Image
 from pytest_kvm.run import RunContext
 
@@ -44,6 +44,8 @@ def test_a_plain_guest_may_be_restored_from_a_template():
     assert GuestConfig(image=IMAGE, vnc=True, memory=2048, cpus=1).restore_refusal() == ""
     # libvirt guests too (libvirt save images, restoreFlags).
     assert GuestConfig(image=IMAGE, backend="libvirt").restore_refusal() == ""
+    # A bridge guest too: each clone takes its own MAC and DHCP lease.
+    assert GuestConfig(image=IMAGE, network=NetworkSpec("bridge", "br0")).restore_refusal() == ""
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_a_plain_guest_may_be_restored_from_a_template():
         ({"installed": True}, "need a real boot"),
         ({"display": True}, "need a real boot"),
         ({"blank": True}, "need a real boot"),
-        ({"network": NetworkSpec("bridge", "br0")}, "guests boot for real"),
+        ({"network": NetworkSpec("libvirt", "default")}, "guests boot for real"),
         (
             {"image": Image("enc", Path("/e.qcow2"), "qcow2", "enc", encrypted=(True,))},
             "encrypted images boot for real",
@@ -76,6 +78,7 @@ class ShapedTemplate:
     vlan_macs: tuple[str, ...] = ()
     mac = "52:54:00:12:34:56"
     client_key = None
+    agent = True
 
 
 def test_guest_refuses_a_template_for_a_config_the_rule_refuses(run):
@@ -85,3 +88,15 @@ def test_guest_refuses_a_template_for_a_config_the_rule_refuses(run):
         Guest(run, GuestConfig(image=IMAGE, ssh=False), template=template)  # type: ignore[arg-type]
     with pytest.raises(KvmConfigError, match="no display"):
         Guest(run, GuestConfig(image=IMAGE, vnc=True), template=template)  # type: ignore[arg-type]
+
+
+def test_a_bridge_clone_needs_the_template_agent(run):
+    """Without qemu-ga nothing reaches a bridge clone before it has its own address."""
+    bridge = GuestConfig(image=IMAGE, network=NetworkSpec("bridge", "br0"))
+    Guest(run, bridge, template=ShapedTemplate())  # type: ignore[arg-type]
+    no_agent = ShapedTemplate()
+    no_agent.agent = False
+    assert "qemu-ga did not answer" in template_refusal(bridge, no_agent)  # type: ignore[arg-type]
+    assert template_refusal(GuestConfig(image=IMAGE), no_agent) == ""  # type: ignore[arg-type]
+    with pytest.raises(KvmConfigError, match="boots for real"):
+        Guest(run, bridge, template=no_agent)  # type: ignore[arg-type]

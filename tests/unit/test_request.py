@@ -102,7 +102,7 @@ def test_restore_refusal() -> None:
         dataclasses.replace(may, kernel_args="quiet"),
         dataclasses.replace(may, installed=True),
         dataclasses.replace(may, display=True),
-        dataclasses.replace(may, network=NetworkSpec("bridge", "br0")),
+        dataclasses.replace(may, network=NetworkSpec("libvirt", "default")),
         dataclasses.replace(may, image=dataclasses.replace(IMAGE, encrypted=(True,))),
     ]
     for config in refused:

@@ -50,6 +50,9 @@ class LibvirtBackend(Backend):
     name = "libvirt"
     refusals = REFUSALS
     ram_in_file = False  # virDomainSave writes RAM and devices into one save image
+    # Its save image holds the RAM: a patched copy per clone costs the whole image, and
+    # libvirt's ABI check refuses another MAC in the clone's XML (not done yet).
+    clone_mac = False
 
     def _settings(self) -> Settings:
         if self.settings is None:

@@ -1,0 +1,220 @@
+"""What makes a restored clone a machine of its own rather than a copy of its template:
+its MAC (in the saved device state, on QEMU's command line and in the guest), machine-id,
+DHCP client identity (DUID from the machine-id, IAID), SSH host key and host name.
+
+Pure logic: the saved state with the MAC replaced, and the one shell script the guest
+runs (through qemu-ga, or over SSH without it). ``clone.py`` applies them."""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import GuestError
+from ..ssh import KeyPair
+
+HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
+# Where the guest's NIC config names a MAC (rewritten to the clone's, so that a
+# reboot, which comes up with the command line's MAC, still matches them).
+_NETWORK_CONFIG = (
+    "/etc/systemd/network/*.network /etc/systemd/network/*.link "
+    "/etc/netplan/*.yaml /etc/network/interfaces /etc/network/interfaces.d/*"
+)
+_NETWORKD_FILES = (
+    "/etc/systemd/network/*.network /run/systemd/network/*.network "
+    "/usr/lib/systemd/network/*.network /lib/systemd/network/*.network"
+)
+_DROPIN = "50-pytest-kvm-clone.conf"
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+def substitute_mac(state: bytes, old: str, new: str) -> tuple[bytes, int]:
+    """The saved device state with every occurrence of MAC ``old`` (6 raw bytes) made
+    ``new``, and how many there were. In a QEMU migration stream the MAC is in the
+    virtio-net device (twice) and, on user networking, in slirp's DHCP table."""
+    old_raw, new_raw = mac_bytes(old), mac_bytes(new)
+    return state.replace(old_raw, new_raw), state.count(old_raw)
+
+
+def write_clone_state(template_state: Path, dest: Path, old: str, new: str, what: str) -> Path:
+    """A private copy of a template's saved state for one clone, with its own MAC."""
+    data, count = substitute_mac(template_state.read_bytes(), old, new)
+    if count == 0:
+        raise GuestError(
+            f"{what}: the template's saved state {template_state} does not hold its MAC "
+            f"{old}: cannot give the clone its own (was the template made by another "
+            "QEMU or another version?)"
+        )
+    dest.write_bytes(data)
+    return dest
+
+
+@dataclass(frozen=True)
+class CloneIdentity:
+    """One clone's identity; ``old_mac`` is its template's (what the guest still has)."""
+
+    old_mac: str
+    mac: str
+    hostname: str
+    machine_id: str
+    iaid: int
+    host_key: KeyPair
+    bridge: bool = False  # a bridge guest: drop the template's address, DHCP again
+
+    @classmethod
+    def new(cls, old_mac: str, mac: str, hostname: str, bridge: bool = False) -> CloneIdentity:
+        return cls(
+            old_mac=old_mac,
+            mac=mac,
+            hostname=hostname,
+            machine_id=uuid.uuid4().hex,
+            iaid=secrets.randbits(32),
+            host_key=KeyPair.generate(f"host-{hostname}"),
+            bridge=bridge,
+        )
+
+    def script(self, now: float, host_private_key: bool, more: str = "") -> str:
+        """The shell script (one ``sh -c``) that makes the guest this clone;
+        ``host_private_key``: write the private host key too (over SSH, where qemu-ga
+        did not write it before the first connection); ``more``: a script to run
+        before networkd restarts (the vlan NICs'). Few processes (each costs a lot
+        under TCG): shell built-ins where they do, one grep or sed for many files."""
+        lines = [
+            "set -e",
+            # The names among its arguments that are regular files (globs that
+            # matched nothing stay as they are and are left out).
+            'pytest_kvm_files() { for f in "$@"; do [ -f "$f" ] && echo "$f"; done; true; }',
+            f"date -u -s @{now:.6f} >/dev/null",
+        ]
+        lines += self._hostname_lines()
+        lines += self._host_key_lines(host_private_key)
+        lines += self._machine_id_lines()
+        lines += self._iaid_lines()
+        networkd = "systemd-networkd.socket systemd-networkd.service"
+        if self.bridge:
+            # Not the template's DHCP client: it would ask for the template's lease
+            # again when the link comes back up. It starts again with the clone's
+            # identity, and the bridge's DHCP server gives the clone a lease of its own.
+            lines += [
+                "running=",
+                "if [ -d /run/systemd/system ] && systemctl -q is-active systemd-networkd; then",
+                f"  running=1; systemctl stop {networkd}",
+                "fi",
+            ]
+        if self.mac != self.old_mac:
+            lines += self._nic_lines()
+        if self.bridge:
+            lines += ['if [ -n "$running" ]; then systemctl start ' + networkd + "; fi"]
+        lines += [
+            more,
+            # journald and networkd read the new machine-id (DUID) when they start
+            # again (try-restart: if they run); --no-block: nobody waits for them.
+            "if [ -d /run/systemd/system ]; then",
+            "  systemctl --no-block try-restart systemd-journald.service"
+            + ("" if self.bridge else " systemd-networkd.service"),
+            "fi",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _iaid_lines(self) -> list[str]:
+        """The DHCP client's IAID: a drop-in for every .network file that does DHCP."""
+        return [
+            f"nets=$(pytest_kvm_files {_NETWORKD_FILES})",
+            "dhcp=",
+            'if [ -n "$nets" ]; then',
+            "  dhcp=$(grep -liE '^DHCP=(yes|true|ipv4|1)' $nets || true)",
+            "fi",
+            "dirs=",
+            'for f in $dhcp; do dirs="$dirs /etc/systemd/network/${f##*/}.d"; done',
+            'if [ -n "$dirs" ]; then',
+            "  mkdir -p $dirs",
+            "  for d in $dirs; do",
+            f"    printf '[DHCPv4]\\nIAID={self.iaid}\\n' >\"$d/{_DROPIN}\"",
+            "  done",
+            "fi",
+        ]
+
+    def _hostname_lines(self) -> list[str]:
+        hostname = shlex.quote(self.hostname)
+        return [
+            f"printf '%s' {hostname} >/proc/sys/kernel/hostname",
+            f"printf '%s\\n' {hostname} >/etc/hostname",
+            # cloud-init would put the template's hostname back at the next boot.
+            "if [ -d /etc/cloud/cloud.cfg.d ]; then",
+            "  printf 'preserve_hostname: true\\n' >/etc/cloud/cloud.cfg.d/99-pytest-kvm-clone.cfg",
+            "fi",
+        ]
+
+    def _host_key_lines(self, private: bool) -> list[str]:
+        """The clone's own ed25519 host key (truncating keeps the files' modes); no
+        other type of host key stays shared with the template: sshd runs without."""
+        lines = []
+        if private:
+            lines.append(f"printf '%s' {shlex.quote(self.host_key.private_openssh)} >{HOST_KEY}")
+        lines += [
+            f"printf '%s\\n' {shlex.quote(self.host_key.public_openssh)} >{HOST_KEY}.pub",
+            "others=$(pytest_kvm_files /etc/ssh/ssh_host_rsa_key* /etc/ssh/ssh_host_ecdsa_key* "
+            "/etc/ssh/ssh_host_dsa_key*)",
+            'if [ -n "$others" ]; then rm -f $others; fi',
+        ]
+        return lines
+
+    def _nic_lines(self) -> list[str]:
+        """The primary NIC takes the clone's MAC (which flushes the neighbour cache:
+        the next packet ARPs, and the host side learns it); config files that name
+        the old MAC name the new one. A bridge guest drops the template's address
+        and lease first, so that it asks the bridge's DHCP server for its own."""
+        old, new = shlex.quote(self.old_mac), shlex.quote(self.mac)
+        lines = [
+            "dev=",
+            "for d in /sys/class/net/*; do",
+            '  a=; read -r a <"$d/address" 2>/dev/null || true',
+            f'  if [ "$a" = {old} ] || [ "$a" = {new} ]; then dev=${{d##*/}}; fi',
+            "done",
+            f'if [ -z "$dev" ]; then echo "no network interface with MAC {self.old_mac}" >&2; '
+            "exit 3; fi",
+        ]
+        if self.bridge:
+            lines += [
+                'ip -4 address flush dev "$dev"',
+                "rm -f /run/systemd/netif/leases/* /var/lib/dhcp/*.leases",
+            ]
+        lines += [
+            # Down and up: the kernel drops the IPv6 addresses made from the old MAC
+            # (link-local, SLAAC) and makes the link-local one from the new MAC.
+            # (one ip process for the three steps).
+            "printf 'link set dev %s down\\nlink set dev %s address %s\\nlink set dev %s up\\n' "
+            f'"$dev" "$dev" {new} "$dev" | ip -batch -',
+            f"configs=$(pytest_kvm_files {_NETWORK_CONFIG})",
+            'if [ -n "$configs" ]; then',
+            f"  named=$(grep -liF {old} $configs || true)",
+            f'  if [ -n "$named" ]; then sed -i "s/{self.old_mac}/{self.mac}/Ig" $named; fi',
+            "fi",
+        ]
+        return lines
+
+    def _machine_id_lines(self) -> list[str]:
+        """A new /etc/machine-id (and D-Bus's copy if it is one, not a link); the
+        journal directory named by the old one takes the new name, so that
+        ``journalctl`` (which reads the current machine-id's) still finds this boot."""
+        new = self.machine_id
+        return [
+            "old_id=; read -r old_id </etc/machine-id 2>/dev/null || true",
+            f"printf '%s\\n' {new} >/etc/machine-id",
+            "if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then",
+            f"  printf '%s\\n' {new} >/var/lib/dbus/machine-id",
+            "fi",
+            'if [ -n "$old_id" ]; then',
+            "  for j in /var/log/journal /run/log/journal; do",
+            f'    if [ -d "$j/$old_id" ] && [ ! -e "$j/{new}" ]; then',
+            f'      mv "$j/$old_id" "$j/{new}"',
+            "    fi",
+            "  done",
+            "fi",
+        ]

@@ -1,0 +1,143 @@
+"""Every restored clone is a machine of its own (issue 20): MAC, machine-id, SSH host
+key, DHCP client identity and host name, on user and vlan networks (bridges: in
+test_network.py, inside a network namespace); and it stays that machine after reboot."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import shlex
+import socket
+import subprocess
+import threading
+
+from pytest_kvm.guest import Guest
+from tests.support.identity import (
+    assert_distinct,
+    fingerprint,
+    primary_dev,
+    qemu_macs,
+    read_identity,
+)
+
+
+def _three(factory, **kwargs):
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        return list(pool.map(lambda _: factory(**kwargs), range(3)))
+
+
+def _host_listener() -> tuple[socket.socket, int]:
+    """A TCP service on the host's 127.0.0.1 that says hello to whoever connects."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"hello")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def test_three_clones_on_user_networking_are_distinct_machines(kvm_guest_factory):
+    guests = _three(kvm_guest_factory)
+    assert all(g.template is not None for g in guests)  # restored, not booted
+    idents = [read_identity(g) for g in guests]
+    assert_distinct(guests, idents)
+    server, port = _host_listener()
+    try:
+        for guest, ident in zip(guests, idents, strict=True):
+            # The guest's network works with its new MAC: slirp gave its DHCP lease
+            # to it (the address the SSH forward targets), and it reaches the host.
+            assert "ADDRESS=10.0.2.15" in guest.succeed("cat /run/systemd/netif/leases/*")
+            assert "10.0.2.15/24" in guest.succeed(f"ip -4 -o address show dev {ident.dev}")
+            hello = guest.succeed(
+                f"timeout 30 bash -c 'exec 3<>/dev/tcp/{guest.host_address}/{port}; head -c 5 <&3'"
+            )
+            assert hello == "hello"
+            # journalctl still finds this boot (its directory follows the machine-id),
+            # from the kernel's first line on, and what was logged since.
+            guest.succeed("logger pytest-kvm-identity-mark")
+            guest.wait_until_succeeds(
+                "journalctl -b --no-pager | grep -q pytest-kvm-identity-mark", timeout=60
+            )
+            assert "Linux version" in guest.succeed("journalctl -b -k --no-pager | head -n 3")
+            # No other type of host key is left over from the template.
+            assert guest.succeed("ls /etc/ssh | grep '^ssh_host_'").split() == [
+                "ssh_host_ed25519_key",
+                "ssh_host_ed25519_key.pub",
+            ]
+            assert guest.succeed("stat -c %a /etc/ssh/ssh_host_ed25519_key").strip() == "600"
+    finally:
+        server.close()
+
+
+def test_clones_on_a_vlan_are_distinct_machines(kvm_guest_factory, kvm_vlan):
+    guests = _three(kvm_guest_factory, vlan=kvm_vlan)
+    idents = [read_identity(g) for g in guests]
+    assert_distinct(guests, idents)
+    vlan_macs = {g.vlan_macs[0] for g in guests}
+    assert len(vlan_macs) == 3 and not vlan_macs & {g.mac for g in guests}
+    for guest in guests:
+        # Both NICs as QEMU sees them, and the vlan NIC's address on its own MAC.
+        assert set(qemu_macs(guest)) == {guest.mac, guest.vlan_macs[0]}
+        dev = guest.succeed(
+            f"grep -l {guest.vlan_macs[0]} /sys/class/net/*/address | cut -d/ -f5"
+        ).strip()
+        assert dev != primary_dev(guest)
+        addresses = guest.succeed(f"ip -4 -o address show dev {dev}")
+        assert f"{kvm_vlan.address_of(guest)}/24" in addresses
+    # The segment works between clones.
+    a, b = guests[0], guests[1]
+    hello = a.succeed(
+        f"timeout 30 bash -c 'exec 3<>/dev/tcp/{kvm_vlan.address_of(b)}/22; head -c 4 <&3'"
+    )
+    assert hello == "SSH-"
+
+
+def test_a_clone_stays_itself_after_reboot(kvm_guest_factory):
+    guest = kvm_guest_factory()
+    before = read_identity(guest)
+    boot = guest.succeed("cat /proc/sys/kernel/random/boot_id")
+    guest.reboot()
+    assert guest.succeed("cat /proc/sys/kernel/random/boot_id") != boot
+    # SSH is back: on the clone's own host key (the client pins it) and its DHCP
+    # address from slirp, now asked for with the MAC from QEMU's command line.
+    after = read_identity(guest)
+    assert after == before
+    assert guest.mac in qemu_macs(guest)
+    # The NIC came up with the clone's MAC: the template's is gone even as permaddr.
+    assert guest.template is not None
+    assert guest.template.mac not in guest.succeed("ip link")
+    assert "Linux version" in guest.succeed("journalctl -b -k --no-pager | head -n 3")
+
+
+def test_without_the_guest_agent_the_identity_is_set_over_ssh(kvm_guest_factory):
+    """As for an image without qemu-ga: the first connection meets the template's host
+    key, then the pin moves to the clone's own (a reconnect and OpenSSH use it); a
+    user-mode clone keeps the template's MAC then."""
+    g = kvm_guest_factory()
+    assert g.template is not None and g.template.agent  # the catalog image has qemu-ga
+    template = dataclasses.replace(g.template, agent=False)
+    with Guest(g._run, g.config, template=template) as clone:
+        # The first connection was checked against the template's host key.
+        offered = clone.ssh.get_transport().get_remote_server_key()
+        assert fingerprint(offered) == fingerprint(template.host_key.public_key())
+        clone.reconnect()  # a new handshake: the clone's own key, pinned
+        ident = read_identity(clone)
+        # Its MAC stays the template's (nothing could tell the guest a new one before
+        # SSH); the rest is its own.
+        assert clone.mac == template.mac == ident.mac
+        assert ident.host_key_guest == ident.host_key_client
+        assert ident.host_key_client != fingerprint(template.host_key.public_key())
+        other = read_identity(g)
+        assert ident.machine_id != other.machine_id and ident.client_id != other.client_id
+        assert ident.hostname == clone.name[:63] != other.hostname
+        argv = [*shlex.split(clone.ssh_command), "-o", "BatchMode=yes", "hostname"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == clone.name

@@ -1,0 +1,168 @@
+"""A clone's own identity: the saved state with its MAC, and the script the guest runs."""
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_kvm.errors import GuestError
+from pytest_kvm.guest.identity import (
+    HOST_KEY,
+    CloneIdentity,
+    mac_bytes,
+    substitute_mac,
+    write_clone_state,
+)
+
+OLD = "02:6b:76:6c:b3:b3"
+NEW = "02:6b:76:d9:8c:9c"
+
+
+def test_mac_bytes():
+    assert mac_bytes(OLD) == bytes([0x02, 0x6B, 0x76, 0x6C, 0xB3, 0xB3])
+
+
+def test_every_copy_of_the_mac_in_the_state_is_replaced():
+    # slirp's DHCP table, and twice in the virtio-net device, among other bytes
+    state = b"QEVM" + mac_bytes(OLD) + b"\x00" * 7 + mac_bytes(OLD) + b"xy" + mac_bytes(OLD)
+    data, count = substitute_mac(state, OLD, NEW)
+    assert count == 3
+    assert mac_bytes(OLD) not in data and data.count(mac_bytes(NEW)) == 3
+    assert len(data) == len(state)
+    assert data.replace(mac_bytes(NEW), mac_bytes(OLD)) == state
+
+
+def test_the_clone_gets_a_private_copy(tmp_path: Path):
+    template = tmp_path / "state"
+    template.write_bytes(b"head" + mac_bytes(OLD) + b"tail")
+    copy = write_clone_state(template, tmp_path / "clone-state", OLD, NEW, "guest 'g'")
+    assert copy.read_bytes() == b"head" + mac_bytes(NEW) + b"tail"
+    assert template.read_bytes() == b"head" + mac_bytes(OLD) + b"tail"  # unchanged
+
+
+def test_a_state_without_the_mac_is_a_clear_error(tmp_path: Path):
+    template = tmp_path / "state"
+    template.write_bytes(b"no mac in here")
+    with pytest.raises(GuestError, match=f"does not hold its MAC {OLD}"):
+        write_clone_state(template, tmp_path / "copy", OLD, NEW, "guest 'g'")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_each_clone_is_new():
+    a = CloneIdentity.new(OLD, NEW, "a")
+    b = CloneIdentity.new(OLD, NEW, "b")
+    assert a.machine_id != b.machine_id and len(a.machine_id) == 32
+    assert int(a.machine_id, 16) >= 0
+    assert a.iaid != b.iaid and 0 <= a.iaid < 2**32
+    assert a.host_key.public_openssh != b.host_key.public_openssh
+
+
+def _sh_syntax(script: str) -> None:
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+
+
+@pytest.mark.parametrize("bridge", [False, True])
+@pytest.mark.parametrize("private", [False, True])
+def test_the_script(bridge: bool, private: bool):
+    ident = CloneIdentity.new(OLD, NEW, "web-1", bridge=bridge)
+    script = ident.script(1700000000.25, host_private_key=private, more="echo vlans")
+    _sh_syntax(script)
+    assert "date -u -s @1700000000.250000" in script
+    assert f'"$dev" {NEW} "$dev" | ip -batch -' in script
+    assert ident.machine_id in script and f"IAID={ident.iaid}" in script
+    assert shlex.quote(ident.host_key.public_openssh) in script
+    assert (ident.host_key.private_openssh in script) == private
+    assert (f">{HOST_KEY}\n" in script) == private
+    assert ("address flush" in script) == bridge
+    # The vlan NICs are set up before networkd starts again with the new identity.
+    assert script.index("echo vlans") < script.index("try-restart")
+    assert "--no-block" in script
+
+
+def test_the_hostname_is_quoted():
+    script = CloneIdentity.new(OLD, NEW, "a;reboot").script(0, False)
+    assert "'a;reboot'" in script
+
+
+def _run(script: str, root: Path) -> subprocess.CompletedProcess[str]:
+    """The script against a fake root: its absolute paths moved under ``root``, and
+    the commands that would change this host (date, ip, systemctl) logged instead."""
+    text = script
+    for path in ("/etc/", "/var/", "/run/", "/sys/", "/proc/", "/usr/lib/", "/lib/"):
+        text = text.replace(f" {path}", f" {root}{path}").replace(f"<{path}", f"<{root}{path}")
+        text = text.replace(f">{path}", f">{root}{path}").replace(f'"{path}', f'"{root}{path}')
+    # Never run it on this host's own files: every such path must have moved.
+    left = re.findall(r"(?<![\w/.-])/(?:etc|var|run|sys|proc|usr|lib)/", text)
+    assert not left, left
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    for name in ("date", "ip", "systemctl"):
+        fake = bin_dir / name
+        fake.write_text(
+            f'#!/bin/sh\necho {name} "$@" >>{root}/log\n'
+            f'if [ "$1" = -batch ]; then cat >>{root}/log; fi\n'
+        )
+        fake.chmod(0o755)
+    return subprocess.run(
+        ["sh", "-c", text], capture_output=True, text=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=False,
+    )  # fmt: skip
+
+
+def test_the_script_on_a_fake_guest(tmp_path: Path):
+    root = tmp_path
+    for d in ("etc/ssh", "etc/systemd/network", "etc/cloud/cloud.cfg.d", "var/lib/dbus",
+              "var/log/journal/0ld1d", "run/systemd/system", "sys/class/net/lo",
+              "sys/class/net/enp0s6", "proc/sys/kernel"):  # fmt: skip
+        (root / d).mkdir(parents=True)
+    (root / "sys/class/net/lo/address").write_text("00:00:00:00:00:00\n")
+    (root / "sys/class/net/enp0s6/address").write_text(OLD + "\n")
+    (root / "etc/machine-id").write_text("0ld1d\n")
+    (root / "var/lib/dbus/machine-id").write_text("0ld1d\n")
+    (root / "etc/ssh/ssh_host_rsa_key").write_text("rsa")
+    (root / "etc/ssh/ssh_host_ed25519_key.pub").write_text("old")
+    (root / "etc/systemd/network/10-dhcp.network").write_text(
+        "[Match]\nName=en*\n[Network]\nDHCP=yes\n"
+    )
+    (root / "etc/systemd/network/20-static.network").write_text(
+        f"[Match]\nMACAddress={OLD.upper()}\n[Network]\nAddress=10.1.0.2/24\n"
+    )
+    ident = CloneIdentity.new(OLD, NEW, "web-1")
+    result = _run(ident.script(5.0, host_private_key=True), root)
+    assert result.returncode == 0, result.stderr
+    log = (root / "log").read_text()
+    assert f"link set dev enp0s6 down\nlink set dev enp0s6 address {NEW}\n" in log
+    assert "systemctl --no-block try-restart systemd-journald.service" in log
+    assert (root / "etc/machine-id").read_text() == ident.machine_id + "\n"
+    assert (root / "var/lib/dbus/machine-id").read_text() == ident.machine_id + "\n"
+    assert (root / "var/log/journal" / ident.machine_id).is_dir()  # the journal follows
+    assert not (root / "var/log/journal/0ld1d").exists()
+    assert not (root / "etc/ssh/ssh_host_rsa_key").exists()
+    assert (root / "etc/ssh/ssh_host_ed25519_key").read_text() == ident.host_key.private_openssh
+    assert (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().strip() == (
+        ident.host_key.public_openssh
+    )
+    assert (root / "etc/hostname").read_text() == "web-1\n"
+    assert (root / "proc/sys/kernel/hostname").read_text() == "web-1"
+    assert NEW in (root / "etc/systemd/network/20-static.network").read_text()
+    dropin = root / "etc/systemd/network/10-dhcp.network.d/50-pytest-kvm-clone.conf"
+    assert dropin.read_text() == f"[DHCPv4]\nIAID={ident.iaid}\n"
+    assert not (root / "etc/systemd/network/20-static.network.d").exists()
+
+
+def test_the_script_says_when_the_nic_is_missing(tmp_path: Path):
+    (tmp_path / "sys/class/net/lo").mkdir(parents=True)
+    (tmp_path / "sys/class/net/lo/address").write_text("00:00:00:00:00:00\n")
+    for d in ("etc/ssh", "proc/sys/kernel"):
+        (tmp_path / d).mkdir(parents=True)
+    result = _run(CloneIdentity.new(OLD, NEW, "x").script(0, False), tmp_path)
+    assert result.returncode == 3
+    assert f"no network interface with MAC {OLD}" in result.stderr
+
+
+def test_a_clone_that_keeps_the_mac_leaves_the_nic_alone():
+    script = CloneIdentity.new(OLD, OLD, "x").script(0, True)
+    assert "ip -batch" not in script and "/sys/class/net" not in script
+    assert "machine-id" in script
