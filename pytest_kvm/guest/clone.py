@@ -43,7 +43,8 @@ class Restore:
         self._template = template
         self._plan = plan  # a prepared snapshot's build: its disk and RAM are kept
         self._disk, self._nics, self._launcher, self._connection, self._commands = parts
-        self._key_set = threading.Event()  # qemu-ga tried to write the host key
+        # qemu-ga tried to write the host key (and on user networking the NIC's MAC)
+        self._key_set = threading.Event()
         self._key_in_guest = False  # ... and did
 
     def start(self) -> None:
@@ -142,13 +143,22 @@ class Restore:
         try:
             with state.machine.agent() as agent:
                 agent.connect(10 * scale)
+                nic_first = self._nics.user and identity.mac != identity.old_mac
                 try:
                     agent.write_file(HOST_KEY, identity.host_key.private_openssh)
                     self._key_in_guest = True
+                    if nic_first:  # see CloneIdentity.nic_script
+                        started = agent.execute(
+                            "guest-exec", path="/bin/sh", arg=["-c", identity.nic_script()],
+                            **{"capture-output": True},
+                        )  # fmt: skip
+                        agent_wait(agent, started["pid"], "the clone's MAC", 30 * scale)
                 finally:
                     self._key_set.set()
                 vlans = self._nics.vlan_script() if self._nics.vlan_ports else ""
-                script = identity.script(time.time(), host_private_key=False, more=vlans)
+                script = identity.script(
+                    time.time(), host_private_key=False, more=vlans, nic=not nic_first
+                )
                 started = agent.execute(
                     "guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True}
                 )

@@ -28,6 +28,12 @@ _NETWORKD_FILES = (
     "/usr/lib/systemd/network/*.network /lib/systemd/network/*.network"
 )
 _DROPIN = "50-pytest-kvm-clone.conf"
+_PRELUDE = (
+    "set -e",
+    # The names among its arguments that are regular files (globs that matched
+    # nothing stay as they are and are left out).
+    'pytest_kvm_files() { for f in "$@"; do [ -f "$f" ] && echo "$f"; done; true; }',
+)
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -79,19 +85,14 @@ class CloneIdentity:
             bridge=bridge,
         )
 
-    def script(self, now: float, host_private_key: bool, more: str = "") -> str:
+    def script(self, now: float, host_private_key: bool, more: str = "", nic: bool = True) -> str:
         """The shell script (one ``sh -c``) that makes the guest this clone;
         ``host_private_key``: write the private host key too (over SSH, where qemu-ga
         did not write it before the first connection); ``more``: a script to run
-        before networkd restarts (the vlan NICs'). Few processes (each costs a lot
-        under TCG): shell built-ins where they do, one grep or sed for many files."""
-        lines = [
-            "set -e",
-            # The names among its arguments that are regular files (globs that
-            # matched nothing stay as they are and are left out).
-            'pytest_kvm_files() { for f in "$@"; do [ -f "$f" ] && echo "$f"; done; true; }',
-            f"date -u -s @{now:.6f} >/dev/null",
-        ]
+        before networkd restarts (the vlan NICs'); ``nic=False``: ``nic_script`` ran
+        already. Few processes (each costs a lot under TCG): shell built-ins where
+        they do, one grep or sed for many files."""
+        lines = [*_PRELUDE, f"date -u -s @{now:.6f} >/dev/null"]
         lines += self._hostname_lines()
         lines += self._host_key_lines(host_private_key)
         lines += self._machine_id_lines()
@@ -108,7 +109,7 @@ class CloneIdentity:
                 "fi",
             ]
         if self.mac != self.old_mac:
-            lines += self._nic_lines()
+            lines += self._nic_lines("all" if nic else "rest")
         if self.bridge:
             lines += ['if [ -n "$running" ]; then systemctl start ' + networkd + "; fi"]
         lines += [
@@ -121,6 +122,14 @@ class CloneIdentity:
             "fi",
         ]
         return "\n".join(lines) + "\n"
+
+    def nic_script(self) -> str:
+        """The primary NIC's new MAC alone: on user networking, what must be done
+        before SSH connects. The NIC (its MAC patched in the saved state) drops
+        frames to the template's MAC that the guest kernel still answers with, and
+        slirp learns a MAC from the guest's ARP: a connection started before the
+        change waits for TCP's retransmission, seconds."""
+        return "\n".join([*_PRELUDE, *self._nic_lines("mac")]) + "\n"
 
     def _iaid_lines(self) -> list[str]:
         """The DHCP client's IAID: a drop-in for every .network file that does DHCP."""
@@ -165,11 +174,13 @@ class CloneIdentity:
         ]
         return lines
 
-    def _nic_lines(self) -> list[str]:
+    def _nic_lines(self, part: str = "all") -> list[str]:
         """The primary NIC takes the clone's MAC (which flushes the neighbour cache:
         the next packet ARPs, and the host side learns it); config files that name
         the old MAC name the new one. A bridge guest drops the template's address
-        and lease first, so that it asks the bridge's DHCP server for its own."""
+        and lease first, so that it asks the bridge's DHCP server for its own.
+        ``part``: "mac" (the MAC alone: ``nic_script``), "rest" (the others, after
+        it) or "all"."""
         old, new = shlex.quote(self.old_mac), shlex.quote(self.mac)
         lines = [
             "dev=",
@@ -181,23 +192,55 @@ class CloneIdentity:
             "exit 3; fi",
         ]
         if self.bridge:
-            lines += [
+            return [
+                *lines,
                 'ip -4 address flush dev "$dev"',
                 "rm -f /run/systemd/netif/leases/* /var/lib/dhcp/*.leases",
+                # Down and up: the kernel drops the IPv6 addresses made from the old
+                # MAC (link-local, SLAAC) and makes the link-local one from the new
+                # MAC (one ip process for the three steps). networkd is stopped.
+                "printf 'link set dev %s down\\nlink set dev %s address %s\\n"
+                "link set dev %s up\\n' "
+                f'"$dev" "$dev" {new} "$dev" | ip -batch -',
+                *self._config_lines(),
             ]
-        lines += [
-            # Down and up: the kernel drops the IPv6 addresses made from the old MAC
-            # (link-local, SLAAC) and makes the link-local one from the new MAC.
-            # (one ip process for the three steps).
-            "printf 'link set dev %s down\\nlink set dev %s address %s\\nlink set dev %s up\\n' "
-            f'"$dev" "$dev" {new} "$dev" | ip -batch -',
+        if part in ("mac", "all"):
+            # Not down and up on user networking: networkd would drop the address
+            # with the carrier and SSH would wait for a new lease.
+            # arp_notify: the kernel announces the new MAC (gratuitous ARP) as it
+            # changes, and slirp, which learnt the old one from the guest's announce
+            # after the restore, sends to the new one from then on.
+            lines += [
+                'notify="/proc/sys/net/ipv4/conf/$dev/arp_notify"',
+                'if [ -f "$notify" ]; then echo 1 >"$notify"; fi',
+                f'ip link set dev "$dev" address {new}',
+            ]
+        if part in ("rest", "all"):
+            lines += self._link_local_lines() + self._config_lines()
+        return lines
+
+    def _link_local_lines(self) -> list[str]:
+        """The IPv6 link-local address made from the clone's MAC (EUI-64) in place
+        of the template's, which the kernel keeps when only the MAC changes."""
+        octets = [int(part, 16) for part in self.mac.split(":")]
+        eui = [octets[0] ^ 0x02, octets[1], octets[2], 0xFF, 0xFE, octets[3], octets[4], octets[5]]
+        groups = ":".join(f"{eui[i] << 8 | eui[i + 1]:x}" for i in range(0, 8, 2))
+        return [
+            'if [ -d "/proc/sys/net/ipv6/conf/$dev" ]; then',
+            '  ip -6 address flush dev "$dev" scope link',
+            f'  ip -6 address add fe80::{groups}/64 dev "$dev" scope link',
+            "fi",
+        ]
+
+    def _config_lines(self) -> list[str]:
+        old = shlex.quote(self.old_mac)
+        return [
             f"configs=$(pytest_kvm_files {_NETWORK_CONFIG})",
             'if [ -n "$configs" ]; then',
             f"  named=$(grep -liF {old} $configs || true)",
             f'  if [ -n "$named" ]; then sed -i "s/{self.old_mac}/{self.mac}/Ig" $named; fi',
             "fi",
         ]
-        return lines
 
     def _machine_id_lines(self) -> list[str]:
         """A new /etc/machine-id (and D-Bus's copy if it is one, not a link); the

@@ -70,12 +70,17 @@ def test_the_script(bridge: bool, private: bool):
     script = ident.script(1700000000.25, host_private_key=private, more="echo vlans")
     _sh_syntax(script)
     assert "date -u -s @1700000000.250000" in script
-    assert f'"$dev" {NEW} "$dev" | ip -batch -' in script
+    if bridge:  # down and up around the new MAC: networkd is stopped meanwhile
+        assert f'"$dev" {NEW} "$dev" | ip -batch -' in script
+    else:  # no carrier loss (networkd would drop the address): the MAC, announced
+        assert f'ip link set dev "$dev" address {NEW}' in script
+        assert script.index("arp_notify") < script.index(f"address {NEW}")
+        assert "ip -6 address add fe80::" in script
     assert ident.machine_id in script and f"IAID={ident.iaid}" in script
     assert shlex.quote(ident.host_key.public_openssh) in script
     assert (ident.host_key.private_openssh in script) == private
     assert (f">{HOST_KEY}\n" in script) == private
-    assert ("address flush" in script) == bridge
+    assert ("ip -4 address flush" in script) == bridge
     # The vlan NICs are set up before networkd starts again with the new identity.
     assert script.index("echo vlans") < script.index("try-restart")
     assert "--no-block" in script
@@ -115,10 +120,12 @@ def test_the_script_on_a_fake_guest(tmp_path: Path):
     root = tmp_path
     for d in ("etc/ssh", "etc/systemd/network", "etc/cloud/cloud.cfg.d", "var/lib/dbus",
               "var/log/journal/0ld1d", "run/systemd/system", "sys/class/net/lo",
-              "sys/class/net/enp0s6", "proc/sys/kernel"):  # fmt: skip
+              "sys/class/net/enp0s6", "proc/sys/kernel", "proc/sys/net/ipv4/conf/enp0s6",
+              "proc/sys/net/ipv6/conf/enp0s6"):  # fmt: skip
         (root / d).mkdir(parents=True)
     (root / "sys/class/net/lo/address").write_text("00:00:00:00:00:00\n")
     (root / "sys/class/net/enp0s6/address").write_text(OLD + "\n")
+    (root / "proc/sys/net/ipv4/conf/enp0s6/arp_notify").write_text("0\n")
     (root / "etc/machine-id").write_text("0ld1d\n")
     (root / "var/lib/dbus/machine-id").write_text("0ld1d\n")
     (root / "etc/ssh/ssh_host_rsa_key").write_text("rsa")
@@ -133,7 +140,9 @@ def test_the_script_on_a_fake_guest(tmp_path: Path):
     result = _run(ident.script(5.0, host_private_key=True), root)
     assert result.returncode == 0, result.stderr
     log = (root / "log").read_text()
-    assert f"link set dev enp0s6 down\nlink set dev enp0s6 address {NEW}\n" in log
+    assert f"ip link set dev enp0s6 address {NEW}\n" in log
+    assert (root / "proc/sys/net/ipv4/conf/enp0s6/arp_notify").read_text() == "1\n"
+    assert "ip -6 address add fe80::" in log
     assert "systemctl --no-block try-restart systemd-journald.service" in log
     assert (root / "etc/machine-id").read_text() == ident.machine_id + "\n"
     assert (root / "var/lib/dbus/machine-id").read_text() == ident.machine_id + "\n"
@@ -166,3 +175,22 @@ def test_a_clone_that_keeps_the_mac_leaves_the_nic_alone():
     script = CloneIdentity.new(OLD, OLD, "x").script(0, True)
     assert "ip -batch" not in script and "/sys/class/net" not in script
     assert "machine-id" in script
+
+
+def test_on_user_networking_the_mac_goes_first_alone():
+    """What SSH waits for (nic_script): the new MAC, announced; the rest after it."""
+    ident = CloneIdentity.new(OLD, NEW, "x")
+    first = ident.nic_script()
+    _sh_syntax(first)
+    assert f'ip link set dev "$dev" address {NEW}' in first
+    assert first.index("arp_notify") < first.index(f"address {NEW}")
+    assert "machine-id" not in first and "fe80::" not in first
+    rest = ident.script(0, False, nic=False)
+    _sh_syntax(rest)
+    assert f"address {NEW}" not in rest.replace("address add fe80", "")
+    assert "fe80::" in rest and ident.machine_id in rest
+
+
+def test_the_link_local_address_is_the_eui64_of_the_new_mac():
+    lines = CloneIdentity.new(OLD, "52:54:00:12:34:56", "x")._link_local_lines()
+    assert any("fe80::5054:ff:fe12:3456/64" in line for line in lines)
