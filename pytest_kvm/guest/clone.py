@@ -69,9 +69,14 @@ class Restore:
         incoming = template.state
         if state.mac != template.mac:
             # Its own copy of the device state, its own MAC where the template's was.
+            # On user networking, slirp's DHCP table only: the NIC keeps the template's
+            # MAC (what the guest kernel still uses) until the guest changes it, and
+            # SSH need not wait for that: the script's first lines change it, with
+            # arp_notify, so slirp learns the new MAC the moment the NIC takes it.
             incoming = write_clone_state(
-                template.state, state.workdir / "state", template.mac, state.mac, state.what
-            )
+                template.state, state.workdir / "state", template.mac, state.mac, state.what,
+                only=b"slirp" if self._nics.user else None,
+            )  # fmt: skip
         # The console log starts with the template's boot, so it is whole from power-on.
         log = state.workdir / "serial.log"
         shutil.copyfile(template.serial_log, log)
@@ -143,22 +148,13 @@ class Restore:
         try:
             with state.machine.agent() as agent:
                 agent.connect(10 * scale)
-                nic_first = self._nics.user and identity.mac != identity.old_mac
                 try:
                     agent.write_file(HOST_KEY, identity.host_key.private_openssh)
                     self._key_in_guest = True
-                    if nic_first:  # see CloneIdentity.nic_script
-                        started = agent.execute(
-                            "guest-exec", path="/bin/sh", arg=["-c", identity.nic_script()],
-                            **{"capture-output": True},
-                        )  # fmt: skip
-                        agent_wait(agent, started["pid"], "the clone's MAC", 30 * scale)
                 finally:
                     self._key_set.set()
                 vlans = self._nics.vlan_script() if self._nics.vlan_ports else ""
-                script = identity.script(
-                    time.time(), host_private_key=False, more=vlans, nic=not nic_first
-                )
+                script = identity.script(time.time(), host_private_key=False, more=vlans)
                 started = agent.execute(
                     "guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True}
                 )

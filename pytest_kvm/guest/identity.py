@@ -40,17 +40,37 @@ def mac_bytes(mac: str) -> bytes:
     return bytes(int(part, 16) for part in mac.split(":"))
 
 
-def substitute_mac(state: bytes, old: str, new: str) -> tuple[bytes, int]:
+def substitute_mac(
+    state: bytes, old: str, new: str, only: bytes | None = None
+) -> tuple[bytes, int]:
     """The saved device state with every occurrence of MAC ``old`` (6 raw bytes) made
     ``new``, and how many there were. In a QEMU migration stream the MAC is in the
-    virtio-net device (twice) and, on user networking, in slirp's DHCP table."""
+    virtio-net device (twice) and, on user networking, in slirp's DHCP table.
+    ``only``: just the occurrences in the sections whose id holds it (``b"slirp"``):
+    of the section ids below, the nearest one before the occurrence."""
     old_raw, new_raw = mac_bytes(old), mac_bytes(new)
-    return state.replace(old_raw, new_raw), state.count(old_raw)
+    if only is None:
+        return state.replace(old_raw, new_raw), state.count(old_raw)
+    out, count, at = bytearray(state), 0, state.find(old_raw)
+    while at >= 0:
+        owner = max(_SECTION_IDS, key=lambda section: state.rfind(section, 0, at))
+        if owner == only:
+            out[at : at + len(old_raw)] = new_raw
+            count += 1
+        at = state.find(old_raw, at + 1)
+    return bytes(out), count
 
 
-def write_clone_state(template_state: Path, dest: Path, old: str, new: str, what: str) -> Path:
-    """A private copy of a template's saved state for one clone, with its own MAC."""
-    data, count = substitute_mac(template_state.read_bytes(), old, new)
+# Section ids of a QEMU migration stream that can hold a NIC's MAC.
+_SECTION_IDS = (b"slirp", b"virtio-net", b"e1000", b"rtl8139")
+
+
+def write_clone_state(
+    template_state: Path, dest: Path, old: str, new: str, what: str, only: bytes | None = None
+) -> Path:
+    """A private copy of a template's saved state for one clone, with its own MAC
+    (``only``: see ``substitute_mac``)."""
+    data, count = substitute_mac(template_state.read_bytes(), old, new, only)
     if count == 0:
         raise GuestError(
             f"{what}: the template's saved state {template_state} does not hold its MAC "
@@ -89,31 +109,17 @@ class CloneIdentity:
         """The shell script (one ``sh -c``) that makes the guest this clone;
         ``host_private_key``: write the private host key too (over SSH, where qemu-ga
         did not write it before the first connection); ``more``: a script to run
-        before networkd restarts (the vlan NICs'); ``nic=False``: ``nic_script`` ran
-        already. Few processes (each costs a lot under TCG): shell built-ins where
+        before networkd restarts (the vlan NICs'); ``nic=False``: leave the primary
+        NIC's MAC alone (tests). Few processes (each costs a lot under TCG): shell built-ins where
         they do, one grep or sed for many files."""
-        lines = [*_PRELUDE, f"date -u -s @{now:.6f} >/dev/null"]
+        lines = [*_PRELUDE]
+        if self.mac != self.old_mac and nic and not self.bridge:
+            lines += self._nic_lines("mac")  # first: what slirp must learn soonest
+        lines.append(f"date -u -s @{now:.6f} >/dev/null")
         lines += self._hostname_lines()
         lines += self._host_key_lines(host_private_key)
         lines += self._machine_id_lines()
-        lines += self._iaid_lines()
-        networkd = "systemd-networkd.socket systemd-networkd.service"
-        if self.bridge:
-            # Not the template's DHCP client: it would ask for the template's lease
-            # again when the link comes back up. It starts again with the clone's
-            # identity, and the bridge's DHCP server gives the clone a lease of its own.
-            lines += [
-                "running=",
-                "if [ -d /run/systemd/system ] && systemctl -q is-active systemd-networkd; then",
-                f"  running=1; systemctl stop {networkd}",
-                "fi",
-            ]
-        if self.mac != self.old_mac:
-            lines += self._nic_lines("all" if nic else "rest")
-        if self.bridge:
-            lines += ['if [ -n "$running" ]; then systemctl start ' + networkd + "; fi"]
-        lines += [
-            more,
+        restart = [
             # journald and networkd read the new machine-id (DUID) when they start
             # again (try-restart: if they run); --no-block: nobody waits for them.
             "if [ -d /run/systemd/system ]; then",
@@ -121,15 +127,34 @@ class CloneIdentity:
             + ("" if self.bridge else " systemd-networkd.service"),
             "fi",
         ]
+        if not self.bridge:
+            # What matters only to networkd's restart and the next boot (the IAID,
+            # config files naming the old MAC) goes on in the background, after the
+            # vlan NICs: each process costs about 0.07 s under TCG, systemctl 0.3 s,
+            # and a clone's start waits for the foreground only.
+            later = self._iaid_lines()
+            if self.mac != self.old_mac:
+                later += self._nic_lines("rest")
+            return (
+                "\n".join([*lines, more, "(", *later, *restart, ") </dev/null >/dev/null 2>&1 &"])
+                + "\n"
+            )
+        networkd = "systemd-networkd.socket systemd-networkd.service"
+        lines += self._iaid_lines()
+        # Not the template's DHCP client: it would ask for the template's lease
+        # again when the link comes back up. It starts again with the clone's
+        # identity, and the bridge's DHCP server gives the clone a lease of its own.
+        lines += [
+            "running=",
+            "if [ -d /run/systemd/system ] && systemctl -q is-active systemd-networkd; then",
+            f"  running=1; systemctl stop {networkd}",
+            "fi",
+        ]
+        if self.mac != self.old_mac:
+            lines += self._nic_lines("all" if nic else "rest")
+        lines += ['if [ -n "$running" ]; then systemctl start ' + networkd + "; fi"]
+        lines += [more, *restart]
         return "\n".join(lines) + "\n"
-
-    def nic_script(self) -> str:
-        """The primary NIC's new MAC alone: on user networking, what must be done
-        before SSH connects. The NIC (its MAC patched in the saved state) drops
-        frames to the template's MAC that the guest kernel still answers with, and
-        slirp learns a MAC from the guest's ARP: a connection started before the
-        change waits for TCP's retransmission, seconds."""
-        return "\n".join([*_PRELUDE, *self._nic_lines("mac")]) + "\n"
 
     def _iaid_lines(self) -> list[str]:
         """The DHCP client's IAID: a drop-in for every .network file that does DHCP."""
@@ -179,8 +204,8 @@ class CloneIdentity:
         the next packet ARPs, and the host side learns it); config files that name
         the old MAC name the new one. A bridge guest drops the template's address
         and lease first, so that it asks the bridge's DHCP server for its own.
-        ``part``: "mac" (the MAC alone: ``nic_script``), "rest" (the others, after
-        it) or "all"."""
+        ``part``: "mac" (the MAC and its link-local address: first in the script,
+        so that slirp learns it soonest), "rest" (the others, after) or "all"."""
         old, new = shlex.quote(self.old_mac), shlex.quote(self.mac)
         lines = [
             "dev=",
@@ -214,21 +239,25 @@ class CloneIdentity:
                 'notify="/proc/sys/net/ipv4/conf/$dev/arp_notify"',
                 'if [ -f "$notify" ]; then echo 1 >"$notify"; fi',
                 f'ip link set dev "$dev" address {new}',
+                *self._link_local_lines(),
             ]
         if part in ("rest", "all"):
-            lines += self._link_local_lines() + self._config_lines()
+            lines += self._config_lines()
         return lines
 
     def _link_local_lines(self) -> list[str]:
         """The IPv6 link-local address made from the clone's MAC (EUI-64) in place
-        of the template's, which the kernel keeps when only the MAC changes."""
+        of the template's, which the kernel keeps when only the MAC changes: one ip
+        process (``-force``: a guest without IPv6 goes on)."""
         octets = [int(part, 16) for part in self.mac.split(":")]
         eui = [octets[0] ^ 0x02, octets[1], octets[2], 0xFF, 0xFE, octets[3], octets[4], octets[5]]
         groups = ":".join(f"{eui[i] << 8 | eui[i + 1]:x}" for i in range(0, 8, 2))
         return [
             'if [ -d "/proc/sys/net/ipv6/conf/$dev" ]; then',
-            '  ip -6 address flush dev "$dev" scope link',
-            f'  ip -6 address add fe80::{groups}/64 dev "$dev" scope link',
+            # (no IPv4 address of link scope here: DHCP's and slirp's are global)
+            "  printf 'address flush dev %s scope link\\n"
+            f'address add fe80::{groups}/64 dev %s scope link\\n\' "$dev" "$dev" '
+            "| ip -force -batch - || true",
             "fi",
         ]
 
