@@ -14,13 +14,14 @@ from pathlib import Path
 from ..backends.base import Drive, Machine
 from ..errors import GuestError
 from ..images.overlay import create_overlay
+from ..qga import AgentCalls, GuestAgentError
 from ..util import Background
 from .agent import agent_wait
 from .commands import Commands
 from .config import BootPlan, GuestConfig, SavedGuest
 from .connection import Connection
 from .disk import Disk
-from .identity import HOST_KEY, CloneIdentity, write_clone_state
+from .identity import HOST_KEY, RELOAD_HOST_KEYS, SSHD_SESSION, CloneIdentity, write_clone_state
 from .launch import Launcher
 from .nics import Nics
 from .state import GuestState, tail_text
@@ -150,6 +151,12 @@ class Restore:
                 agent.connect(10 * scale)
                 try:
                     agent.write_file(HOST_KEY, identity.host_key.private_openssh)
+                    if _holds_host_keys(agent):  # see identity.SSHD_SESSION
+                        started = agent.execute(
+                            "guest-exec", path="/bin/sh", arg=["-c", RELOAD_HOST_KEYS],
+                            **{"capture-output": True},
+                        )  # fmt: skip
+                        agent_wait(agent, started["pid"], "restarting sshd", 60 * scale)
                     self._key_in_guest = True
                 finally:
                     self._key_set.set()
@@ -162,6 +169,19 @@ class Restore:
                 self._nics.vlans_done = bool(vlans)
         finally:
             self._key_set.set()
+
+
+def _holds_host_keys(agent: AgentCalls) -> bool:
+    """Whether the guest's sshd reads its host keys once (OpenSSH 9.8 and later: it
+    has an ``sshd-session`` binary), asked without starting a guest process."""
+    for path in SSHD_SESSION:
+        try:
+            handle = agent.execute("guest-file-open", path=path, mode="r")
+        except GuestAgentError:
+            continue
+        agent.execute("guest-file-close", handle=handle)
+        return True
+    return False
 
 
 def copy_ram(source: Path, target: Path) -> Path:

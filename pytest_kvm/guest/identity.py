@@ -17,6 +17,16 @@ from ..errors import GuestError
 from ..ssh import KeyPair
 
 HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
+# OpenSSH 9.8 and later (Debian 13): the listener reads its host keys once and
+# hands them to this per-connection binary, so a new key needs sshd restarted
+# (older sshd re-execs itself per connection and reads the key files then).
+SSHD_SESSION = ("/usr/lib/openssh/sshd-session", "/usr/libexec/openssh/sshd-session")
+# Restarts the listener where it holds its keys; ``systemctl restart`` returns once
+# the new one is ready (Type=notify), and sessions already open stay (KillMode=process).
+RELOAD_HOST_KEYS = (
+    f"if [ -e {SSHD_SESSION[0]} ] || [ -e {SSHD_SESSION[1]} ]; then "
+    "systemctl restart ssh.service 2>/dev/null || systemctl restart sshd.service; fi"
+)
 # Where the guest's NIC config names a MAC (rewritten to the clone's, so that a
 # reboot, which comes up with the command line's MAC, still matches them).
 _NETWORK_CONFIG = (
@@ -120,11 +130,15 @@ class CloneIdentity:
         lines += self._host_key_lines(host_private_key)
         lines += self._machine_id_lines()
         restart = [
-            # journald and networkd read the new machine-id (DUID) when they start
-            # again (try-restart: if they run); --no-block: nobody waits for them.
+            # journald reads the new machine-id when it starts again (try-restart: if
+            # it runs); --no-block: nobody waits for it. networkd is not restarted on
+            # user networking: its DUID (from the machine-id) and IAID are the clone's
+            # from its next start (a reboot); on its own slirp network nobody else
+            # sees them meanwhile. A restart there crashed Debian 13's kernel under
+            # TCG (an int3 Oops in netif_receive_skb_list_internal as networkd's
+            # sockets closed: code patching that TCG got wrong).
             "if [ -d /run/systemd/system ]; then",
-            "  systemctl --no-block try-restart systemd-journald.service"
-            + ("" if self.bridge else " systemd-networkd.service"),
+            "  systemctl --no-block try-restart systemd-journald.service",
             "fi",
         ]
         if not self.bridge:
@@ -197,6 +211,8 @@ class CloneIdentity:
             "/etc/ssh/ssh_host_dsa_key*)",
             'if [ -n "$others" ]; then rm -f $others; fi',
         ]
+        if private:  # over SSH: qemu-ga did not write it, nor restart sshd for it
+            lines.append(RELOAD_HOST_KEYS)
         return lines
 
     def _nic_lines(self, part: str = "all") -> list[str]:

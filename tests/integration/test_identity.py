@@ -107,8 +107,12 @@ def test_a_clone_stays_itself_after_reboot(kvm_guest_factory):
     assert guest.succeed("cat /proc/sys/kernel/random/boot_id") != boot
     # SSH is back: on the clone's own host key (the client pins it) and its DHCP
     # address from slirp, now asked for with the MAC from QEMU's command line.
-    after = read_identity(guest)
-    assert after == before
+    after = read_identity(guest, dhcp_running=True)
+    # networkd started again with the clone's machine-id (DUID) and IAID: the lease
+    # was got with the clone's DHCP client id, no longer the template's.
+    assert after.client_id != before.client_id
+    assert after.client_id.startswith(f"ff{after.iaid}")
+    assert dataclasses.replace(after, client_id="") == dataclasses.replace(before, client_id="")
     assert guest.mac in qemu_macs(guest)
     # The NIC came up with the clone's MAC: the template's is gone even as permaddr.
     assert guest.template is not None
@@ -135,7 +139,7 @@ def test_without_the_guest_agent_the_identity_is_set_over_ssh(kvm_guest_factory)
         assert ident.host_key_guest == ident.host_key_client
         assert ident.host_key_client != fingerprint(template.host_key.public_key())
         other = read_identity(g)
-        assert ident.machine_id != other.machine_id and ident.client_id != other.client_id
+        assert ident.machine_id != other.machine_id and ident.iaid != other.iaid
         assert ident.hostname == clone.name[:63] != other.hostname
         argv = [*shlex.split(clone.ssh_command), "-o", "BatchMode=yes", "hostname"]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)

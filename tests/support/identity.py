@@ -22,6 +22,9 @@ class Identity:
     host_key_guest: str  # SHA256 fingerprint of the guest's host key file
     host_key_client: str  # ... of the key the SSH client was offered
     client_id: str  # the DHCP client identifier networkd's lease was got with
+    # The IAID networkd takes at its next start (on user networking: the next boot;
+    # the DUID follows the machine-id then too), as in the CLIENTID (8 hex digits).
+    iaid: str
     hostname: str
 
 
@@ -42,14 +45,20 @@ def primary_dev(guest: Any) -> str:
     return guest.succeed(f"grep -l {guest.mac} /sys/class/net/*/address | cut -d/ -f5").strip()
 
 
-def read_identity(guest: Any, timeout: float = 180) -> Identity:
+def read_identity(guest: Any, timeout: float = 180, dhcp_running: bool = False) -> Identity:
+    """``dhcp_running``: networkd runs with the clone's identity already (after a
+    reboot): wait until its lease was got with the clone's IAID. Without, on user
+    networking networkd keeps the template's DUID until its next start, and the
+    lease is the template's."""
     dev = primary_dev(guest)
     link = guest.succeed(f"ip -o link show dev {dev}")
     mac = re.search(r"link/ether (\S+)", link)
     assert mac, link
+    # Written in the background of the clone's start: wait for it.
+    guest.wait_until_succeeds(f"grep -q '^IAID=' {DROPIN}", timeout=timeout)
     iaid = int(guest.succeed(f"sed -n 's/^IAID=//p' {DROPIN}").strip())
-    # networkd restarted with the clone's identity: its lease is the clone's.
-    guest.wait_until_succeeds(f"{LEASE} | grep -q '^CLIENTID=ff{iaid:08x}'", timeout=timeout)
+    if dhcp_running:
+        guest.wait_until_succeeds(f"{LEASE} | grep -q '^CLIENTID=ff{iaid:08x}'", timeout=timeout)
     lease = guest.succeed(LEASE)
     client_id = re.search(r"^CLIENTID=(\S+)", lease, re.M)
     assert client_id, lease
@@ -62,6 +71,7 @@ def read_identity(guest: Any, timeout: float = 180) -> Identity:
         host_key_guest=guest_key,
         host_key_client=fingerprint(offered),
         client_id=client_id.group(1),
+        iaid=f"{iaid:08x}",
         hostname=guest.succeed("hostname").strip(),
     )
 
@@ -88,7 +98,7 @@ def assert_distinct(guests: list[Any], idents: list[Identity]) -> None:
         )
         if guest.template is not None:
             assert link_local(guest.template.mac) not in guest.succeed("ip -6 -o address show")
-    for field in ("mac", "machine_id", "host_key_guest", "client_id", "hostname"):
+    for field in ("mac", "machine_id", "host_key_guest", "hostname", "iaid"):
         values = {getattr(ident, field) for ident in idents}
         assert len(values) == n, (field, values)
     if guests and guests[0].template is not None:

@@ -97,7 +97,16 @@ def _run(script: str, root: Path) -> subprocess.CompletedProcess[str]:
     # What the script leaves running in the background runs in the foreground here,
     # so that its effects can be checked once it returns.
     text = script.replace(") </dev/null >/dev/null 2>&1 &", ")")
-    for path in ("/etc/", "/var/", "/run/", "/sys/", "/proc/", "/usr/lib/", "/lib/"):
+    for path in (
+        "/etc/",
+        "/var/",
+        "/run/",
+        "/sys/",
+        "/proc/",
+        "/usr/lib/",
+        "/usr/libexec/",
+        "/lib/",
+    ):
         text = text.replace(f" {path}", f" {root}{path}").replace(f"<{path}", f"<{root}{path}")
         text = text.replace(f">{path}", f">{root}{path}").replace(f'"{path}', f'"{root}{path}')
     # Never run it on this host's own files: every such path must have moved.
@@ -195,3 +204,15 @@ def test_on_user_networking_the_mac_goes_first_and_networkd_waits_in_the_backgro
 def test_the_link_local_address_is_the_eui64_of_the_new_mac():
     lines = CloneIdentity.new(OLD, "52:54:00:12:34:56", "x")._link_local_lines()
     assert any("fe80::5054:ff:fe12:3456/64" in line for line in lines)
+
+
+def test_sshd_that_holds_its_keys_is_restarted_only_where_ssh_writes_the_key():
+    """OpenSSH 9.8+ (sshd-session) reads host keys once: over SSH the script restarts
+    it for the new key; with qemu-ga, the clone's start does, before SSH connects."""
+    from pytest_kvm.guest.identity import RELOAD_HOST_KEYS
+
+    ident = CloneIdentity.new(OLD, NEW, "x")
+    assert RELOAD_HOST_KEYS in ident.script(0, host_private_key=True)
+    assert RELOAD_HOST_KEYS not in ident.script(0, host_private_key=False)
+    _sh_syntax(RELOAD_HOST_KEYS)
+    assert "sshd-session" in RELOAD_HOST_KEYS
