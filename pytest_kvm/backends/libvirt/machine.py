@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,11 @@ class LibvirtMachine(Machine):
         self._download(vol, path)
         self.download_overlay(self.spec.drives[0].path, self._local_backing)
 
-    def _download(self, vol: Any, dest: Path) -> None:
+    def _download(
+        self, vol: Any, dest: Path, prepare: Callable[[Path], None] | None = None
+    ) -> None:
+        """Volume ``vol`` into ``dest``, whole or not at all; ``prepare`` is given the
+        downloaded file before it takes ``dest``'s name."""
         stream = self._conn.newStream(0)
         vol.download(stream, 0, 0, 0)
         tmp = dest.with_name(dest.name + ".download")
@@ -223,6 +228,8 @@ class LibvirtMachine(Machine):
             with tmp.open("wb") as out:
                 stream.recvAll(lambda _s, data, _o: _o.write(data), out)
             stream.finish()
+            if prepare is not None:
+                prepare(tmp)
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)
@@ -480,22 +487,15 @@ class LibvirtMachine(Machine):
         ``backing`` image (None: a disk of its own), for libguestfs and saving."""
         if not self._volumes:
             raise GuestLaunchError("the guest has no overlay volume")
-        vol = self._volumes[0]
-        stream = self._conn.newStream(0)
-        vol.download(stream, 0, 0, 0)
-        tmp = dest.with_name(dest.name + ".download")
-        try:
-            with tmp.open("wb") as out:
-                stream.recvAll(lambda _s, data, _o: _o.write(data), out)
-            stream.finish()
-            if backing is not None:
-                proc = subprocess.run(
-                    ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(backing), "--",
-                     str(tmp)],
-                    capture_output=True, text=True, check=False, timeout=300,
-                )  # fmt: skip
-                if proc.returncode != 0:
-                    raise GuestLaunchError(f"cannot rebase the downloaded overlay: {proc.stderr}")
-            tmp.replace(dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def rebase(tmp: Path) -> None:
+            if backing is None:
+                return
+            proc = subprocess.run(
+                ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(backing), "--", str(tmp)],
+                capture_output=True, text=True, check=False, timeout=300,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise GuestLaunchError(f"cannot rebase the downloaded overlay: {proc.stderr}")
+
+        self._download(self._volumes[0], dest, rebase)
