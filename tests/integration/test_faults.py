@@ -95,12 +95,16 @@ def test_guest_network_down_commands_fail_clearly_and_the_console_still_works(
     g = kvm_guest_factory()
     dev = g.succeed("ip -o -4 route show default | awk '{print $5}'").strip()
     assert dev
-    # From a service of its own, a second after this command has returned.
+    # From a service of its own, a second after this command has returned. The
+    # marker is computed by the guest's shell: systemd may print the unit's command
+    # line on the console (it logs to kmsg while journald restarts, as it does in a
+    # fresh clone), and a literal marker there would match before the link is down.
     down = (
-        f"sleep 1; ip link set dev {shlex.quote(dev)} down && echo pytest-kvm-net-down >/dev/ttyS0"
+        f"sleep 1; ip link set dev {shlex.quote(dev)} down"
+        " && echo pytest-kvm-net-down-$((6 * 7)) >/dev/ttyS0"
     )
     g.succeed(f"systemd-run --no-block --quiet sh -c {shlex.quote(down)}")
-    g.wait_for_console("pytest-kvm-net-down", timeout=60)
+    g.wait_for_console("pytest-kvm-net-down-42", timeout=60)
     with pytest.raises(GuestError) as info:
         g.run("true", timeout=5)
     message = str(info.value)
