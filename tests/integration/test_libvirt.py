@@ -231,6 +231,14 @@ def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_ar
     assert _guest_volumes() == []
 
 
+def _private_leases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Leases of the inner runs (and of the `reap` that follows) that no other
+    pytest-kvm run on this machine reads: a run that starts while this test's killed
+    inner run is dead, as any run's reaper should, would destroy its domain and
+    volumes before this test looks at them."""
+    monkeypatch.setenv("PYTEST_KVM_LEASE_DIR", str(tmp_path / "leases"))
+
+
 INNER_KILLED = """
 import os, time
 from pathlib import Path
@@ -250,6 +258,7 @@ def test_domain_dies_with_the_run_that_made_it(
 ):
     """The domain is auto-destroyed when its connection closes: a SIGKILLed run
     leaves no running guest behind."""
+    _private_leases(monkeypatch, tmp_path)
     ready = tmp_path / "ready"
     monkeypatch.setenv("PKVM_TEST_READY", str(ready))
     pytester.makepyfile(test_inner=INNER_KILLED)
@@ -301,6 +310,7 @@ def test_restored_domain_is_reaped_after_sigkill(
     """A domain restored from a template has no AUTODESTROY: it outlives a SIGKILLed
     run, and `pytest-kvm reap` destroys it (its lease names it) and deletes its
     volumes."""
+    _private_leases(monkeypatch, tmp_path)
     ready = tmp_path / "ready"
     monkeypatch.setenv("PKVM_TEST_READY", str(ready))
     pytester.makepyfile(test_inner=INNER_RESTORED)
