@@ -99,6 +99,12 @@ def test_delay_shows_in_round_trips_and_loss_in_counts(kvm_guest_factory, kvm_vl
 
     kvm_vlan.heal()
     assert _probe(a, addr_b, 20, 0.05)["received"] == 20
+    print(  # shown with the failure, or with -rP
+        f"median RTT: plain {statistics.median(plain['rtt_ms']):.1f} ms, "
+        f"delayed one way {statistics.median(delayed['rtt_ms']):.1f} ms, "
+        f"both ways {statistics.median(both['rtt_ms']):.1f} ms; "
+        f"loss 0.3: {300 - lossy['received']}/300 lost, {lossy['dups']} duplicates"
+    )
 
 
 def test_partition_stops_tcp_until_heal_and_the_pcap_has_both_guests(
