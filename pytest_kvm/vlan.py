@@ -90,7 +90,7 @@ class Vlan:
         self._wake: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self.frames = 0  # forwarded frames, for tests and reports
-        self.seed = seed  # of the impairments' random draws (netem.port_rng)
+        self._seed = seed  # of the impairments' random draws (netem.port_rng)
         self._numbers: dict[str, int] = {}  # socket path -> port number, for its RNG
         self._impaired: dict[str, tuple[Impairment, random.Random]] = {}  # by socket path
         self._partitions = Partitions()
@@ -172,6 +172,19 @@ class Vlan:
 
     # -- impairments ------------------------------------------------------------------
 
+    @property
+    def seed(self) -> object:
+        """The seed of every port's random stream (the kvm_vlan fixture: the test's node
+        id). Setting it starts each impaired port's stream again from the new seed."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: object) -> None:
+        with self._lock:
+            self._seed = value
+            for path, (impairment, _) in self._impaired.items():
+                self._impaired[path] = (impairment, port_rng(value, self._numbers[path]))
+
     def impair(
         self,
         guest: object,
@@ -194,7 +207,7 @@ class Vlan:
                 self._impaired.pop(path, None)
                 return
             previous = self._impaired.get(path)
-            rng = previous[1] if previous else port_rng(self.seed, self._numbers[path])
+            rng = previous[1] if previous else port_rng(self._seed, self._numbers[path])
             self._impaired[path] = (impairment, rng)
 
     def partition(self, a: Iterable[object], b: Iterable[object]) -> None:
@@ -285,15 +298,17 @@ class Vlan:
                 self._forward(sock, frame, sender)
 
     def _receive(self, sock: socket.socket, frame: bytes, sender: str) -> None:
-        """A frame from a port: forwarded now, or, on an impaired port, when its plan says."""
+        """A frame from a port: forwarded now, or, on an impaired port, as its plan says
+        (not at all, twice, later)."""
         with self._lock:
             impaired = self._impaired.get(sender)
             now = time.monotonic()
             plan = impaired[0].plan(impaired[1], now) if impaired else None
-        if plan is None:
-            self._forward(sock, frame, sender)
-        for due in plan or ():
-            self._pending.push(due, (sender, frame))
+        for due in [now] if plan is None else plan:
+            if due <= now:  # no delay: before the frames read after it
+                self._forward(sock, frame, sender)
+            else:
+                self._pending.push(due, (sender, frame))
 
     def _forward(self, sock: socket.socket, frame: bytes, sender: str) -> None:
         dst, src = frame[0:6], frame[6:12]

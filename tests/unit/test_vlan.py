@@ -198,3 +198,35 @@ def test_no_capture_when_turned_off(tmp_path: Path):
         assert segment.capture_path is None
         with pytest.raises(KvmError, match="capture is off"):
             segment.save_capture(tmp_path / "x.pcap")
+
+
+def test_the_same_seed_draws_the_same_losses_and_setting_it_restarts_the_streams(tmp_path: Path):
+    def losses(seed: object, reseed: object = None) -> list[bool]:
+        with Vlan("t", tmp_path / "v", seed=seed) as segment:
+            ports = [Port(tmp_path / f"{n}.sock") for n in "abc"]
+            for i, port in enumerate(ports):
+                segment.attach("abc"[i], "vlan0", f"02:00:00:00:00:0{i}", port.path)
+            a, b, c = ports
+            b.sock.settimeout(30)
+            segment.impair("a", loss=0.5)
+            if reseed is not None:
+                segment.seed = reseed
+            seen = []
+            for _ in range(24):
+                # c's marker reaches the switch after a's frame, and is never lost.
+                a.send(segment, frame(BROADCAST, mac(1), b"frame"))
+                c.send(segment, frame(BROADCAST, mac(3), b"marker"))
+                first = b.receive()
+                seen.append(first == frame(BROADCAST, mac(1), b"frame"))
+                if seen[-1]:
+                    assert b.receive() == frame(BROADCAST, mac(3), b"marker")
+            for port in ports:
+                port.sock.close()
+                port.path.unlink()
+        return seen
+
+    first = losses("tests/x.py::test_a")
+    assert 0 < sum(first) < 24
+    assert first == losses("tests/x.py::test_a")
+    assert first != losses("tests/x.py::test_b")
+    assert losses("other", reseed="tests/x.py::test_a") == first
