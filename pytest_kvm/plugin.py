@@ -22,7 +22,7 @@ from .images import Image
 from .images.store import check_encryption, classify
 from .media import AnswerServer
 from .reaper import reap
-from .reporting import Reporting
+from .reporting import Reporting, vlans_key
 from .request import (
     FACTORY_SIGNATURE,
     GUEST_FIXTURES,
@@ -255,17 +255,21 @@ def kvm_http() -> Iterator[AnswerServer]:
 
 
 @pytest.fixture
-def kvm_vlan(_kvm_session: KvmSession) -> Iterator[Vlan]:
+def kvm_vlan(request: pytest.FixtureRequest, _kvm_session: KvmSession) -> Iterator[Vlan]:
     """A private layer-2 segment for this test's guests: ``kvm_guest_factory(vlan=...)``.
 
     Rootless (QEMU dgram sockets and a switch in this process); every guest on it gets
-    a static address, ``kvm_vlan.address_of(guest)``, in 192.168.76.0/24."""
+    a static address, ``kvm_vlan.address_of(guest)``, in 192.168.76.0/24.
+    ``impair(guest, delay_ms=, jitter_ms=, loss=, duplicate=)``, ``partition([a], [b])``
+    and ``heal()`` disturb it, seeded by the test's node id; a failed test keeps its
+    traffic as ``<artifacts>/<test>/vlanN.pcap``."""
     try:
         run = _kvm_session.run
     except KvmUnavailable as exc:
         pytest.skip(f"pytest-kvm: {exc}")
     number = next(_vlan_numbers)
-    vlan = Vlan(f"vlan{number}", run.sock_dir / f"vlan{number}")
+    vlan = Vlan(f"vlan{number}", run.sock_dir / f"vlan{number}", seed=request.node.nodeid)
+    request.node.stash.setdefault(vlans_key, []).append(vlan)
     with vlan:
         yield vlan
 

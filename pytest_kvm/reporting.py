@@ -13,8 +13,12 @@ import pytest
 from . import artifacts, matrix
 from .config import Settings
 from .console import tail
+from .errors import KvmError
 from .guest import Guest
 from .session import guests_key, settings_key
+from .vlan import Vlan
+
+vlans_key = pytest.StashKey[list[Vlan]]()  # the test's kvm_vlan segments
 
 
 class Reporting:
@@ -34,6 +38,7 @@ class Reporting:
         _add_sections(item, call, report, guests)
         if failed:
             _add_artifacts(item, report, guests, settings)
+            _add_captures(item, report, settings)
         if failed and settings is not None and settings.keep_on_failure:
             for guest in guests:
                 text = guest.keep()
@@ -83,3 +88,24 @@ def _add_artifacts(
             extras += artifacts.html_extras(item.config, guest.name, saved, console)
     if extras:  # pytest-html shows them (its report.extras)
         report.extras = [*getattr(report, "extras", []), *extras]
+
+
+def _add_captures(item: pytest.Item, report: Any, settings: Settings | None) -> None:
+    """A failed test's kvm_vlan segments: each one's traffic, ``<artifacts>/<test>/NAME.pcap``
+    (the vlan writes all of it there when it closes; passed tests' captures are deleted)."""
+    if settings is None:
+        return
+    for vlan in item.stash.get(vlans_key, []):
+        if vlan.capture_path is None:
+            continue
+        dest = artifacts.folder_for(settings.artifacts, item.nodeid, f"{vlan.name}.pcap")
+        try:
+            vlan.keep_capture(dest)
+        except (KvmError, OSError) as exc:
+            report.sections.append((f"kvm vlan capture: {vlan.name}", f"not saved: {exc}"))
+            continue
+        impaired = "; ".join(f"{k}: {v}" for k, v in vlan.impairments().items())
+        text = f"{dest} ({vlan.capture_note()}; seed {vlan.seed!r})"
+        report.sections.append((f"kvm vlan capture: {vlan.name}", text))
+        if impaired:
+            report.sections.append((f"kvm vlan impairments: {vlan.name}", impaired))

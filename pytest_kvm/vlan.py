@@ -9,6 +9,12 @@ the host's interfaces or IP stack, and no other user can reach the sockets (0700
 
 Every guest gets a static IPv4 address on the segment (``address_of``); ``Guest``
 configures it in the guest once it is up.
+
+Impairments (``impair``: delay, jitter, loss, duplicates of the frames a guest sends)
+and partitions (``partition``, ``heal``) are decided in netem.py; delayed frames wait in
+a timer heap that the switch's ``select`` times out on, so one guest's delay holds up
+no other frame. The switch writes every frame it delivers into a pcap file (pcap.py)
+in the segment's directory; ``close`` deletes it unless ``keep_capture`` asked for it.
 """
 
 from __future__ import annotations
@@ -16,13 +22,19 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import random
 import select
+import shutil
 import socket
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KvmConfigError, KvmError
+from .netem import Impairment, Partitions, Schedule, port_rng
+from .pcap import PcapWriter
 
 DEFAULT_SUBNET = "192.168.76.0/24"
 FIRST_HOST = 11  # .1 to .10 are left for addresses a test sets itself
@@ -53,7 +65,14 @@ class VlanPort:
 class Vlan:
     """A segment: ``start`` binds the switch and starts its thread; ``close`` ends both."""
 
-    def __init__(self, name: str, directory: Path, subnet: str = DEFAULT_SUBNET) -> None:
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        subnet: str = DEFAULT_SUBNET,
+        seed: object = 0,
+        capture: bool = True,
+    ) -> None:
         try:
             self.network = ipaddress.IPv4Network(subnet)
         except ValueError as exc:
@@ -71,6 +90,13 @@ class Vlan:
         self._wake: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self.frames = 0  # forwarded frames, for tests and reports
+        self._seed = seed  # of the impairments' random draws (netem.port_rng)
+        self._numbers: dict[str, int] = {}  # socket path -> port number, for its RNG
+        self._impaired: dict[str, tuple[Impairment, random.Random]] = {}  # by socket path
+        self._partitions = Partitions()
+        self._pending: Schedule[tuple[str, bytes]] = Schedule()  # the switch thread's own
+        self._capture = PcapWriter(directory / "traffic.pcap") if capture else None
+        self._keep: Path | None = None  # where close() moves the capture
 
     @property
     def switch_path(self) -> Path:
@@ -93,6 +119,8 @@ class Vlan:
             sock.close()
             raise
         self._sock = sock
+        if self._capture is not None:
+            self._capture.start()
         self._wake = os.pipe()
         self._thread = threading.Thread(target=self._serve, name=f"vlan-{self.name}", daemon=True)
         self._thread.start()
@@ -117,6 +145,7 @@ class Vlan:
             )
             self._ports[guest] = port
             self._peers.add(str(socket_path))
+            self._numbers[str(socket_path)] = len(self._numbers)
         return port
 
     def detach(self, guest: str) -> None:
@@ -125,17 +154,126 @@ class Vlan:
             if port is not None:
                 path = str(port.socket)
                 self._peers.discard(path)
+                self._impaired.pop(path, None)
                 for mac in [m for m, p in self._fdb.items() if p == path]:
                     del self._fdb[mac]
 
     def address_of(self, guest: object) -> str:
         """The static IPv4 address of ``guest`` (a Guest or its name) on this segment."""
+        return self._port_of(guest).address
+
+    def _port_of(self, guest: object) -> VlanPort:
         name = str(getattr(guest, "name", guest))
         with self._lock:
             port = self._ports.get(name)
         if port is None:
             raise KvmConfigError(f"guest {name!r} is not on vlan {self.name!r}")
-        return port.address
+        return port
+
+    # -- impairments ------------------------------------------------------------------
+
+    @property
+    def seed(self) -> object:
+        """The seed of every port's random stream (the kvm_vlan fixture: the test's node
+        id). Setting it starts each impaired port's stream again from the new seed."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: object) -> None:
+        with self._lock:
+            self._seed = value
+            for path, (impairment, _) in self._impaired.items():
+                self._impaired[path] = (impairment, port_rng(value, self._numbers[path]))
+
+    def impair(
+        self,
+        guest: object,
+        delay_ms: float = 0,
+        jitter_ms: float = 0,
+        loss: float = 0.0,
+        duplicate: float = 0.0,
+    ) -> None:
+        """Impair the frames ``guest`` sends on this segment, as netem on its NIC would:
+        each is delayed ``delay_ms`` ± ``jitter_ms`` (uniform), lost with probability
+        ``loss``, sent twice with probability ``duplicate``. Replaces the guest's earlier
+        impairment; all zero removes it. One way: a ping from ``guest`` to another takes
+        ``delay_ms`` longer (impair both for twice that)."""
+        name = str(getattr(guest, "name", guest))
+        where = f"vlan {self.name!r}: impair({name!r})"
+        impairment = Impairment.checked(where, delay_ms, jitter_ms, loss, duplicate)
+        path = str(self._port_of(guest).socket)
+        with self._lock:
+            if impairment.is_none:
+                self._impaired.pop(path, None)
+                return
+            previous = self._impaired.get(path)
+            rng = previous[1] if previous else port_rng(self._seed, self._numbers[path])
+            self._impaired[path] = (impairment, rng)
+
+    def partition(self, a: Iterable[object], b: Iterable[object]) -> None:
+        """No frame between a guest of ``a`` and a guest of ``b``, either way (broadcasts
+        included), until ``heal``. Guests in neither group are not affected; several
+        partitions add up."""
+        groups = []
+        for arg in (a, b):
+            if isinstance(arg, str | bytes) or not isinstance(arg, Iterable):
+                raise KvmConfigError(
+                    f"vlan {self.name!r}: partition takes two lists of guests, got {arg!r}"
+                )
+            groups.append({str(self._port_of(g).socket): str(getattr(g, "name", g)) for g in arg})
+        both = sorted(groups[0][p] for p in groups[0].keys() & groups[1].keys())
+        if both:
+            raise KvmConfigError(f"vlan {self.name!r}: partition: {both[0]!r} is in both groups")
+        if not groups[0] or not groups[1]:
+            raise KvmConfigError(f"vlan {self.name!r}: partition: a group is empty")
+        with self._lock:
+            self._partitions.add(groups[0], groups[1])
+
+    def heal(self) -> None:
+        """Remove every partition and impairment (frames already delayed still arrive)."""
+        with self._lock:
+            self._partitions.clear()
+            self._impaired.clear()
+
+    def impairments(self) -> dict[str, str]:
+        """What is in force, by guest name (for reports): ``{"g1": "delay 100 ms"}``."""
+        with self._lock:
+            by_path = {str(p.socket): name for name, p in self._ports.items()}
+            found = {by_path[path]: str(i) for path, (i, _) in self._impaired.items()}
+            if self._partitions:
+                found["(partitions)"] = str(len(self._partitions))
+        return found
+
+    # -- capture ----------------------------------------------------------------------
+
+    @property
+    def capture_path(self) -> Path | None:
+        """The pcap the switch writes while the segment runs (None: capture off)."""
+        return self._capture.path if self._capture is not None else None
+
+    def save_capture(self, dest: Path) -> Path:
+        """Copy the traffic so far into ``dest`` (a pcap file); returns ``dest``."""
+        if self._capture is None:
+            raise KvmError(f"vlan {self.name!r}: capture is off")
+        self._capture.flush()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._capture.path, dest)
+        return dest
+
+    def keep_capture(self, dest: Path) -> Path:
+        """``save_capture`` now, and again with everything at ``close`` (a failed test)."""
+        self.save_capture(dest)
+        self._keep = dest
+        return dest
+
+    def capture_note(self) -> str:
+        """``N frames`` and, past the size limit, how many were not written."""
+        if self._capture is None:
+            return "capture off"
+        note = f"{self._capture.written} frames"
+        if self._capture.skipped:
+            note += f", {self._capture.skipped} more not written (over {self._capture.limit} bytes)"
+        return note
 
     # -- the switch -------------------------------------------------------------------
 
@@ -143,10 +281,11 @@ class Vlan:
         assert self._sock is not None and self._wake is not None
         sock, wake = self._sock, self._wake[0]
         while True:
-            readable, _, _ = select.select([sock.fileno(), wake], [], [])
+            timeout = self._pending.timeout(time.monotonic())
+            readable, _, _ = select.select([sock.fileno(), wake], [], [], timeout)
             if wake in readable:
                 return
-            while True:
+            while sock.fileno() in readable:
                 try:
                     frame, sender = sock.recvfrom(_FRAME_MAX)
                 except BlockingIOError:
@@ -154,7 +293,22 @@ class Vlan:
                 except OSError:
                     return
                 if len(frame) >= 14 and sender:
-                    self._forward(sock, frame, str(sender))
+                    self._receive(sock, frame, str(sender))
+            for sender, frame in self._pending.pop_due(time.monotonic()):
+                self._forward(sock, frame, sender)
+
+    def _receive(self, sock: socket.socket, frame: bytes, sender: str) -> None:
+        """A frame from a port: forwarded now, or, on an impaired port, as its plan says
+        (not at all, twice, later)."""
+        with self._lock:
+            impaired = self._impaired.get(sender)
+            now = time.monotonic()
+            plan = impaired[0].plan(impaired[1], now) if impaired else None
+        for due in [now] if plan is None else plan:
+            if due <= now:  # no delay: before the frames read after it
+                self._forward(sock, frame, sender)
+            else:
+                self._pending.push(due, (sender, frame))
 
     def _forward(self, sock: socket.socket, frame: bytes, sender: str) -> None:
         dst, src = frame[0:6], frame[6:12]
@@ -165,6 +319,12 @@ class Vlan:
                 self._fdb[src] = sender
             target = self._fdb.get(dst) if not dst[0] & 1 else None
             targets = [target] if target else [p for p in self._peers if p != sender]
+            if self._partitions:
+                targets = [p for p in targets if not self._partitions.blocks(sender, p)]
+        if not targets:
+            return
+        if self._capture is not None:
+            self._capture.write(frame)
         for path in targets:
             # A guest that stopped, or whose socket is full: like a cable pulled.
             with contextlib.suppress(OSError):
@@ -187,8 +347,20 @@ class Vlan:
                     os.close(fd)
             self._wake = None
         self.switch_path.unlink(missing_ok=True)
+        self._close_capture()
         with contextlib.suppress(OSError):
             self.directory.rmdir()
+
+    def _close_capture(self) -> None:
+        """The whole capture into ``keep_capture``'s file, or deleted."""
+        if self._capture is None:
+            return
+        self._capture.close()
+        with contextlib.suppress(OSError):
+            if self._keep is not None and self._capture.path.exists():
+                shutil.move(self._capture.path, self._keep)
+        self._capture.path.unlink(missing_ok=True)
+        self._keep = None
 
     def __enter__(self) -> Vlan:
         return self.start()

@@ -20,6 +20,7 @@ APT_PACKAGES=(
   isolinux syslinux-common busybox-static  # the mini install ISO of tests/integration/test_installer.py
   gpgv                                  # checks signed checksum files (Fedora's)
   gnupg openssl                         # tests: a throwaway signing key, a local https server
+  tcpdump                               # tests read kvm_vlan captures with tcpdump -r
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
