@@ -41,7 +41,15 @@ from .guest import BootPlan, Guest, GuestConfig
 from .images import Image
 from .images.builder import fsync_path
 from .images.overlay import MIN_FREE_SPACE, check_free_space
-from .template import SETTLE, TEMPLATE_HOSTNAME, WARM, Shape, Template, TemplateStore
+from .template import (
+    SETTLE,
+    TEMPLATE_HOSTNAME,
+    WARM,
+    Shape,
+    Template,
+    TemplateStore,
+    saved_facts,
+)
 from .util import sha256_file, tail, tail_text
 
 # Bump when what goes into a snapshot changes, so old ones are not used.
@@ -247,8 +255,9 @@ class Snapshots:
             f"clone of template {base.name}"
         )
         try:
-            mac, agent, vlan_macs = self._prepare(snap, base, work, timeout)
+            mac, agent, vlan_macs, facts = self._prepare(snap, base, work, timeout)
             extra: dict[str, object] = {
+                **facts,
                 "snapshot": snap.name, "snapshot_format": SNAPSHOT_FORMAT,
                 "base": base.name, "base_key": base.key,
                 "base_created": base_created(base),
@@ -272,9 +281,10 @@ class Snapshots:
 
     def _prepare(
         self, snap: Snapshot, base: Template, work: Path, timeout: float
-    ) -> tuple[str, bool, tuple[str, ...]]:
+    ) -> tuple[str, bool, tuple[str, ...], dict[str, object]]:
         """Restore a clone of ``base`` into ``work``, run the setup, settle, save: the
-        saved guest's MAC, whether its agent answers, its vlan NICs' MACs."""
+        saved guest's MAC, whether its agent answers, its vlan NICs' MACs, and
+        ``saved_facts``."""
         shape = base.shape
         config = GuestConfig(
             image=base.image, memory=shape.memory, cpus=shape.cpus,
@@ -293,11 +303,12 @@ class Snapshots:
                 guest.reconnect()  # the path every clone takes first, warm in the page cache
                 guest.run(WARM, timeout=timeout)
                 agent = guest.agent_answers()
+                facts = saved_facts(guest, timeout)
                 host_key = guest.host_key
                 assert host_key is not None
                 guest.save_state(work / "state")
                 shutil.copyfile(guest.serial_log, work / "serial.log")
-                saved = (guest.mac, agent, guest.vlan_macs)
+                saved = (guest.mac, agent, guest.vlan_macs, facts)
         except (GuestError, ImageError) as exc:
             if isinstance(exc, SnapshotFailed):
                 raise

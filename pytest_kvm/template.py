@@ -40,6 +40,7 @@ from .backends.qemu import QEMU_BINARY
 from .config import parse_network
 from .errors import GuestError, ImageError, KvmError
 from .guest import BootPlan, Guest, GuestConfig
+from .guest.identity import HOLDS_HOST_KEYS
 from .images import Image
 from .images.builder import fsync_path
 from .images.overlay import MIN_FREE_SPACE, check_free_space
@@ -105,6 +106,9 @@ class Template:
     client_key: KeyPair
     host_key: KeyPair
     agent: bool = False  # qemu-ga answered in the template, so it will in clones
+    # Its sshd reads host keys once (identity.HOLDS_HOST_KEYS); None: not recorded
+    # (a template made before this was), clones ask the guest.
+    sshd_holds_keys: bool | None = None
     vlan_macs: tuple[str, ...] = ()  # its vlan NICs' MACs, which clones change
 
     @property
@@ -276,6 +280,7 @@ class TemplateStore:
             shape=shape,
             mac=meta["mac"],
             agent=bool(meta["agent"]),
+            sshd_holds_keys=meta.get("sshd_holds_keys"),
             vlan_macs=tuple(meta.get("vlan_macs", ())),
             client_key=KeyPair.load(path / "id_ed25519"),
             host_key=KeyPair.load(path / "host_ed25519"),
@@ -360,11 +365,12 @@ class TemplateStore:
                 guest.reconnect()
                 guest.run(WARM, timeout=timeout)
                 agent = guest.agent_answers()
+                facts = saved_facts(guest, timeout)
                 guest.save_state(work / "state")
                 shutil.copyfile(guest.serial_log, work / "serial.log")
                 mac = guest.mac
                 vlan_macs = guest.vlan_macs
-            self._write_meta(work, key, image, shape, mac, agent, vlan_macs)
+            self._write_meta(work, key, image, shape, mac, agent, vlan_macs, extra=facts)
             fsync_path(work)
             os.rename(work, self.root / name)
             fsync_path(self.root)
@@ -414,6 +420,13 @@ class TemplateStore:
             out.flush()
             os.fsync(out.fileno())
         os.rename(tmp, work / "meta.json")
+
+
+def saved_facts(guest: Guest, timeout: float) -> dict[str, object]:
+    """What a guest about to be saved tells its clones in the template's meta, so that
+    each need not ask it again through the guest agent."""
+    holds = guest.run(HOLDS_HOST_KEYS, timeout=timeout).exit_status == 0
+    return {"sshd_holds_keys": holds}
 
 
 def gave_up_units(pid1_log: str) -> list[str]:

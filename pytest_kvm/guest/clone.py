@@ -151,7 +151,10 @@ class Restore:
                 agent.connect(10 * scale)
                 try:
                     agent.write_file(HOST_KEY, identity.host_key.private_openssh)
-                    if _holds_host_keys(agent):  # see identity.SSHD_SESSION
+                    holds = self._template.sshd_holds_keys
+                    if holds is None:  # not recorded: ask (see identity.SSHD_SESSION)
+                        holds = _holds_host_keys(agent)
+                    if holds:
                         started = agent.execute(
                             "guest-exec", path="/bin/sh", arg=["-c", RELOAD_HOST_KEYS],
                             **{"capture-output": True},

@@ -60,10 +60,13 @@ def test_three_clones_on_user_networking_are_distinct_machines(kvm_guest_factory
             )
             assert hello == "hello"
             # journalctl still finds this boot (its directory follows the machine-id),
-            # from the kernel's first line on, and what was logged since.
+            # from the kernel's first line on, and what was logged since, by a journald
+            # that started again with the clone's machine-id.
             guest.succeed("logger pytest-kvm-identity-mark")
             guest.wait_until_succeeds(
-                "journalctl -b --no-pager | grep -q pytest-kvm-identity-mark", timeout=60
+                "journalctl -b -o export --no-pager MESSAGE=pytest-kvm-identity-mark"
+                f" | grep -qx _MACHINE_ID={ident.machine_id}",
+                timeout=60,
             )
             assert "Linux version" in guest.succeed("journalctl -b -k --no-pager | head -n 3")
             # No other type of host key is left over from the template.

@@ -28,7 +28,9 @@ def image(tmp_path: Path) -> Image:
     return Image("base", path, "qcow2", str(path))
 
 
-def make_template(root: Path, image: Image, name: str = "t", key: str = KEY) -> Path:
+def make_template(
+    root: Path, image: Image, name: str = "t", key: str = KEY, extra: dict | None = None
+) -> Path:
     """The files a template build leaves, with its meta.json, in a finished directory."""
     work = root / name
     work.mkdir(parents=True)
@@ -43,7 +45,9 @@ def make_template(root: Path, image: Image, name: str = "t", key: str = KEY) -> 
     (work / "serial.log").write_text("boot\n")
     KeyPair.generate().save(work / "id_ed25519")
     KeyPair.generate().save(work / "host_ed25519")
-    TemplateStore._write_meta(work, key, image, Shape(1024, 2), "02:6b:76:00:00:01", True)
+    TemplateStore._write_meta(
+        work, key, image, Shape(1024, 2), "02:6b:76:00:00:01", True, extra=extra
+    )
     return work
 
 
@@ -145,6 +149,20 @@ def test_meta_records_the_clone_facts(image, tmp_path):
     assert meta["shape"] == dataclasses.asdict(Shape(1024, 2))
     assert set(meta["files"]) == {"disk.qcow2", "ram", "state", "seed.iso", "id_ed25519",
                                   "host_ed25519"}  # fmt: skip
+
+
+@pytest.mark.parametrize("holds", [True, False, None])
+def test_whether_sshd_holds_its_keys_is_loaded_from_the_meta(image, tmp_path, holds):
+    """Recorded at the build (``saved_facts``), so that clones need not ask the guest;
+    a template made before it was recorded says None (clones ask)."""
+    extra = {} if holds is None else {"sshd_holds_keys": holds}
+    work = make_template(tmp_path, image, extra=extra)
+    run = RunContext(AccelChoice("tcg", "test"))
+    try:
+        template = TemplateStore(tmp_path, run, print)._load(work, KEY, image, Shape(1024, 2))
+    finally:
+        run.close()
+    assert template is not None and template.sshd_holds_keys is holds
 
 
 def test_prune_removes_stale_and_half_made_templates_only(image, tmp_path):
