@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -196,6 +197,10 @@ class TemplateStore:
         self.lock_timeout = lock_timeout
         self._checked: dict[str, Template] = {}
         self._in_use: set[str] = set()
+        # Threads of this process that want the same template wait for each other
+        # here, quietly, before one of them takes the file lock other processes share.
+        self._names_lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
 
     def get(
         self,
@@ -231,6 +236,16 @@ class TemplateStore:
         Prepared snapshots (``snapshot.py``) come through here too."""
         if key in self._checked:
             return self._checked[key]
+        with self._names_lock:
+            mine = self._name_locks.setdefault(name, threading.Lock())
+        with mine:
+            if key not in self._checked:
+                self._checked[key] = self._obtain(name, load, build)
+        return self._checked[key]
+
+    def _obtain(
+        self, name: str, load: Callable[[], Template | None], build: Callable[[], Template]
+    ) -> Template:
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.root / f".{name}.lock"))
         try:
@@ -253,7 +268,6 @@ class TemplateStore:
             self._in_use.add(name)
         finally:
             lock.release()
-        self._checked[key] = template
         return template
 
     def close(self) -> None:

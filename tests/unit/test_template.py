@@ -309,3 +309,37 @@ def test_a_guest_without_systemd_is_left_as_it_is():
     guest = _ScriptedGuest("Timed out waiting for device", init="init")
     template.repair_slow_boot(guest, "t", 60, print)  # type: ignore[arg-type]
     assert guest.commands == []
+
+
+def test_threads_of_one_process_make_a_template_once_and_say_no_wait(image, tmp_path):
+    """Guests started at once in threads (three clones of one test) wait for each
+    other's build in-process: one build, and no "waiting for another process"."""
+    import threading
+    import time
+
+    work = make_template(tmp_path / "made", image)
+    messages: list[str] = []
+    builds: list[int] = []
+    run = RunContext(AccelChoice("tcg", "test"))
+    try:
+        store = TemplateStore(tmp_path / "templates", run, messages.append)
+
+        def build():
+            builds.append(1)
+            time.sleep(0.3)
+            return store._load(work, KEY, image, Shape(1024, 2))
+
+        got = []
+        threads = [
+            threading.Thread(target=lambda: got.append(store.obtain("t", KEY, lambda: None, build)))
+            for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        store.close()
+    finally:
+        run.close()
+    assert len(builds) == 1 and len(got) == 3 and len({id(t) for t in got}) == 1
+    assert not [m for m in messages if "another process" in m]
