@@ -13,6 +13,7 @@ xdist workers have no terminal: the option is refused at startup there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import stat
@@ -67,7 +68,15 @@ def reach_lines(guest: Guest) -> list[str]:
     if guest.config.ssh:
         lines.append(f"  ssh:        {guest.ssh_command}")
     console = shlex.quote(str(machine.spec.console_socket))
-    lines.append(f"  console:    socat -,raw,echo=0 UNIX-CONNECT:{console}")
+    if guest.backend == "libvirt":
+        # The domain's console stream is ours; its socket takes input only, and the
+        # output goes on into the serial log.
+        log = shlex.quote(str(guest.serial_log))
+        lines.append(
+            f"  console:    socat - UNIX-CONNECT:{console}   (input; output: tail -f {log})"
+        )
+    else:
+        lines.append(f"  console:    socat -,raw,echo=0 UNIX-CONNECT:{console}")
     if guest.has_display:
         if guest.vnc is not None:
             host, port = guest.vnc
@@ -77,6 +86,13 @@ def reach_lines(guest: Guest) -> list[str]:
             lines.append("  vnc:        none (--kvm-vnc adds one); guest.screenshot() works")
     lines.append(f"  serial log: {guest.serial_log}")
     return lines
+
+
+def release_console(guest: Guest) -> None:
+    """Let go of the console socket if a test typed into it (``console.send`` keeps a
+    connection, and QEMU serves one client at a time); the next send connects again."""
+    with contextlib.suppress(AttributeError, OSError):
+        guest.console.close()
 
 
 def stdin_waitable() -> bool:
@@ -124,6 +140,7 @@ class Pause:
         out.write(f"\n{failure}\n")
         out.write(f"pytest-kvm: {item.nodeid} failed; its guests are still running:\n")
         for guest in guests:
+            release_console(guest)
             out.write("".join(line + "\n" for line in reach_lines(guest)))
         if pdb:
             out.write("pytest-kvm: --pdb: the guests stay up until the debugger continues\n")

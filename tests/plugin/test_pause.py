@@ -30,6 +30,7 @@ class StandIn:
         self.machine = types.SimpleNamespace(spec=types.SimpleNamespace(
             console_socket=Path(tmp) / "console sock"))
         self.is_running = True
+        self.backend = "qemu"
         self.config = types.SimpleNamespace(ssh=True)
         self.ssh_command = "ssh -p 2222 root@127.0.0.1"
         self.has_display = True
