@@ -34,7 +34,7 @@ def test_nixos_names_on_a_real_guest(kvm_guest, tmp_path):
         "systemctl stop getty@tty1; "
         "nohup sh -c 'cat /dev/tty1 >/tmp/typed' >/dev/null 2>&1 </dev/null &"
     )
-    g.wait_until_succeeds("pgrep -f 'cat /dev/tty1'", timeout=30)
+    g.wait_until_succeeds("pgrep -x cat", timeout=30)
     g.send_chars("typed by kvm\n")
     g.wait_until_succeeds("grep -q 'typed by kvm' /tmp/typed", timeout=60)
     # get_screen_text: this guest's console is a framebuffer (bochs-drm), so VGA text
