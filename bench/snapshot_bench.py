@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+from pytest_kvm import hostdebs
+
 PACKAGES = ("nginx",)
 
 SITE = """\
@@ -106,23 +108,7 @@ def test_nginx(kvm_guest_factory, web, n):
 
 def fetch_debs(dest: Path) -> None:
     """nginx and everything it depends on, with the host's apt, into ``dest``."""
-    if (dest / "Packages").is_file():
-        return
-    dest.mkdir(parents=True, exist_ok=True)
-    deps = subprocess.run(
-        ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
-         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *PACKAGES],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    names = sorted({line.strip() for line in deps.splitlines() if line and line[0] != " "})
-    names = [name for name in names if not name.startswith("<")]  # virtual packages
-    subprocess.run(["apt-get", "download", *names], cwd=dest, check=True)
-    index = subprocess.run(
-        ["dpkg-scanpackages", "--multiversion", "."], cwd=dest, capture_output=True,
-        check=True,
-    ).stdout  # fmt: skip
-    (dest / "Packages.tmp").write_bytes(index)
-    os.rename(dest / "Packages.tmp", dest / "Packages")
+    hostdebs.fetch_debs(PACKAGES, dest)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

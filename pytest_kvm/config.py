@@ -37,6 +37,8 @@ class Settings:
     boot_timeout: float = 300.0
     snapshot: bool = True
     keep_on_failure: bool = False
+    # Wait for Enter after a failed call, guests running (pause.py); no xdist.
+    pause_on_failure: bool = False
     # A VNC display on 127.0.0.1 (password in a private file) for every guest.
     vnc: bool = False
     # Never download images: URLs and downloaded catalog images must be in the cache.
@@ -274,6 +276,13 @@ OPTIONS: dict[str, Option] = {
         Option("boot_timeout", _seconds, "seconds to SSH-ready, scaled under TCG (300)", "S"),
         Option("snapshot", _bool, "restore guests from a booted template", ""),
         Option("keep_on_failure", _bool, "leave a failed test's guest running", ""),
+        Option(
+            "pause_on_failure",
+            _bool,
+            "on a failed call, print how to reach its guests and wait for Enter before "
+            "teardown (not under xdist)",
+            "",
+        ),
         Option("vnc", _bool, "a VNC display on 127.0.0.1, with a password, per guest", ""),
         Option("offline", _bool, "never download images: use only what is in the cache", ""),
         Option("artifacts", _path, "where failed tests' logs go", "DIR"),

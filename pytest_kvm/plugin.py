@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import accel, artifacts, matrix
+from . import accel, artifacts, matrix, pause
 from .backends import load_backend
 from .config import OPTIONS, Settings, resolve
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
@@ -61,7 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if opt.name == "uri":
             group.addoption(opt.flag, action="append", dest=dest, default=None,
                             metavar=opt.metavar, help=opt.help)  # fmt: skip
-        elif opt.name in ("snapshot", "keep_on_failure", "vnc", "offline"):
+        elif opt.name in ("snapshot", "keep_on_failure", "pause_on_failure", "vnc", "offline"):
             group.addoption(opt.flag, action="store_true", dest=dest, default=None, help=opt.help)
             if opt.name == "snapshot":
                 group.addoption(
@@ -100,11 +100,14 @@ def pytest_configure(config: pytest.Config) -> None:
         if settings.images and settings.backend == "libvirt":
             check_libvirt(settings)  # a bad URI or pool fails the run now, once
         config.stash[dist_note_key] = matrix.configure_dist(config, settings.images)
+        pause.check(config, settings)
     except (KvmConfigError, ImageError, KvmUnavailable) as exc:
         raise pytest.UsageError(f"pytest-kvm: {exc}") from None
     config.stash[settings_key] = settings
     config.pluginmanager.register(_Lifecycle(config), "pytest-kvm-lifecycle")
     config.pluginmanager.register(Reporting(), "pytest-kvm-reporting")
+    if settings.pause_on_failure:
+        config.pluginmanager.register(pause.Pause(), "pytest-kvm-pause")
 
 
 class Terminated(KeyboardInterrupt):

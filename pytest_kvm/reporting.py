@@ -82,7 +82,11 @@ def _add_artifacts(
         report.sections.append((f"kvm console tail: {guest.name}", console))
         if settings is not None:
             saved = artifacts.save(
-                guest, settings.artifacts, item.nodeid, keep_running=settings.keep_on_failure
+                guest,
+                settings.artifacts,
+                item.nodeid,
+                # --kvm-pause-on-failure: the user reaches the guest next, running.
+                keep_running=settings.keep_on_failure or settings.pause_on_failure,
             )
             report.sections.append((f"kvm artifacts: {guest.name}", str(saved)))
             extras += artifacts.html_extras(item.config, guest.name, saved, console)

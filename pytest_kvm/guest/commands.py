@@ -4,6 +4,7 @@ alive check; ``guest.host`` (testinfra) runs its commands through ``exec_bytes``
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -188,6 +189,35 @@ class Commands:
         assert last is not None
         return last.stdout
 
+    def wait_until_fails(self, cmd: str, timeout: float = 120) -> str:
+        """Retry ``cmd`` until it exits non-zero; returns its output (stdout, else
+        stderr); the timeout error shows the last attempt."""
+        __tracebackhide__ = True
+        last: CommandResult | None = None
+
+        def attempt() -> bool:
+            nonlocal last
+            last = self.run(cmd, timeout=max(timeout, 10))
+            return last.exit_status != 0
+
+        self._retry(attempt, timeout, lambda: f"command {cmd!r} never failed", lambda: last)
+        assert last is not None
+        return last.stdout or last.stderr
+
+    def wait_for_file(self, path: str, timeout: float = 120) -> None:
+        """Wait until ``path`` exists in the guest (any kind of file)."""
+        __tracebackhide__ = True
+        self._check_remote("wait_for_file", path)
+        cmd = f"test -e {shlex.quote(path)}"
+        last: CommandResult | None = None
+
+        def attempt() -> bool:
+            nonlocal last
+            last = self.run(cmd, timeout=30)
+            return last.exit_status == 0
+
+        self._retry(attempt, timeout, lambda: f"{path!r} never appeared", lambda: last)
+
     @property
     def init_system(self) -> str:
         """``"systemd"`` if systemd runs the guest (``/run/systemd/system`` exists),
@@ -299,6 +329,21 @@ class Commands:
         what = f"put {str(local)!r} -> {remote!r}"
         self._transfer(what, lambda s, t: s.put(local_path, remote, t, alive=self._alive), timeout)
 
+    def copy_from_host(self, local: str | Path, remote: str, timeout: float = 300) -> None:
+        """``put`` for a file; a directory is copied with what it holds, ``remote``
+        becoming the copy (files, and links to files as files; links to directories
+        are not followed)."""
+        local_path = Path(local)
+        if not local_path.is_dir():
+            self.put(local_path, remote, timeout)
+            return
+        self._check_remote("copy_from_host", remote)
+        files, dirs = host_tree(local_path)
+        made = " ".join(shlex.quote(join_remote(remote, d)) for d in dirs)
+        self.succeed(f"mkdir -p -- {made}", timeout)
+        for relative in files:
+            self.put(local_path / relative, join_remote(remote, relative), timeout)
+
     def get(self, remote: str, local: str | Path, timeout: float = 300) -> Path:
         """Copy ``remote`` in the guest to the host file ``local`` by SFTP, like ``put``."""
         local_path = Path(local)
@@ -369,3 +414,23 @@ class Commands:
                 raise GuestTimeout(f"{self._what}: did not reboot within {limit:.0f} s",
                                    self._name)  # fmt: skip
             time.sleep(0.5)
+
+
+def host_tree(root: Path) -> tuple[list[str], list[str]]:
+    """The files and directories under ``root`` as paths relative to it (``""`` is
+    ``root`` itself), directories first-to-last in walk order, each sorted."""
+    files: list[str] = []
+    dirs: list[str] = [""]
+    for here, subdirs, names in os.walk(root):
+        subdirs.sort()
+        base = Path(here).relative_to(root)
+        dirs += [str(base / d) for d in subdirs]
+        files += [str(base / n) for n in sorted(names) if (Path(here) / n).is_file()]
+    return [f.removeprefix("./") for f in files], [d.removeprefix("./") for d in dirs]
+
+
+def join_remote(remote: str, relative: str) -> str:
+    """``remote`` joined with a relative host path, guest-side (POSIX)."""
+    if not relative or relative == ".":
+        return remote
+    return remote.rstrip("/") + "/" + relative

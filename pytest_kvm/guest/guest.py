@@ -39,12 +39,14 @@ from .connection import Connection
 from .disk import Disk
 from .launch import Launcher
 from .nics import Nics
+from .nixos import NixosNames
 from .screen import Screen
 from .state import GuestState
 
 
-class Guest:
-    """A disposable virtual machine. The constructor records; ``start()`` acts."""
+class Guest(NixosNames):
+    """A disposable virtual machine. The constructor records; ``start()`` acts.
+    (The NixOS driver's names for its methods are in nixos.py.)"""
 
     def __init__(
         self,

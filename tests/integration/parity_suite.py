@@ -61,9 +61,32 @@ def test_commands_files_and_console(kvm_guest, tmp_path: Path, request):
     g.console.skip_to_end()
     g.console.send("nosuchuser\n")  # getty asks for a password next
     g.console.expect("Password:", timeout=60)
+    _pause_lines_reach_the_guest(g)
     _forward_port_agent_and_monitor(g)
     if BACKEND == "libvirt":
         _check_domain(g, request.node.nodeid)
+
+
+def _pause_lines_reach_the_guest(g) -> None:
+    """What --kvm-pause-on-failure prints is right on this backend: the SSH line runs
+    a command, and what is typed into the console socket reaches the guest's getty."""
+    from pytest_kvm.pause import reach_lines, release_console
+
+    release_console(g)  # as the pause does: the socket is the user's now
+    lines = reach_lines(g)
+    ssh = next(line for line in lines if line.startswith("  ssh:")).partition(":")[2]
+    out = subprocess.run([*shlex.split(ssh), "-o", "BatchMode=yes", "hostname"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == g.name, out.stderr
+    console = next(line for line in lines if line.startswith("  console:"))
+    assert ("(input; output: tail -f" in console) == (BACKEND == "libvirt")
+    path = shlex.split(console.partition("UNIX-CONNECT:")[2])[0]
+    g.console.skip_to_end()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        # getty is at "Password:" (the test typed a login name): it answers the line.
+        sock.sendall(b"pausecheck\n")
+        g.console.expect(r"Login incorrect|Password:", timeout=60)
 
 
 def _restored(g) -> None:
