@@ -132,7 +132,10 @@ def _save_screen(guest: Guest, folder: Path) -> None:
     try:
         if guest.has_display:
             guest.screenshot(folder / _SCREEN)
-            text = guest.screen_text()
+            try:
+                text = guest.screen_text()  # VGA text, else OCR
+            except KvmError:  # no tesseract, or it failed: the picture is saved
+                text = ""
             if text:
                 (folder / "screen.txt").write_text(text + "\n")
         elif machine.has_vga:

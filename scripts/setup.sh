@@ -21,6 +21,7 @@ APT_PACKAGES=(
   gpgv                                  # checks signed checksum files (Fedora's)
   gnupg openssl                         # tests: a throwaway signing key, a local https server
   tcpdump                               # tests read kvm_vlan captures with tcpdump -r
+  tesseract-ocr tesseract-ocr-eng       # guest.screen_text() by OCR of a graphical screen
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -549,7 +549,7 @@ class Guest(NixosNames):
         __tracebackhide__ = True
         assert self.machine is not None
         if not self.machine.wait_for_exit(timeout * self.timeout_scale):
-            screen = self.screen_text()
+            screen = self._screen.quiet_text()
             shown = f"; the screen shows:\n{screen}\n---" if screen else ""
             raise GuestTimeout(
                 f"{self.describe()}: did not power off within "
@@ -613,10 +613,19 @@ class Guest(NixosNames):
         self._screen.type_text(text, delay)
 
     def screen_text(self) -> str:
-        """The text on the screen while it is in VGA text mode (BIOS, boot loader, a
-        console without a framebuffer driver); "" in a graphics mode or without a
-        display. Read through the monitor: briefly borrows the VGA index register."""
+        """The text on the screen: in VGA text mode (BIOS, boot loader, a console
+        without a framebuffer driver) read through the monitor (briefly borrows the
+        VGA index register); in a graphics mode (a framebuffer console, an installer, a
+        desktop) read by OCR of a screenshot with tesseract (Debian's tesseract-ocr;
+        without it a ``KvmUnavailable`` naming the package). "" without a display."""
         return self._screen.screen_text()
+
+    def wait_for_text(self, regex: str | re.Pattern[str], timeout: float = 120) -> re.Match[str]:
+        """Poll ``screen_text()`` until ``regex`` matches (``re.search``) within
+        ``timeout`` s (scaled under TCG); returns the match, else ``GuestTimeout`` with
+        the last text seen. The NixOS driver's ``wait_for_text``; needs a display."""
+        __tracebackhide__ = True
+        return self._screen.wait_for_text(regex, timeout * self.timeout_scale)
 
     def __repr__(self) -> str:
         return f"<Guest {self.name} {self.image.name} port={self.ssh_port}>"

@@ -1,5 +1,6 @@
 """A guest's display and keyboard: VNC, screenshots, key presses, typed text and the
-text of a VGA text-mode screen (the pure helpers are in ``pytest_kvm.display``)."""
+text on the screen: read from VGA text mode, else by OCR of a screenshot (the pure
+helpers are in ``pytest_kvm.display`` and ``pytest_kvm.ocr``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from ..display import (
     vga_text,
     vnc_password,
 )
-from ..errors import GuestError
+from ..errors import GuestError, GuestTimeout
+from ..ocr import OcrFailed, OcrUnavailable, ocr_text
 from .state import GuestState
 
 
@@ -116,10 +118,56 @@ class Screen:
             time.sleep(delay)
 
     def screen_text(self) -> str:
-        """See ``Guest.screen_text``."""
+        """See ``Guest.screen_text``: VGA text, else (a graphics mode) OCR."""
         machine = self._state.machine
         if machine is None or not machine.is_running() or not self.has_display:
             return ""
+        text = self._vga_text(machine)
+        return text if text else self._ocr(machine)
+
+    def quiet_text(self) -> str:
+        """``screen_text`` for messages and artifacts: "" where OCR is missing or fails."""
+        try:
+            return self.screen_text()
+        except (OcrUnavailable, OcrFailed, GuestError):
+            return ""
+
+    def _ocr(self, machine: Machine) -> str:
+        """The screen read by tesseract ("" when the guest stopped meanwhile)."""
+        try:
+            data = machine.screenshot()
+        except (ConnectionError, QmpError, OSError, GuestError):
+            return ""  # stopped meanwhile (libvirt: GuestLaunchError)
+        try:
+            return ocr_text(data)
+        except OcrFailed as exc:
+            raise GuestError(f"{self._state.what}: OCR of the screen: {exc}",
+                             self._state.name) from None  # fmt: skip
+
+    def wait_for_text(self, regex: str | re.Pattern[str], limit: float) -> re.Match[str]:
+        """See ``Guest.wait_for_text`` (``limit``: seconds, already scaled)."""
+        __tracebackhide__ = True
+        self._need_display("wait_for_text")
+        pattern = re.compile(regex) if isinstance(regex, str) else regex
+        deadline = time.monotonic() + limit
+        delay = 0.5
+        while True:
+            last_try = time.monotonic() >= deadline
+            text = self.screen_text()
+            match = pattern.search(text)
+            if match:
+                return match
+            if last_try:
+                raise GuestTimeout(
+                    f"{self._state.what}: the screen did not show {pattern.pattern!r} "
+                    f"within {limit:.0f} s; it last showed:\n{text or '(no text)'}\n---",
+                    self._state.name,
+                )
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 3.0)
+
+    def _vga_text(self, machine: Machine) -> str:
+        """The VGA text buffer as text; "" in a graphics mode (it holds pixels then)."""
 
         def hmp(line: str) -> str:
             return str(machine.qmp("human-monitor-command", **{"command-line": line}) or "")

@@ -38,5 +38,6 @@ def test_nixos_names_on_a_real_guest(kvm_guest, tmp_path):
     g.send_chars("typed by kvm\n")
     g.wait_until_succeeds("grep -q 'typed by kvm' /tmp/typed", timeout=60)
     # get_screen_text: this guest's console is a framebuffer (bochs-drm), so VGA text
-    # mode has nothing to read; the name answers like screen_text().
+    # mode has nothing to read; the name answers like screen_text() (by OCR: see
+    # test_screen_ocr.py).
     assert isinstance(g.get_screen_text(), str)
