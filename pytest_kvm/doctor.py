@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel
+from . import accel, ocr
 from .errors import KvmError
 
 # Shown by ``pytest-kvm doctor`` as the image of the default mode.
@@ -344,6 +344,13 @@ def _qemu_nbd_check() -> Check:
                  hint="apt-get install qemu-utils", optional=True)  # fmt: skip
 
 
+def _tesseract_check() -> Check:
+    path = shutil.which(ocr.TESSERACT)
+    what = "tesseract (optional: screen_text/wait_for_text on a graphical screen, by OCR)"
+    return Check(what, path is not None, path or "not found", required=False,
+                 hint=f"apt-get install {ocr.PACKAGE}", optional=True)  # fmt: skip
+
+
 def _libvirt_check() -> Check:
     """Optional: --kvm-backend libvirt."""
     from .backends.libvirt import connect, load_libvirt
@@ -375,6 +382,7 @@ def doctor_checks(cache: Path, quick: bool = False) -> list[Check]:
     checks.append(_cache_check(cache))
     force_tcg = not acc.detail.startswith("kvm")
     checks += [_guestfs_check(force_tcg, quick), _qemu_nbd_check(), _libvirt_check()]
+    checks.append(_tesseract_check())
     checks += [_extra_check(part) for part in EXTRAS]
     return checks
 

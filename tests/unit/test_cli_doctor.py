@@ -31,7 +31,7 @@ class Machine:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         self.tools = {
             "qemu-system-x86_64", "qemu-img", "qemu-nbd", "mmdebstrap", "mkfs.ext4",
-            "e2fsck", "sfdisk", "grub-mkimage", "chroot",
+            "e2fsck", "sfdisk", "grub-mkimage", "chroot", "tesseract",
         }  # fmt: skip
         self.netdevs = "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\n"
         self.accels = "Accelerators supported in QEMU binary:\ntcg\nkvm\n"
@@ -399,3 +399,13 @@ def test_real_doctor_on_this_machine():
         assert accel_line.startswith("[ok] accelerator: tcg"), accel_line
         assert "kvm_pvm" in accel_line
         assert "LIBGUESTFS_BACKEND_SETTINGS=force_tcg" in out
+
+
+def test_a_missing_tesseract_names_its_debian_package(machine: Machine, capsys):
+    machine.tools.discard("tesseract")
+    code, out = machine.doctor(capsys)
+    assert code == 0, out  # only screen text of a graphical screen needs it
+    what = "tesseract (optional: screen_text/wait_for_text on a graphical screen, by OCR)"
+    line, hint = lines_about(out, what)[:2]
+    assert line == f"[--] {what}: not found"
+    assert hint == "     install: apt-get install tesseract-ocr"
