@@ -23,7 +23,7 @@ from ..display import (
     vga_text,
     vnc_password,
 )
-from ..errors import GuestError, GuestTimeout
+from ..errors import GuestCrashed, GuestError, GuestTimeout
 from ..ocr import OcrFailed, OcrUnavailable, ocr_text
 from .state import GuestState
 
@@ -157,6 +157,7 @@ class Screen:
             match = pattern.search(text)
             if match:
                 return match
+            self._check_alive(pattern)
             if last_try:
                 raise GuestTimeout(
                     f"{self._state.what}: the screen did not show {pattern.pattern!r} "
@@ -165,6 +166,18 @@ class Screen:
                 )
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 3.0)
+
+    def _check_alive(self, pattern: re.Pattern[str]) -> None:
+        """A guest that died (QEMU exited, a panic) ends the wait within a poll."""
+        if self._state.console is None:
+            return  # not started (a stand-in): no console to read a panic from
+        dead = self._state.alive()
+        if dead:
+            raise GuestCrashed(
+                f"{dead}; waiting for the screen to show {pattern.pattern!r}; console:\n"
+                f"{self._state.crash_lines()}",
+                self._state.name,
+            )
 
     def _vga_text(self, machine: Machine) -> str:
         """The VGA text buffer as text; "" in a graphics mode (it holds pixels then)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 import re
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from pytest_kvm.display import PNG_MAGIC
-from pytest_kvm.errors import GuestError, GuestTimeout, KvmUnavailable
+from pytest_kvm.errors import GuestCrashed, GuestError, GuestTimeout, KvmUnavailable
 from pytest_kvm.guest.screen import Screen
 from pytest_kvm.guest.state import GuestState
 from pytest_kvm.ocr import PACKAGE, OcrFailed, OcrUnavailable, clean_text, ocr_text
@@ -147,3 +148,14 @@ def test_ocr_runs_tesseract_on_one_thread(fake_tesseract):
     script.write_text(f'#!/bin/sh\necho "$OMP_THREAD_LIMIT" > {fake_tesseract}/said.txt\n'
                       f"/bin/cat {fake_tesseract}/said.txt\n")  # fmt: skip
     assert ocr_text(PICTURE) == "1"
+
+
+def test_wait_for_text_ends_when_the_guest_dies(fake_tesseract):
+    machine = FakeMachine(bytes(4000))
+    shown = screen(fake_tesseract, machine)
+    log = fake_tesseract / "serial.log"
+    log.write_text("Kernel panic - not syncing: Attempted to kill init!\n")
+    shown._state.console = SimpleNamespace(log_path=log)  # type: ignore[assignment]
+    with pytest.raises(GuestCrashed, match=r"panicked: Kernel panic.*waiting for the screen to "
+                       r"show 'Installation complete'"):  # fmt: skip
+        shown.wait_for_text("Installation complete", 600)
