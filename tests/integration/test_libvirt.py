@@ -70,11 +70,35 @@ def _ours() -> list[str]:
 
 def _guest_volumes() -> list[str]:
     """Volumes of guests (overlays, seeds) left in our pool; uploaded images excluded.
-    No pool yet (a fresh host before the first libvirt run): no volumes."""
+    No pool yet (a fresh host before the first libvirt run): no volumes. The pool's
+    directory is the host's, shared with every pytest-kvm run on this machine: the
+    volumes of runs that are still alive (by their leases) are theirs, not left over."""
     if "pytest-kvm" not in _virsh("pool-list", "--all", "--name").split():
         return []
     lines = _virsh("vol-list", "pytest-kvm").splitlines()
-    return [line.split()[0] for line in lines if line.split()[0].startswith("pytest-kvm-")]
+    names = [line.split()[0] for line in lines if line.split()[0].startswith("pytest-kvm-")]
+    live = _live_run_ids()
+    return [name for name in names if not any(f"-kvm-{run}-" in name for run in live)]
+
+
+def _live_run_ids() -> set[str]:
+    """The run ids of live pytest-kvm runs in the lease directory, this test's own
+    (PYTEST_KVM_LEASE_DIR, if it set one) and the machine's."""
+    from pytest_kvm.lease import LEASE_DIR_ENV, lease_dir, leases
+
+    dirs = {lease_dir()}
+    configured = os.environ.pop(LEASE_DIR_ENV, None)
+    try:
+        dirs.add(lease_dir())
+    finally:
+        if configured is not None:
+            os.environ[LEASE_DIR_ENV] = configured
+    return {
+        str(lease.data["run_id"])
+        for directory in dirs
+        for lease in leases(directory)
+        if lease.data.get("run_id") and lease.owner_alive
+    }
 
 
 def _pytest_argv(image_arg: str, cache_arg: str) -> list[str]:
