@@ -203,15 +203,24 @@ def _save_kernel_log(guest: Guest, folder: Path) -> bool:
     return True
 
 
+def html_enabled(config: pytest.Config) -> bool:
+    """pytest-html is active (``--html``) and importable: extras are worth making."""
+    if not config.pluginmanager.hasplugin("html") or not config.getoption("htmlpath", None):
+        return False
+    try:
+        import pytest_html  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def html_extras(config: pytest.Config, guest_name: str, folder: Path, console: str) -> list[Any]:
     """pytest-html extras for one failed guest: its screenshot and console tail; []
     without pytest-html (or when it is not active)."""
-    if not config.pluginmanager.hasplugin("html") or not config.getoption("htmlpath", None):
+    if not html_enabled(config):
         return []
-    try:
-        from pytest_html import extras
-    except ImportError:
-        return []
+    from pytest_html import extras
+
     found: list[Any] = []
     screen = folder / _SCREEN
     if screen.is_file():
