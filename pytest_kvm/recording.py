@@ -69,17 +69,21 @@ class Frames:
         self._number = 0
         self._bytes = 0
 
-    def offer(self, png: bytes, at: float) -> bool:
-        """Keep ``png`` taken at ``at`` if the screen changed; True if it was kept."""
+    def offer(
+        self, screen: bytes, at: float, to_png: Callable[[bytes], bytes] | None = None
+    ) -> bool:
+        """Keep ``screen`` taken at ``at`` if it changed; True if it was kept. The hash
+        is of ``screen`` as given; ``to_png`` converts a kept one (a PPM)."""
         self.seen += 1
-        digest = hashlib.sha256(png).digest()
+        digest = hashlib.sha256(screen).digest()
         if digest == self._last:
             return False
-        self._last = digest
+        png = to_png(screen) if to_png is not None else screen
         self._number += 1
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.folder / f"frame-{self._number:05d}.png"
         path.write_bytes(png)
+        self._last = digest  # only once it is kept: a failed write is tried again
         self.kept.append(Frame(path, at, len(png)))
         self._bytes += len(png)
         while len(self.kept) > 1 and (
@@ -143,12 +147,10 @@ class Recorder:
         at = self._clock() - self._started
         try:
             data = self._grab()
-            png = data if data.startswith(PNG_MAGIC) else ppm_to_png(data)
+            self.frames.offer(data, at, None if data.startswith(PNG_MAGIC) else ppm_to_png)
         except Exception as exc:  # a stopped guest, a QMP timeout: the test goes on
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
-            return
-        self.frames.offer(png, at)
 
     def stop(self) -> None:
         if self._thread is None or self._stop.is_set():
