@@ -304,7 +304,7 @@ class Recordings:
         for name, recorder in self.recorders.items():
             try:
                 dest = recorder.save(folder_for(artifacts, item.nodeid, name))
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, struct.error) as exc:
                 report.sections.append((f"kvm recording: {name}", f"not saved: {exc}"))
                 continue
             text = f"{dest} ({recorder.summary().strip()})" if dest else recorder.summary()
