@@ -10,6 +10,8 @@ A failed test's guests each leave ``--kvm-artifacts DIR/<test id>/<guest>/``:
 - ``boot-timings.txt``   seconds per boot phase
 - ``screen.png``         the display (``screen.txt`` too while it is in a text mode),
                          or ``screen-error.txt`` saying why there is none
+- ``screen-recording.png`` with ``--kvm-record`` (recording.py): an animated PNG of
+                         the screen, ``screen-recording.txt`` its frames' times
 - ``journal.txt``        the journal of the current boot, ``journal-source.txt``
                          where it came from; a guest without systemd (sysvinit) has
                          no journal: ``dmesg.txt`` holds its kernel log instead.

@@ -1,7 +1,8 @@
 """What a test's report says about its guests, in one ``makereport`` in a fixed order:
-report sections (resources, boot timings), then a failed test's artifacts (console
-tail, the artifacts folder, pytest-html extras), then keep-on-failure, last: the
-artifacts are read from the guest before it is handed over to the user, running."""
+report sections (resources, boot timings), --kvm-record's recorders stopped, then a
+failed test's artifacts (console tail, the artifacts folder, pytest-html extras) and
+its recordings, then keep-on-failure, last: the artifacts are read from the guest
+before it is handed over to the user, running."""
 
 from __future__ import annotations
 
