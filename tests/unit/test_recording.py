@@ -202,3 +202,53 @@ def test_frames_folder_is_created_lazily(tmp_path: Path):
     frames = Frames(tmp_path / "never")
     assert not (tmp_path / "never").exists()
     assert frames.kept == []
+
+
+class FakeGuest:
+    def __init__(self, name: str, workdir: Path, display: bool) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.has_display = display
+        self.machine = self
+        self.shade = 0
+
+    def screenshot(self) -> bytes:
+        self.shade += 1
+        return png(4, 4, self.shade)
+
+
+class FakeConfig:
+    class pluginmanager:
+        @staticmethod
+        def hasplugin(name: str) -> bool:
+            return False
+
+
+class FakeItem:
+    nodeid = "t.py::test_x"
+    config = FakeConfig()
+
+
+class FakeReport:
+    def __init__(self) -> None:
+        self.sections: list[tuple[str, str]] = []
+
+
+def test_recordings_keep_a_display_guests_frames_and_note_the_other(tmp_path):
+    from pytest_kvm.recording import NO_DISPLAY, Recordings
+
+    recordings = Recordings()
+    shown = FakeGuest("shown", tmp_path / "w1", display=True)
+    recordings.add(shown)
+    recordings.add(FakeGuest("blind", tmp_path / "w2", display=False))
+    recordings.stop()  # the thread took at least its first screenshot
+    recordings.recorders["shown"].shoot()  # one more, changed
+    report = FakeReport()
+    recordings.keep(FakeItem(), report, tmp_path / "artifacts")  # type: ignore[arg-type]
+    titles = dict(report.sections)
+    assert RECORDING in titles["kvm recording: shown"]
+    assert titles["kvm recording: blind"] == NO_DISPLAY
+    saved = list((tmp_path / "artifacts").rglob(RECORDING))
+    assert len(saved) == 1 and apng_frames(saved[0].read_bytes()) >= 2
+    recordings.close()
+    assert not (tmp_path / "w1" / "recording").exists()
