@@ -10,6 +10,8 @@ A failed test's guests each leave ``--kvm-artifacts DIR/<test id>/<guest>/``:
 - ``boot-timings.txt``   seconds per boot phase
 - ``screen.png``         the display (``screen.txt`` too while it is in a text mode),
                          or ``screen-error.txt`` saying why there is none
+- ``screen-recording.png`` with ``--kvm-record`` (recording.py): an animated PNG of
+                         the screen, ``screen-recording.txt`` its frames' times
 - ``journal.txt``        the journal of the current boot, ``journal-source.txt``
                          where it came from; a guest without systemd (sysvinit) has
                          no journal: ``dmesg.txt`` holds its kernel log instead.
@@ -206,15 +208,24 @@ def _save_kernel_log(guest: Guest, folder: Path) -> bool:
     return True
 
 
+def html_enabled(config: pytest.Config) -> bool:
+    """pytest-html is active (``--html``) and importable: extras are worth making."""
+    if not config.pluginmanager.hasplugin("html") or not config.getoption("htmlpath", None):
+        return False
+    try:
+        import pytest_html  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def html_extras(config: pytest.Config, guest_name: str, folder: Path, console: str) -> list[Any]:
     """pytest-html extras for one failed guest: its screenshot and console tail; []
     without pytest-html (or when it is not active)."""
-    if not config.pluginmanager.hasplugin("html") or not config.getoption("htmlpath", None):
+    if not html_enabled(config):
         return []
-    try:
-        from pytest_html import extras
-    except ImportError:
-        return []
+    from pytest_html import extras
+
     found: list[Any] = []
     screen = folder / _SCREEN
     if screen.is_file():

@@ -39,6 +39,8 @@ class Settings:
     keep_on_failure: bool = False
     # Wait for Enter after a failed call, guests running (pause.py); no xdist.
     pause_on_failure: bool = False
+    # A failed test's guests with a display keep a screen recording (recording.py).
+    record: bool = False
     # A VNC display on 127.0.0.1 (password in a private file) for every guest.
     vnc: bool = False
     # Never download images: URLs and downloaded catalog images must be in the cache.
@@ -281,6 +283,13 @@ OPTIONS: dict[str, Option] = {
             _bool,
             "on a failed call, print how to reach its guests and wait for Enter before "
             "teardown (not under xdist)",
+            "",
+        ),
+        Option(
+            "record",
+            _bool,
+            "a failed test's guests with a display keep a recording of their screen "
+            "(an animated PNG in the artifacts)",
             "",
         ),
         Option("vnc", _bool, "a VNC display on 127.0.0.1, with a password, per guest", ""),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import accel, artifacts, matrix, pause
+from . import accel, artifacts, matrix, pause, recording
 from .backends import load_backend
 from .config import OPTIONS, Settings, resolve
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
@@ -39,6 +39,7 @@ __all__ = ["GUEST_FIXTURES", "settings_key"]  # settings_key: tests and conftest
 _vlan_numbers = itertools.count(1)
 collect_errors_key = pytest.StashKey[list[str]]()
 dist_note_key = pytest.StashKey[str]()
+_FLAGS = ("snapshot", "keep_on_failure", "pause_on_failure", "record", "vnc", "offline")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,7 +62,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if opt.name == "uri":
             group.addoption(opt.flag, action="append", dest=dest, default=None,
                             metavar=opt.metavar, help=opt.help)  # fmt: skip
-        elif opt.name in ("snapshot", "keep_on_failure", "pause_on_failure", "vnc", "offline"):
+        elif opt.name in _FLAGS:
             group.addoption(opt.flag, action="store_true", dest=dest, default=None, help=opt.help)
             if opt.name == "snapshot":
                 group.addoption(
@@ -227,18 +228,28 @@ def kvm_guest_factory(
         _kvm_session, settings, kvm_image, request.node.nodeid, marker_snapshot(request.node)
     )
     request.node.stash[guests_key] = guests.started
+    recordings = recording.Recordings() if settings.record else None
+    request.node.stash[recording.recordings_key] = recordings
     try:
-        yield _factory(guests)
+        yield _factory(guests, recordings)
     finally:
-        guests.close()
+        try:
+            if recordings is not None:
+                recordings.close()
+        finally:
+            guests.close()
 
 
-def _factory(guests: TestGuests) -> GuestFactory:
-    """``guests.start`` as a function whose ``help()`` shows the factory's arguments."""
+def _factory(guests: TestGuests, recordings: recording.Recordings | None) -> GuestFactory:
+    """``guests.start`` as a function whose ``help()`` shows the factory's arguments;
+    with --kvm-record, each guest's recording starts as it is handed over."""
 
     def factory(*args: Any, **kwargs: Any) -> Guest:
         __tracebackhide__ = True
-        return guests.start(*args, **kwargs)
+        guest = guests.start(*args, **kwargs)
+        if recordings is not None:
+            recordings.add(guest)
+        return guest
 
     factory.__signature__ = FACTORY_SIGNATURE  # type: ignore[attr-defined]
     factory.__doc__ = GuestRequest.build.__doc__

@@ -1,7 +1,8 @@
 """What a test's report says about its guests, in one ``makereport`` in a fixed order:
-report sections (resources, boot timings), then a failed test's artifacts (console
-tail, the artifacts folder, pytest-html extras), then keep-on-failure, last: the
-artifacts are read from the guest before it is handed over to the user, running."""
+report sections (resources, boot timings), --kvm-record's recorders stopped, then a
+failed test's artifacts (console tail, the artifacts folder, pytest-html extras) and
+its recordings, then keep-on-failure, last: the artifacts are read from the guest
+before it is handed over to the user, running."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from . import artifacts, matrix
+from . import artifacts, matrix, recording
 from .config import Settings
 from .console import tail
 from .errors import KvmError
@@ -36,8 +37,11 @@ class Reporting:
         settings = item.config.stash.get(settings_key, None)
         failed = report.failed and call.when in ("setup", "call")
         _add_sections(item, call, report, guests)
+        if failed or call.when == "call":
+            recording.stop(item)  # --kvm-record: before the artifacts and the teardown
         if failed:
             _add_artifacts(item, report, guests, settings)
+            recording.keep(item, report, settings.artifacts if settings else None)
             _add_captures(item, report, settings)
         if failed and settings is not None and settings.keep_on_failure:
             for guest in guests:

@@ -7,6 +7,7 @@ is idempotent and removes sockets and threads.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -58,7 +59,7 @@ class QemuMachine(Machine):
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: Qmp | None = None
         self._closed = False
-        self._shots = 0
+        self._shots = itertools.count(1)  # next() is atomic: the recorder's thread too
 
     @property
     def argv(self) -> list[str]:
@@ -177,8 +178,7 @@ class QemuMachine(Machine):
         """The display as QEMU writes it: PNG, or PPM from a QEMU that cannot write
         PNG (before 7.1 screendump has no ``format``; a build without libpng refuses
         it). Both refusals are a ``QmpError``."""
-        self._shots += 1
-        raw = self.spec.workdir / f".screendump-{self._shots}"
+        raw = self.spec.workdir / f".screendump-{next(self._shots)}"
         try:
             try:
                 self.qmp("screendump", filename=str(raw), format="png")
