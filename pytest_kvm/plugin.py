@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import accel, artifacts, matrix
+from . import accel, artifacts, gate, matrix
 from .backends import load_backend
 from .config import OPTIONS, Settings, resolve
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
@@ -31,7 +31,14 @@ from .request import (
     marker_settings,
     marker_snapshot,
 )
-from .session import KvmSession, TestGuests, guests_key, settings_key, spec_checks_key
+from .session import (
+    KvmSession,
+    TestGuests,
+    guests_key,
+    handovers_key,
+    settings_key,
+    spec_checks_key,
+)
 from .snapshot import Snapshot, define
 from .vlan import Vlan
 
@@ -78,11 +85,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, files=, hostname=, "
-        "run=): override pytest-kvm settings for a test, class or module; files/hostname/run "
-        "customise the disk with libguestfs before the guest boots",
+        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, fail_on=, files=, "
+        "hostname=, run=): override pytest-kvm settings for a test, class or module; "
+        "files/hostname/run customise the disk with libguestfs before the guest boots",
     )
     config.addinivalue_line("markers", matrix.SKIP_MARKER_HELP)
+    config.addinivalue_line("markers", gate.ALLOW_HELP)
     cli = {name: config.getoption("kvm_" + name) for name in OPTIONS}
     cli["image"] = config.getoption("kvm_image")
     try:
@@ -105,6 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[settings_key] = settings
     config.pluginmanager.register(_Lifecycle(config), "pytest-kvm-lifecycle")
     config.pluginmanager.register(Reporting(), "pytest-kvm-reporting")
+    config.pluginmanager.register(gate.ErrorGate(), "pytest-kvm-error-gate")
 
 
 class Terminated(KeyboardInterrupt):
@@ -224,6 +233,7 @@ def kvm_guest_factory(
         _kvm_session, settings, kvm_image, request.node.nodeid, marker_snapshot(request.node)
     )
     request.node.stash[guests_key] = guests.started
+    request.node.stash[handovers_key] = guests.handed_over
     try:
         yield _factory(guests)
     finally:
@@ -307,5 +317,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 matrix.skipped_images(item)  # also on tests that start no guest
             if item.get_closest_marker("kvm") is not None:
                 marker_settings(item, settings)
+            if item.get_closest_marker(gate.ALLOW_MARKER) is not None:
+                gate.allowed(item)
         except KvmError as exc:
             raise pytest.UsageError(f"pytest-kvm: {exc}") from None
