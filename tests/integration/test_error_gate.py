@@ -86,7 +86,7 @@ def inner_result(pytester, image_arg, cache_arg, inner_env):
 
 def _failure(out: str, test: str) -> str:
     """The FAILURES section of one inner test."""
-    head = f"_ {test} _"
+    head = f"_ {test}["
     assert head in out, out[-3000:]
     return out.split(head, 1)[1].split("\n____", 1)[0].split("\n====", 1)[0]
 
