@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,18 +45,27 @@ ERR = 3  # syslog priority err: journal-err fails on this and worse (0..3)
 
 @dataclass(frozen=True)
 class HandOver:
-    """When a guest was handed to the test: the host's clock, the console's length."""
+    """When a guest was handed to the test: the host's clock, the console's length and,
+    when the journal is to be read, the journal's cursor then."""
 
     time: float
     console: int
+    cursor: str = ""
 
     @classmethod
-    def now(cls, guest: Guest) -> HandOver:
+    def now(cls, guest: Guest, kinds: frozenset[str] = frozenset()) -> HandOver:
         try:
             size = guest.serial_log.stat().st_size
         except (OSError, AssertionError):  # no console yet: everything on it is new
             size = 0
-        return cls(time.time(), size)
+        at = time.time()
+        cursor = ""
+        if kinds - {"panic"}:  # one guest command, only when the journal will be read
+            result = guest.run_if_answering("journalctl -q -n 1 -o cat --show-cursor", 30)
+            for line in (result.stdout if result else "").splitlines():
+                if line.startswith("-- cursor: "):
+                    cursor = line.removeprefix("-- cursor: ").strip()
+        return cls(at, size, cursor)
 
 
 @dataclass(frozen=True)
@@ -78,16 +88,21 @@ class Verdict:
     note: str = ""
 
 
-def journal_command(elapsed: float) -> str:
+def journal_command(elapsed: float, cursor: str = "") -> str:
     """The one guest command: journald writes out what it was sent (``--sync``: a
-    message logged just before the test ended is not missed), the journal entries
-    (JSON, one a line, priority info or worse) of the last ``elapsed`` seconds (and
-    some), and last the guest's clock, read as late as can be (see ``check``)."""
-    back = math.ceil(elapsed + SLACK) + 2
-    return (
+    message logged just before the test ended is not missed), then the journal entries
+    (JSON, one a line, priority info or worse) after the hand-over's ``cursor``; with
+    no cursor, those of the last ``elapsed`` seconds (and some), and last the guest's
+    clock, read as late as can be (see ``check``)."""
+    head = (
         "journalctl --sync 2>/dev/null; "
         f"journalctl -q --no-pager -o json -p info -n {MAX_ENTRIES} --output-fields={FIELDS} "
-        f"--since=-{back}s; "
+    )
+    if cursor:
+        return head + f"--after-cursor={shlex.quote(cursor)}"
+    back = math.ceil(elapsed + SLACK) + 2
+    return (
+        head + f"--since=-{back}s; "
         # bash's clock costs no process (one is ~0.2 s under TCG); other shells run date.
         't="${EPOCHREALTIME:-}"; [ -n "$t" ] || t=$(date +%s.%N); echo "$t"'
     )
@@ -199,19 +214,22 @@ def check(guest: Guest, handover: HandOver, kinds: frozenset[str], timeout: floa
     if not journal_kinds:
         return Verdict(findings, "")
     sent = time.time()
-    result = guest.run_if_answering(journal_command(sent - handover.time), timeout)
+    command = journal_command(sent - handover.time, handover.cursor)
+    result = guest.run_if_answering(command, timeout)
     received = time.time()
     if result is None:
         return Verdict(findings, "the guest did not answer: its journal was not read")
     lines = result.stdout.rstrip().splitlines()
-    try:
-        # The guest's clock was read last, so between ``sent`` and ``received`` by the
-        # host's, nearer the latter: guest minus host clock is at least this.
-        offset = float(lines[-1].strip().replace(",", ".")) - received  # a locale comma
-    except (ValueError, IndexError):
-        return Verdict(findings, f"unexpected answer: {result.stdout[-200:]!r}")
-    since_us = int((handover.time + offset - SLACK) * 1e6)
-    entries = parse_entries(lines[:-1], since_us)
+    since_us = 0
+    if not handover.cursor:
+        try:
+            # The guest's clock was read last, so between ``sent`` and ``received`` by
+            # the host's, nearer the latter: guest minus host clock is at least this.
+            offset = float(lines.pop().strip().replace(",", ".")) - received
+        except (ValueError, IndexError):
+            return Verdict(findings, f"unexpected answer: {result.stdout[-200:]!r}")
+        since_us = int((handover.time + offset - SLACK) * 1e6)
+    entries = parse_entries(lines, since_us)
     note = ""
     if result.exit_status != 0 and not entries:
         note = f"journalctl failed (exit {result.exit_status}): {result.stderr.strip()[:200]}"

@@ -238,7 +238,7 @@ class TestGuests:
         guest.boot_disk = self.start  # boot_installed(): this test's next guest
         self.started.append(guest)
         guest.start()
-        self.handed_over[guest.name] = HandOver.now(guest)
+        self.handed_over[guest.name] = HandOver.now(guest, self.settings.fail_on)
         return guest
 
     def guest_config(self, request: GuestRequest) -> GuestConfig:

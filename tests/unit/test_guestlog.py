@@ -206,6 +206,13 @@ def test_the_command_syncs_reads_and_reads_the_guests_clock_last():
     assert "-o json" in cmd and "-p info" in cmd
 
 
+def test_with_a_cursor_the_command_reads_after_it_and_no_clock():
+    cmd = journal_command(3.0, "s=ab;i=1f;b=cd;m=9;t=61;x=0'")
+    assert cmd.startswith("journalctl --sync 2>/dev/null; journalctl ")
+    assert cmd.endswith("""--after-cursor='s=ab;i=1f;b=cd;m=9;t=61;x=0'"'"''""")
+    assert "EPOCHREALTIME" not in cmd
+
+
 def test_a_guest_crashed_error_is_remembered_for_the_gate():
     assert not crash_told("kvm-test-guestlog-1")
     GuestCrashed("panicked", "kvm-test-guestlog-1")
