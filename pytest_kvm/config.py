@@ -15,6 +15,8 @@ from .network import NetworkSpec as NetworkSpec  # re-exported: its old home
 
 BACKENDS = ("qemu", "libvirt")
 ACCELS = ("auto", "kvm", "tcg")
+# What the error gate (--kvm-fail-on) can look for in a guest after each test's call.
+FAIL_ON_KINDS = ("panic", "oops", "coredump", "journal-err")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Settings:
     image_secret: Path | None = None
     # Marker files=, hostname=, run=: applied with libguestfs before the guest boots.
     customize: Customization = field(default_factory=Customization)
+    # --kvm-fail-on: guest-side errors (FAIL_ON_KINDS) that fail a test after its call.
+    fail_on: frozenset[str] = frozenset({"panic"})
 
     def with_marker(self, kwargs: Mapping[str, Any], where: str) -> Settings:
         """Apply ``@pytest.mark.kvm(...)`` overrides, validating each value."""
@@ -173,6 +177,29 @@ def _text(value: Any, where: str) -> str:
     if "\0" in text or "\n" in text:
         raise KvmConfigError(f"{where}: {value!r} contains a NUL or newline")
     return text
+
+
+def parse_fail_on(value: Any, where: str) -> frozenset[str]:
+    """``panic,oops,coredump,journal-err`` (commas or spaces; a list in a marker);
+    ``none`` or nothing turns the gate off."""
+    if isinstance(value, str):
+        items = value.replace(",", " ").split()
+    elif isinstance(value, list | tuple | set | frozenset) and all(
+        isinstance(v, str) for v in value
+    ):
+        items = [part for v in value for part in v.replace(",", " ").split()]
+    else:
+        raise KvmConfigError(f"{where}: {value!r} is not a list of {', '.join(FAIL_ON_KINDS)}")
+    kinds = {item.strip().lower() for item in items}
+    if kinds == {"none"}:
+        return frozenset()
+    unknown = sorted(kinds - set(FAIL_ON_KINDS))
+    if unknown:
+        shown = "" if str(value).strip().lower() == unknown[0] else f"{value!r}: "
+        raise KvmConfigError(
+            f"{where}: {shown}{unknown[0]!r} is not one of {', '.join(FAIL_ON_KINDS)} (or none)"
+        )
+    return frozenset(kinds)
 
 
 def _pool(value: Any, where: str) -> str:
@@ -303,11 +330,28 @@ OPTIONS: dict[str, Option] = {
             "private file (0600) holding the key of LUKS-encrypted qcow2 images",
             "FILE",
         ),
+        Option(
+            "fail_on",
+            parse_fail_on,
+            "guest errors that fail a test after its call: panic (default), oops, "
+            "coredump, journal-err, comma-separated; none turns it off",
+            "LIST",
+        ),
     )
 }
 CUSTOMIZE_KEYS = ("files", "hostname", "run")
 MARKER_KEYS = frozenset(
-    {"image", "memory", "cpus", "network", "snapshot", "kernel_args", "vnc", *CUSTOMIZE_KEYS}
+    {
+        "image",
+        "memory",
+        "cpus",
+        "network",
+        "snapshot",
+        "kernel_args",
+        "vnc",
+        "fail_on",
+        *CUSTOMIZE_KEYS,
+    }
 )
 
 

@@ -55,6 +55,21 @@ class GuestLaunchError(GuestError):
 class GuestCrashed(GuestError):
     """The guest died or panicked during the test."""
 
+    def __init__(self, message: str, guest: str | None = None) -> None:
+        super().__init__(message, guest)
+        if guest is not None:
+            _crashes_told.add(guest)
+
+
+# Guests whose crash a GuestCrashed already told the test about (guest names are unique
+# in a run): the error gate does not fail a test again for a panic it was shown.
+_crashes_told: set[str] = set()
+
+
+def crash_told(guest: str) -> bool:
+    """Whether a ``GuestCrashed`` was raised for the guest named ``guest``."""
+    return guest in _crashes_told
+
 
 class GuestTimeout(GuestError, TimeoutError):
     """A wait ran out; the message says what it last saw."""

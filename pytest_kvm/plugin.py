@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import accel, artifacts, matrix, pause, recording
+from . import accel, artifacts, gate, matrix, pause, recording
 from .backends import load_backend
 from .config import OPTIONS, Settings, resolve
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
@@ -31,7 +31,14 @@ from .request import (
     marker_settings,
     marker_snapshot,
 )
-from .session import KvmSession, TestGuests, guests_key, settings_key, spec_checks_key
+from .session import (
+    KvmSession,
+    TestGuests,
+    guests_key,
+    handovers_key,
+    settings_key,
+    spec_checks_key,
+)
 from .snapshot import Snapshot, define
 from .vlan import Vlan
 
@@ -79,11 +86,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, files=, hostname=, "
-        "run=): override pytest-kvm settings for a test, class or module; files/hostname/run "
-        "customise the disk with libguestfs before the guest boots",
+        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, fail_on=, files=, "
+        "hostname=, run=): override pytest-kvm settings for a test, class or module; "
+        "files/hostname/run customise the disk with libguestfs before the guest boots",
     )
     config.addinivalue_line("markers", matrix.SKIP_MARKER_HELP)
+    config.addinivalue_line("markers", gate.ALLOW_HELP)
     cli = {name: config.getoption("kvm_" + name) for name in OPTIONS}
     cli["image"] = config.getoption("kvm_image")
     try:
@@ -109,6 +117,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Reporting(), "pytest-kvm-reporting")
     if settings.pause_on_failure:
         config.pluginmanager.register(pause.Pause(), "pytest-kvm-pause")
+    config.pluginmanager.register(gate.ErrorGate(), "pytest-kvm-error-gate")
 
 
 class Terminated(KeyboardInterrupt):
@@ -230,6 +239,7 @@ def kvm_guest_factory(
     request.node.stash[guests_key] = guests.started
     recordings = recording.Recordings() if settings.record else None
     request.node.stash[recording.recordings_key] = recordings
+    request.node.stash[handovers_key] = guests.handed_over
     try:
         yield _factory(guests, recordings)
     finally:
@@ -325,5 +335,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 matrix.skipped_images(item)  # also on tests that start no guest
             if item.get_closest_marker("kvm") is not None:
                 marker_settings(item, settings)
+            if item.get_closest_marker(gate.ALLOW_MARKER) is not None:
+                gate.allowed(item)
         except KvmError as exc:
             raise pytest.UsageError(f"pytest-kvm: {exc}") from None

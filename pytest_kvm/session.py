@@ -23,6 +23,7 @@ from .config import DEFAULT_BRIDGE_HELPER, Settings
 from .customize import Customization, customized_image, guestfs_available, probe_cloud_init
 from .errors import KvmConfigError, KvmUnavailable
 from .guest import Guest, GuestConfig, template_refusal
+from .guestlog import HandOver
 from .images import Image
 from .images.kernel import BootFiles, boot_files
 from .images.store import classify
@@ -36,6 +37,8 @@ from .template import Shape, Template, TemplateStore
 
 settings_key = pytest.StashKey[Settings]()
 guests_key = pytest.StashKey[list[Guest]]()
+# Guest name -> when it was handed to the test: where the error gate starts reading.
+handovers_key = pytest.StashKey[dict[str, HandOver]]()
 spec_checks_key = pytest.StashKey[SpecChecks]()
 
 
@@ -207,6 +210,7 @@ class TestGuests:
         self.nodeid = nodeid
         self.snapshot = snapshot  # @pytest.mark.kvm(image=a Snapshot): image=None means it
         self.started: list[Guest] = []
+        self.handed_over: dict[str, HandOver] = {}
 
     def start(self, *args: Any, **kwargs: Any) -> Guest:
         """``factory(image=None, network=None, memory=None, cpus=None, name=None, ...)``:
@@ -234,6 +238,7 @@ class TestGuests:
         guest.boot_disk = self.start  # boot_installed(): this test's next guest
         self.started.append(guest)
         guest.start()
+        self.handed_over[guest.name] = HandOver.now(guest, self.settings.fail_on)
         return guest
 
     def guest_config(self, request: GuestRequest) -> GuestConfig:

@@ -353,6 +353,18 @@ class Guest(NixosNames):
         except (CommandTimeout, OSError, EOFError, paramiko.SSHException):
             return False
 
+    def run_if_answering(self, cmd: str, timeout: float = 10) -> CommandResult | None:
+        """``cmd`` over the open SSH connection, like ``answers_ssh`` (unscaled, no
+        reconnecting); None when the guest is down or does not answer in time."""
+        ssh = self._connection.session
+        if not self.is_running or ssh is None or not ssh.is_active():
+            return None
+        try:
+            raw = ssh.exec(cmd, timeout, alive=self._state.alive)
+        except (CommandTimeout, OSError, EOFError, paramiko.SSHException):
+            return None
+        return CommandResult(cmd, raw.exit_status, raw.stdout, raw.stderr)
+
     def journal_text(self, timeout: float = 60, ssh: bool = True) -> tuple[str, str]:
         """The journal of the guest's current boot and where it came from: over SSH
         while it answers; else the guest is stopped (after a sync through the guest

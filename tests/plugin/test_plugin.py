@@ -176,3 +176,28 @@ def test_header_reports_accelerator(pytester: pytest.Pytester):
     result.stdout.fnmatch_lines(
         ["pytest-kvm: images *a.qcow2; backend qemu; network user; accel *"]
     )
+
+
+def test_the_error_gate_is_in_help_and_markers_and_leaves_guestless_tests_alone(
+    pytester: pytest.Pytester,
+):
+    help_text = pytester.runpytest("--help").stdout.str()
+    assert "--kvm-fail-on=LIST" in help_text and "journal-err" in help_text
+    markers = pytester.runpytest("--markers").stdout.str()
+    assert "@pytest.mark.kvm_allow(" in markers and "fail_on=" in markers
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.kvm(fail_on="oops")
+        @pytest.mark.kvm_allow(r"x+")
+        def test_plain():
+            pass
+
+        def test_plain_failure():
+            assert False
+        """
+    )
+    result = pytester.runpytest("--kvm-fail-on=panic,oops,coredump,journal-err")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "kvm error gate" not in result.stdout.str()
