@@ -278,9 +278,10 @@ class Backend(abc.ABC):
     # by clones); False, the saved state (``SavesState.save_state``) holds the RAM
     # too, and machines ignore ``ram_file``.
     ram_in_file: ClassVar[bool] = True
-    # True: a clone gets its own MAC by a private copy of the saved device state with
-    # the template's MAC replaced (small with ``ram_in_file``); False, clones keep
-    # the template's MAC (the rest of their identity is still their own).
+    # True: a clone gets its own MAC: with ``ram_in_file``, by a private copy of the
+    # saved device state with the template's MAC replaced (guest/clone.py); without,
+    # the machine puts it in the copy of the saved state it restores from. False,
+    # clones keep the template's MAC (the rest of their identity is still their own).
     clone_mac: ClassVar[bool] = True
 
     def __init__(self, settings: Settings | None = None) -> None:

@@ -68,7 +68,7 @@ class Restore:
             template.mac, state.mac, self._hostname(), bridge=not self._nics.user
         )
         incoming = template.state
-        if state.mac != template.mac:
+        if state.mac != template.mac and (runner is None or runner.ram_in_file):
             # Its own copy of the device state, its own MAC where the template's was.
             # On user networking, slirp's DHCP table only: the NIC keeps the template's
             # MAC (what the guest kernel still uses) until the guest changes it, and
@@ -78,6 +78,8 @@ class Restore:
                 template.state, state.workdir / "state", template.mac, state.mac, state.what,
                 only=b"slirp" if self._nics.user else None,
             )  # fmt: skip
+        # (A backend whose saved state holds the RAM, libvirt's, gives the clone its
+        # MAC in the copy of the state it makes anyway: see its machine's restore.)
         # The console log starts with the template's boot, so it is whole from power-on.
         log = state.workdir / "serial.log"
         shutil.copyfile(template.serial_log, log)

@@ -145,6 +145,28 @@ def _check_domain(g, nodeid: str) -> None:
     )
 
 
+def test_two_clones_are_two_machines(kvm_guest_factory):
+    """Two guests restored from one template: each has its own MAC (in the guest, in
+    guest.mac and, on libvirt, in the domain's XML), machine-id and host key, and its
+    network works with it."""
+    guests = [kvm_guest_factory(), kvm_guest_factory()]
+    seen = []
+    for g in guests:
+        _restored(g)
+        dev = g.succeed(f"grep -l {g.mac} /sys/class/net/*/address | cut -d/ -f5").strip()
+        assert dev, g.succeed("ip -o link")
+        # slirp's DHCP lease went to the new MAC: the address SSH reaches is the lease's.
+        assert "10.0.2.15/24" in g.succeed(f"ip -4 -o address show dev {dev}")
+        if g.backend == "libvirt":
+            xml = subprocess.run(["virsh", "dumpxml", g.machine.domain_name],
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+            macs = [m.get("address") for m in ET.fromstring(xml).findall("devices/interface/mac")]
+            assert macs == [g.mac]
+        key = g.ssh.get_transport().get_remote_server_key().get_base64()
+        seen.append((g.mac, g.succeed("cat /etc/machine-id").strip(), key))
+    assert len({s[0] for s in seen}) == len({s[1] for s in seen}) == len({s[2] for s in seen}) == 2
+
+
 def test_reboot_shutdown_and_the_stopped_disk(kvm_guest):
     g = kvm_guest
     _restored(g)

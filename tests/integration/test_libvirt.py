@@ -138,7 +138,7 @@ def test_parity_suite_passes_on_both_backends(
             argv = _inner(libvirtd, pytester, image_arg, cache_arg,
                           f"--kvm-backend={backend}", artifacts, suite)  # fmt: skip
         result = pytester.run(*argv, timeout=1800)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
     if backend != "qemu":
         # What each test's guest consumed, in its report.
         result.stdout.fnmatch_lines(

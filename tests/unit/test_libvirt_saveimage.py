@@ -1,5 +1,6 @@
 """A libvirt save image re-headed for a clone: the clone's XML in the header, the
-QEMU stream after it untouched, the template's devices and MAC kept."""
+QEMU stream after it untouched but for the MAC in slirp's section, the template's
+devices kept."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pytest_kvm.backends.libvirt.saveimage import (
     read_header,
     rewritten,
     saved_macs,
+    slirp_mac_offsets,
 )
 
 SAVED = f"""<domain type='qemu'>
@@ -93,3 +95,38 @@ def test_what_cannot_be_a_clone_is_refused(tmp_path):
     partial.write_bytes(b"LibvirtQemudPart" + (tmp_path / "state").read_bytes()[16:])
     with pytest.raises(SaveImageError, match="not a complete"):
         read_header(partial)
+
+
+def test_a_clone_gets_its_own_mac_in_its_xml():
+    xml = clone_xml(SAVED, "n", [("p", "a"), ("p", "b")], (), METADATA_NS, mac="02:6b:76:0a:0b:0c")
+    assert saved_macs(xml) == ["02:6b:76:0a:0b:0c"]
+
+
+MAC = bytes.fromhex("026b76000001")
+
+
+def _stream_with_sections(path: Path) -> Path:
+    """A save image whose stream has the MAC in the guest's RAM (next to the string
+    "slirp" as guest memory may hold it), in slirp's section and in virtio-net's."""
+
+    def section(number: int, idstr: bytes, body: bytes) -> bytes:
+        return bytes([4]) + number.to_bytes(4, "big") + bytes([len(idstr)]) + idstr + body
+
+    ram = b"QEVM" + b"\x05slirp" + MAC + bytes(500) + MAC
+    devices = (
+        section(3, b"timer", bytes(16))
+        + section(5, b"slirp", bytes(12) + b"\x00\x01" + MAC + bytes(40))
+        + section(9, b"0000:00:03.0/virtio-net", MAC + bytes(8) + MAC)
+    )
+    path.write_bytes(b"HEAD" + ram + devices)
+    return path
+
+
+def test_the_mac_is_found_in_slirps_section_only(tmp_path):
+    image = _stream_with_sections(tmp_path / "state")
+    data = image.read_bytes()
+    offsets = slirp_mac_offsets(image, "02:6b:76:00:00:01", start=4)
+    assert len(offsets) == 1
+    assert data.rfind(b"slirp", 0, offsets[0]) > data.index(b"timer")  # in the device part
+    assert data[offsets[0] - 2 : offsets[0]] == b"\x00\x01"
+    assert slirp_mac_offsets(image, "02:6b:76:00:00:02", start=4) == []

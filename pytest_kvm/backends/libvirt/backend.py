@@ -50,9 +50,8 @@ class LibvirtBackend(Backend):
     name = "libvirt"
     refusals = REFUSALS
     ram_in_file = False  # virDomainSave writes RAM and devices into one save image
-    # Its save image holds the RAM: a patched copy per clone costs the whole image, and
-    # libvirt's ABI check refuses another MAC in the clone's XML (not done yet).
-    clone_mac = False
+    # clone_mac: each clone's copy of the save image (made in the pool anyway) gets its
+    # MAC in its XML and in slirp's saved DHCP table (machine.py, saveimage.py).
 
     def _settings(self) -> Settings:
         if self.settings is None:

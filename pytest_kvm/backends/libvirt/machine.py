@@ -57,7 +57,14 @@ from .domain import (
     domain_xml,
     remote_domain_type,
 )
-from .saveimage import clone_xml, read_header, rewritten, saved_macs
+from .saveimage import (
+    SaveImageError,
+    clone_xml,
+    read_header,
+    rewritten,
+    saved_macs,
+    slirp_mac_offsets,
+)
 from .storage import (
     clone_state,
     lookup,
@@ -171,22 +178,34 @@ class LibvirtMachine(Machine):
         the guest's lease names it, and the reaper destroys it after a crash."""
         libvirt, _ = load_libvirt()
         header = read_header(saved)
-        if saved_macs(header.xml)[:1] != [self.spec.mac.lower()]:
-            # QEMU's saved state holds the template's MAC: another one in the XML
-            # would be a guest whose MAC is not the one it is said to have.
-            raise GuestLaunchError(
-                f"a libvirt clone keeps its template's MAC {saved_macs(header.xml)[:1]}, "
-                f"not {self.spec.mac}"
-            )
+        old = saved_macs(header.xml)[:1]
+        mac = self.spec.mac.lower()
+        patches: list[tuple[int, bytes]] = []
+        if old and old[0] != mac:
+            # The clone's own MAC, as on the qemu backend: in its XML (QEMU's command
+            # line, what the NIC resets to) and in slirp's saved DHCP table; the NIC's
+            # saved state keeps the template's until the guest changes it (identity.py).
+            offsets = slirp_mac_offsets(saved, old[0], start=header.size)
+            if not offsets:
+                raise GuestLaunchError(
+                    f"the template's save image {saved} holds no DHCP lease of its MAC "
+                    f"{old[0]} (not user networking?): cannot give the clone its own"
+                )
+            raw = bytes(int(part, 16) for part in mac.split(":"))
+            patches = [(offset, raw) for offset in offsets]
         vnc = (self.spec.workdir / "vnc-password").read_text().strip() if self.spec.vnc else None
-        self._xml = clone_xml(header.xml, self.domain_name, [(p, v) for p, v, _, _ in disks],
-                              self.target.labels, METADATA_NS, vnc)  # fmt: skip
+        try:
+            self._xml = clone_xml(header.xml, self.domain_name, [(p, v) for p, v, _, _ in disks],
+                                  self.target.labels, METADATA_NS, vnc, mac)  # fmt: skip
+        except SaveImageError as exc:
+            raise GuestLaunchError(f"restoring {saved}: {exc}") from None
         state = upload_state(self._conn, self._pool, saved, self.target.lock_dir)
         name = volume_name(self.domain_name, 9, "save")
         stale = lookup(self._pool, name)
         if stale is not None:
             stale.delete(0)
-        copy = clone_state(self._conn, self._pool, state, name, rewritten(header, self._xml))
+        head = rewritten(header, self._xml)
+        copy = clone_state(self._conn, self._pool, state, name, [(0, head), *patches])
         try:
             self._conn.restoreFlags(copy.path(), None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
         finally:

@@ -14,6 +14,7 @@ unused words; then ``data_len`` bytes: XML and NUL, cookie and NUL, zeros.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import uuid
 import xml.etree.ElementTree as ET
@@ -91,11 +92,13 @@ def clone_xml(
     labels: tuple[tuple[str, str], ...],
     metadata_ns: str,
     vnc_password: str | None = None,
+    mac: str | None = None,
 ) -> str:
     """The template's saved domain XML made the clone's: its name, a new UUID and VM
     generation ID, its owner labels, its disks' (pool, volume) in order (their backing
-    chains are found again), and its VNC password. Devices, addresses and the MAC stay
-    the template's: they are what QEMU's saved state was made with."""
+    chains are found again), its VNC password and its first NIC's ``mac``. Devices
+    and addresses stay the template's: they are what QEMU's saved state was made
+    with."""
     ET.register_namespace("pytestkvm", metadata_ns)
     root = ET.fromstring(saved)  # noqa: S314 (libvirtd's own XML, from our own template)
     _child(root, "name").text = name
@@ -124,7 +127,41 @@ def clone_xml(
     for graphics in root.findall("devices/graphics"):
         if vnc_password is not None:
             graphics.set("passwd", vnc_password)
+    if mac is not None:
+        nic = root.find("devices/interface/mac")
+        if nic is None:
+            raise SaveImageError("the saved domain XML has no NIC to give the clone's MAC")
+        nic.set("address", mac)
     return ET.tostring(root, encoding="unicode")
+
+
+# QEMU's migration stream: a device's section starts QEMU_VM_SECTION_FULL (4), its
+# section id (4 bytes), the length of its id string (1 byte) and the id string.
+_SECTION_FULL = 4
+_SLIRP = b"\x05slirp"
+# Section id strings that can hold a NIC's MAC (where slirp's section ends).
+_OTHER_IDS = (b"virtio-net", b"e1000", b"rtl8139")
+
+
+def slirp_mac_offsets(path: Path, mac: str, start: int = 0) -> list[int]:
+    """Where, in the save image at ``path``, user networking's saved DHCP table
+    (slirp's section: device state comes after the RAM) holds ``mac``: the bytes a
+    clone's copy gets its own MAC at. The guest's RAM and its NIC's state are left
+    alone (the guest takes the new MAC itself, as on the qemu backend)."""
+    raw = bytes(int(part, 16) for part in mac.split(":"))
+    with path.open("rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        at = data.rfind(_SLIRP)
+        while at >= start and data[at - 5] != _SECTION_FULL:
+            at = data.rfind(_SLIRP, start, at)  # the id string in the guest's RAM
+        if at < start:
+            return []
+        ends = [data.find(other, at) for other in _OTHER_IDS]
+        end = min([e for e in ends if e >= 0], default=len(data))
+        offsets, hit = [], data.find(raw, at, end)
+        while hit >= 0:
+            offsets.append(hit)
+            hit = data.find(raw, hit + 1, end)
+    return offsets
 
 
 def saved_macs(saved: str) -> list[str]:

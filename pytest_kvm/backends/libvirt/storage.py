@@ -266,20 +266,24 @@ def upload_state(conn: Any, pool: Any, path: Path, lock_dir: Path) -> Any:
         return pool.storageVolLookupByName(name)
 
 
-def clone_state(conn: Any, pool: Any, state: Any, name: str, head: bytes) -> Any:
+def clone_state(
+    conn: Any, pool: Any, state: Any, name: str, patches: list[tuple[int, bytes]]
+) -> Any:
     """A copy of the saved-state volume ``state`` named ``name``, made where the pool
-    is, its first ``len(head)`` bytes replaced by ``head`` (the clone's header and XML)."""
+    is, with each (offset, bytes) of ``patches`` written over it (the clone's header
+    and XML at 0, its MAC in slirp's DHCP table)."""
     vol = pool.createXMLFrom(volume_xml(name, state.info()[1], "raw"), state, 0)
     try:
-        stream = conn.newStream(0)
-        vol.upload(stream, 0, len(head), 0)
-        try:
-            stream.send(head)
-            stream.finish()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            raise
+        for offset, data in patches:
+            stream = conn.newStream(0)
+            vol.upload(stream, offset, len(data), 0)
+            try:
+                stream.send(data)
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    stream.abort()
+                raise
     except BaseException:
         with contextlib.suppress(Exception):
             vol.delete(0)
