@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 import shlex
 import time
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,8 @@ SLACK = 0.2
 MAX_ENTRIES = 5000  # the newest entries a gate reads: a chatty test stays cheap
 MAX_CONSOLE = 4 << 20  # bytes of console the panic check reads at most
 EVIDENCE_LINES = 20  # per guest in a report
+HANDOVER_TAG = "pytest-kvm-handover"  # the journal entry a test's part begins after
+HANDOVER_POLLS = 300  # tenths of a second a hand-over waits for its entry, at most
 FIELDS = "MESSAGE,PRIORITY,SYSLOG_FACILITY,SYSLOG_IDENTIFIER,_TRANSPORT,_PID,_COMM,MESSAGE_ID"
 COREDUMP_MESSAGE_ID = "fc2e22bc6ee647b6b90729ab34a250b1"  # systemd-coredump's "dumped core"
 
@@ -61,11 +64,31 @@ class HandOver:
         at = time.time()
         cursor = ""
         if kinds - {"panic"}:  # one guest command, only when the journal will be read
-            result = guest.run_if_answering("journalctl -q -n 1 -o cat --show-cursor", 30)
+            result = guest.run_if_answering(handover_command(secrets.token_hex(8)), 60)
             for line in (result.stdout if result else "").splitlines():
                 if line.startswith("-- cursor: "):
                     cursor = line.removeprefix("-- cursor: ").strip()
         return cls(at, size, cursor)
+
+
+def handover_command(token: str) -> str:
+    """The guest command that marks the hand-over in the journal and prints that
+    entry's cursor. It waits for the entry to be written: a restored clone's journald
+    is restarting then (its new machine-id), and a cursor taken in the old journald's
+    file was, in some runs, one the gate's read after it did not find the test's
+    entries behind. The marker is sent to the socket, which systemd holds while
+    journald restarts, so the new journald writes it (notice priority: no finding).
+    Without journalctl or logger (a guest without systemd) it fails at once: no
+    cursor, and ``check`` reads the journal by time, if there is one."""
+    tag = shlex.quote(HANDOVER_TAG)
+    return (
+        "command -v journalctl >/dev/null && command -v logger >/dev/null || exit 1; "
+        f"logger -t {tag} {shlex.quote(token)}; i=0; "
+        f"while [ $i -lt {HANDOVER_POLLS} ]; do "
+        f"c=$(journalctl -q -n 1 -o cat --show-cursor -t {tag} 2>/dev/null) || true; "
+        f'case "$c" in *{shlex.quote(token)}*) echo "$c"; exit 0;; esac; '
+        "sleep 0.1; i=$((i + 1)); done; exit 1"
+    )
 
 
 @dataclass(frozen=True)

@@ -143,12 +143,16 @@ class CloneIdentity:
         lines += self._host_key_lines(host_private_key)
         lines += self._machine_id_lines()
         # journald reads the new machine-id when it starts again (RESTART_JOURNALD).
+        # Its SIGTERM is sent here, before the hand-over (shell built-ins: milliseconds;
+        # systemd's restart overlaps the SSH handshake): a journal read from the
+        # hand-over on (the error gate's cursor) then never meets the restart, which
+        # renames the template's journal file and starts a new one.
+        lines += RESTART_JOURNALD
         # networkd is not restarted on user networking: its DUID (from the
         # machine-id) and IAID are the clone's from its next start (a reboot); on its
         # own slirp network nobody else sees them meanwhile. A restart there crashed
         # Debian 13's kernel under TCG (an int3 Oops in netif_receive_skb_list_internal
         # as networkd's sockets closed: code patching that TCG got wrong).
-        restart = list(RESTART_JOURNALD)
         if not self.bridge:
             # What matters only to networkd's restart and the next boot (the IAID,
             # config files naming the old MAC) goes on in the background, after the
@@ -157,10 +161,7 @@ class CloneIdentity:
             later = self._iaid_lines()
             if self.mac != self.old_mac:
                 later += self._nic_lines("rest")
-            return (
-                "\n".join([*lines, more, "(", *later, *restart, ") </dev/null >/dev/null 2>&1 &"])
-                + "\n"
-            )
+            return "\n".join([*lines, more, "(", *later, ") </dev/null >/dev/null 2>&1 &"]) + "\n"
         networkd = "systemd-networkd.socket systemd-networkd.service"
         lines += self._iaid_lines()
         # Not the template's DHCP client: it would ask for the template's lease
@@ -175,7 +176,7 @@ class CloneIdentity:
         if self.mac != self.old_mac:
             lines += self._nic_lines("all" if nic else "rest")
         lines += ['if [ -n "$running" ]; then systemctl start ' + networkd + "; fi"]
-        lines += [more, *restart]
+        lines += [more]
         return "\n".join(lines) + "\n"
 
     def _iaid_lines(self) -> list[str]:

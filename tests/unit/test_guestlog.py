@@ -4,7 +4,10 @@ kind, the console panic, kvm_allow patterns and the evidence text."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from pytest_kvm.guestlog import (
     Finding,
     classify,
     console_panic,
+    handover_command,
     journal_command,
     journal_findings,
     parse_entries,
@@ -218,3 +222,43 @@ def test_a_guest_crashed_error_is_remembered_for_the_gate():
     GuestCrashed("panicked", "kvm-test-guestlog-1")
     assert crash_told("kvm-test-guestlog-1")
     GuestCrashed("no guest known")  # no name: nothing to remember
+
+
+def _fake_tools(bin_dir: Path, journal: Path, late: int) -> None:
+    """``logger`` appends to ``journal``; ``journalctl`` shows its last line (and a
+    cursor) only from its ``late``-th call on: a journald still restarting."""
+    bin_dir.mkdir()
+    (bin_dir / "logger").write_text(f'#!/bin/sh\necho "$3" >>{journal}\n')
+    (bin_dir / "journalctl").write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {journal}.calls 2>/dev/null || echo 0); echo $((n + 1)) >{journal}.calls\n"
+        f'[ "$n" -ge {late} ] || exit 0\n'
+        f'tail -n 1 {journal}; echo "-- cursor: s=1;i=$n"\n'
+    )
+    for tool in ("logger", "journalctl"):
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_the_hand_over_waits_for_its_own_entry_and_prints_its_cursor(tmp_path):
+    journal = tmp_path / "journal"
+    _fake_tools(tmp_path / "bin", journal, late=3)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    result = subprocess.run(
+        ["sh", "-c", handover_command("f00d")], env=env, capture_output=True, text=True,
+        timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["f00d", "-- cursor: s=1;i=3"]
+    assert journal.read_text() == "f00d\n"  # logged once, looked for until written
+
+
+def test_a_guest_without_journalctl_gives_up_at_once(tmp_path):
+    (tmp_path / "bin").mkdir()
+    for tool in ("sh", "logger"):  # no journalctl on PATH
+        (tmp_path / "bin" / tool).symlink_to(subprocess.check_output(
+            ["sh", "-c", f"command -v {tool}"], text=True).strip())  # fmt: skip
+    result = subprocess.run(
+        ["sh", "-c", handover_command("f00d")], env={"PATH": str(tmp_path / "bin")},
+        capture_output=True, text=True, timeout=5, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1 and "cursor" not in result.stdout
