@@ -20,6 +20,10 @@ def _inner_stack_dumps(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
     if "pytester" not in request.fixturenames:
         return
     request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS: set ours after that
+    # The suite itself runs under xdist (scripts/test.sh): an inner run is a run of
+    # its own, not one of this worker's (pytest-kvm names runs after the worker).
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
     addopts = os.environ.get("PYTEST_ADDOPTS", "")
     option = f"-o faulthandler_timeout={INNER_STACK_DUMP_AFTER}"
     monkeypatch.setenv("PYTEST_ADDOPTS", f"{addopts} {option}".strip())

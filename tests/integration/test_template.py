@@ -52,14 +52,7 @@ def test_clones_are_distinct_machines(kvm_guest_factory):
     assert b.succeed("cat /root/mine").strip() == "from-b"
 
 
-def test_clone_survives_reboot_with_its_hostname(kvm_guest_factory):
-    g = kvm_guest_factory(hostname="keeps-its-name")
-    assert g.template is not None
-    g.succeed("echo kept > /var/lib/clone-state && sync")
-    g.reboot()
-    assert g.succeed("cat /var/lib/clone-state").strip() == "kept"
-    assert g.succeed("hostname").strip() == "keeps-its-name"
-    g.succeed("systemctl is-active ssh.service")
+# A clone's reboot (its state, host name and identity kept): test_identity.py.
 
 
 def test_template_files_are_never_written(kvm_guest_factory):
