@@ -178,30 +178,16 @@ class Commands:
     def wait_until_succeeds(self, cmd: str, timeout: float = 120) -> str:
         """Retry ``cmd`` until it exits 0; the timeout error shows the last attempt."""
         __tracebackhide__ = True
-        last: CommandResult | None = None
-
-        def attempt() -> bool:
-            nonlocal last
-            last = self.run(cmd, timeout=max(timeout, 10))
-            return last.exit_status == 0
-
-        self._retry(attempt, timeout, lambda: f"command {cmd!r} never succeeded", lambda: last)
-        assert last is not None
+        last = self._retry_command(cmd, True, max(timeout, 10), timeout,
+                                   f"command {cmd!r} never succeeded")  # fmt: skip
         return last.stdout
 
     def wait_until_fails(self, cmd: str, timeout: float = 120) -> str:
         """Retry ``cmd`` until it exits non-zero; returns its output (stdout, else
         stderr); the timeout error shows the last attempt."""
         __tracebackhide__ = True
-        last: CommandResult | None = None
-
-        def attempt() -> bool:
-            nonlocal last
-            last = self.run(cmd, timeout=max(timeout, 10))
-            return last.exit_status != 0
-
-        self._retry(attempt, timeout, lambda: f"command {cmd!r} never failed", lambda: last)
-        assert last is not None
+        last = self._retry_command(cmd, False, max(timeout, 10), timeout,
+                                   f"command {cmd!r} never failed")  # fmt: skip
         return last.stdout or last.stderr
 
     def wait_for_file(self, path: str, timeout: float = 120) -> None:
@@ -209,14 +195,7 @@ class Commands:
         __tracebackhide__ = True
         self._check_remote("wait_for_file", path)
         cmd = f"test -e {shlex.quote(path)}"
-        last: CommandResult | None = None
-
-        def attempt() -> bool:
-            nonlocal last
-            last = self.run(cmd, timeout=30)
-            return last.exit_status == 0
-
-        self._retry(attempt, timeout, lambda: f"{path!r} never appeared", lambda: last)
+        self._retry_command(cmd, True, 30, timeout, f"{path!r} never appeared")
 
     @property
     def init_system(self) -> str:
@@ -271,14 +250,24 @@ class Commands:
         if not 0 < int(port) < 65536:
             raise KvmConfigError(f"port {port!r} is not a TCP port number")
         cmd = f"ss -Htln {shlex.quote(f'sport = :{int(port)}')} | grep -q ."
+        self._retry_command(cmd, True, 30, timeout, f"nothing listened on port {port}")
+
+    def _retry_command(
+        self, cmd: str, succeed: bool, run_timeout: float, timeout: float, what: str
+    ) -> CommandResult:
+        """Run ``cmd`` until it exits 0 (``succeed``) or non-zero (else); the last
+        result. The timeout error says ``what`` and shows the last attempt."""
+        __tracebackhide__ = True
         last: CommandResult | None = None
 
         def attempt() -> bool:
             nonlocal last
-            last = self.run(cmd, timeout=30)
-            return last.exit_status == 0
+            last = self.run(cmd, timeout=run_timeout)
+            return (last.exit_status == 0) == succeed
 
-        self._retry(attempt, timeout, lambda: f"nothing listened on port {port}", lambda: last)
+        self._retry(attempt, timeout, lambda: what, lambda: last)
+        assert last is not None
+        return last
 
     def _retry(
         self,
