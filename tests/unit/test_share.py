@@ -4,10 +4,13 @@ guest's mount script."""
 from __future__ import annotations
 
 import shlex
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from pytest_kvm.backends.libvirt import METADATA_NS, domain_xml
+from pytest_kvm.backends.libvirt.saveimage import clone_xml
 from pytest_kvm.backends.qemu import build_argv
 from pytest_kvm.config import Settings
 from pytest_kvm.errors import KvmConfigError
@@ -16,7 +19,8 @@ from pytest_kvm.guest.config import check_config
 from pytest_kvm.images import Image
 from pytest_kvm.request import GuestRequest
 from pytest_kvm.share import MAX_SHARES, Share, SharedDir, merge_shares, mount_script, parse_shares
-from tests.support.specs import opt, spec
+from tests.support.specs import LIBVIRT_DISKS as DISKS
+from tests.support.specs import libvirt_spec, opt, spec
 
 WHERE = "t.py::test_x: kvm_guest_factory share="
 
@@ -144,3 +148,39 @@ def test_shares_need_ssh(tmp_path: Path) -> None:
         check_config(config)
     # A share does not stop a guest from being restored (and adds nothing to its shape).
     assert GuestConfig(image=image, shares=(SharedDir(tmp_path, "/mnt"),)).restore_refusal() == ""
+
+
+SHARES = (SharedDir(Path("/srv/ro"), "/mnt/ro"), SharedDir(Path("/srv/rw"), "/mnt/rw", True))
+
+
+def _filesystems(xml: str) -> list[tuple[str, str, str, bool, str]]:
+    root = ET.fromstring(xml)
+    return [
+        (
+            fs.get("accessmode", ""),
+            fs.find("source").get("dir", ""),  # type: ignore[union-attr]
+            fs.find("target").get("dir", ""),  # type: ignore[union-attr]
+            fs.find("readonly") is not None,
+            fs.find("address").get("slot", ""),  # type: ignore[union-attr]
+        )
+        for fs in root.findall("devices/filesystem")
+    ]
+
+
+EXPECTED = [
+    ("squash", "/srv/ro", "kvmshare0", True, "0x10"),
+    ("squash", "/srv/rw", "kvmshare1", False, "0x11"),
+]
+
+
+def test_libvirt_domain_xml_has_a_9p_filesystem_per_share(tmp_path: Path) -> None:
+    xml = domain_xml(libvirt_spec(tmp_path, shares=SHARES), "pytest-kvm-x", "qemu", DISKS)
+    assert _filesystems(xml) == EXPECTED
+    assert _filesystems(domain_xml(libvirt_spec(tmp_path), "x", "qemu", DISKS)) == []
+
+
+def test_libvirt_clone_xml_gets_the_shares_its_template_never_had() -> None:
+    saved = "<domain type='qemu'><name>t</name><uuid>u</uuid><devices/></domain>"
+    xml = clone_xml(saved, "clone", [], (), METADATA_NS, shares=SHARES)
+    assert _filesystems(xml) == EXPECTED
+    assert _filesystems(clone_xml(saved, "clone", [], (), METADATA_NS)) == []
