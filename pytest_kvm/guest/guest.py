@@ -552,9 +552,12 @@ class Guest(NixosNames):
     # -- power -------------------------------------------------------------------------
 
     def reboot(self, timeout: float | None = None) -> None:
-        """Reboot the guest and wait until it answers SSH again (a new boot)."""
+        """Reboot the guest and wait until it answers SSH again (a new boot); its
+        shared folders are mounted again."""
         __tracebackhide__ = True
         self._commands.reboot(timeout, self.console.skip_to_end)
+        if self.config.shares:  # the new boot found the devices on its own
+            mount_shares(self._commands, self.config.shares, False, self._state.what, self.name)
 
     def shutdown(self, timeout: float = 120) -> None:
         """Power off cleanly (ACPI) and wait until QEMU exits."""
