@@ -12,6 +12,7 @@ from typing import Any
 from .customize.spec import Customization
 from .errors import KvmConfigError
 from .network import NetworkSpec as NetworkSpec  # re-exported: its old home
+from .share import SharedDir, parse_shares
 
 BACKENDS = ("qemu", "libvirt")
 ACCELS = ("auto", "kvm", "tcg")
@@ -55,6 +56,8 @@ class Settings:
     customize: Customization = field(default_factory=Customization)
     # --kvm-fail-on: guest-side errors (FAIL_ON_KINDS) that fail a test after its call.
     fail_on: frozenset[str] = frozenset({"panic"})
+    # Marker share=: host folders mounted in the guest (share.py); marker only.
+    share: tuple[SharedDir, ...] = ()
 
     def with_marker(self, kwargs: Mapping[str, Any], where: str) -> Settings:
         """Apply ``@pytest.mark.kvm(...)`` overrides, validating each value."""
@@ -84,6 +87,9 @@ class Settings:
                         "(a path or catalog name) or a non-empty list of them"
                     )
                 changes["images"] = tuple(str(i).strip() for i in images)
+                continue
+            if key == "share":
+                changes["share"] = parse_shares(value, f"{where} (@pytest.mark.kvm share=)")
                 continue
             opt = OPTIONS[key]
             changes[key] = opt.parse(value, f"{where} (@pytest.mark.kvm {key}=)")
@@ -350,6 +356,7 @@ MARKER_KEYS = frozenset(
         "kernel_args",
         "vnc",
         "fail_on",
+        "share",
         *CUSTOMIZE_KEYS,
     }
 )

@@ -87,8 +87,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, fail_on=, files=, "
-        "hostname=, run=): override pytest-kvm settings for a test, class or module; "
-        "files/hostname/run customise the disk with libguestfs before the guest boots",
+        "hostname=, run=, share=): override pytest-kvm settings for a test, class or module; "
+        "files/hostname/run customise the disk with libguestfs before the guest boots; "
+        "share={host folder: guest path} mounts host folders (virtio-9p)",
     )
     config.addinivalue_line("markers", matrix.SKIP_MARKER_HELP)
     config.addinivalue_line("markers", gate.ALLOW_HELP)

@@ -16,6 +16,7 @@ from .errors import ImageError, KvmConfigError
 from .images import Image
 from .images.store import check_spec
 from .media import check_boot_file
+from .share import Share, SharedDir, merge_shares, parse_shares
 from .snapshot import Snapshot
 from .vlan import Vlan
 
@@ -95,6 +96,8 @@ class GuestRequest:
     initrd: Path | None = None
     append: str = ""
     display: bool = False
+    # The factory's own share= (None: not given), on top of the marker's.
+    share: tuple[SharedDir, ...] | None = None
 
     @classmethod
     def build(
@@ -117,6 +120,7 @@ class GuestRequest:
         initrd: str | os.PathLike[str] | None = None,
         append: str = "",
         display: bool = False,
+        share: Mapping[str | os.PathLike[str], str | Share] | None = None,
     ) -> GuestRequest:
         """The factory's arguments (its signature), checked in the order users meet them."""
         if disk is not None and image is not None:
@@ -128,6 +132,7 @@ class GuestRequest:
         if not isinstance(append, str):
             raise KvmConfigError(f"{where}: append= takes the kernel command line as a string")
         custom = _customization(customize, where)
+        shares = None if share is None else parse_shares(share, f"{where} share=")
         network, vlan = _vlans_given_as_network(network, vlan, where)
         vlans = (vlan,) if isinstance(vlan, Vlan) else tuple(vlan or ())
         for segment in vlans:
@@ -138,7 +143,7 @@ class GuestRequest:
             cdrom=Path(cdrom) if cdrom is not None else None, disk_size=disk_size,
             boot=boot, ssh=ssh, hostname=hostname, vlans=vlans, customize=custom,
             disk=Path(disk) if disk is not None else None, kernel=kernel_path,
-            initrd=initrd_path, append=append, display=display,
+            initrd=initrd_path, append=append, display=display, share=shares,
         )  # fmt: skip
 
     @property
@@ -151,6 +156,13 @@ class GuestRequest:
         """``settings`` (the marker's) with this call's memory=, cpus=, network=."""
         given = (("memory", self.memory), ("cpus", self.cpus), ("network", self.network))
         return settings.with_marker({k: v for k, v in given if v is not None}, self.where)
+
+    def shares(self, settings: Settings) -> tuple[SharedDir, ...]:
+        """The marker's share= with this call's on top (a guest path given in both
+        is this call's)."""
+        if self.share is None:
+            return settings.share
+        return merge_shares(settings.share, self.share, f"{self.where} share=")
 
     def customization(self, settings: Settings) -> Customization:
         """The marker's files=/hostname=/run=, with this call's customize= on top."""

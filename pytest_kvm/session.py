@@ -263,6 +263,7 @@ class TestGuests:
             initrd=request.initrd, append=request.append,
             display=request.display or request.blank, vnc=shaped.vnc,
             installed=request.disk is not None, snapshot=shaped.snapshot,
+            shares=request.shares(shaped),
         )  # fmt: skip
         try:
             run = self.session.run

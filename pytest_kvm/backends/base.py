@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ..config import NetworkSpec
+from ..share import SharedDir
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -76,6 +77,8 @@ class MachineSpec:
     # that may be kept after the run (--kvm-keep-on-failure); their leases let
     # `pytest-kvm reap` end them.
     die_with_parent: bool = True
+    # Host folders as virtio-9p devices (tag ``share_tag(i)``, PCI slot ``share_slot(i)``).
+    shares: tuple[SharedDir, ...] = ()
 
     @property
     def _sockets(self) -> Path:

@@ -16,6 +16,7 @@ from ..images import Image
 from ..images.kernel import BootFiles
 from ..media import check_install_media
 from ..network import NetworkSpec
+from ..share import SharedDir
 from ..ssh import KeyPair
 from ..vlan import Vlan
 
@@ -83,6 +84,8 @@ class GuestConfig:
     # --kvm-snapshot (default on): the factory may restore this guest from a booted
     # template when ``restore_refusal`` allows it; off, every guest boots for real.
     snapshot: bool = False
+    # Host folders mounted in the guest (share.py); restored clones get them too.
+    shares: tuple[SharedDir, ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
@@ -191,6 +194,8 @@ def check_config(config: GuestConfig) -> None:
                 f"disk_size={config.disk_size!r} is too small for a disk to install "
                 f"on (at least {MIN_BLANK_DISK >> 20} MiB)"
             )
+    if config.shares and not config.ssh:
+        raise KvmConfigError("share= is mounted in the guest over SSH: not with ssh=False")
     if config.kernel_args and config.boot_files is None:
         raise KvmConfigError("kernel_args needs the image's boot files (boot_files=)")
 

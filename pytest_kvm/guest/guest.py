@@ -41,6 +41,7 @@ from .launch import Launcher
 from .nics import Nics
 from .nixos import NixosNames
 from .screen import Screen
+from .shares import mount_shares
 from .state import GuestState
 
 
@@ -201,6 +202,11 @@ class Guest(NixosNames):
                 t1 = time.monotonic()
                 self._nics.configure_vlans(self._commands.run)
                 state.boot_timings["vlan"] = time.monotonic() - t1
+            if self.config.shares and self.config.ssh:
+                t1 = time.monotonic()
+                mount_shares(self._commands, self.config.shares, self.template is not None,
+                             state.what, self.name)  # fmt: skip
+                state.boot_timings["shares"] = time.monotonic() - t1
             state.boot_timings["total"] = time.monotonic() - t0
             return self
         except BaseException:
@@ -546,9 +552,12 @@ class Guest(NixosNames):
     # -- power -------------------------------------------------------------------------
 
     def reboot(self, timeout: float | None = None) -> None:
-        """Reboot the guest and wait until it answers SSH again (a new boot)."""
+        """Reboot the guest and wait until it answers SSH again (a new boot); its
+        shared folders are mounted again."""
         __tracebackhide__ = True
         self._commands.reboot(timeout, self.console.skip_to_end)
+        if self.config.shares:  # the new boot found the devices on its own
+            mount_shares(self._commands, self.config.shares, False, self._state.what, self.name)
 
     def shutdown(self, timeout: float = 120) -> None:
         """Power off cleanly (ACPI) and wait until QEMU exits."""

@@ -91,6 +91,7 @@ class Launcher:
                 display=config.display or config.vnc,
                 vnc=config.vnc,
                 die_with_parent=not config.keepable,
+                shares=config.shares,
             )
             machine = self._runner.machine(spec, on_spawn=self._record_qemu, labels=config.labels)
             state.record(**machine.lease_fields())  # before it exists

@@ -537,3 +537,46 @@ def test_uris_are_spread_over_xdist_workers(
     seen = dict(json.loads(line) for line in record.read_text().splitlines())
     assert seen == {"gw0": libvirtd.uri, "gw1": remote}
     assert _ours() == [] and _guest_volumes() == []
+
+
+INNER_SHARE = """
+import os
+from pathlib import Path
+
+from pytest_kvm.share import Share
+
+
+def test_share(kvm_guest_factory):
+    data, out = Path(os.environ["PKVM_SHARE_DATA"]), Path(os.environ["PKVM_SHARE_OUT"])
+    g = kvm_guest_factory(share={data: "/mnt/data", out: Share("/mnt/out", rw=True)})
+    assert "restore" in g.boot_timings  # a restored domain: its XML got the devices
+    assert g.succeed("cat /mnt/data/host.txt") == "from the host\\n"
+    g.fail("touch /mnt/data/new")
+    g.succeed("echo from the guest > /mnt/out/guest.txt")
+    assert (out / "guest.txt").read_text() == "from the guest\\n"
+"""
+
+
+def test_share_on_a_restored_domain(libvirtd, pytester, image_arg, cache_arg, inner_env):
+    """share= on libvirt: the restored domain's XML gets the 9p <filesystem>s; QEMU
+    runs as libvirt's QEMU user, so the folders are ones it may read (and write)."""
+    base = Path(tempfile.mkdtemp(prefix="pytest-kvm-share-", dir="/var/tmp"))
+    try:
+        base.chmod(0o755)
+        data, out = base / "data", base / "out"
+        data.mkdir(mode=0o755)
+        out.mkdir()
+        out.chmod(0o777)
+        (data / "host.txt").write_text("from the host\n")
+        (data / "host.txt").chmod(0o644)
+        pytester.makepyfile(test_inner=INNER_SHARE)
+        argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
+        env = {"PKVM_SHARE_DATA": str(data), "PKVM_SHARE_OUT": str(out)}
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            result = pytester.run(*argv, timeout=900)
+        result.assert_outcomes(passed=1)
+        assert sorted(p.name for p in data.iterdir()) == ["host.txt"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -161,6 +161,18 @@ CASES = [
     Case("marker-files-relative", (IMAGE,),
          ("files= key 'etc/x' is not an absolute guest path",),
          test=marked('@pytest.mark.kvm(files={"etc/x": "y"})')),
+    Case("marker-share-missing", (IMAGE,),
+         ("test_guest (@pytest.mark.kvm share=): host folder '/no such dir/x' does not exist",),
+         test=marked('@pytest.mark.kvm(share={"/no such dir/x": "/mnt/x"})')),
+    Case("marker-share-file", (IMAGE,),
+         ("(@pytest.mark.kvm share=): host folder '{dir}/ok.qcow2' is not a directory",),
+         test=marked('@pytest.mark.kvm(share={"{dir}/ok.qcow2": "/mnt/x"})')),
+    Case("marker-share-relative", (IMAGE,),
+         ("(@pytest.mark.kvm share=): guest path 'mnt/x' for '/tmp' is not an absolute path",),
+         test=marked('@pytest.mark.kvm(share={"/tmp": "mnt/x"})')),
+    Case("marker-share-not-a-dict", (IMAGE,),
+         ("(@pytest.mark.kvm share=): '/tmp:/mnt' is not a dict of host folder -> guest path",),
+         test=marked('@pytest.mark.kvm(share="/tmp:/mnt")')),
     Case("module-marker-network", (IMAGE,),
          ("test_guest (@pytest.mark.kvm network=): 'bridge' is not a network spec",),
          test='import pytest\npytestmark = pytest.mark.kvm(network="bridge")\n' + GUEST_TEST),
@@ -255,7 +267,7 @@ def test_bad_input_is_one_clear_usage_error(
         monkeypatch.setenv(name, value)
     if case.ini:
         pytester.makeini(f"[pytest]\n{case.ini}\n")
-    pytester.makepyfile(case.test)
+    pytester.makepyfile(case.test.replace("{dir}", here))
     result = pytester.runpytest(*(a.replace("{dir}", here) for a in case.args))
     out, err = result.stdout.str(), result.stderr.str()
     assert result.ret == pytest.ExitCode.USAGE_ERROR, out + err

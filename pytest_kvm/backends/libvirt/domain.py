@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import GuestLaunchError
+from ...share import SharedDir, share_slot, share_tag
 from ..base import MachineSpec
 from .connection import load_libvirt
 from .storage import DEFAULT_POOL
@@ -122,7 +123,24 @@ def domain_xml(
         )
         ET.SubElement(graphics, "listen", type="address", address="127.0.0.1")
     ET.SubElement(devices, "memballoon", model="none")
+    add_filesystems(devices, spec.shares)
     return ET.tostring(root, encoding="unicode")
+
+
+def add_filesystems(devices: ET.Element, shares: tuple[SharedDir, ...]) -> None:
+    """A 9p ``<filesystem>`` per share, at the qemu backend's fixed slot on bus 0 (a
+    restored clone's XML gets them too: see share.py). ``squash`` is QEMU's
+    ``security_model=none``: QEMU runs as libvirt's QEMU user, which cannot chown
+    what the guest creates (``passthrough`` would fail those writes)."""
+    for index, share in enumerate(shares):
+        fs = ET.SubElement(devices, "filesystem", type="mount", accessmode="squash")
+        ET.SubElement(fs, "driver", type="path")
+        ET.SubElement(fs, "source", dir=str(share.source))
+        ET.SubElement(fs, "target", dir=share_tag(index))
+        if not share.rw:
+            ET.SubElement(fs, "readonly")
+        ET.SubElement(fs, "address", type="pci", domain="0x0000", bus="0x00",
+                      slot=f"{share_slot(index):#04x}", function="0x0")  # fmt: skip
 
 
 def remote_domain_type(conn: Any) -> str:

@@ -196,7 +196,8 @@ class LibvirtMachine(Machine):
         vnc = (self.spec.workdir / "vnc-password").read_text().strip() if self.spec.vnc else None
         try:
             self._xml = clone_xml(header.xml, self.domain_name, [(p, v) for p, v, _, _ in disks],
-                                  self.target.labels, METADATA_NS, vnc, mac)  # fmt: skip
+                                  self.target.labels, METADATA_NS, vnc, mac,
+                                  self.spec.shares)  # fmt: skip
         except SaveImageError as exc:
             raise GuestLaunchError(f"restoring {saved}: {exc}") from None
         state = upload_state(self._conn, self._pool, saved, self.target.lock_dir)

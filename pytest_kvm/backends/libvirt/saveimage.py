@@ -21,6 +21,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...share import SharedDir
+from .domain import add_filesystems
+
 MAGIC = b"LibvirtQemudSave"
 _HEADER = struct.Struct("<16s5I14I")
 HEADER_SIZE = _HEADER.size  # 92
@@ -93,12 +96,14 @@ def clone_xml(
     metadata_ns: str,
     vnc_password: str | None = None,
     mac: str | None = None,
+    shares: tuple[SharedDir, ...] = (),
 ) -> str:
     """The template's saved domain XML made the clone's: its name, a new UUID and VM
     generation ID, its owner labels, its disks' (pool, volume) in order (their backing
     chains are found again), its VNC password and its first NIC's ``mac``. Devices
     and addresses stay the template's: they are what QEMU's saved state was made
-    with."""
+    with; ``shares`` are added (9p devices the saved state knows nothing of: the guest
+    finds them with a PCI rescan, see share.py)."""
     ET.register_namespace("pytestkvm", metadata_ns)
     root = ET.fromstring(saved)  # noqa: S314 (libvirtd's own XML, from our own template)
     _child(root, "name").text = name
@@ -132,6 +137,8 @@ def clone_xml(
         if nic is None:
             raise SaveImageError("the saved domain XML has no NIC to give the clone's MAC")
         nic.set("address", mac)
+    if shares:
+        add_filesystems(_child(root, "devices"), shares)
     return ET.tostring(root, encoding="unicode")
 
 

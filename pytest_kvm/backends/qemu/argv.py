@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...errors import GuestLaunchError
 from ...images.overlay import key_secret_opts, secret_object
 from ...network import netdev_args
+from ...share import share_slot, share_tag
 from ..base import MachineSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -87,12 +88,29 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
             f"share={share}",
             "-machine", "memory-backend=ram0",
         ]  # fmt: skip
+    argv += share_args(spec)
     if spec.incoming is not None:
         # The state comes through QMP once the x-ignore-shared capability is set
         # (QEMU 7.2 has no command-line property for it); no -S, so the guest
         # resumes by itself once the state is loaded.
         argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)
+    return argv
+
+
+def share_args(spec: MachineSpec) -> list[str]:
+    """A ``-fsdev`` and a ``virtio-9p-pci`` at a fixed slot per shared folder. A
+    restored clone has them too, unknown to its saved state: they come up reset, and
+    the guest finds them with a PCI rescan (see share.py)."""
+    argv: list[str] = []
+    for index, share in enumerate(spec.shares):
+        _check_path_for_qemu(str(share.source))
+        readonly = "" if share.rw else ",readonly=on"
+        argv += [
+            "-fsdev", f"local,id=fsdev{index},path={share.source},security_model=none{readonly}",
+            "-device", f"virtio-9p-pci,id=share{index},fsdev=fsdev{index},"
+            f"mount_tag={share_tag(index)},bus=pcie.0,addr={share_slot(index):#x}",
+        ]  # fmt: skip
     return argv
 
 
