@@ -34,6 +34,7 @@ from .request import GuestRequest, SpecChecks, check_factory_call
 from .run import RunContext
 from .snapshot import Snapshot, Snapshots
 from .template import Shape, Template, TemplateStore
+from .tpm import check_swtpm
 
 settings_key = pytest.StashKey[Settings]()
 guests_key = pytest.StashKey[list[Guest]]()
@@ -178,6 +179,7 @@ def _shape(config: GuestConfig) -> Shape:
         network=net.kind if net.kind == "user" else f"{net.kind}={net.name}",
         vlans=len(config.vlans),
         display=config.vnc,
+        tpm=config.tpm,
     )
 
 
@@ -262,7 +264,7 @@ class TestGuests:
             keepable=shaped.keep_on_failure, blank=request.blank, kernel=request.kernel,
             initrd=request.initrd, append=request.append,
             display=request.display or request.blank, vnc=shaped.vnc,
-            installed=request.disk is not None, snapshot=shaped.snapshot,
+            installed=request.disk is not None, snapshot=shaped.snapshot, tpm=shaped.tpm,
         )  # fmt: skip
         try:
             run = self.session.run
@@ -273,7 +275,10 @@ class TestGuests:
             ("pid", str(os.getpid())), ("host", socket.gethostname()),
             ("test", self.nodeid),
         )  # fmt: skip
-        config = dataclasses.replace(config, runner=self.session.backend(shaped), labels=labels)
+        runner = self.session.backend(shaped)
+        if shaped.tpm and not runner.runs_swtpm:
+            check_swtpm(self.nodeid)  # the Debian package named, before anything starts
+        config = dataclasses.replace(config, runner=runner, labels=labels)
         if shaped.kernel_args:
             # A real boot of the image's own kernel with the extra arguments.
             config = dataclasses.replace(config, boot_files=self.session.boot_files(base))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...errors import GuestLaunchError
 from ...images.overlay import key_secret_opts, secret_object
 from ...network import netdev_args
+from ...tpm import qemu_tpm_args
 from ..base import MachineSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -78,6 +79,10 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
     for nic in spec.nics:
         argv += ["-netdev", nic.netdev]
         argv += ["-device", f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}"]
+    if spec.tpm:
+        if spec.tpm_socket is None:
+            raise GuestLaunchError("a TPM guest needs its swtpm's socket (tpm_socket)")
+        argv += qemu_tpm_args(spec.tpm_socket)
     if spec.ram_file is not None:
         _check_path_for_qemu(str(spec.ram_file))
         share = "on" if spec.ram_shared else "off"
