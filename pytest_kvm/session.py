@@ -247,6 +247,8 @@ class TestGuests:
         """The marker's and the call's settings, the image with its customisation
         layer, the backend's target and the boot files: how the guest is made."""
         shaped = request.shaped(self.settings)
+        if shaped.tpm and not backend_class(shaped.backend).runs_swtpm:
+            check_swtpm(self.nodeid)  # the Debian package named, before anything starts
         base = self._base_image(request)
         hostname = request.hostname
         custom = request.customization(self.settings)
@@ -275,10 +277,7 @@ class TestGuests:
             ("pid", str(os.getpid())), ("host", socket.gethostname()),
             ("test", self.nodeid),
         )  # fmt: skip
-        runner = self.session.backend(shaped)
-        if shaped.tpm and not runner.runs_swtpm:
-            check_swtpm(self.nodeid)  # the Debian package named, before anything starts
-        config = dataclasses.replace(config, runner=runner, labels=labels)
+        config = dataclasses.replace(config, runner=self.session.backend(shaped), labels=labels)
         if shaped.kernel_args:
             # A real boot of the image's own kernel with the extra arguments.
             config = dataclasses.replace(config, boot_files=self.session.boot_files(base))
