@@ -255,6 +255,24 @@ def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_ar
     assert _guest_volumes() == []
 
 
+def test_tpm_guest_gets_libvirts_swtpm(libvirtd, pytester, image_arg, cache_arg, inner_env):
+    """tpm=True on libvirt: <tpm model='tpm-crb'> with the emulator backend, whose
+    swtpm libvirt runs; such guests boot for real (no TPM templates on libvirt yet)."""
+    pytester.makepyfile(
+        test_tpm="""
+def test_tpm(kvm_guest_factory):
+    g = kvm_guest_factory(tpm=True)
+    assert g.template is None
+    assert g.succeed("cat /sys/class/tpm/tpm0/tpm_version_major").strip() == "2"
+    g.succeed("test -c /dev/tpmrm0")
+"""
+    )
+    argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
+    result = pytester.run(*argv, timeout=900)
+    result.assert_outcomes(passed=1)
+    assert _ours() == []
+
+
 def _private_leases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Leases of the inner runs (and of the `reap` that follows) that no other
     pytest-kvm run on this machine reads: a run that starts while this test's killed
