@@ -2,18 +2,20 @@
 
 Every pytest process that uses guests writes a *run lease* (its private dirs) and,
 before each guest starts, a *guest lease* (its dirs, QEMU's PID, libvirt domain, tap
-device) into one directory private to the user. The owner is recorded as PID plus
-the process's start time, so a reused PID is not mistaken for a live run, and with
-its host name, boot id and PID namespace: a lease written elsewhere (another host or
-container sharing /tmp or ``PYTEST_KVM_LEASE_DIR``) names PIDs that mean nothing
-here, so it is never reaped, only reported. A lease is removed once what it names
-is gone. ``qemu-nbd`` processes (encrypted disks opened offline) have leases too.
+device, a TPM guest's swtpm PID) into one directory private to the user. The owner
+is recorded as PID plus the process's start time, so a reused PID is not mistaken for
+a live run, and with its host name, boot id and PID namespace: a lease written
+elsewhere (another host or container sharing /tmp or ``PYTEST_KVM_LEASE_DIR``) names
+PIDs that mean nothing here, so it is never reaped, only reported. A lease is removed
+once what it names is gone. ``qemu-nbd`` processes (encrypted disks opened offline)
+have leases too.
 
 Whatever kills a run (SIGKILL of pytest or of one xdist worker), QEMU dies with its
 parent (parent-death signal, see spawn.py) and libvirt destroys its domains
 (AUTODESTROY); what is left are files: the run's dirs, sockets and overlays. ``reap``
 removes them, and kills any process a lease names that is still there (a guest kept
-by ``--kvm-keep-on-failure``, or one started without the parent-death signal). Leases
+by ``--kvm-keep-on-failure``, or one started without the parent-death signal, and
+its swtpm). Leases
 whose owner is alive are never touched. Every run reaps once when it first starts a
 guest; ``pytest-kvm reap`` does it by hand, and also removes kept guests.
 """
