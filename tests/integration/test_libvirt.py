@@ -257,14 +257,16 @@ def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_ar
 
 def test_tpm_guest_gets_libvirts_swtpm(libvirtd, pytester, image_arg, cache_arg, inner_env):
     """tpm=True on libvirt: <tpm model='tpm-crb'> with the emulator backend, whose
-    swtpm libvirt runs; such guests boot for real (no TPM templates on libvirt yet)."""
+    swtpm libvirt runs; such guests boot for real (no TPM templates on libvirt yet).
+    Cheap: the guest kernel's TPM driver on the console, a few seconds into the boot,
+    is enough (IMA says "No TPM chip found" where there is none)."""
     pytester.makepyfile(
         test_tpm="""
 def test_tpm(kvm_guest_factory):
-    g = kvm_guest_factory(tpm=True)
+    g = kvm_guest_factory(tpm=True, ssh=False)
     assert g.template is None
-    assert g.succeed("cat /sys/class/tpm/tpm0/tpm_version_major").strip() == "2"
-    g.succeed("test -c /dev/tpmrm0")
+    found = g.wait_for_console(r"tpm_crb MSFT0101|ima: No TPM chip found", timeout=300)
+    assert found.group(0).startswith("tpm_crb"), found.group(0)
 """
     )
     argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
