@@ -46,6 +46,8 @@ class Settings:
     record: bool = False
     # A VNC display on 127.0.0.1 (password in a private file) for every guest.
     vnc: bool = False
+    # An emulated TPM 2.0 per guest (swtpm; tpm.py), carried by templates.
+    tpm: bool = False
     # Never download images: URLs and downloaded catalog images must be in the cache.
     offline: bool = False
     artifacts: Path = Path(".pytest-kvm/artifacts")
@@ -326,6 +328,7 @@ OPTIONS: dict[str, Option] = {
             "",
         ),
         Option("vnc", _bool, "a VNC display on 127.0.0.1, with a password, per guest", ""),
+        Option("tpm", _bool, "an emulated TPM 2.0 per guest (swtpm), carried by templates", ""),
         Option("offline", _bool, "never download images: use only what is in the cache", ""),
         Option("artifacts", _path, "where failed tests' logs go", "DIR"),
         Option("cache", _path, "built and downloaded images (~/.cache/pytest-kvm)", "DIR"),
@@ -355,6 +358,7 @@ MARKER_KEYS = frozenset(
         "snapshot",
         "kernel_args",
         "vnc",
+        "tpm",
         "fail_on",
         "share",
         *CUSTOMIZE_KEYS,

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel, ocr
+from . import accel, ocr, tpm
 from .errors import KvmError
 
 # Shown by ``pytest-kvm doctor`` as the image of the default mode.
@@ -351,6 +351,13 @@ def _tesseract_check() -> Check:
                  hint=f"apt-get install {ocr.PACKAGE}", optional=True)  # fmt: skip
 
 
+def _swtpm_check() -> Check:
+    path = shutil.which(tpm.SWTPM)
+    what = "swtpm (optional: tpm=True, an emulated TPM 2.0 per guest)"
+    return Check(what, path is not None, path or "not found", required=False,
+                 hint=f"apt-get install {tpm.SWTPM_PACKAGE}", optional=True)  # fmt: skip
+
+
 def _libvirt_check() -> Check:
     """Optional: --kvm-backend libvirt."""
     from .backends.libvirt import connect, load_libvirt
@@ -382,7 +389,7 @@ def doctor_checks(cache: Path, quick: bool = False) -> list[Check]:
     checks.append(_cache_check(cache))
     force_tcg = not acc.detail.startswith("kvm")
     checks += [_guestfs_check(force_tcg, quick), _qemu_nbd_check(), _libvirt_check()]
-    checks.append(_tesseract_check())
+    checks += [_tesseract_check(), _swtpm_check()]
     checks += [_extra_check(part) for part in EXTRAS]
     return checks
 

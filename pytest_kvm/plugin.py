@@ -46,7 +46,7 @@ __all__ = ["GUEST_FIXTURES", "settings_key"]  # settings_key: tests and conftest
 _vlan_numbers = itertools.count(1)
 collect_errors_key = pytest.StashKey[list[str]]()
 dist_note_key = pytest.StashKey[str]()
-_FLAGS = ("snapshot", "keep_on_failure", "pause_on_failure", "record", "vnc", "offline")
+_FLAGS = ("snapshot", "keep_on_failure", "pause_on_failure", "record", "vnc", "tpm", "offline")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -86,9 +86,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, fail_on=, files=, "
-        "hostname=, run=, share=): override pytest-kvm settings for a test, class or module; "
-        "files/hostname/run customise the disk with libguestfs before the guest boots; "
+        "kvm(image=, memory=, cpus=, network=, snapshot=, kernel_args=, fail_on=, tpm=, "
+        "files=, hostname=, run=, share=): override pytest-kvm settings for a test, class or "
+        "module; files/hostname/run customise the disk with libguestfs before the guest boots; "
         "share={host folder: guest path} mounts host folders (virtio-9p)",
     )
     config.addinivalue_line("markers", matrix.SKIP_MARKER_HELP)

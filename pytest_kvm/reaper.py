@@ -2,18 +2,20 @@
 
 Every pytest process that uses guests writes a *run lease* (its private dirs) and,
 before each guest starts, a *guest lease* (its dirs, QEMU's PID, libvirt domain, tap
-device) into one directory private to the user. The owner is recorded as PID plus
-the process's start time, so a reused PID is not mistaken for a live run, and with
-its host name, boot id and PID namespace: a lease written elsewhere (another host or
-container sharing /tmp or ``PYTEST_KVM_LEASE_DIR``) names PIDs that mean nothing
-here, so it is never reaped, only reported. A lease is removed once what it names
-is gone. ``qemu-nbd`` processes (encrypted disks opened offline) have leases too.
+device, a TPM guest's swtpm PID) into one directory private to the user. The owner
+is recorded as PID plus the process's start time, so a reused PID is not mistaken for
+a live run, and with its host name, boot id and PID namespace: a lease written
+elsewhere (another host or container sharing /tmp or ``PYTEST_KVM_LEASE_DIR``) names
+PIDs that mean nothing here, so it is never reaped, only reported. A lease is removed
+once what it names is gone. ``qemu-nbd`` processes (encrypted disks opened offline)
+have leases too.
 
 Whatever kills a run (SIGKILL of pytest or of one xdist worker), QEMU dies with its
 parent (parent-death signal, see spawn.py) and libvirt destroys its domains
 (AUTODESTROY); what is left are files: the run's dirs, sockets and overlays. ``reap``
 removes them, and kills any process a lease names that is still there (a guest kept
-by ``--kvm-keep-on-failure``, or one started without the parent-death signal). Leases
+by ``--kvm-keep-on-failure``, or one started without the parent-death signal, and
+its swtpm). Leases
 whose owner is alive are never touched. Every run reaps once when it first starts a
 guest; ``pytest-kvm reap`` does it by hand, and also removes kept guests.
 """
@@ -98,12 +100,13 @@ def _reap_one(lease: Lease) -> list[str]:
     done: list[str] = []
     pid, start = data.get("qemu_pid"), data.get("qemu_start")
     if pid and process_alive(pid, start) and _is_our_process(pid, lease):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while process_alive(pid, start) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _kill(pid, start)
         done.append(f"killed {'qemu-nbd' if lease.kind == 'nbd' else 'QEMU'} {pid}")
+    # The guest's swtpm (tpm=True), after its QEMU.
+    pid, start = data.get("tpm_pid"), data.get("tpm_start")
+    if pid and process_alive(pid, start) and _is_our_swtpm(pid, lease):
+        _kill(pid, start)
+        done.append(f"killed swtpm {pid}")
     # What only the guest's backend can end (a libvirt domain). A lease without a
     # backend name but with a domain is the libvirt backend's.
     backend = str(data.get("backend") or ("libvirt" if data.get("domain") else ""))
@@ -121,6 +124,14 @@ def _reap_one(lease: Lease) -> list[str]:
             done.append(f"removed {value}")
     lease.remove()
     return done
+
+
+def _kill(pid: int, start: int | None) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while process_alive(pid, start) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _ours(path: Path) -> bool:
@@ -143,3 +154,13 @@ def _is_our_process(pid: int, lease: Lease) -> bool:
         return bool(sock) and argv[0].endswith(b"qemu-nbd") and sock.encode() in argv
     name = str(lease.data.get("name") or "")
     return bool(name) and f"guest={name},".encode() in b"\0".join(argv)
+
+
+def _is_our_swtpm(pid: int, lease: Lease) -> bool:
+    """Whether ``pid`` is still the swtpm of the lease's guest: its state dir is in the
+    guest's workdir."""
+    argv = process_argv(pid)
+    workdir = str(lease.data.get("workdir") or "")
+    if argv is None or not workdir or not argv[0].endswith(b"swtpm"):
+        return False
+    return any(arg.startswith(f"dir={workdir}/".encode()) for arg in argv)

@@ -98,6 +98,7 @@ class GuestRequest:
     display: bool = False
     # The factory's own share= (None: not given), on top of the marker's.
     share: tuple[SharedDir, ...] | None = None
+    tpm: bool | None = None  # None: the marker's/option's
 
     @classmethod
     def build(
@@ -121,6 +122,7 @@ class GuestRequest:
         append: str = "",
         display: bool = False,
         share: Mapping[str | os.PathLike[str], str | Share] | None = None,
+        tpm: bool | None = None,
     ) -> GuestRequest:
         """The factory's arguments (its signature), checked in the order users meet them."""
         if disk is not None and image is not None:
@@ -131,6 +133,8 @@ class GuestRequest:
         initrd_path = check_boot_file(Path(initrd), "initrd") if initrd is not None else None
         if not isinstance(append, str):
             raise KvmConfigError(f"{where}: append= takes the kernel command line as a string")
+        if tpm is not None and not isinstance(tpm, bool):
+            raise KvmConfigError(f"{where}: tpm={tpm!r} is not True, False or None")
         custom = _customization(customize, where)
         shares = None if share is None else parse_shares(share, f"{where} share=")
         network, vlan = _vlans_given_as_network(network, vlan, where)
@@ -143,7 +147,7 @@ class GuestRequest:
             cdrom=Path(cdrom) if cdrom is not None else None, disk_size=disk_size,
             boot=boot, ssh=ssh, hostname=hostname, vlans=vlans, customize=custom,
             disk=Path(disk) if disk is not None else None, kernel=kernel_path,
-            initrd=initrd_path, append=append, display=display, share=shares,
+            initrd=initrd_path, append=append, display=display, share=shares, tpm=tpm,
         )  # fmt: skip
 
     @property
@@ -153,8 +157,11 @@ class GuestRequest:
         return self.disk is None and (self.boot == "cdrom" or self.kernel is not None)
 
     def shaped(self, settings: Settings) -> Settings:
-        """``settings`` (the marker's) with this call's memory=, cpus=, network=."""
-        given = (("memory", self.memory), ("cpus", self.cpus), ("network", self.network))
+        """``settings`` (the marker's) with this call's memory=, cpus=, network=, tpm=."""
+        given = (
+            ("memory", self.memory), ("cpus", self.cpus), ("network", self.network),
+            ("tpm", self.tpm),
+        )  # fmt: skip
         return settings.with_marker({k: v for k, v in given if v is not None}, self.where)
 
     def shares(self, settings: Settings) -> tuple[SharedDir, ...]:

@@ -34,6 +34,7 @@ from .request import GuestRequest, SpecChecks, check_factory_call
 from .run import RunContext
 from .snapshot import Snapshot, Snapshots
 from .template import Shape, Template, TemplateStore
+from .tpm import check_swtpm
 
 settings_key = pytest.StashKey[Settings]()
 guests_key = pytest.StashKey[list[Guest]]()
@@ -178,6 +179,7 @@ def _shape(config: GuestConfig) -> Shape:
         network=net.kind if net.kind == "user" else f"{net.kind}={net.name}",
         vlans=len(config.vlans),
         display=config.vnc,
+        tpm=config.tpm,
     )
 
 
@@ -245,6 +247,8 @@ class TestGuests:
         """The marker's and the call's settings, the image with its customisation
         layer, the backend's target and the boot files: how the guest is made."""
         shaped = request.shaped(self.settings)
+        if shaped.tpm and not backend_class(shaped.backend).runs_swtpm:
+            check_swtpm(self.nodeid)  # the Debian package named, before anything starts
         base = self._base_image(request)
         hostname = request.hostname
         custom = request.customization(self.settings)
@@ -262,7 +266,7 @@ class TestGuests:
             keepable=shaped.keep_on_failure, blank=request.blank, kernel=request.kernel,
             initrd=request.initrd, append=request.append,
             display=request.display or request.blank, vnc=shaped.vnc,
-            installed=request.disk is not None, snapshot=shaped.snapshot,
+            installed=request.disk is not None, snapshot=shaped.snapshot, tpm=shaped.tpm,
             shares=request.shares(shaped),
         )  # fmt: skip
         try:

@@ -79,12 +79,14 @@ class Shape:
     kernel_args: str = ""
     vlans: int = 0  # NICs for kvm_vlan segments, beyond the primary one
     display: bool = False  # a graphics card (--kvm-vnc): clones must have it too
+    tpm: bool = False  # a TPM 2.0 (swtpm): its state is in the saved state
 
     def label(self) -> str:
         nics = f"-{self.vlans}vlan" if self.vlans else ""
         vga = "-vga" if self.display else ""
+        tpm = "-tpm" if self.tpm else ""
         network = self.network.replace("=", "-")  # bridge=br0: bridge-br0
-        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}"
+        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}{tpm}"
 
     def key_fields(self) -> dict[str, object]:
         """What goes into the template key: fields at their defaults are left out, so
@@ -92,6 +94,8 @@ class Shape:
         fields = asdict(self)
         if not self.display:
             del fields["display"]
+        if not self.tpm:
+            del fields["tpm"]
         return fields
 
 
@@ -366,6 +370,7 @@ class TemplateStore:
                 hostname=TEMPLATE_HOSTNAME,
                 vlans=(None,) * shape.vlans,
                 display=shape.display,
+                tpm=shape.tpm,
                 backend=runner.name if runner is not None else "qemu",
                 runner=runner,
                 labels=labels,

@@ -22,6 +22,7 @@ APT_PACKAGES=(
   gnupg openssl                         # tests: a throwaway signing key, a local https server
   tcpdump                               # tests read kvm_vlan captures with tcpdump -r
   tesseract-ocr tesseract-ocr-eng       # guest.screen_text() by OCR of a graphical screen
+  swtpm swtpm-tools                     # tpm=True: an emulated TPM 2.0 per guest (libvirt runs swtpm_setup)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

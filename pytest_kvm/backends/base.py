@@ -79,6 +79,10 @@ class MachineSpec:
     die_with_parent: bool = True
     # Host folders as virtio-9p devices (tag ``share_tag(i)``, PCI slot ``share_slot(i)``).
     shares: tuple[SharedDir, ...] = ()
+    # An emulated TPM 2.0. ``tpm_socket``: the control socket of the swtpm the guest
+    # started for it (backends without ``Backend.runs_swtpm``: QEMU's own).
+    tpm: bool = False
+    tpm_socket: Path | None = None
 
     @property
     def _sockets(self) -> Path:
@@ -286,6 +290,9 @@ class Backend(abc.ABC):
     # the machine puts it in the copy of the saved state it restores from. False,
     # clones keep the template's MAC (the rest of their identity is still their own).
     clone_mac: ClassVar[bool] = True
+    # True: the backend starts a TPM guest's swtpm itself (libvirt); False, the guest
+    # starts one (tpm.py) and passes its socket as ``MachineSpec.tpm_socket``.
+    runs_swtpm: ClassVar[bool] = False
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings

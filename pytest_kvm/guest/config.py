@@ -67,6 +67,8 @@ class GuestConfig:
     # A graphics card (screenshots, key presses); VNC on 127.0.0.1 with a password.
     display: bool = False
     vnc: bool = False
+    # An emulated TPM 2.0 (swtpm); a template's clones get a copy of its TPM state.
+    tpm: bool = False
     # A disk an installer wrote (disk=): it keeps its own host name unless
     # hostname= is given.
     installed: bool = False
@@ -116,6 +118,8 @@ class GuestConfig:
         if self.network.kind == "bridge" and self.backend != "qemu":
             return f"network {self.network}: bridge templates are made on the qemu backend only"
         refused = backend_class(self.backend).refusal("templates")
+        if not refused and self.tpm:
+            refused = backend_class(self.backend).refusal("tpm templates")
         if refused:
             return refused
         return ""
@@ -135,6 +139,10 @@ class ShapeFacts(Protocol):
     @property
     def display(self) -> bool:
         """The template's guest had a graphics card (clones must have it too)."""
+
+    @property
+    def tpm(self) -> bool:
+        """The template's guest had a TPM (its state is in the saved state)."""
 
 
 class SavedGuest(Protocol):
@@ -221,5 +229,7 @@ def check_template(config: GuestConfig, template: SavedGuest) -> None:
         raise KvmConfigError(refusal)
     if template.shape.display != (config.display or config.vnc):
         raise KvmConfigError("the template has no display (or one this guest does not)")
+    if template.shape.tpm != config.tpm:
+        raise KvmConfigError("the template has no TPM (or one this guest does not)")
     if len(template.vlan_macs) != len(config.vlans):
         raise KvmConfigError("the template has another number of vlan NICs")

@@ -232,9 +232,14 @@ class Guest(NixosNames):
             if state.machine is not None:
                 state.machine.close()
 
+        def close_tpm() -> None:  # after QEMU, which talks to it until it ends
+            if state.tpm is not None:
+                state.tpm.close()
+
         stack.callback(remove_lease)
         stack.callback(remove_dirs)
         stack.callback(self._nics.close)
+        stack.callback(close_tpm)
         stack.callback(close_machine)
         stack.callback(self._close_this_side)
 

@@ -11,6 +11,7 @@ from ..errors import GuestLaunchError
 from ..images.kernel import BootFiles
 from ..network import free_port
 from ..run import RunContext
+from ..tpm import Swtpm
 from ..util import process_start
 from .config import GuestConfig
 from .nics import Nics
@@ -45,6 +46,7 @@ class Launcher:
         incoming: Path | None = None,
         boot_files: BootFiles | None = None,
     ) -> None:
+        self._start_tpm()
         tap = self._nics.tap
         tap_fd = tap.open() if tap is not None else None
         try:
@@ -92,6 +94,8 @@ class Launcher:
                 vnc=config.vnc,
                 die_with_parent=not config.keepable,
                 shares=config.shares,
+                tpm=config.tpm,
+                tpm_socket=state.tpm.socket if state.tpm is not None else None,
             )
             machine = self._runner.machine(spec, on_spawn=self._record_qemu, labels=config.labels)
             state.record(**machine.lease_fields())  # before it exists
@@ -110,6 +114,25 @@ class Launcher:
                 state.record(tap=self._nics.tap.ifname)
             self._screen.start_vnc(machine)
             return
+
+    def _start_tpm(self) -> None:
+        """The guest's swtpm (tpm=True), unless its backend runs one itself: a fresh
+        state dir (0700) in the guest's workdir, restored clones included (their TPM
+        state comes in the saved state), recorded in the lease as soon as it runs."""
+        state, config = self._state, self._config
+        if not config.tpm or self._runner.runs_swtpm or state.tpm is not None:
+            return
+        assert state.workdir is not None and state.sockdir is not None
+        state.tpm = Swtpm(
+            state.workdir / "tpm",
+            state.sockdir / "tpm.sock",
+            state.workdir / "swtpm.log",
+            die_with_parent=not config.keepable,  # a kept guest keeps its TPM
+        )
+        state.tpm.start(30 * state.timeout_scale, on_spawn=self._record_tpm)
+
+    def _record_tpm(self, pid: int) -> None:
+        self._state.record(tpm_pid=pid, tpm_start=process_start(pid))
 
     def _record_qemu(self, pid: int) -> None:
         # Called right after QEMU is spawned, before start() waits for it: a kept

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..backends.base import Machine
 from ..console import Console, tail
 from ..lease import Lease
+from ..tpm import Swtpm
 
 PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
 
@@ -36,6 +37,7 @@ class GuestState:
     console: Console | None = None
     port: int = 0
     lease: Lease | None = None
+    tpm: Swtpm | None = None  # the guest's swtpm, when this side runs it (tpm=True)
     boot_timings: dict[str, float] = field(default_factory=dict)
 
     @property

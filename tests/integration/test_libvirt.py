@@ -255,6 +255,26 @@ def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_ar
     assert _guest_volumes() == []
 
 
+def test_tpm_guest_gets_libvirts_swtpm(libvirtd, pytester, image_arg, cache_arg, inner_env):
+    """tpm=True on libvirt: <tpm model='tpm-crb'> with the emulator backend, whose
+    swtpm libvirt runs; such guests boot for real (no TPM templates on libvirt yet).
+    Cheap: the guest kernel's TPM driver on the console, a few seconds into the boot,
+    is enough (IMA says "No TPM chip found" where there is none)."""
+    pytester.makepyfile(
+        test_tpm="""
+def test_tpm(kvm_guest_factory):
+    g = kvm_guest_factory(tpm=True, ssh=False)
+    assert g.template is None
+    found = g.wait_for_console(r"tpm_crb MSFT0101|ima: No TPM chip found", timeout=300)
+    assert found.group(0).startswith("tpm_crb"), found.group(0)
+"""
+    )
+    argv = _inner(libvirtd, pytester, image_arg, cache_arg, "--kvm-backend=libvirt")
+    result = pytester.run(*argv, timeout=900)
+    result.assert_outcomes(passed=1)
+    assert _ours() == []
+
+
 def _private_leases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Leases of the inner runs (and of the `reap` that follows) that no other
     pytest-kvm run on this machine reads: a run that starts while this test's killed

@@ -31,7 +31,7 @@ class Machine:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         self.tools = {
             "qemu-system-x86_64", "qemu-img", "qemu-nbd", "mmdebstrap", "mkfs.ext4",
-            "e2fsck", "sfdisk", "grub-mkimage", "chroot", "tesseract",
+            "e2fsck", "sfdisk", "grub-mkimage", "chroot", "tesseract", "swtpm",
         }  # fmt: skip
         self.netdevs = "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\n"
         self.accels = "Accelerators supported in QEMU binary:\ntcg\nkvm\n"
@@ -409,3 +409,13 @@ def test_a_missing_tesseract_names_its_debian_package(machine: Machine, capsys):
     line, hint = lines_about(out, what)[:2]
     assert line == f"[--] {what}: not found"
     assert hint == "     install: apt-get install tesseract-ocr"
+
+
+def test_a_missing_swtpm_names_its_debian_package(machine: Machine, capsys):
+    machine.tools.discard("swtpm")
+    code, out = machine.doctor(capsys)
+    assert code == 0, out  # only tpm=True needs it
+    what = "swtpm (optional: tpm=True, an emulated TPM 2.0 per guest)"
+    line, hint = lines_about(out, what)[:2]
+    assert line == f"[--] {what}: not found"
+    assert hint == "     install: apt-get install swtpm"

@@ -74,7 +74,7 @@ def test_what_needs_a_real_boot_says_why(changes, why):
 class ShapedTemplate:
     """What Guest reads of a template before anything starts."""
 
-    shape = type("Shape", (), {"display": False})()
+    shape = type("Shape", (), {"display": False, "tpm": False})()
     vlan_macs: tuple[str, ...] = ()
     mac = "52:54:00:12:34:56"
     client_key = None
@@ -88,6 +88,8 @@ def test_guest_refuses_a_template_for_a_config_the_rule_refuses(run):
         Guest(run, GuestConfig(image=IMAGE, ssh=False), template=template)  # type: ignore[arg-type]
     with pytest.raises(KvmConfigError, match="no display"):
         Guest(run, GuestConfig(image=IMAGE, vnc=True), template=template)  # type: ignore[arg-type]
+    with pytest.raises(KvmConfigError, match="no TPM"):
+        Guest(run, GuestConfig(image=IMAGE, tpm=True), template=template)  # type: ignore[arg-type]
 
 
 def test_a_bridge_clone_needs_the_template_agent(run):

@@ -49,6 +49,7 @@ class LibvirtBackend(Backend):
 
     name = "libvirt"
     refusals = REFUSALS
+    runs_swtpm = True
     ram_in_file = False  # virDomainSave writes RAM and devices into one save image
     # clone_mac: each clone's copy of the save image (made in the pool anyway) gets its
     # MAC in its XML and in slirp's saved DHCP table (machine.py, saveimage.py).

@@ -26,6 +26,9 @@ REFUSALS = {
     "vlans and bridges": "vlans and bridges are not supported on the libvirt backend yet",
     "kernel_args": "kernel_args (direct kernel boot) is not supported on libvirt yet",
     "snapshots": "kvm_snapshot images are not supported on the libvirt backend yet",
+    # libvirt keeps a domain's TPM state by its UUID and runs swtpm_setup/swtpm
+    # itself; restoring a template's TPM into a clone's new UUID is not done yet.
+    "tpm templates": "TPM guests boot for real on the libvirt backend (no TPM templates yet)",
 }
 
 
@@ -122,6 +125,9 @@ def domain_xml(
             devices, "graphics", type="vnc", autoport="yes", listen="127.0.0.1", passwd=password
         )
         ET.SubElement(graphics, "listen", type="address", address="127.0.0.1")
+    if spec.tpm:  # libvirt runs swtpm (and swtpm_setup) for it
+        tpm = ET.SubElement(devices, "tpm", model="tpm-crb")
+        ET.SubElement(tpm, "backend", type="emulator", version="2.0")
     ET.SubElement(devices, "memballoon", model="none")
     add_filesystems(devices, spec.shares)
     return ET.tostring(root, encoding="unicode")

@@ -6,6 +6,7 @@ from ...errors import GuestLaunchError
 from ...images.overlay import key_secret_opts, secret_object
 from ...network import netdev_args
 from ...share import share_slot, share_tag
+from ...tpm import qemu_tpm_args
 from ..base import MachineSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -79,6 +80,10 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
     for nic in spec.nics:
         argv += ["-netdev", nic.netdev]
         argv += ["-device", f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}"]
+    if spec.tpm:
+        if spec.tpm_socket is None:
+            raise GuestLaunchError("a TPM guest needs its swtpm's socket (tpm_socket)")
+        argv += qemu_tpm_args(spec.tpm_socket)
     if spec.ram_file is not None:
         _check_path_for_qemu(str(spec.ram_file))
         share = "on" if spec.ram_shared else "off"
