@@ -1,4 +1,5 @@
-"""Finding QEMU processes by what their command line says."""
+"""Processes for tests: QEMU processes found by what their command line says, and
+a process that has exited (a dead lease owner)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ def qemu_pids(needle: str) -> list[int]:
 def qemu_pids_under(directory: Path) -> list[int]:
     """PIDs of qemu processes whose command line mentions ``directory``."""
     return qemu_pids(str(directory))
+
+
+def dead_pid() -> tuple[int, int | None]:
+    """The PID and start time of a process that has exited: a lease's owner that died."""
+    import subprocess
+    import sys
+
+    from pytest_kvm.reaper import process_start
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = process_start(proc.pid)
+    proc.wait()
+    return proc.pid, start

@@ -25,6 +25,7 @@ from pytest_kvm.reaper import (
     process_start,
     reap,
 )
+from tests.support.processes import dead_pid
 
 
 @pytest.fixture
@@ -32,13 +33,6 @@ def book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory = tmp_path / "leases"
     monkeypatch.setenv(LEASE_DIR_ENV, str(directory))
     return lease_dir()
-
-
-def _dead_pid() -> tuple[int, int | None]:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = process_start(proc.pid)
-    proc.wait()
-    return proc.pid, start
 
 
 def _sleeper() -> subprocess.Popen[bytes]:
@@ -62,7 +56,7 @@ def test_process_identity_survives_pid_reuse() -> None:
     me, start = os.getpid(), process_start(os.getpid())
     assert start is not None and process_alive(me, start)
     assert not process_alive(me, start + 1)  # same PID, another process
-    pid, start = _dead_pid()
+    pid, start = dead_pid()
     assert not process_alive(pid, start)
     assert not process_alive(None, None)
 
@@ -80,7 +74,7 @@ def test_lease_files_are_private_and_rewritten_whole(book: Path) -> None:
 
 
 def test_reap_removes_dead_runs_and_spares_live_ones(book: Path, tmp_path: Path) -> None:
-    dead, dead_start = _dead_pid()
+    dead, dead_start = dead_pid()
     dead_dir = tmp_path / "pytest-kvm-dead-abc"
     (dead_dir / "kvm-dead-main-01").mkdir(parents=True)
     live_dir = tmp_path / "pytest-kvm-live-abc"
@@ -99,7 +93,7 @@ def test_reap_removes_dead_runs_and_spares_live_ones(book: Path, tmp_path: Path)
 def test_reap_kills_only_the_qemu_it_names(book: Path, tmp_path: Path) -> None:
     """A lease whose PID is now some other program (not QEMU for that guest) must not
     get that program killed; kept guests wait for include_kept."""
-    dead, dead_start = _dead_pid()
+    dead, dead_start = dead_pid()
     other = _sleeper()
     try:
         Lease.create(book, "guest-a", {
@@ -116,7 +110,7 @@ def test_reap_kills_only_the_qemu_it_names(book: Path, tmp_path: Path) -> None:
 
 
 def test_kept_guests_are_reaped_only_when_asked(book: Path, tmp_path: Path) -> None:
-    dead, dead_start = _dead_pid()
+    dead, dead_start = dead_pid()
     workdir = tmp_path / "pytest-kvm-r2-x" / "kvm-r2-main-01"
     workdir.mkdir(parents=True)
     Lease.create(book, "guest-k", {"kind": "guest", "run_id": "r2", "name": "kvm-r2-main-01",
@@ -129,7 +123,7 @@ def test_kept_guests_are_reaped_only_when_asked(book: Path, tmp_path: Path) -> N
 
 
 def test_reap_never_removes_paths_it_did_not_make(book: Path, tmp_path: Path) -> None:
-    dead, dead_start = _dead_pid()
+    dead, dead_start = dead_pid()
     precious = tmp_path / "home-of-someone"
     precious.mkdir()
     Lease.create(book, "run-evil", {"kind": "run", "run_id": "e", "pid": dead,
@@ -140,7 +134,7 @@ def test_reap_never_removes_paths_it_did_not_make(book: Path, tmp_path: Path) ->
 
 
 def test_cli_reap_dry_run_lists_and_removes_nothing(book: Path, tmp_path: Path) -> None:
-    dead, dead_start = _dead_pid()
+    dead, dead_start = dead_pid()
     run_dir = tmp_path / "pytest-kvm-d1-x"
     run_dir.mkdir()
     Lease.create(book, "run-d1", {"kind": "run", "run_id": "d1", "pid": dead,
@@ -173,7 +167,7 @@ def _fake_qemu(name: str) -> subprocess.Popen[bytes]:
 def test_a_lease_written_elsewhere_is_never_reaped(book: Path, tmp_path: Path, key, value):
     """A run in another container or host sharing the lease directory: its PID means
     nothing here (here it is dead), so nothing it names is touched, only reported."""
-    dead, dead_start = _dead_pid()
+    dead, dead_start = dead_pid()
     workdir = tmp_path / "pytest-kvm-r3-x" / "kvm-r3-main-01"
     workdir.mkdir(parents=True)
     qemu = _fake_qemu("kvm-r3-main-01")
@@ -279,6 +273,7 @@ NBD_OWNER = """
 import sys, time
 from pathlib import Path
 from pytest_kvm.customize import DiskSource, _NbdExport
+from tests.support.processes import dead_pid
 
 if sys.argv[3] == "lost-signal":  # as if the parent-death signal never came
     import pytest_kvm.spawn

@@ -4,7 +4,6 @@ checks of bad values and a missing swtpm, swtpm's own lifecycle and its reaping.
 from __future__ import annotations
 
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pytest_kvm.guest.config import GuestConfig
 from pytest_kvm.reaper import LEASE_DIR_ENV, Lease, lease_dir, leases, process_start, reap
 from pytest_kvm.request import GuestRequest
 from pytest_kvm.template import Shape, template_key
+from tests.support.processes import dead_pid
 from tests.support.specs import LIBVIRT_DISKS, opt, spec
 
 
@@ -145,16 +145,9 @@ def book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return lease_dir()
 
 
-def _dead_pid() -> tuple[int, int | None]:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = process_start(proc.pid)
-    proc.wait()
-    return proc.pid, start
-
-
 @needs_swtpm
 def test_reap_ends_a_dead_runs_swtpm_and_only_that(book: Path, tmp_path: Path) -> None:
-    dead, dead_start = _dead_pid()
+    dead, dead_start = dead_pid()
     workdir = tmp_path / "pytest-kvm-r3-x" / "kvm-r3-main-01"
     workdir.mkdir(parents=True)
     swtpm = tpm.Swtpm(workdir / "tpm", tmp_path / "tpm.sock", tmp_path / "swtpm.log")
