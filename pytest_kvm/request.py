@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import firmware
 from .config import CUSTOMIZE_KEYS, Settings
 from .customize import Customization
 from .errors import ImageError, KvmConfigError
 from .images import Image
+from .images.efi import signed_boot_refusal
 from .images.store import check_spec
 from .media import check_boot_file
 from .snapshot import Snapshot
@@ -95,6 +97,7 @@ class GuestRequest:
     initrd: Path | None = None
     append: str = ""
     display: bool = False
+    firmware: str | None = None
 
     @classmethod
     def build(
@@ -117,6 +120,7 @@ class GuestRequest:
         initrd: str | os.PathLike[str] | None = None,
         append: str = "",
         display: bool = False,
+        firmware: str | None = None,
     ) -> GuestRequest:
         """The factory's arguments (its signature), checked in the order users meet them."""
         if disk is not None and image is not None:
@@ -138,7 +142,7 @@ class GuestRequest:
             cdrom=Path(cdrom) if cdrom is not None else None, disk_size=disk_size,
             boot=boot, ssh=ssh, hostname=hostname, vlans=vlans, customize=custom,
             disk=Path(disk) if disk is not None else None, kernel=kernel_path,
-            initrd=initrd_path, append=append, display=display,
+            initrd=initrd_path, append=append, display=display, firmware=firmware,
         )  # fmt: skip
 
     @property
@@ -148,8 +152,11 @@ class GuestRequest:
         return self.disk is None and (self.boot == "cdrom" or self.kernel is not None)
 
     def shaped(self, settings: Settings) -> Settings:
-        """``settings`` (the marker's) with this call's memory=, cpus=, network=."""
-        given = (("memory", self.memory), ("cpus", self.cpus), ("network", self.network))
+        """``settings`` (the marker's) with this call's memory=, cpus=, network=, firmware=."""
+        given = (
+            ("memory", self.memory), ("cpus", self.cpus), ("network", self.network),
+            ("firmware", self.firmware),
+        )  # fmt: skip
         return settings.with_marker({k: v for k, v in given if v is not None}, self.where)
 
     def customization(self, settings: Settings) -> Customization:
@@ -206,3 +213,26 @@ def check_factory_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         FACTORY_SIGNATURE.bind(*args, **kwargs)
     except TypeError as exc:
         raise TypeError(f"kvm_guest_factory(): {exc}") from None
+
+
+def guest_firmware(settings: Settings, image: Image) -> str:
+    """The firmware a guest of ``image`` boots with under ``settings`` (the marker's and
+    the call's): ``auto`` resolved, ``uefi-secure`` refused for an image without a
+    signed boot path, OVMF's files checked (one-line errors)."""
+    name = firmware.resolve(settings.firmware)
+    if name == firmware.DEFAULT:
+        return name
+    firmware.Ovmf.find(name)
+    if name == "uefi-secure":
+        refusal = (
+            "an encrypted image cannot be checked"
+            if image.is_encrypted
+            else signed_boot_refusal(image.path, image.format)
+        )
+        if refusal:
+            raise KvmConfigError(
+                f"firmware 'uefi-secure': image {image.name!r} has no signed boot path "
+                f"({refusal}); use firmware='uefi', or an image built since pytest-kvm "
+                "made catalog images hybrid"
+            )
+    return name

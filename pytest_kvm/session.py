@@ -30,7 +30,7 @@ from .images.store import classify
 from .images.store import resolve as resolve_image
 from .network import NetworkSpec, bridge_problem, has_net_admin, helper_problem
 from .reaper import reap
-from .request import GuestRequest, SpecChecks, check_factory_call
+from .request import GuestRequest, SpecChecks, check_factory_call, guest_firmware
 from .run import RunContext
 from .snapshot import Snapshot, Snapshots
 from .template import Shape, Template, TemplateStore
@@ -178,6 +178,7 @@ def _shape(config: GuestConfig) -> Shape:
         network=net.kind if net.kind == "user" else f"{net.kind}={net.name}",
         vlans=len(config.vlans),
         display=config.vnc,
+        firmware=config.firmware,
     )
 
 
@@ -263,6 +264,7 @@ class TestGuests:
             initrd=request.initrd, append=request.append,
             display=request.display or request.blank, vnc=shaped.vnc,
             installed=request.disk is not None, snapshot=shaped.snapshot,
+            firmware=guest_firmware(shaped, base),
         )  # fmt: skip
         try:
             run = self.session.run

@@ -40,6 +40,7 @@ from .backends.base import Backend, Labels
 from .backends.qemu import QEMU_BINARY
 from .config import parse_network
 from .errors import GuestError, ImageError, KvmError
+from .firmware import VARS_NAME
 from .guest import BootPlan, Guest, GuestConfig
 from .guest.identity import HOLDS_HOST_KEYS
 from .images import Image
@@ -79,12 +80,14 @@ class Shape:
     kernel_args: str = ""
     vlans: int = 0  # NICs for kvm_vlan segments, beyond the primary one
     display: bool = False  # a graphics card (--kvm-vnc): clones must have it too
+    firmware: str = "bios"  # "uefi", "uefi-secure": OVMF, clones copy its variables
 
     def label(self) -> str:
         nics = f"-{self.vlans}vlan" if self.vlans else ""
         vga = "-vga" if self.display else ""
         network = self.network.replace("=", "-")  # bridge=br0: bridge-br0
-        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}"
+        firmware = f"-{self.firmware}" if self.firmware != "bios" else ""
+        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}{firmware}"
 
     def key_fields(self) -> dict[str, object]:
         """What goes into the template key: fields at their defaults are left out, so
@@ -92,6 +95,8 @@ class Shape:
         fields = asdict(self)
         if not self.display:
             del fields["display"]
+        if self.firmware == "bios":
+            del fields["firmware"]
         return fields
 
 
@@ -366,6 +371,7 @@ class TemplateStore:
                 hostname=TEMPLATE_HOSTNAME,
                 vlans=(None,) * shape.vlans,
                 display=shape.display,
+                firmware=shape.firmware,
                 backend=runner.name if runner is not None else "qemu",
                 runner=runner,
                 labels=labels,
@@ -381,6 +387,8 @@ class TemplateStore:
                 agent = guest.agent_answers()
                 facts = saved_facts(guest, timeout)
                 guest.save_state(work / "state")
+                if (work / VARS_NAME).exists():  # UEFI: clones copy the variables
+                    fsync_path(work / VARS_NAME)
                 shutil.copyfile(guest.serial_log, work / "serial.log")
                 mac = guest.mac
                 vlan_macs = guest.vlan_macs

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ..config import NetworkSpec
+from ..firmware import Ovmf
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -76,6 +77,9 @@ class MachineSpec:
     # that may be kept after the run (--kvm-keep-on-failure); their leases let
     # `pytest-kvm reap` end them.
     die_with_parent: bool = True
+    # UEFI (firmware.py): OVMF, and the guest's own copy of its variables; None: BIOS.
+    firmware: Ovmf | None = None
+    efivars: Path | None = None
 
     @property
     def _sockets(self) -> Path:

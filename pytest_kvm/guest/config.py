@@ -83,6 +83,8 @@ class GuestConfig:
     # --kvm-snapshot (default on): the factory may restore this guest from a booted
     # template when ``restore_refusal`` allows it; off, every guest boots for real.
     snapshot: bool = False
+    # "bios", "uefi" or "uefi-secure" (firmware.py; "auto" is resolved before).
+    firmware: str = "bios"
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
@@ -113,6 +115,8 @@ class GuestConfig:
         if self.network.kind == "bridge" and self.backend != "qemu":
             return f"network {self.network}: bridge templates are made on the qemu backend only"
         refused = backend_class(self.backend).refusal("templates")
+        if not refused and self.firmware != "bios":
+            refused = backend_class(self.backend).refusal("uefi templates")
         if refused:
             return refused
         return ""

@@ -25,6 +25,8 @@ REFUSALS = {
     "vlans and bridges": "vlans and bridges are not supported on the libvirt backend yet",
     "kernel_args": "kernel_args (direct kernel boot) is not supported on libvirt yet",
     "snapshots": "kvm_snapshot images are not supported on the libvirt backend yet",
+    "uefi templates": "UEFI guests boot for real on the libvirt backend (restoring a "
+    "template's UEFI variables is not supported there yet)",
 }
 
 
@@ -62,11 +64,14 @@ def domain_xml(
     ET.SubElement(root, "vcpu").text = str(spec.cpus)
     os_el = ET.SubElement(root, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
+    secure = _firmware(os_el, spec)
     if spec.kernel is not None:
         raise GuestLaunchError(REFUSALS["kernel_args"])
     ET.SubElement(os_el, "boot", dev="cdrom" if spec.boot == "cdrom" else "hd")
     features = ET.SubElement(root, "features")
     ET.SubElement(features, "acpi")
+    if secure:
+        ET.SubElement(features, "smm", state="on")
     # As the qemu backend's -cpu host / -cpu max and -smp N (one socket of N cores).
     # Its -accel tcg,thread=multi is QEMU's default for x86_64 guests on x86_64
     # hosts, which libvirt's plain -accel tcg gets: one TCG thread per vCPU.
@@ -123,6 +128,21 @@ def domain_xml(
         ET.SubElement(graphics, "listen", type="address", address="127.0.0.1")
     ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(root, encoding="unicode")
+
+
+def _firmware(os_el: ET.Element, spec: MachineSpec) -> bool:
+    """UEFI by libvirt's firmware autoselection (it keeps each domain's variables
+    in a copy of its own, made from the firmware's template); True: Secure Boot."""
+    if spec.firmware is None:
+        return False
+    secure = spec.firmware.secure
+    os_el.set("firmware", "efi")
+    wanted = ET.SubElement(os_el, "firmware")
+    ET.SubElement(wanted, "feature", enabled="yes" if secure else "no", name="secure-boot")
+    if secure:
+        ET.SubElement(wanted, "feature", enabled="yes", name="enrolled-keys")
+        ET.SubElement(os_el, "loader", secure="yes")
+    return secure
 
 
 def remote_domain_type(conn: Any) -> str:
