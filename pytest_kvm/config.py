@@ -11,6 +11,7 @@ from typing import Any
 
 from .customize.spec import Customization
 from .errors import KvmConfigError
+from .firmware import parse_firmware
 from .network import NetworkSpec as NetworkSpec  # re-exported: its old home
 from .share import SharedDir, parse_shares
 
@@ -37,6 +38,8 @@ class Settings:
     accel: str = "auto"
     memory: int = 1024
     cpus: int = 2
+    # --kvm-firmware: auto (BIOS), bios, uefi, uefi-secure (firmware.py)
+    firmware: str = "auto"
     boot_timeout: float = 300.0
     snapshot: bool = True
     keep_on_failure: bool = False
@@ -310,6 +313,12 @@ OPTIONS: dict[str, Option] = {
         Option("accel", _choice(ACCELS), "auto (default), kvm or tcg", "ACCEL"),
         Option("memory", _positive_int(128, 1024 * 1024), "guest memory in MiB (1024)", "MIB"),
         Option("cpus", _positive_int(1, 256), "guest vCPUs (2)", "N"),
+        Option(
+            "firmware",
+            parse_firmware,
+            "auto (default: BIOS), bios, uefi (OVMF) or uefi-secure (OVMF, Secure Boot)",
+            "NAME",
+        ),
         Option("boot_timeout", _seconds, "seconds to SSH-ready, scaled under TCG (300)", "S"),
         Option("snapshot", _bool, "restore guests from a booted template", ""),
         Option("keep_on_failure", _bool, "leave a failed test's guest running", ""),
@@ -354,6 +363,7 @@ MARKER_KEYS = frozenset(
         "image",
         "memory",
         "cpus",
+        "firmware",
         "network",
         "snapshot",
         "kernel_args",

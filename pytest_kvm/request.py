@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import firmware
 from .config import CUSTOMIZE_KEYS, Settings
 from .customize import Customization
 from .errors import ImageError, KvmConfigError
 from .images import Image
+from .images.efi import signed_boot_refusal
 from .images.store import check_spec
 from .media import check_boot_file
 from .share import Share, SharedDir, merge_shares, parse_shares
@@ -99,6 +101,7 @@ class GuestRequest:
     # The factory's own share= (None: not given), on top of the marker's.
     share: tuple[SharedDir, ...] | None = None
     tpm: bool | None = None  # None: the marker's/option's
+    firmware: str | None = None
 
     @classmethod
     def build(
@@ -123,6 +126,7 @@ class GuestRequest:
         display: bool = False,
         share: Mapping[str | os.PathLike[str], str | Share] | None = None,
         tpm: bool | None = None,
+        firmware: str | None = None,
     ) -> GuestRequest:
         """The factory's arguments (its signature), checked in the order users meet them."""
         if disk is not None and image is not None:
@@ -148,6 +152,7 @@ class GuestRequest:
             boot=boot, ssh=ssh, hostname=hostname, vlans=vlans, customize=custom,
             disk=Path(disk) if disk is not None else None, kernel=kernel_path,
             initrd=initrd_path, append=append, display=display, share=shares, tpm=tpm,
+            firmware=firmware,
         )  # fmt: skip
 
     @property
@@ -157,10 +162,11 @@ class GuestRequest:
         return self.disk is None and (self.boot == "cdrom" or self.kernel is not None)
 
     def shaped(self, settings: Settings) -> Settings:
-        """``settings`` (the marker's) with this call's memory=, cpus=, network=, tpm=."""
+        """``settings`` (the marker's) with this call's memory=, cpus=, network=, tpm=,
+        firmware=."""
         given = (
             ("memory", self.memory), ("cpus", self.cpus), ("network", self.network),
-            ("tpm", self.tpm),
+            ("tpm", self.tpm), ("firmware", self.firmware),
         )  # fmt: skip
         return settings.with_marker({k: v for k, v in given if v is not None}, self.where)
 
@@ -225,3 +231,26 @@ def check_factory_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         FACTORY_SIGNATURE.bind(*args, **kwargs)
     except TypeError as exc:
         raise TypeError(f"kvm_guest_factory(): {exc}") from None
+
+
+def guest_firmware(settings: Settings, image: Image) -> str:
+    """The firmware a guest of ``image`` boots with under ``settings`` (the marker's and
+    the call's): ``auto`` resolved, ``uefi-secure`` refused for an image without a
+    signed boot path, OVMF's files checked (one-line errors)."""
+    name = firmware.resolve(settings.firmware)
+    if name == firmware.DEFAULT:
+        return name
+    firmware.Ovmf.find(name)
+    if name == "uefi-secure":
+        refusal = (
+            "an encrypted image cannot be checked"
+            if image.is_encrypted
+            else signed_boot_refusal(image.path, image.format)
+        )
+        if refusal:
+            raise KvmConfigError(
+                f"firmware 'uefi-secure': image {image.name!r} has no signed boot path "
+                f"({refusal}); use firmware='uefi', or an image built since pytest-kvm "
+                "made catalog images hybrid"
+            )
+    return name

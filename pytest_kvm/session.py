@@ -30,7 +30,7 @@ from .images.store import classify
 from .images.store import resolve as resolve_image
 from .network import NetworkSpec, bridge_problem, has_net_admin, helper_problem
 from .reaper import reap
-from .request import GuestRequest, SpecChecks, check_factory_call
+from .request import GuestRequest, SpecChecks, check_factory_call, guest_firmware
 from .run import RunContext
 from .snapshot import Snapshot, Snapshots
 from .template import Shape, Template, TemplateStore
@@ -180,6 +180,7 @@ def _shape(config: GuestConfig) -> Shape:
         vlans=len(config.vlans),
         display=config.vnc,
         tpm=config.tpm,
+        firmware=config.firmware,
     )
 
 
@@ -268,6 +269,7 @@ class TestGuests:
             display=request.display or request.blank, vnc=shaped.vnc,
             installed=request.disk is not None, snapshot=shaped.snapshot, tpm=shaped.tpm,
             shares=request.shares(shaped),
+            firmware=guest_firmware(shaped, base),
         )  # fmt: skip
         try:
             run = self.session.run

@@ -40,6 +40,7 @@ from .backends.base import Backend, Labels
 from .backends.qemu import QEMU_BINARY
 from .config import parse_network
 from .errors import GuestError, ImageError, KvmError
+from .firmware import VARS_NAME
 from .guest import BootPlan, Guest, GuestConfig
 from .guest.identity import HOLDS_HOST_KEYS
 from .images import Image
@@ -80,13 +81,15 @@ class Shape:
     vlans: int = 0  # NICs for kvm_vlan segments, beyond the primary one
     display: bool = False  # a graphics card (--kvm-vnc): clones must have it too
     tpm: bool = False  # a TPM 2.0 (swtpm): its state is in the saved state
+    firmware: str = "bios"  # "uefi", "uefi-secure": OVMF, clones copy its variables
 
     def label(self) -> str:
         nics = f"-{self.vlans}vlan" if self.vlans else ""
         vga = "-vga" if self.display else ""
         tpm = "-tpm" if self.tpm else ""
         network = self.network.replace("=", "-")  # bridge=br0: bridge-br0
-        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}{tpm}"
+        firmware = f"-{self.firmware}" if self.firmware != "bios" else ""
+        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}{tpm}{firmware}"
 
     def key_fields(self) -> dict[str, object]:
         """What goes into the template key: fields at their defaults are left out, so
@@ -96,6 +99,8 @@ class Shape:
             del fields["display"]
         if not self.tpm:
             del fields["tpm"]
+        if self.firmware == "bios":
+            del fields["firmware"]
         return fields
 
 
@@ -371,6 +376,7 @@ class TemplateStore:
                 vlans=(None,) * shape.vlans,
                 display=shape.display,
                 tpm=shape.tpm,
+                firmware=shape.firmware,
                 backend=runner.name if runner is not None else "qemu",
                 runner=runner,
                 labels=labels,
@@ -386,6 +392,8 @@ class TemplateStore:
                 agent = guest.agent_answers()
                 facts = saved_facts(guest, timeout)
                 guest.save_state(work / "state")
+                if (work / VARS_NAME).exists():  # UEFI: clones copy the variables
+                    fsync_path(work / VARS_NAME)
                 shutil.copyfile(guest.serial_log, work / "serial.log")
                 mac = guest.mac
                 vlan_macs = guest.vlan_macs

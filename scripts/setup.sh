@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils            # guests and overlays
   mmdebstrap grub-pc-bin grub-common    # building the Debian image
-  e2fsprogs fdisk dosfstools
+  e2fsprogs fdisk dosfstools mtools     # (dosfstools, mtools: the EFI system partition)
+  ovmf                                  # --kvm-firmware uefi, uefi-secure (OVMF)
   openssh-client                        # ssh_command, tests of host-key pinning
   python3 python3-venv python3-guestfs  # libguestfs' binding comes from Debian
   linux-image-amd64                     # libguestfs builds its appliance from a host kernel

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ..config import NetworkSpec
+from ..firmware import Ovmf
 from ..share import SharedDir
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ class MachineSpec:
     # started for it (backends without ``Backend.runs_swtpm``: QEMU's own).
     tpm: bool = False
     tpm_socket: Path | None = None
+    # UEFI (firmware.py): OVMF, and the guest's own copy of its variables; None: BIOS.
+    firmware: Ovmf | None = None
+    efivars: Path | None = None
 
     @property
     def _sockets(self) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..backends.base import Drive
 from ..customize import Access
 from ..errors import KvmConfigError
+from ..firmware import VARS_NAME
 from ..images.kernel import BootFiles
 from ..images.overlay import create_blank_disk, create_overlay
 from ..seed import SeedConfig, write_seed
@@ -75,6 +76,7 @@ class RealBoot:
             ram_file=plan.dir / "ram" if plan else None,
             ram_shared=True,
             boot_files=boot_files,
+            efivars=where / VARS_NAME,
         )
         state.boot_timings["qemu_start"] = time.monotonic() - t2
         self._wait(t2)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..backends.base import Drive, Machine
 from ..errors import GuestError
+from ..firmware import VARS_NAME
 from ..images.overlay import create_overlay
 from ..qga import AgentCalls, GuestAgentError
 from ..util import Background
@@ -91,8 +92,11 @@ class Restore:
         ram, shared = template.ram, False
         if self._plan:  # its own copy of the template's RAM, written through, kept
             ram, shared = copy_ram(template.ram, self._plan.dir / "ram"), True
-        self._launcher.launch(drives, ram_file=ram, ram_shared=shared,
-                              incoming=incoming)  # fmt: skip
+        # UEFI: a copy of the template's variables of its own (QEMU writes the flash
+        # contents of the migration stream back into it; the template's stays as is).
+        self._launcher.launch(drives, ram_file=ram, ram_shared=shared, incoming=incoming,
+                              efivars=where / VARS_NAME,
+                              efivars_from=template.disk.parent / VARS_NAME)  # fmt: skip
         timings["restore"] = time.monotonic() - t1
         t2 = time.monotonic()
         # The guest agent makes it this guest while SSH shakes hands.

@@ -88,6 +88,8 @@ class GuestConfig:
     snapshot: bool = False
     # Host folders mounted in the guest (share.py); restored clones get them too.
     shares: tuple[SharedDir, ...] = ()
+    # "bios", "uefi" or "uefi-secure" (firmware.py; "auto" is resolved before).
+    firmware: str = "bios"
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
@@ -120,6 +122,8 @@ class GuestConfig:
         refused = backend_class(self.backend).refusal("templates")
         if not refused and self.tpm:
             refused = backend_class(self.backend).refusal("tpm templates")
+        if not refused and self.firmware != "bios":
+            refused = backend_class(self.backend).refusal("uefi templates")
         if refused:
             return refused
         return ""

@@ -120,6 +120,11 @@ class Guest(NixosNames):
         return self._state.mac
 
     @property
+    def firmware(self) -> str:
+        """What the guest booted with: "bios", "uefi" or "uefi-secure"."""
+        return self.config.firmware
+
+    @property
     def address(self) -> str:
         return self._state.address
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import firmware
 from ..backends.base import Backend, Drive, Machine, MachineSpec
 from ..errors import GuestLaunchError
 from ..images.kernel import BootFiles
@@ -37,6 +38,8 @@ class Launcher:
         self._state = state
         self._nics = nics
         self._screen = screen
+        self._ovmf: firmware.Ovmf | None = None
+        self._efivars: Path | None = None
 
     def launch(
         self,
@@ -45,7 +48,12 @@ class Launcher:
         ram_shared: bool = False,
         incoming: Path | None = None,
         boot_files: BootFiles | None = None,
+        efivars: Path | None = None,
+        efivars_from: Path | None = None,
     ) -> None:
+        """``efivars``: where a UEFI guest's variables go (default: its directory),
+        copied from ``efivars_from`` (a template's) or OVMF's template once."""
+        self._efivars = self._firmware_vars(efivars, efivars_from)
         self._start_tpm()
         tap = self._nics.tap
         tap_fd = tap.open() if tap is not None else None
@@ -54,6 +62,16 @@ class Launcher:
         finally:
             if tap is not None:
                 tap.close()  # QEMU holds the tap now; it goes when QEMU exits
+
+    def _firmware_vars(self, efivars: Path | None, source: Path | None) -> Path | None:
+        if self._config.firmware == firmware.DEFAULT:
+            return None
+        assert self._state.workdir is not None
+        self._ovmf = firmware.Ovmf.find(self._config.firmware)
+        efivars = efivars or self._state.workdir / firmware.VARS_NAME
+        if not efivars.exists():
+            self._ovmf.copy_vars(efivars, source)
+        return efivars
 
     def _launch_qemu(
         self,
@@ -96,6 +114,8 @@ class Launcher:
                 shares=config.shares,
                 tpm=config.tpm,
                 tpm_socket=state.tpm.socket if state.tpm is not None else None,
+                firmware=self._ovmf if self._efivars is not None else None,
+                efivars=self._efivars,
             )
             machine = self._runner.machine(spec, on_spawn=self._record_qemu, labels=config.labels)
             state.record(**machine.lease_fields())  # before it exists

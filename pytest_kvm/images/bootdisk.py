@@ -28,26 +28,33 @@ _BOOT_DRIVE_CHECK = 0x66  # "jmp" over the DL sanity check; grub-setup nops it f
 _DISKBOOT_LIST_START = SECTOR - 12
 
 
-def install_grub(disk: Path, boot: bytearray, core: bytearray) -> None:
-    """Put GRUB's ``boot.img`` and ``core.img`` on an MBR disk image, like grub-setup.
+def install_grub(
+    disk: Path,
+    boot: bytearray,
+    core: bytearray,
+    *,
+    core_lba: int = 1,
+    room: int = PARTITION_START - SECTOR,
+) -> None:
+    """Put GRUB's ``boot.img`` and ``core.img`` on a disk image, like grub-setup.
 
-    ``core.img`` goes to sector 1 onwards (the gap before the first partition
-    at 1 MiB); ``boot.img``'s code goes into the MBR's first 440 bytes, keeping
-    the disk signature and partition table that sfdisk wrote.
+    ``core.img`` goes to sector ``core_lba`` onwards (by default the gap before
+    the first MBR partition at 1 MiB; on a GPT disk the BIOS boot partition, of
+    ``room`` bytes); ``boot.img``'s code goes into the (protective) MBR's first
+    440 bytes, keeping the disk signature and partition table that sfdisk wrote.
     """
     if len(boot) != SECTOR:
         raise ImageError(f"GRUB boot.img is {len(boot)} bytes, expected {SECTOR}")
-    gap = PARTITION_START - SECTOR
-    if len(core) > gap:
-        raise ImageError(f"GRUB core.img is {len(core)} bytes; it must fit the {gap}-byte gap")
-    # boot.img loads core.img's first sector from this LBA (its default is 1 too).
-    struct.pack_into("<Q", boot, _BOOT_KERNEL_SECTOR, 1)
+    if len(core) > room:
+        raise ImageError(f"GRUB core.img is {len(core)} bytes; it must fit the {room}-byte gap")
+    # boot.img loads core.img's first sector from this LBA (its default is 1).
+    struct.pack_into("<Q", boot, _BOOT_KERNEL_SECTOR, core_lba)
     if boot[_BOOT_DRIVE] != 0xFF:
         # 0xff: trust the drive number the BIOS passes in DL (SeaBIOS does it right)
         boot[_BOOT_DRIVE] = 0xFF
     if boot[_BOOT_DRIVE_CHECK] == 0xEB:  # short jmp: as grub-setup does for hard disks
         boot[_BOOT_DRIVE_CHECK : _BOOT_DRIVE_CHECK + 2] = b"\x90\x90"
-    # diskboot.img then reads the rest of core.img from LBA 2, contiguously;
+    # diskboot.img then reads the rest of core.img from the next LBA, contiguously;
     # grub-mkimage already filled in the length.
     (start,) = struct.unpack_from("<Q", core, _DISKBOOT_LIST_START)
     (length,) = struct.unpack_from("<H", core, _DISKBOOT_LIST_START + 8)
@@ -57,8 +64,8 @@ def install_grub(disk: Path, boot: bytearray, core: bytearray) -> None:
             f"GRUB core.img's blocklist says {length} sectors, expected {expected}; "
             "unsupported grub-mkimage output"
         )
-    if start != 2:
-        struct.pack_into("<Q", core, _DISKBOOT_LIST_START, 2)
+    if start != core_lba + 1:
+        struct.pack_into("<Q", core, _DISKBOOT_LIST_START, core_lba + 1)
     with open(disk, "rb+") as f:
         mbr = bytearray(f.read(SECTOR))
         if mbr[510:512] != b"\x55\xaa":
@@ -66,7 +73,7 @@ def install_grub(disk: Path, boot: bytearray, core: bytearray) -> None:
         mbr[:_BOOT_CODE_END] = boot[:_BOOT_CODE_END]
         f.seek(0)
         f.write(mbr)
-        f.seek(SECTOR)
+        f.seek(core_lba * SECTOR)
         f.write(core)
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from ..errors import KvmUnavailable
 from ..util import fsync_path as fsync_path  # re-exported: kept importable from here
 from ..util import rename_synced as rename_synced
+from . import hybrid
 
 # Re-exported: doctor, tests and the mini installer import these from here.
 from .bootdisk import GRUB_MODULES as GRUB_MODULES
@@ -70,6 +71,10 @@ HOST_TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
     "sfdisk": "fdisk",
+    "mkfs.vfat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
+    "dpkg-deb": "dpkg",
     "grub-mkimage": "grub-common",
     "qemu-img": "qemu-utils",
     "chroot": "coreutils",
@@ -161,12 +166,15 @@ class _Build:
         self.partition = work / "root.ext4"
         self.disk = work / "disk.raw"
         self.root_uuid = str(uuid.uuid4())
-        self.disk_id = uuid.uuid4().int & 0xFFFFFFFF or 1
+        self.disk_guid = str(uuid.uuid4())
+        self.root_guid = str(uuid.uuid4())
+        self.debs = work / "efi-debs"
         self.env = {
             **os.environ,
             "LC_ALL": "C.UTF-8",
             "LANG": "C.UTF-8",
             "DEBIAN_FRONTEND": "noninteractive",
+            "MTOOLS_SKIP_CHECK": "1",
         }
         self.env.pop("LANGUAGE", None)
 
@@ -177,7 +185,7 @@ class _Build:
             self.configure()
         with self._phase("filesystem", "mkfs.ext4 -d"):
             self.filesystem()
-        with self._phase("bootloader", "partition table and GRUB (i386-pc) in the MBR gap"):
+        with self._phase("bootloader", "GPT, BIOS boot partition (GRUB i386-pc), ESP (shim)"):
             self.bootloader()
         with self._phase("convert", "qemu-img convert to qcow2"):
             self.convert(qcow2)
@@ -223,6 +231,14 @@ class _Build:
             argv.append(f"--include={','.join(recipe.packages)}")
         argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_path_exclude]
         argv += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_path_include]
+        # Debian's signed shim and GRUB for the ESP, from the image's own suite:
+        # the host's apt-get on the chroot's apt state (mmdebstrap sets APT_CONFIG
+        # for hooks) into the work directory, so not installed in the image.
+        self.debs.mkdir(mode=0o755)
+        argv.append(
+            f"--customize-hook=cd {shlex.quote(str(self.debs))} && "
+            "apt-get download -q " + " ".join(hybrid.SIGNED_FILES)
+        )
         argv += [recipe.suite, str(self.root), self.mirror]
         self.progress(f"bootstrap: {shlex.join(argv)}")
         self._stream(argv, "bootstrap: ")
@@ -261,7 +277,7 @@ class _Build:
         ).configure()
 
     def filesystem(self) -> None:
-        size = self.recipe.disk_size - PARTITION_START
+        size = hybrid.root_size(self.recipe.disk_size)
         with open(self.partition, "wb") as f:
             f.truncate(size)
         self._run(
@@ -290,20 +306,18 @@ class _Build:
         disk_size = self.recipe.disk_size
         with open(self.disk, "wb") as f:
             f.truncate(disk_size)
-        start = PARTITION_START // SECTOR
-        sectors = (disk_size - PARTITION_START) // SECTOR
-        script = (
-            "label: dos\n"
-            f"label-id: 0x{self.disk_id:08x}\n"
-            "unit: sectors\n\n"
-            f"start={start}, size={sectors}, type=83, bootable\n"
-        )
+        script = hybrid.sfdisk_script(disk_size, self.disk_guid, self.root_guid)
         self._run(
             [self.tools["sfdisk"], "--no-reread", "--no-tell-kernel", "--quiet", str(self.disk)],
             input=script.encode(),
         )
-        copy_sparse(self.partition, self.disk, PARTITION_START)
+        copy_sparse(self.partition, self.disk, hybrid.ROOT_START)
         self.partition.unlink()
+
+        esp = self.work / "esp.fat"
+        hybrid.make_esp(esp, self.debs, self.root_uuid, self.tools, self._run)
+        copy_sparse(esp, self.disk, hybrid.ESP_START)
+        esp.unlink()
 
         core_path = self.work / "core.img"
         self._run(
@@ -311,14 +325,20 @@ class _Build:
                 self.tools["grub-mkimage"],
                 "--format=i386-pc",
                 f"--directory={GRUB_PLATFORM_DIR}",
-                f"--prefix={GRUB_PREFIX}",
+                f"--prefix={hybrid.GRUB_PREFIX}",
                 f"--output={core_path}",
-                *GRUB_MODULES,
+                *hybrid.GRUB_MODULES,
             ]
         )
         boot = bytearray((GRUB_PLATFORM_DIR / "boot.img").read_bytes())
         core = bytearray(core_path.read_bytes())
-        install_grub(self.disk, boot, core)
+        install_grub(
+            self.disk,
+            boot,
+            core,
+            core_lba=hybrid.BIOS_BOOT_START // SECTOR,
+            room=hybrid.ESP_START - hybrid.BIOS_BOOT_START,
+        )
 
     def convert(self, qcow2: Path) -> None:
         self._run(

@@ -32,6 +32,7 @@ class Machine:
         self.tools = {
             "qemu-system-x86_64", "qemu-img", "qemu-nbd", "mmdebstrap", "mkfs.ext4",
             "e2fsck", "sfdisk", "grub-mkimage", "chroot", "tesseract", "swtpm",
+            "mkfs.vfat", "mmd", "mcopy", "dpkg-deb",
         }  # fmt: skip
         self.netdevs = "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\n"
         self.accels = "Accelerators supported in QEMU binary:\ntcg\nkvm\n"

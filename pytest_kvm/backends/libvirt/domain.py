@@ -29,6 +29,8 @@ REFUSALS = {
     # libvirt keeps a domain's TPM state by its UUID and runs swtpm_setup/swtpm
     # itself; restoring a template's TPM into a clone's new UUID is not done yet.
     "tpm templates": "TPM guests boot for real on the libvirt backend (no TPM templates yet)",
+    "uefi templates": "UEFI guests boot for real on the libvirt backend (restoring a "
+    "template's UEFI variables is not supported there yet)",
 }
 
 
@@ -66,11 +68,14 @@ def domain_xml(
     ET.SubElement(root, "vcpu").text = str(spec.cpus)
     os_el = ET.SubElement(root, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
+    secure = _firmware(os_el, spec)
     if spec.kernel is not None:
         raise GuestLaunchError(REFUSALS["kernel_args"])
     ET.SubElement(os_el, "boot", dev="cdrom" if spec.boot == "cdrom" else "hd")
     features = ET.SubElement(root, "features")
     ET.SubElement(features, "acpi")
+    if secure:
+        ET.SubElement(features, "smm", state="on")
     # As the qemu backend's -cpu host / -cpu max and -smp N (one socket of N cores).
     # Its -accel tcg,thread=multi is QEMU's default for x86_64 guests on x86_64
     # hosts, which libvirt's plain -accel tcg gets: one TCG thread per vCPU.
@@ -147,6 +152,21 @@ def add_filesystems(devices: ET.Element, shares: tuple[SharedDir, ...]) -> None:
             ET.SubElement(fs, "readonly")
         ET.SubElement(fs, "address", type="pci", domain="0x0000", bus="0x00",
                       slot=f"{share_slot(index):#04x}", function="0x0")  # fmt: skip
+
+
+def _firmware(os_el: ET.Element, spec: MachineSpec) -> bool:
+    """UEFI by libvirt's firmware autoselection (it keeps each domain's variables
+    in a copy of its own, made from the firmware's template); True: Secure Boot."""
+    if spec.firmware is None:
+        return False
+    secure = spec.firmware.secure
+    os_el.set("firmware", "efi")
+    wanted = ET.SubElement(os_el, "firmware")
+    ET.SubElement(wanted, "feature", enabled="yes" if secure else "no", name="secure-boot")
+    if secure:
+        ET.SubElement(wanted, "feature", enabled="yes", name="enrolled-keys")
+        ET.SubElement(os_el, "loader", secure="yes")
+    return secure
 
 
 def remote_domain_type(conn: Any) -> str:

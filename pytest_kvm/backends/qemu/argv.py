@@ -94,6 +94,9 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
             "-machine", "memory-backend=ram0",
         ]  # fmt: skip
     argv += share_args(spec)
+    if spec.firmware is not None and spec.efivars is not None:
+        _check_path_for_qemu(str(spec.efivars))
+        argv += spec.firmware.qemu_args(spec.efivars)
     if spec.incoming is not None:
         # The state comes through QMP once the x-ignore-shared capability is set
         # (QEMU 7.2 has no command-line property for it); no -S, so the guest
