@@ -96,18 +96,6 @@ def test_ssh_command_works_with_openssh_and_pins_the_host_key(kvm_guest, tmp_pat
     assert oct(key.parent.stat().st_mode & 0o777) == "0o700"
 
 
-def test_reboot_keeps_state_then_shutdown(kvm_guest):
-    g = kvm_guest
-    boot_before = g.succeed("cat /proc/sys/kernel/random/boot_id")
-    g.succeed("echo kept > /var/lib/pytest-kvm-state && sync")
-    g.reboot()
-    assert g.succeed("cat /proc/sys/kernel/random/boot_id") != boot_before
-    assert g.succeed("cat /var/lib/pytest-kvm-state").strip() == "kept"
-    g.shutdown()
-    assert not g.is_running
-    assert "reboot: Power down" in g.serial_log.read_text(errors="replace")
-
-
 def test_factory_guests_are_separate_and_leave_nothing(kvm_guest_factory, kvm_image):
     base_hash = sha256(kvm_image.path)
     a = kvm_guest_factory(name="a")
