@@ -17,6 +17,7 @@ APT_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients  # the libvirt backend
   libvirt-daemon-config-network iptables  # libvirt's "default" NAT network
   libvirt-dev pkg-config gcc python3-dev  # building libvirt-python (it has no wheels)
+  make                                  # tests build a kernel module that warns (gcc, make)
   openssh-server                        # the "remote" hypervisor of the tests: sshd on 127.0.0.1
   isolinux syslinux-common busybox-static  # the mini install ISO of tests/integration/test_installer.py
   gpgv                                  # checks signed checksum files (Fedora's)

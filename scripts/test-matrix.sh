@@ -14,6 +14,6 @@ for name in "${images[@]}"; do
   .venv/bin/pytest-kvm image build "$name"  # cached: quick once built
   args+=(--kvm-image "$name")
 done
-.venv/bin/pytest examples/ tests/integration/test_catalog.py "${args[@]}" \
+.venv/bin/pytest examples/ tests/integration/test_catalog.py "${args[@]}" --kvm-fail-on=coredump,oops \
   -n 2 --kvm-dist-by-image -p no:cacheprovider -ra --durations=15 "$@"
 .venv/bin/pytest tests/integration/test_stress.py "${args[@]}" -p no:cacheprovider -ra "$@"

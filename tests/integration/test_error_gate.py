@@ -1,9 +1,11 @@
 """The error gate (--kvm-fail-on, kvm_allow) on real guests, as a user meets it: an inner
-run whose tests pass their own assertions but whose guests crash a daemon, log an error
-or panic; the gate fails those tests with the guest's lines as evidence, and passes what
+run whose tests pass their own assertions but whose guests crash a daemon, load a kernel
+module that warns, log an error or panic; the gate fails those tests with the guest's lines as evidence, and passes what
 the test excused, what the test was already told about and a guest that logged nothing."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +54,15 @@ def test_allowed_error(kvm_guest):
     log_err(kvm_guest, "err", "expected trouble (gate test)")
 
 
+@pytest.mark.kvm(fail_on="oops")
+def test_module_that_warns(kvm_guest, tmp_path):
+    from warning_module import build_warning_module  # copied in by the outer test
+
+    module = build_warning_module(kvm_guest.succeed("uname -r").strip(), tmp_path)
+    kvm_guest.put(module, "/tmp/pkvm_warns.ko")
+    kvm_guest.succeed("insmod /tmp/pkvm_warns.ko")  # loads fine: only the WARN tells
+
+
 @pytest.mark.kvm(fail_on="panic,oops,coredump,journal-err")
 def test_quiet_guest(kvm_guest):
     # A line written to /dev/kmsg by a process is not the kernel's own (facility user).
@@ -84,6 +95,7 @@ def test_failing_test_with_errors(kvm_guest):
 @pytest.fixture
 def inner_result(pytester, image_arg, cache_arg, inner_env):
     pytester.makepyfile(test_inner=INNER)
+    pytester.copy_example(str(Path(__file__).parent / "support" / "warning_module.py"))
     return pytester.runpytest_subprocess(
         f"--kvm-image={image_arg}", cache_arg, f"--kvm-artifacts={pytester.path / 'arts'}",
         "-p", "no:cacheprovider", "-rA",
@@ -99,7 +111,7 @@ def _failure(out: str, test: str) -> str:
 
 def test_the_gate_fails_tests_whose_guests_logged_errors(inner_result, inner_env):
     out = inner_result.stdout.str()
-    inner_result.assert_outcomes(failed=5, passed=3)
+    inner_result.assert_outcomes(failed=6, passed=3)
 
     segv = _failure(out, "test_segfaulting_daemon")
     assert "logged errors during the test (--kvm-fail-on coredump)" in segv
@@ -110,6 +122,10 @@ def test_the_gate_fails_tests_whose_guests_logged_errors(inner_result, inner_env
     killed = _failure(out, "test_daemon_killed_by_sigsegv")
     assert "killed.service: Main process exited, code=killed, status=11/SEGV" in killed
     assert "segfault at" not in killed  # a signal, not a fault: systemd's lines only
+
+    warned = _failure(out, "test_module_that_warns")
+    assert "logged errors during the test (--kvm-fail-on oops)" in warned
+    assert "oops: kernel: WARNING: CPU: " in warned and "pkvm_warns_init" in warned
 
     err = _failure(out, "test_logged_error")
     assert "journal-err: gatetest" in err and "disk on fire (gate test)" in err
