@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The catalog matrix (run by scripts/test.sh after the main suite): the example suite
 # and the catalog facts on every Debian release of the catalog and on the sysvinit
-# image, two xdist workers grouped by image; then the stress run, 40 guest tests over
-# three images with -n 4, counting leftovers.
+# image, two xdist workers grouped by image, with the error gate failing a test whose
+# guest dumped core or logged a kernel oops or warning (--kvm-fail-on); then the stress
+# run, 40 guest tests over three images with -n 4, counting leftovers.
 #   KVM_MATRIX_IMAGES="debian-11 debian-13"  bash scripts/test-matrix.sh [pytest args]
 # debian-testing is left out by default: it moves daily, with the archive.
 set -euo pipefail
