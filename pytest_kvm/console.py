@@ -7,9 +7,10 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import GuestTimeout
+from .errors import GuestCrashed, GuestTimeout
 from .util import tail as tail  # re-exported: callers import it from here
 
 
@@ -17,13 +18,25 @@ class Console:
     """Expect and send on a guest's serial console.
 
     ``expect`` searches the log file (the whole output since power-on) from where the
-    previous match ended; ``send`` types into QEMU's console socket.
+    previous match ended; ``send`` types into QEMU's console socket. ``alive`` (the
+    guest's "is it alive?": "" while it may still print, else what happened) is asked
+    about once a second while ``expect`` waits: a guest that panicked or whose QEMU
+    exited is ``GuestCrashed`` at once, not a wait to the end of the timeout.
     """
 
-    def __init__(self, log_path: Path, socket_path: Path, describe: str = "guest") -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        socket_path: Path,
+        describe: str = "guest",
+        alive: Callable[[], str] | None = None,
+        guest: str | None = None,
+    ) -> None:
         self.log_path = log_path
         self.socket_path = socket_path
         self.describe = describe
+        self._alive = alive
+        self._guest = guest
         self._pos = 0
         self._sock: socket.socket | None = None
         self._drain: threading.Thread | None = None
@@ -42,12 +55,25 @@ class Console:
         __tracebackhide__ = True
         pattern = re.compile(regex) if isinstance(regex, str) else regex
         deadline = time.monotonic() + timeout
+        next_look = time.monotonic() + 1.0
+        dead = ""
         while True:
             text = self.read_all()
             match = pattern.search(text, self._pos)
             if match:
                 self._pos = match.end()
                 return match
+            if dead:  # read again after it died: what it printed last was searched
+                raise GuestCrashed(
+                    f"{dead}; the console did not show /{pattern.pattern}/; last console "
+                    f"lines:\n{tail(self.log_path, 15)}",
+                    self._guest,
+                )
+            if self._alive is not None and time.monotonic() >= next_look:
+                next_look = time.monotonic() + 1.0
+                dead = self._alive()
+                if dead:
+                    continue
             if time.monotonic() >= deadline:
                 raise GuestTimeout(
                     f"{self.describe}: console did not show /{pattern.pattern}/ within "

@@ -192,7 +192,11 @@ class Guest(NixosNames):
                 uri=self._runner.uri,
             )
             state.console = Console(
-                state.workdir / "serial.log", state.sockdir / "console.sock", self.describe()
+                state.workdir / "serial.log",
+                state.sockdir / "console.sock",
+                self.describe(),
+                alive=state.alive,
+                guest=self.name,
             )
             self._nics.prepare(self._run)
             launcher = Launcher(

@@ -256,15 +256,19 @@ def test_image_is_uploaded_once_per_host(libvirtd, pytester, image_arg, cache_ar
 
 
 def test_tpm_guest_gets_libvirts_swtpm(libvirtd, pytester, image_arg, cache_arg, inner_env):
-    """tpm=True on libvirt: <tpm model='tpm-crb'> with the emulator backend, whose
-    swtpm libvirt runs; such guests boot for real (no TPM templates on libvirt yet).
-    Cheap: the guest kernel's TPM driver on the console, a few seconds into the boot,
-    is enough (IMA says "No TPM chip found" where there is none)."""
+    """tpm=True and firmware="uefi-secure" on libvirt: <tpm model='tpm-crb'> with the
+    emulator backend, whose swtpm libvirt runs, and <os firmware='efi'> with Secure
+    Boot; such guests boot for real (no TPM or UEFI templates on libvirt yet). Cheap:
+    the guest kernel's lines a few seconds into the boot are enough: booted by EDK II
+    (OVMF), Secure Boot on, the TPM's driver (IMA says "No TPM chip found" where there
+    is none)."""
     pytester.makepyfile(
         test_tpm="""
 def test_tpm(kvm_guest_factory):
-    g = kvm_guest_factory(tpm=True, ssh=False)
+    g = kvm_guest_factory(tpm=True, firmware="uefi-secure", ssh=False)
     assert g.template is None
+    g.wait_for_console(r"efi: EFI v[0-9.]+ by EDK II", timeout=300)
+    g.wait_for_console(r"Secure boot enabled", timeout=120)
     found = g.wait_for_console(r"tpm_crb MSFT0101|ima: No TPM chip found", timeout=300)
     assert found.group(0).startswith("tpm_crb"), found.group(0)
 """
