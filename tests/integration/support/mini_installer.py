@@ -239,16 +239,19 @@ def host_inputs() -> HostInputs:
         raise RuntimeError("cannot build the mini installer, missing: " + "; ".join(missing))
     if not _is_static(BUSYBOX):
         raise RuntimeError(f"{BUSYBOX} is not static (apt-get install busybox-static)")
-    tools = {tool: str(_which(tool)) for tool in HOST_TOOLS}
+    # mtools is one binary that acts on the name it was run as: keep the link.
+    tools = {
+        tool: str(_which(tool, resolve=package != "mtools")) for tool, package in HOST_TOOLS.items()
+    }
     kernel = kernels[-1]
     return HostInputs(kernel.name.removeprefix("vmlinuz-"), kernel, tools)
 
 
-def _which(tool: str) -> str | None:
+def _which(tool: str, *, resolve: bool = True) -> str | None:
     """``shutil.which`` that also looks in the sbin directories (not in root's PATH on CI)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
     found = shutil.which(tool, path=path)
-    return os.path.realpath(found) if found else None
+    return os.path.realpath(found) if found and resolve else found
 
 
 def _is_static(binary: Path) -> bool:
