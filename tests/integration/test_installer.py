@@ -59,16 +59,8 @@ def test_install_answers_prompts_and_boots_installed_disk(
 ) -> None:
     inst = kvm_guest_factory(cdrom=installer_iso, boot="cdrom", disk_size="3G", ssh=False)
     inst.console.expect(re.escape(BANNER), timeout=120)
-    inst.console.expect(r"Hostname: ", timeout=60)
-    inst.console.send(f"{HOSTNAME}\n")
-    inst.console.expect(r"Message of the day: ", timeout=30)
-    inst.console.send(f"{MOTD}\n")
-    for phase in ("partitioning", "making the ext4 file system", "copying the system",
-                  "installing GRUB"):  # fmt: skip
-        inst.console.expect(re.escape(phase), timeout=300)
-    inst.console.expect(r"Installation complete", timeout=120)
-    inst.wait_for_shutdown(timeout=60)
-    assert "ERROR" not in inst.console.read_all()
+    inst.console.expect(r"installer: \[[\d.]+s\] firmware: bios", timeout=60)
+    _answer_and_install(inst, "installing GRUB")
 
     g = inst.boot_installed()
     # What the installer wrote: systemd read it from /etc/hostname at boot...
@@ -108,13 +100,15 @@ def test_installer_refuses_a_disk_too_small(
 
 
 def _answer_and_install(inst: Guest, grub_phase: str) -> None:
+    """Answer the two questions, follow the phases to the end and the power-off."""
     inst.console.expect(r"Hostname: ", timeout=60)
     inst.console.send(f"{HOSTNAME}\n")
     inst.console.expect(r"Message of the day: ", timeout=30)
     inst.console.send(f"{MOTD}\n")
     for phase in ("partitioning", "making the ext4 file system", "copying the system",
                   grub_phase):  # fmt: skip
-        inst.console.expect(re.escape(phase), timeout=300)
+        # Copying 655 MiB took 55 to 70 s on a quiet host, over 300 s at load 18.
+        inst.console.expect(re.escape(phase), timeout=900)
     inst.console.expect(r"Installation complete", timeout=120)
     inst.wait_for_shutdown(timeout=60)
     assert "ERROR" not in inst.console.read_all()
