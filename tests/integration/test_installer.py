@@ -14,9 +14,9 @@ cache keeps it; libguestfs' tar_out is 127 s of it), power-on to the first
 question 8 to 15 s, the install 55 to 70 s more, the installed disk to SSH 50 to
 65 s; the first test 150 to 185 s in all, the small-disk test 10 s. The UEFI test
 (one install, one boot of the installed disk, both under OVMF) was measured only on
-the same host at load 17 (four runs on its 2 cores): 970 s, of which the copy 215 s
-and the installed disk to SSH 440 s; at that load the BIOS test's copy alone took
-over 300 s. Expect it to cost what the first test costs, plus OVMF's start-ups.
+the same host under load (four runs on its 2 cores): 970 s at load 17 (the copy 215 s,
+the installed disk to SSH 440 s), 384 s at load 8 to 11, where the first test took
+447 s: it costs about what the first test costs.
 """
 
 from __future__ import annotations
