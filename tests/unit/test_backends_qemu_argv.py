@@ -35,6 +35,8 @@ def test_cdrom_boot(tmp_path):
     argv = build_argv(spec(tmp_path, drives=drives, boot="cdrom"))
     assert opt(argv, "-boot") == ["order=d"]
     assert any(d.endswith("media=cdrom,readonly=on") for d in opt(argv, "-drive"))
+    # what OVMF (UEFI) boots first: it does not read -boot order
+    assert "ide-cd,drive=drive1,bus=ide.1,bootindex=0" in opt(argv, "-device")
 
 
 def test_comma_in_path_is_refused(tmp_path):

@@ -53,7 +53,11 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
             opts += "," + key_secret_opts(drive.encrypted)
         if drive.media == "cdrom":
             argv += ["-drive", opts + ",media=cdrom,readonly=on"]
-            argv += ["-device", f"ide-cd,drive=drive{index},bus=ide.{index}"]
+            # OVMF ignores -boot order=d: the install CD's bootindex is what it reads
+            # (the first CD: a seed ISO after it is not bootable).
+            first_cd = next(d for d in spec.drives if d.media == "cdrom") is drive
+            bootindex = ",bootindex=0" if spec.boot == "cdrom" and first_cd else ""
+            argv += ["-device", f"ide-cd,drive=drive{index},bus=ide.{index}{bootindex}"]
             continue
         if drive.readonly:
             opts += ",readonly=on"

@@ -1,20 +1,30 @@
-"""A small bootable install ISO, built from this host's Debian packages for the tests.
+r"""A small bootable install ISO, built from this host's Debian packages for the tests.
 
 The ISO is what a real installer CD is, cut down so that a whole install runs in
 a couple of minutes under TCG:
 
 - isolinux (El Torito, no emulation, boot-info-table) loads the host's kernel
-  and an initramfs made here in Python: a newc cpio with the static busybox,
-  the kernel modules that see the CD (AHCI or PIIX, sr_mod, isofs), the virtio
-  disk and ext4, and the few host tools busybox has no good version of
-  (``sfdisk``, ``mke2fs``, GNU ``tar``, ``zstd``) with their shared libraries.
+  under BIOS; under UEFI, a second El Torito entry (a FAT image with the
+  catalog image's own signed shim and GRUB as ``\EFI\BOOT\BOOTX64.EFI``) loads
+  the same kernel and an initramfs made here in Python: a newc cpio with the
+  static busybox, the kernel modules that see the CD (AHCI or PIIX, sr_mod, isofs), the virtio
+  disk, ext4 and vfat, and the few host tools busybox has no good version of
+  (``sfdisk``, ``mke2fs``, ``mkfs.fat``, GNU ``tar``, ``zstd``) with their shared
+  libraries.
 - ``/init`` talks on the serial console: it asks for a host name and a message
   of the day, checks that ``/dev/vda`` exists and is big enough (a clear
   ``ERROR:`` line and power-off if not), partitions it (MBR, one partition from
   1 MiB), makes ext4 with the UUID the image's ``grub.cfg`` and ``fstab`` name,
   extracts the root tarball, writes the answers, puts GRUB's boot code and
   core.img on the disk with ``dd``, prints ``Installation complete`` and powers
-  off.
+  off. Booted under UEFI (``/sys/firmware/efi``), it partitions GPT instead (root
+  partition 1 from 32 MiB, an EFI system partition 15 before it, the catalog
+  images' layout without the BIOS boot partition), makes the ESP's FAT, copies
+  shim, GRUB and the image's ESP ``grub.cfg`` into ``\EFI\debian`` and the
+  removable path ``\EFI\BOOT`` (what boots a disk whose firmware has no boot
+  entry for it: ``boot_installed()`` starts with fresh UEFI variables), and
+  mounts it on ``/boot/efi`` in fstab. It says which firmware and whether it
+  sees a TPM.
 - The root tarball is the catalog image's root file system, read with
   libguestfs' ``tar_out`` (docs, man pages, locales and apt lists left out) and
   compressed with zstd: as fast to extract under TCG as a plain tar and a third
@@ -52,7 +62,7 @@ from filelock import FileLock
 
 from pytest_kvm import accel
 from pytest_kvm.customize import DiskHandle, DiskSource
-from pytest_kvm.images import Image
+from pytest_kvm.images import Image, hybrid
 from pytest_kvm.images.builder import (
     GRUB_MODULES,
     GRUB_PLATFORM_DIR,
@@ -61,8 +71,15 @@ from pytest_kvm.images.builder import (
     SECTOR,
     install_grub,
 )
+from pytest_kvm.images.efi import find_esp
 
-__all__ = ["BANNER", "InstallerUnsupported", "build_installer_iso", "required_mib"]
+__all__ = [
+    "BANNER",
+    "InstallerUnsupported",
+    "boots_under_uefi",
+    "build_installer_iso",
+    "required_mib",
+]
 
 BANNER = "pytest-kvm mini installer"
 # Bump when the ISO's content changes for the same inputs (this file's own text
@@ -82,8 +99,12 @@ HOST_TOOLS = {
     "grub-mkimage": "grub-common",
     "modprobe": "kmod",
     "ldd": "libc-bin",
+    "mkfs.fat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
+    "qemu-img": "qemu-utils",
 }
-INIT_TOOLS = ("sfdisk", "mke2fs", "tar", "zstd")
+INIT_TOOLS = ("sfdisk", "mke2fs", "mkfs.fat", "tar", "zstd")
 # Drivers for the CD (q35: AHCI; pc: PIIX), the virtio disk and the root file system.
 KERNEL_MODULES = (
     "ahci",
@@ -94,7 +115,23 @@ KERNEL_MODULES = (
     "virtio_blk",
     "ext4",
     "crc32c_generic",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
 )
+# The catalog image's ESP files the CD carries (under ESP_DIR) for a UEFI install.
+ESP_FILES = {
+    "BOOTX64.EFI": "::/EFI/BOOT/BOOTX64.EFI",  # Debian's signed shim
+    "grubx64.efi": "::/EFI/BOOT/grubx64.efi",  # Debian's signed GRUB
+    "grub.cfg": "::/EFI/BOOT/grub.cfg",  # finds the root by its UUID
+}
+ESP_DIR = "esp"
+# The El Torito EFI boot image (FAT): big enough for shim, GRUB and the menu.
+EFI_IMAGE = "efiboot.img"
+EFI_IMAGE_KIB = 8 * 1024
+VOLUME_ID = "PYTEST_KVM_INSTALL"
+# The UEFI layout: the ESP from 1 MiB, root (partition 1) where the catalog's is.
+ESP_START = 1 * 2**20
 # Left out of the root tarball: nothing a test looks at, all of it bytes to copy.
 ROOT_EXCLUDES = (
     "./usr/share/doc/*",
@@ -202,16 +239,19 @@ def host_inputs() -> HostInputs:
         raise RuntimeError("cannot build the mini installer, missing: " + "; ".join(missing))
     if not _is_static(BUSYBOX):
         raise RuntimeError(f"{BUSYBOX} is not static (apt-get install busybox-static)")
-    tools = {tool: str(_which(tool)) for tool in HOST_TOOLS}
+    # mtools is one binary that acts on the name it was run as: keep the link.
+    tools = {
+        tool: str(_which(tool, resolve=package != "mtools")) for tool, package in HOST_TOOLS.items()
+    }
     kernel = kernels[-1]
     return HostInputs(kernel.name.removeprefix("vmlinuz-"), kernel, tools)
 
 
-def _which(tool: str) -> str | None:
+def _which(tool: str, *, resolve: bool = True) -> str | None:
     """``shutil.which`` that also looks in the sbin directories (not in root's PATH on CI)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
     found = shutil.which(tool, path=path)
-    return os.path.realpath(found) if found else None
+    return os.path.realpath(found) if found and resolve else found
 
 
 def _is_static(binary: Path) -> bool:
@@ -274,9 +314,10 @@ def build_installer_iso(cache_dir: Path, image: Image, *, force_tcg: bool | None
 
 def required_mib(unpacked_bytes: int, entries: int) -> int:
     """The disk size the installer asks for: the files in 4 KiB blocks, ext4's own
-    metadata (a tenth), the 1 MiB before the partition, and headroom to run."""
+    metadata (a tenth), what comes before the root partition (1 MiB under BIOS,
+    the ESP's 32 MiB under UEFI: the larger, for both), and headroom to run."""
     blocks = unpacked_bytes + entries * 4096
-    need = 1 + blocks * 1.1 / 2**20 + HEADROOM_MIB
+    need = hybrid.ROOT_START / 2**20 + blocks * 1.1 / 2**20 + HEADROOM_MIB
     return int(-(-need // 64) * 64)
 
 
@@ -301,6 +342,8 @@ def _build(inputs: HostInputs, image: Image, work: Path, force_tcg: bool) -> Non
         archive = _compress(tar, inputs)
     with _phase("GRUB boot code and core.img"):
         boot_code, core = _grub_sectors(inputs, work)
+    with _phase("the image's EFI system partition read with qemu-img and mtools"):
+        esp = _image_esp_files(inputs, image, work)
     with _phase("initramfs"):
         initrd = _initramfs(inputs, facts, archive.name)
     with _phase("ISO written with pycdlib"):
@@ -313,7 +356,14 @@ def _build(inputs: HostInputs, image: Image, work: Path, force_tcg: bool) -> Non
             "grub/boot.bin": boot_code,
             "grub/core.bin": core,
         }
-        _write_iso(work / "installer.iso", files, archive)
+        if esp:
+            menu = _cd_grub_cfg().encode()
+            files |= {f"{ESP_DIR}/{name}": data for name, data in esp.items()}
+            # Wherever Debian's signed GRUB looks first (its prefix /EFI/debian on
+            # the device it came from, else /boot/grub): the same menu.
+            files |= {"EFI/debian/grub.cfg": menu, "boot/grub/grub.cfg": menu}
+            files[EFI_IMAGE] = _efi_boot_image(inputs, esp, menu, work)
+        _write_iso(work / "installer.iso", files, archive, efi=bool(esp))
 
 
 def _export_root(image: Image, work: Path, force_tcg: bool) -> tuple[Path, RootFacts]:
@@ -342,6 +392,80 @@ def _root_facts(image: Image, grub_cfg: str, fstab: str) -> RootFacts:
     if not re.search(rf"^UUID={uuid}\s+/\s", fstab, re.M | re.I):
         raise RuntimeError(f"image {image.name}: /etc/fstab does not mount UUID={uuid} on /")
     return RootFacts(uuid=uuid)
+
+
+def _image_esp_files(inputs: HostInputs, image: Image, work: Path) -> dict[str, bytes]:
+    """Shim, GRUB and grub.cfg from the image's ESP (a hybrid catalog image has one,
+    see ``pytest_kvm.images.hybrid``); {} when it has none: the ISO is BIOS-only."""
+    if image.is_encrypted:
+        return {}
+    qemu_img = inputs.tools["qemu-img"]
+
+    def dd(out: Path, skip: int, count: int) -> bytes:
+        argv = [qemu_img, "dd", "-f", image.format, "-O", "raw", f"bs={SECTOR}"]
+        _run([*argv, f"skip={skip}", f"count={count}", f"if={image.path}", f"of={out}"])
+        return out.read_bytes() if count <= 64 else b""
+
+    found = find_esp(dd(work / "gpt-head", 0, 34))
+    if found is None:
+        _say(f"{image.name} has no EFI system partition: the ISO boots under BIOS only")
+        return {}
+    first, last = found
+    fat = work / "image-esp.fat"
+    dd(fat, first, last - first + 1)
+    files: dict[str, bytes] = {}
+    for name, source in ESP_FILES.items():
+        out = work / f"esp-{name}"
+        _run([inputs.tools["mcopy"], "-n", "-i", str(fat), source, str(out)])
+        files[name] = out.read_bytes()
+    fat.unlink()
+    return files
+
+
+def _cd_grub_cfg() -> str:
+    """The CD's GRUB menu under UEFI: the installer at once, on the serial console."""
+    return (
+        "# Written by tests/integration/support/mini_installer.py\n"
+        f"search --no-floppy --label --set=root {VOLUME_ID}\n"
+        "set default=0\n"
+        "set timeout=0\n"
+        "menuentry 'pytest-kvm mini installer' {\n"
+        "\tlinux ($root)/vmlinuz console=ttyS0,115200n8 quiet loglevel=3\n"
+        "\tinitrd ($root)/initrd.gz\n"
+        "}\n"
+    )
+
+
+def _efi_boot_image(inputs: HostInputs, esp: dict[str, bytes], menu: bytes, work: Path) -> bytes:
+    """The El Torito EFI boot image: a FAT file system holding the removable path
+    ``\\EFI\\BOOT\\BOOTX64.EFI`` (shim), shim's ``grubx64.efi`` and the CD's menu."""
+    fat = work / EFI_IMAGE
+    _run([inputs.tools["mkfs.fat"], "-C", "-n", "PKVM_EFI", str(fat), str(EFI_IMAGE_KIB)])
+    image = f"-i{fat}"
+    _run([inputs.tools["mmd"], image, "::/EFI", "::/EFI/BOOT", "::/EFI/debian"])
+    for name, target in (
+        ("BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"),
+        ("grubx64.efi", "::/EFI/BOOT/grubx64.efi"),
+        ("menu", "::/EFI/BOOT/grub.cfg"),
+        ("menu", "::/EFI/debian/grub.cfg"),
+    ):
+        source = work / f"efiboot-{name}"
+        source.write_bytes(menu if name == "menu" else esp[name])
+        _run([inputs.tools["mcopy"], image, str(source), target])
+    return fat.read_bytes()
+
+
+def boots_under_uefi(iso: Path) -> bool:
+    """Whether the ISO has the El Torito EFI entry (made from an image with an ESP)."""
+    cd = pycdlib.PyCdlib()
+    cd.open(str(iso))
+    try:
+        cd.get_record(iso_path=_iso_name(EFI_IMAGE))
+    except pycdlib.pycdlibexception.PyCdlibInvalidInput:
+        return False
+    finally:
+        cd.close()
+    return True
 
 
 def _tar_size(tar: Path) -> tuple[int, int]:
@@ -525,6 +649,15 @@ def _init_script(
         "TAR": inputs.tools["tar"],
         "UNPACK": UNPACK[COMPRESSION].format(zstd=inputs.tools["zstd"]),
         "PART_START": str(PARTITION_START // SECTOR),
+        "MKFS_FAT": inputs.tools["mkfs.fat"],
+        "ESP_DIR": f"/cdrom/{ESP_DIR}",
+        "ESP_START": str(ESP_START // SECTOR),
+        "ESP_SECTORS": str((hybrid.ROOT_START - ESP_START) // SECTOR),
+        "ROOT_START": str(hybrid.ROOT_START // SECTOR),
+        "ESP_TYPE": hybrid.ESP_TYPE,
+        "LINUX_TYPE": hybrid.LINUX_TYPE,
+        # The FAT serial number (fstab's UUID=XXXX-XXXX): from the root's UUID.
+        "ESP_SERIAL": facts.uuid.replace("-", "")[:8],
     }
     head = "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
     return "#!/bin/sh\n# Generated by tests/integration/mini_installer.py\n" + head + INIT_BODY
@@ -565,6 +698,13 @@ echo "$BANNER"
 say "loading drivers"
 for m in $MODULES; do insmod "$m" 2>/dev/null; done
 
+if [ -d /sys/firmware/efi ]; then FIRMWARE=uefi; else FIRMWARE=bios; fi
+say "firmware: $FIRMWARE"
+if [ -e /sys/class/tpm/tpm0 ]; then
+    TPM_MAJOR=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo '?')
+    say "TPM $TPM_MAJOR.0 found: /dev/tpm0"
+fi
+
 say "looking for the disk"
 wait_for /sys/block/vda 10 || die "no disk: /dev/vda not found (the installer needs a virtio disk)"
 wait_for /dev/vda 5 || die "no disk: /dev/vda has no device node"
@@ -576,14 +716,27 @@ say "disk /dev/vda: $HAVE_MIB MiB"
 wait_for /dev/sr0 10 || die "the install CD (/dev/sr0) was not found"
 mount -t iso9660 -o ro /dev/sr0 /cdrom || die "cannot mount the install CD"
 [ -f "$ARCHIVE" ] || die "$ARCHIVE is not on the install CD"
+[ "$FIRMWARE" = bios ] || [ -f "$ESP_DIR/BOOTX64.EFI" ] ||
+    die "this install CD has no UEFI boot loader to install ($ESP_DIR is missing)"
 
 ask_hostname
 printf 'Message of the day: '
 read -r MOTD || die "no answer on the console"
 
 say "partitioning /dev/vda"
-printf 'label: dos\nstart=%s, type=83, bootable\n' "$PART_START" \
-    | "$SFDISK" --quiet --wipe always /dev/vda >/dev/null || die "sfdisk failed"
+if [ "$FIRMWARE" = uefi ]; then
+    # GPT: root is partition 1 from 32 MiB, the EFI system partition 15 before it.
+    {
+        printf 'label: gpt\n'
+        printf '/dev/vda1 : start=%s, type=%s, name=root\n' "$ROOT_START" "$LINUX_TYPE"
+        printf '/dev/vda15 : start=%s, size=%s, type=%s, name=esp\n' \
+            "$ESP_START" "$ESP_SECTORS" "$ESP_TYPE"
+    } | "$SFDISK" --quiet --wipe always /dev/vda >/dev/null || die "sfdisk failed"
+    wait_for /dev/vda15 10 || die "/dev/vda15 did not appear after partitioning"
+else
+    printf 'label: dos\nstart=%s, type=83, bootable\n' "$PART_START" \
+        | "$SFDISK" --quiet --wipe always /dev/vda >/dev/null || die "sfdisk failed"
+fi
 wait_for /dev/vda1 10 || die "/dev/vda1 did not appear after partitioning"
 
 say "making the ext4 file system"
@@ -602,15 +755,38 @@ sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1\t$HOST/" /target/etc/hosts
 printf '%s\n' "$MOTD" >/target/etc/motd
 printf '# Written by the pytest-kvm mini installer.\nUUID=%s\t/\text4\terrors=remount-ro\t0\t1\n' \
     "$ROOT_UUID" >/target/etc/fstab
+if [ "$FIRMWARE" = uefi ]; then
+    FAT_UUID=$(echo "$ESP_SERIAL" | sed 's/^\(....\)/\1-/' | tr a-f A-F)
+    printf 'UUID=%s\t/boot/efi\tvfat\tumask=0077\t0\t1\n' "$FAT_UUID" >>/target/etc/fstab
+fi
 : >/target/etc/machine-id
 rm -rf /target/var/lib/cloud /target/etc/ssh/ssh_host_*
 
-say "installing GRUB"
-# boot.img's code into the MBR (its partition table stays), core.img from sector 1.
-dd if=/cdrom/grub/boot.bin of=/dev/vda bs=440 count=1 conv=notrunc 2>/dev/null ||
-    die "writing GRUB's boot code to the MBR failed"
-dd if=/cdrom/grub/core.bin of=/dev/vda bs=512 seek=1 conv=notrunc 2>/dev/null ||
-    die "writing GRUB's core.img failed"
+if [ "$FIRMWARE" = uefi ]; then
+    say "installing GRUB for UEFI (shim) on /dev/vda15"
+    "$MKFS_FAT" -n ESP -i "$ESP_SERIAL" /dev/vda15 >/dev/null || die "mkfs.fat failed"
+    mkdir -p /target/boot/efi
+    mount -t vfat /dev/vda15 /target/boot/efi || die "cannot mount the ESP /dev/vda15"
+    # Debian's own place, and the removable path that firmware without a boot entry
+    # for this disk (a new machine, fresh variables) boots: grub-install's
+    # --force-extra-removable.
+    for dir in EFI/debian EFI/BOOT; do
+        mkdir -p "/target/boot/efi/$dir" || die "cannot make $dir on the ESP"
+        cp "$ESP_DIR/grubx64.efi" "$ESP_DIR/grub.cfg" "/target/boot/efi/$dir/" ||
+            die "copying GRUB to $dir failed"
+    done
+    cp "$ESP_DIR/BOOTX64.EFI" /target/boot/efi/EFI/debian/shimx64.efi &&
+        cp "$ESP_DIR/BOOTX64.EFI" /target/boot/efi/EFI/BOOT/BOOTX64.EFI ||
+        die "copying shim failed"
+    umount /target/boot/efi || die "cannot unmount the ESP"
+else
+    say "installing GRUB"
+    # boot.img's code into the MBR (its partition table stays), core.img from sector 1.
+    dd if=/cdrom/grub/boot.bin of=/dev/vda bs=440 count=1 conv=notrunc 2>/dev/null ||
+        die "writing GRUB's boot code to the MBR failed"
+    dd if=/cdrom/grub/core.bin of=/dev/vda bs=512 seek=1 conv=notrunc 2>/dev/null ||
+        die "writing GRUB's core.img failed"
+fi
 
 say "syncing"
 sync
@@ -633,17 +809,21 @@ def _iso_name(path: str) -> str:
     return "/" + "/".join([*dirs, name]) + ";1"
 
 
-def _write_iso(out: Path, files: dict[str, bytes], archive: Path) -> None:
-    """The CD: isolinux as its El Torito boot image, Rock Ridge names for Linux."""
+def _write_iso(out: Path, files: dict[str, bytes], archive: Path, *, efi: bool) -> None:
+    """The CD: isolinux as its El Torito boot image (and ``EFI_IMAGE`` as its EFI
+    one when ``efi``), Rock Ridge names for Linux."""
     iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=3, rock_ridge="1.09", vol_ident="PYTEST_KVM_INSTALL")
+    iso.new(interchange_level=3, rock_ridge="1.09", vol_ident=VOLUME_ID)
     try:
         made: set[str] = set()
         for path in [*files, "isolinux/boot.cat"]:
             parent = os.path.dirname(path)
-            if parent and parent not in made:
-                made.add(parent)
-                iso.add_directory("/" + parent.upper(), rr_name=parent)
+            parts = parent.split("/") if parent else []
+            for depth in range(1, len(parts) + 1):
+                directory = "/".join(parts[:depth])
+                if directory not in made:
+                    made.add(directory)
+                    iso.add_directory("/" + directory.upper(), rr_name=parts[depth - 1])
         for path, data in files.items():
             iso.add_fp(io.BytesIO(data), len(data), _iso_name(path), rr_name=os.path.basename(path))
         iso.add_file(str(archive), _iso_name(archive.name), rr_name=archive.name)
@@ -654,6 +834,14 @@ def _write_iso(out: Path, files: dict[str, bytes], archive: Path) -> None:
             boot_info_table=True,
             media_name="noemul",
         )
+        if efi:
+            iso.add_eltorito(
+                _iso_name(EFI_IMAGE),
+                bootcatfile=_iso_name("isolinux/boot.cat"),
+                platform_id=0xEF,
+                efi=True,
+                media_name="noemul",
+            )
         iso.write(str(out))
     finally:
         iso.close()
