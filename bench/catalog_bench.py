@@ -85,7 +85,8 @@ def main() -> None:
         size = image.path.stat().st_blocks * 512 / 2**20
         for what, values in (("cold boot to first command", cold[name]),
                              ("restore to first command", restored[name])):  # fmt: skip
-            print(f"| {name} | {counts[name]} | {size:.0f} | {what} | {stats(values)} |")
+            timing = stats(values) if values else "- | - | 0"
+            print(f"| {name} | {counts[name]} | {size:.0f} | {what} | {timing} |")
 
 
 if __name__ == "__main__":
