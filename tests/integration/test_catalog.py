@@ -8,6 +8,9 @@ Run for the catalog images given (others skip):
 scripts/test-matrix.sh runs it over debian-11, 12, 13 and debian-12-sysvinit. Each
 image's guests are restored from its template, and making that template is the
 image's cold boot (its time: bench/RESULTS.md, "Catalog image builds").
+test_minimal_variant_is_smaller runs with debian-12 only: it builds debian-12-minimal
+and its template once per cache (a build and a boot: bench/RESULTS.md, "A real Debian
+system's package set").
 """
 
 from __future__ import annotations
