@@ -40,6 +40,9 @@ class Settings:
     cpus: int = 2
     # --kvm-firmware: auto (BIOS), bios, uefi, uefi-secure (firmware.py)
     firmware: str = "auto"
+    # Where ``firmware`` came from, for errors found later (an image without a signed
+    # boot path): "command line --kvm-firmware", "<test> (@pytest.mark.kvm firmware=)"...
+    firmware_source: str = "default"
     boot_timeout: float = 300.0
     snapshot: bool = True
     keep_on_failure: bool = False
@@ -98,6 +101,8 @@ class Settings:
                 continue
             opt = OPTIONS[key]
             changes[key] = opt.parse(value, f"{where} (@pytest.mark.kvm {key}=)")
+            if key == "firmware":
+                changes["firmware_source"] = f"{where} (@pytest.mark.kvm firmware=)"
         return replace(self, **changes)
 
 
@@ -413,6 +418,8 @@ def resolve(
                 raw, where = ini_value, f"ini {opt.ini}"
         if raw is not None:
             values[name] = opt.parse(raw, where)
+            if name == "firmware":
+                values["firmware_source"] = where
 
     images: tuple[str, ...] = ()
     if cli.get("image"):

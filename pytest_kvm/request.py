@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,10 @@ class GuestRequest:
             ("memory", self.memory), ("cpus", self.cpus), ("network", self.network),
             ("tpm", self.tpm), ("firmware", self.firmware),
         )  # fmt: skip
-        return settings.with_marker({k: v for k, v in given if v is not None}, self.where)
+        shaped = settings.with_marker({k: v for k, v in given if v is not None}, self.where)
+        if self.firmware is not None:
+            shaped = replace(shaped, firmware_source=f"{self.where} firmware=")
+        return shaped
 
     def shares(self, settings: Settings) -> tuple[SharedDir, ...]:
         """The marker's share= with this call's on top (a guest path given in both
@@ -249,8 +252,8 @@ def guest_firmware(settings: Settings, image: Image) -> str:
         )
         if refusal:
             raise KvmConfigError(
-                f"firmware 'uefi-secure': image {image.name!r} has no signed boot path "
-                f"({refusal}); use firmware='uefi', or an image built since pytest-kvm "
-                "made catalog images hybrid"
+                f"{settings.firmware_source}: firmware 'uefi-secure' needs a signed boot "
+                f"path, and image {image.name!r} has none ({refusal}); use firmware "
+                "'uefi', or an image built since pytest-kvm made catalog images hybrid"
             )
     return name

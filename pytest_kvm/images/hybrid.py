@@ -62,6 +62,18 @@ def sfdisk_script(disk_size: int, disk_guid: str, root_guid: str) -> str:
     )
 
 
+def esp_volume_id(root_uuid: str) -> str:
+    """The ESP's FAT volume id (``mkfs.vfat -i``), made from the root's UUID: 8 hex digits."""
+    return root_uuid.replace("-", "")[:8].upper()
+
+
+def esp_fstab_line(root_uuid: str) -> str:
+    """/etc/fstab's line for the ESP on /boot/efi, as Debian's installer writes it: by
+    the FAT volume id (``UUID=ABCD-1234``, what blkid and /dev/disk/by-uuid show)."""
+    vid = esp_volume_id(root_uuid)
+    return f"UUID={vid[:4]}-{vid[4:]}\t/boot/efi\tvfat\tumask=0077\t0\t1\n"
+
+
 def esp_grub_cfg(root_uuid: str) -> str:
     """The ESP's grub.cfg: find the root by UUID, then the image's one boot menu."""
     return (
@@ -105,7 +117,7 @@ def make_esp(
             "-n",
             "ESP",
             "-i",
-            root_uuid.replace("-", "")[:8],
+            esp_volume_id(root_uuid),
             str(path),
             str((ROOT_START - ESP_START) // 1024),
         ]

@@ -22,7 +22,7 @@ from ..errors import ImageError
 
 #: Bump when the builder's output changes for the same recipe: it is part of
 #: :meth:`Recipe.digest`, so cached images built by an older builder are rebuilt.
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"  # 4: /boot/efi (the ESP) in /etc/fstab
 
 RECIPES_ENV = "PYTEST_KVM_RECIPES"
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ImageError
+from .hybrid import esp_fstab_line
 from .recipe import Recipe
 
 Progress = Callable[[str], None]
@@ -69,8 +70,12 @@ class RootConfig:
         write_file(
             root / "etc/fstab",
             "# Written by pytest-kvm's image builder.\n"
-            f"UUID={self.root_uuid}\t/\text4\terrors=remount-ro\t0\t1\n",
+            f"UUID={self.root_uuid}\t/\text4\terrors=remount-ro\t0\t1\n"
+            + esp_fstab_line(self.root_uuid),
         )
+        # the ESP's mount point: grub-install, update-grub and shim's updates in a
+        # guest find the ESP there, under any firmware, like on an installed system
+        (root / "boot/efi").mkdir(mode=0o755, parents=True, exist_ok=True)
         # Empty: systemd makes a new one on each guest's first boot.
         write_file(root / "etc/machine-id", "", mode=0o444)
         unlink_quietly(root / "var/lib/dbus/machine-id")

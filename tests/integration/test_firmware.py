@@ -55,6 +55,8 @@ def test_uefi_guest_boots_with_ovmf_secure_boot_off(kvm_guest):
     assert kvm_guest.firmware == "uefi"
     kvm_guest.succeed("test -d /sys/firmware/efi/efivars")
     assert _secure_boot_byte(kvm_guest) == 0
+    # the ESP it booted from is mounted where Debian's grub-install and shim look
+    kvm_guest.succeed("test -f /boot/efi/EFI/BOOT/BOOTX64.EFI")
 
 
 @pytest.mark.kvm(firmware="uefi-secure")

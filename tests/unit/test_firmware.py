@@ -17,7 +17,7 @@ from pytest_kvm.config import Settings, resolve
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.firmware import Ovmf, parse_firmware
 from pytest_kvm.images import Image, efi, hybrid
-from pytest_kvm.request import guest_firmware
+from pytest_kvm.request import GuestRequest, guest_firmware
 from pytest_kvm.template import Shape
 from tests.support.specs import opt, spec
 
@@ -126,11 +126,42 @@ def test_uefi_secure_refuses_an_image_without_a_signed_boot_path(tmp_path, monke
     raw = tmp_path / "mbr.raw"
     raw.write_bytes(b"\0" * (1 << 20))
     image = Image("mbr", raw, "raw", str(raw), 1 << 20)
-    settings = Settings(firmware="uefi-secure")
+    settings = Settings(firmware="uefi-secure", firmware_source="command line --kvm-firmware")
     with pytest.raises(KvmConfigError) as info:
         guest_firmware(settings, image)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("firmware 'uefi-secure': image 'mbr' has no signed boot path (no GPT")
+    assert message.startswith(
+        "command line --kvm-firmware: firmware 'uefi-secure' needs a signed boot path, "
+        "and image 'mbr' has none (no GPT"
+    )
     assert guest_firmware(Settings(firmware="uefi"), image) == "uefi"
     assert guest_firmware(Settings(), image) == "bios"
+
+
+def test_uefi_secure_refusal_names_where_uefi_secure_came_from(tmp_path, monkeypatch):
+    """Like every bad input, the refusal names the value's source: the option, the
+    environment, the ini file, the marker or the factory's argument."""
+    monkeypatch.setattr(firmware, "OVMF_DIR", fake_ovmf(tmp_path))
+    raw = tmp_path / "mbr.raw"
+    raw.write_bytes(b"\0" * (1 << 20))
+    image = Image("mbr", raw, "raw", str(raw), 1 << 20)
+    secure = "uefi-secure"
+    marked = Settings().with_marker({"firmware": "uefi"}, "t.py::t")
+    factory = GuestRequest.build("t.py::t: kvm_guest_factory", firmware=secure)
+    cases = {
+        "command line --kvm-firmware": resolve({"firmware": secure}, {}, lambda key: None),
+        "environment PYTEST_KVM_FIRMWARE": resolve(
+            {}, {"PYTEST_KVM_FIRMWARE": secure}, lambda key: None
+        ),
+        "ini kvm_firmware": resolve({}, {}, {"kvm_firmware": secure}.get),
+        "t.py::t (@pytest.mark.kvm firmware=)": Settings().with_marker(
+            {"firmware": secure}, "t.py::t"
+        ),
+        "t.py::t: kvm_guest_factory firmware=": factory.shaped(marked),
+    }
+    for source, settings in cases.items():
+        assert settings.firmware_source == source
+        with pytest.raises(KvmConfigError) as info:
+            guest_firmware(settings, image)
+        assert str(info.value).startswith(f"{source}: firmware 'uefi-secure' needs a signed")

@@ -63,12 +63,20 @@ def test_the_shipped_catalog_has_each_release_and_a_sysvinit_image() -> None:
     assert "sysvinit-core" in sysv.packages and "systemd-sysv" not in sysv.packages
     assert (sysv.network, sysv.enable_units, sysv.mask_units) == ("ifupdown", (), ())
     assert "net.ifnames=0" in sysv.kernel_args
+    # a real Debian system's package set (issue 21), and the small one kept apart
+    for name in ("debian-11", "debian-12", "debian-13"):
+        full = load_recipe(name)
+        assert full.variant == "important" and "curl" in full.packages
+        assert "networking.service" in full.disable_units
+    assert {"cron", "iputils-ping", "tzdata", "curl"} <= set(sysv.packages)
+    minimal = load_recipe("debian-12-minimal")
+    assert minimal.variant == "apt" and "curl" not in minimal.packages
 
 
 def test_debian_12_keeps_its_cache_key() -> None:
     # Its cached image and CI depend on this; change it only on purpose
-    # (builder version 3, issue 21: the hybrid GPT layout).
-    assert load_recipe("debian-12").digest().startswith("da73d6763eae"), (
+    # (builder version 4, issue 21: a real system's packages, /boot/efi in fstab).
+    assert load_recipe("debian-12").digest().startswith("747a13de27e0"), (
         "debian-12's recipe digest changed: every cached debian-12 image is rebuilt"
     )
 
