@@ -12,9 +12,10 @@ bash scripts/setup.sh
 read -r -a images <<<"${KVM_MATRIX_IMAGES:-debian-11 debian-12 debian-13 debian-12-sysvinit}"
 args=()
 for name in "${images[@]}"; do
-  .venv/bin/pytest-kvm image build "$name"  # cached: quick once built
   args+=(--kvm-image "$name")
 done
+# Two builds at a time (cached: quick once built): a build is mostly one process.
+printf '%s\n' "${images[@]}" | xargs -P 2 -I{} .venv/bin/pytest-kvm image build {}
 .venv/bin/pytest examples/ tests/integration/test_catalog.py "${args[@]}" --kvm-fail-on=coredump,oops \
   -n 2 --kvm-dist-by-image -p no:cacheprovider -ra --durations=15 "$@"
 .venv/bin/pytest tests/integration/test_stress.py "${args[@]}" -p no:cacheprovider -ra "$@"

@@ -22,7 +22,7 @@ from ..errors import ImageError
 
 #: Bump when the builder's output changes for the same recipe: it is part of
 #: :meth:`Recipe.digest`, so cached images built by an older builder are rebuilt.
-BUILDER_VERSION = "4"  # 4: /boot/efi (the ESP) in /etc/fstab
+BUILDER_VERSION = "5"  # 4: /boot/efi (the ESP) in /etc/fstab; 5: no_timer_check
 
 RECIPES_ENV = "PYTEST_KVM_RECIPES"
 

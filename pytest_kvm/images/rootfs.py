@@ -26,12 +26,19 @@ _NETWORK_COMMENT = {
 
 
 def kernel_command_line(recipe: Recipe, root_uuid: str) -> str:
-    """The guest kernel's command line, as written to ``grub.cfg``."""
+    """The guest kernel's command line, as written to ``grub.cfg``.
+
+    ``no_timer_check``: the kernel's early check that the timer interrupt arrives
+    through the IO-APIC gives up after a few jiffies of busy-waiting; under TCG on a
+    loaded host it can time out, and the kernel panics at 0.05 s ("IO-APIC + timer
+    doesn't work!", seen here at load 19). Cloud images for virtual machines turn the
+    check off the same way."""
     base = [
         f"root=UUID={root_uuid}",
         "ro",
         "console=tty0",
         "console=ttyS0,115200n8",
+        "no_timer_check",
     ]
     return " ".join([*base, *recipe.kernel_args])
 

@@ -76,7 +76,7 @@ def test_customisation_is_in_the_booted_guest_and_built_once(
     )
     result.assert_outcomes(passed=3)
     out = result.stdout.str()
-    assert out.count("pytest-kvm: customising debian-12 (2 files") == 1, out
+    assert out.count(f"pytest-kvm: customising {image_arg} (2 files") == 1, out
     new = set(_layers(cache)) - before
     assert len(new) == 1
     # The layer is a qcow2 over the base image, which was not written.

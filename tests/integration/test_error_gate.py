@@ -1,7 +1,8 @@
 """The error gate (--kvm-fail-on, kvm_allow) on real guests, as a user meets it: an inner
 run whose tests pass their own assertions but whose guests crash a daemon, load a kernel
-module that warns, log an error or panic; the gate fails those tests with the guest's lines as evidence, and passes what
-the test excused, what the test was already told about and a guest that logged nothing."""
+module that warns, log an error or panic; the gate fails those tests with the guest's
+lines as evidence, and passes what the test excused, what the test was already told
+about and a guest that logged nothing."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def test_copy_sparse_keeps_data_at_offset_and_holes(tmp_path: Path) -> None:
 def test_kernel_command_line(tmp_path: Path) -> None:
     recipe = Recipe(name="x", path=tmp_path / "x.toml", suite="bookworm", kernel_args=("quiet",))
     assert kernel_command_line(recipe, "1234") == (
-        "root=UUID=1234 ro console=tty0 console=ttyS0,115200n8 quiet"
+        "root=UUID=1234 ro console=tty0 console=ttyS0,115200n8 no_timer_check quiet"
     )
 
 

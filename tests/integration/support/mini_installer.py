@@ -430,7 +430,7 @@ def _cd_grub_cfg() -> str:
         "set default=0\n"
         "set timeout=0\n"
         "menuentry 'pytest-kvm mini installer' {\n"
-        "\tlinux ($root)/vmlinuz console=ttyS0,115200n8 quiet loglevel=3\n"
+        "\tlinux ($root)/vmlinuz console=ttyS0,115200n8 no_timer_check quiet loglevel=3\n"
         "\tinitrd ($root)/initrd.gz\n"
         "}\n"
     )
@@ -628,7 +628,7 @@ def _isolinux_cfg() -> str:
         "LABEL install\n"
         "  KERNEL /vmlinuz\n"
         "  INITRD /initrd.gz\n"
-        "  APPEND console=ttyS0,115200n8 quiet loglevel=3\n"
+        "  APPEND console=ttyS0,115200n8 no_timer_check quiet loglevel=3\n"
     )
 
 
