@@ -127,11 +127,13 @@ def test_image_list_shows_snapshots(kvm_guest_factory, prepared, cache_arg):
     ).stdout  # fmt: skip
     assert "SNAPSHOTS" in out
     meta = json.loads((g.template.dir / "meta.json").read_text())
-    # A cache used before (another image's run, an older builder) may list more
-    # it-prepared snapshots, one per base template: this one's is on its base's line.
-    lines = [line for line in out.splitlines() if line.strip().startswith("it-prepared ")]
-    [line] = [line for line in lines if meta["base"] in line]
-    assert "stale" not in line
+    # A used cache lists more it-prepared snapshots (other images' bases, older
+    # setups): this one is the entry whose second line is its directory.
+    lines = out.splitlines()
+    where = next(i for i, line in enumerate(lines) if line.strip() == str(g.template.dir))
+    line = lines[where - 1]
+    assert line.strip().startswith("it-prepared ")
+    assert meta["base"] in line and "stale" not in line
 
 
 # -- inner runs: builds counted -------------------------------------------------------
