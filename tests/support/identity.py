@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,3 +108,18 @@ def assert_distinct(guests: list[Any], idents: list[Identity]) -> None:
         assert all(
             ident.host_key_client != fingerprint(template.host_key.public_key()) for ident in idents
         )
+
+
+# How far behind the host a clone's clock may be: the host time it was given was
+# taken before the guest ran `date -s` (a guest-exec and a shell under TCG; seconds
+# on a loaded host). The template's own clock is minutes to days behind.
+CLOCK_SET_SLACK = 5.0
+
+
+def assert_clock_is_hosts(guest: Any) -> None:
+    """The guest's wall clock is the host's (set when the clone was made), read
+    between two host readings so that the read's own latency is not counted."""
+    before = time.time()
+    seen = float(guest.succeed("date +%s.%N"))
+    after = time.time()
+    assert before - CLOCK_SET_SLACK <= seen <= after + 0.5, (before, seen, after)
