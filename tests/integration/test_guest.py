@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -227,6 +229,35 @@ def test_guest_started_from_a_thread_outlives_the_thread(kvm_guest_factory):
     guest = started[0]
     assert guest.is_running
     assert guest.succeed("echo alive").strip() == "alive"
+
+
+def test_a_child_made_by_fork_starts_a_guest_of_its_own(kvm_guest_factory):
+    """Every QEMU is forked by one spawner thread, which a child made by ``os.fork``
+    does not have: the child gets its own, and starts, uses and ends a real guest
+    while the parent's goes on. The child reports by exit code only."""
+    parent = kvm_guest_factory()  # the parent's spawner thread and template, in use
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 3
+        try:
+            child = kvm_guest_factory()
+            code = 0 if child.succeed("echo from-child").strip() == "from-child" else 4
+            workdir = child.workdir
+            child.close()
+            if workdir.exists() or qemu_pids_under(workdir):
+                code = 5
+        except BaseException:
+            code = 6
+        os._exit(code)
+    deadline = time.monotonic() + 300
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("a guest started in a forked child did not finish in 300 s")
+        time.sleep(0.2)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert parent.succeed("echo parent-still-here").strip() == "parent-still-here"
 
 
 def test_sshd_refuses_passwords_and_cloud_init_never_restarted_it(kvm_guest):
