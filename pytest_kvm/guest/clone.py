@@ -57,11 +57,6 @@ class Restore:
         where = self._plan.dir if self._plan else state.workdir
         overlay = create_overlay(template.disk.absolute(), "qcow2", where / "disk.qcow2")
         self._disk.overlay = overlay
-        if not template.agent and self._nics.user:
-            # Nothing could tell the guest kernel its new MAC before SSH, and the NIC
-            # (the device's MAC from the state) would drop what comes to the old one:
-            # a user-mode clone keeps the template's MAC, alone on its own network.
-            state.mac = template.mac
         runner = self._config.runner
         if runner is not None and not runner.clone_mac:
             state.mac = template.mac  # see Backend.clone_mac
@@ -75,6 +70,7 @@ class Restore:
             # MAC (what the guest kernel still uses) until the guest changes it, and
             # SSH need not wait for that: the script's first lines change it, with
             # arp_notify, so slirp learns the new MAC the moment the NIC takes it.
+            # Without qemu-ga the same script runs over that first SSH session.
             incoming = write_clone_state(
                 template.state, state.workdir / "state", template.mac, state.mac, state.what,
                 only=b"slirp" if self._nics.user else None,

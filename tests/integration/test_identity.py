@@ -133,20 +133,28 @@ def test_a_clone_stays_itself_after_reboot(kvm_guest_factory):
 
 def test_without_the_guest_agent_the_identity_is_set_over_ssh(kvm_guest_factory):
     """As for an image without qemu-ga: the first connection meets the template's host
-    key, then the pin moves to the clone's own (a reconnect and OpenSSH use it); a
-    user-mode clone keeps the template's MAC then."""
+    key, then the pin moves to the clone's own (a reconnect and OpenSSH use it); the
+    identity script, run over that first session, gives a user-mode clone its own MAC
+    too, and the session survives it."""
     g = kvm_guest_factory()
     assert g.template is not None and g.template.agent  # the catalog image has qemu-ga
     template = dataclasses.replace(g.template, agent=False)
     with Guest(g._run, g.config, template=template) as clone:
         # The first connection was checked against the template's host key.
-        offered = clone.ssh.get_transport().get_remote_server_key()
+        first = clone.ssh.get_transport()
+        offered = first.get_remote_server_key()
         assert fingerprint(offered) == fingerprint(template.host_key.public_key())
+        # It outlived the MAC change the identity script made over it.
+        assert clone.succeed("echo alive").strip() == "alive"
+        assert clone.ssh.get_transport() is first
         clone.reconnect()  # a new handshake: the clone's own key, pinned
         ident = read_identity(clone)
-        # Its MAC stays the template's (nothing could tell the guest a new one before
-        # SSH); the rest is its own.
-        assert clone.mac == template.mac == ident.mac
+        # A MAC of its own (not the template's nor its sibling's), the same in the
+        # guest, in guest.mac and in QEMU; the address slirp's DHCP gave stays.
+        assert clone.mac == ident.mac != template.mac
+        assert clone.mac != g.mac
+        assert clone.mac in qemu_macs(clone)
+        assert "10.0.2.15/24" in clone.succeed(f"ip -4 -o address show dev {ident.dev}")
         assert ident.host_key_guest == ident.host_key_client
         assert ident.host_key_client != fingerprint(template.host_key.public_key())
         other = read_identity(g)

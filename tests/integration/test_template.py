@@ -199,6 +199,9 @@ def test_clone_of_a_template_without_guest_agent_is_made_its_own_over_ssh(kvm_gu
     template = dataclasses.replace(g.template, agent=False)
     config = dataclasses.replace(g.config, hostname="over-ssh")
     with Guest(g._run, config, template=template) as clone:
+        # A MAC of its own too, set by the script over SSH (the session outlived it).
+        assert clone.mac not in (template.mac, g.mac)
+        assert f"link/ether {clone.mac} " in clone.succeed("ip -o link")
         assert clone.succeed("hostname").strip() == "over-ssh"
         assert clone.succeed("cat /etc/hostname").strip() == "over-ssh"
         assert_clock_is_hosts(clone)

@@ -470,3 +470,81 @@ def test_uploads_a_dead_run_left_unfinished_are_reaped(tmp_path):
         pool.volumes[name] = _Vol(pool, name)
     assert backend.reap_orphan_volumes(pool) == [names[0]]
     assert sorted(pool.volumes) == sorted(names[1:])
+
+
+class _CapsConn:
+    """A hypervisor's connection as ``template_identity`` asks it; ``kvm``: whether
+    its domain capabilities offer KVM for x86_64 q35 guests."""
+
+    def __init__(self, libvirt, kvm: bool) -> None:
+        self._libvirt, self.kvm, self.asked = libvirt, kvm, 0
+
+    def getHostname(self):
+        return "hv.example"
+
+    def getLibVersion(self):
+        return 9_000_000
+
+    def getVersion(self):
+        return 7_002_000
+
+    def getDomainCapabilities(self, emulator, arch, machine, virttype, flags):
+        self.asked += 1
+        assert (arch, machine, virttype) == ("x86_64", "q35", "kvm")
+        if not self.kvm:
+            raise self._libvirt.libvirtError("invalid argument: KVM is not supported")
+        return "<domainCapabilities/>"
+
+
+def _identity(monkeypatch, uri: str, accel: str, kvm: bool) -> tuple[dict, _CapsConn]:
+    libvirt = pytest.importorskip("libvirt")
+    from pytest_kvm.backends.libvirt import backend as module
+    from pytest_kvm.config import Settings
+
+    conn = _CapsConn(libvirt, kvm)
+    monkeypatch.setattr(module, "connect", lambda _uri: conn)
+    runner = module.LibvirtBackend(Settings(backend="libvirt", uri=uri, accel=accel))
+    return runner.template_identity(), conn
+
+
+def test_template_key_has_the_domain_type_a_remote_host_decides(monkeypatch, tmp_path):
+    """On a remote host under --kvm-accel auto the domain type is that host's (its
+    domain capabilities): templates made under TCG and under KVM never share a key."""
+    import subprocess
+
+    from pytest_kvm.images import Image
+    from pytest_kvm.template import Shape, template_key
+
+    remote = "qemu+ssh://root@hv.example/system"
+    with_kvm, conn = _identity(monkeypatch, remote, "auto", kvm=True)
+    without, _ = _identity(monkeypatch, remote, "auto", kvm=False)
+    assert with_kvm["domain_type"] == "kvm" and without["domain_type"] == "qemu"
+    path = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    image = Image("base", path, "qcow2", str(path))
+    # Our own accelerator (the key's "accel") is the same: only the host's answer differs.
+    keys = {template_key(image, Shape(1024, 2), "tcg", "Q", i) for i in (with_kvm, without)}
+    assert len(keys) == 2
+    assert conn.asked == 1  # asked once, however many templates a run looks up
+
+
+@pytest.mark.parametrize(
+    ("uri", "accel"),
+    [
+        ("qemu:///system", "auto"),  # local: our own probe decides, as the key says
+        ("qemu:///session", "tcg"),
+        ("qemu+ssh://root@hv.example/system", "tcg"),  # said: ours, already in the key
+        ("qemu+ssh://root@hv.example/system", "kvm"),
+    ],
+)
+def test_template_key_stays_as_it_was_where_our_accelerator_decides(monkeypatch, uri, accel):
+    for kvm in (True, False):
+        identity, conn = _identity(monkeypatch, uri, accel, kvm=kvm)
+        # The fields (so the key) of templates made before the domain type was asked.
+        assert identity == {
+            "backend": "libvirt",
+            "host": "hv.example",
+            "libvirt": 9_000_000,
+            "hypervisor": 7_002_000,
+        }
+        assert conn.asked == 0

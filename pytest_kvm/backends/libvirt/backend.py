@@ -16,7 +16,7 @@ from .connection import (
     load_libvirt,
     remote_problem,
 )
-from .domain import METADATA_NS, REFUSALS, LibvirtTarget
+from .domain import METADATA_NS, REFUSALS, LibvirtTarget, host_domain_type
 from .machine import LibvirtMachine
 from .storage import DEFAULT_POOL, reap_orphan_volumes, storage_pool
 
@@ -53,6 +53,10 @@ class LibvirtBackend(Backend):
     ram_in_file = False  # virDomainSave writes RAM and devices into one save image
     # clone_mac: each clone's copy of the save image (made in the pool anyway) gets its
     # MAC in its XML and in slirp's saved DHCP table (machine.py, saveimage.py).
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__(settings)
+        self._domain_type: str | None = None  # the host's decision ("": ours), once asked
 
     def _settings(self) -> Settings:
         if self.settings is None:
@@ -97,14 +101,23 @@ class LibvirtBackend(Backend):
         """Templates here are libvirt save images restored by that host's libvirt and
         QEMU: the hypervisor host's name (not the URI: the same host reached locally
         or through SSH shares them) and both versions are in the key. Each host (and
-        pool) gets its own upload of the template's disk and state."""
+        pool) gets its own upload of the template's disk and state. So is the domain
+        type where the host decides it (``host_domain_type``: a remote host under
+        ``--kvm-accel auto``), so that a template saved under TCG is never restored
+        into a KVM domain nor the other way round; elsewhere it follows our own
+        accelerator, already in the key (and a local URI's key stays as it was)."""
         conn = connect(self.uri)
-        return {
+        identity: dict[str, object] = {
             "backend": "libvirt",
             "host": conn.getHostname(),
             "libvirt": conn.getLibVersion(),
             "hypervisor": conn.getVersion(),
         }
+        if self._domain_type is None:  # asked once a run: the host does not change
+            self._domain_type = host_domain_type(conn, self.uri, self._settings().accel) or ""
+        if self._domain_type:
+            identity["domain_type"] = self._domain_type
+        return identity
 
     def jump(self) -> SshJump | None:
         return jump_for(self.uri)

@@ -12,7 +12,7 @@ from typing import Any
 from ...errors import GuestLaunchError
 from ...share import SharedDir, share_slot, share_tag
 from ..base import MachineSpec
-from .connection import load_libvirt
+from .connection import is_remote, load_libvirt
 from .storage import DEFAULT_POOL
 
 METADATA_NS = "https://github.com/pytest-kvm/pytest-kvm/ns/1"
@@ -167,6 +167,15 @@ def _firmware(os_el: ET.Element, spec: MachineSpec) -> bool:
         ET.SubElement(wanted, "feature", enabled="yes", name="enrolled-keys")
         ET.SubElement(os_el, "loader", secure="yes")
     return secure
+
+
+def host_domain_type(conn: Any, uri: str, accel: str) -> str | None:
+    """The domain type the hypervisor's host decides: on a remote host with
+    ``--kvm-accel auto`` (``accel``), what its domain capabilities offer; else None,
+    our own accelerator's (kvm: ``kvm``, tcg: ``qemu``)."""
+    if is_remote(uri) and accel == "auto":
+        return remote_domain_type(conn)
+    return None
 
 
 def remote_domain_type(conn: Any) -> str:

@@ -44,7 +44,6 @@ from .connection import (
     connect,
     first_line,
     forget_connection,
-    is_remote,
     load_libvirt,
     open_connection,
 )
@@ -55,7 +54,7 @@ from .domain import (
     USER_NETDEV,
     LibvirtTarget,
     domain_xml,
-    remote_domain_type,
+    host_domain_type,
 )
 from .saveimage import (
     SaveImageError,
@@ -142,8 +141,8 @@ class LibvirtMachine(Machine):
             self._conn = connect(self.target.uri)
             self._pool = storage_pool(self._conn, self.target.uri, self.target.pool)
             reap_orphan_volumes(self._pool)
-            if is_remote(self.target.uri) and self.target.accel == "auto":
-                self.domain_type = remote_domain_type(self._conn)
+            decided = host_domain_type(self._conn, self.target.uri, self.target.accel)
+            self.domain_type = decided or self.domain_type
             disks = self._upload_disks()
             if spec.incoming is not None:
                 self._restore(spec.incoming, disks)
