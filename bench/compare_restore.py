@@ -5,13 +5,15 @@
 Each run restores one 1 GiB guest from the shared template with each checkout's own
 code (its ``.venv`` and ``bench/restore_bench.py``'s ``first_command``), in turns
 whose order alternates run by run, so that machine noise hits both alike. The
-template is made once, before timing; both checkouts must agree on its key (same
-``TEMPLATE_FORMAT`` and image). Prints the medians and their ratio.
+templates are made before timing (one for both where the checkouts agree on its key:
+the same ``TEMPLATE_FORMAT`` and image; else one each). Prints the medians and their
+ratio, and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -60,12 +62,19 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "pytest-kvm")
     args = parser.parse_args()
     times: dict[str, list[float]] = {"old": [], "new": []}
-    one(args.new, args.image, args.cache, args.memory)  # the template, made once: not timed
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    # The templates, made once and not timed: each side's own where their keys differ
+    # (another TEMPLATE_FORMAT or image), else the one both restore.
+    one(args.new, args.image, args.cache, args.memory)
+    one(args.old, args.image, args.cache, args.memory)
     for i in range(args.runs):
         order = ("old", "new") if i % 2 == 0 else ("new", "old")
         for which in order:
             times[which].append(one(getattr(args, which), args.image, args.cache, args.memory))
-        print(f"run {i + 1}: old {times['old'][-1]:.3f} s, new {times['new'][-1]:.3f} s")
+        print(
+            f"run {i + 1}: old {times['old'][-1]:.3f} s, new {times['new'][-1]:.3f} s "
+            f"(load {os.getloadavg()[0]:.2f})"
+        )
         sys.stdout.flush()
     print("\n| checkout | median s | min..max s | runs |\n|---|---|---|---|")
     for which in ("old", "new"):
@@ -75,7 +84,9 @@ def main() -> None:
             f"{min(values):.3f}..{max(values):.3f} | {len(values)} |"
         )
     ratio = statistics.median(times["new"]) / statistics.median(times["old"])
-    print(f"\nnew / old (medians): **{ratio:.2f}**")
+    delta = statistics.median(times["new"]) - statistics.median(times["old"])
+    print(f"\nnew / old (medians): **{ratio:.2f}** ({delta:+.3f} s)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
