@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from pytest_kvm.errors import CommandFailed, GuestCrashed, GuestTimeout
 from tests.support.images import sha256
-from tests.support.processes import qemu_pids_under
+from tests.support.processes import child_exit_code, qemu_pids_under
 
 
 def test_commands_files_and_console(kvm_guest, tmp_path: Path):
@@ -249,14 +248,9 @@ def test_a_child_made_by_fork_starts_a_guest_of_its_own(kvm_guest_factory):
         except BaseException:
             code = 6
         os._exit(code)
-    deadline = time.monotonic() + 300
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("a guest started in a forked child did not finish in 300 s")
-        time.sleep(0.2)
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    code = child_exit_code(pid, 300, poll=0.2)
+    assert code is not None, "a guest started in a forked child did not finish in 300 s"
+    assert code == 0
     assert parent.succeed("echo parent-still-here").strip() == "parent-still-here"
 
 

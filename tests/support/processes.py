@@ -1,8 +1,11 @@
 """Processes for tests: QEMU processes found by what their command line says, and
-a process that has exited (a dead lease owner)."""
+a process that has exited (a dead lease owner), and the end of a forked child."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 
@@ -37,3 +40,16 @@ def dead_pid() -> tuple[int, int | None]:
     start = process_start(proc.pid)
     proc.wait()
     return proc.pid, start
+
+
+def child_exit_code(pid: int, timeout: float, poll: float = 0.05) -> int | None:
+    """The exit code of a child made by ``os.fork``, or None if it had not ended
+    within ``timeout`` seconds (it is then killed and reaped)."""
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(poll)
+    return os.waitstatus_to_exitcode(done[1])

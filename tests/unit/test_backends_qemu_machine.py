@@ -1,15 +1,14 @@
 """QemuMachine's start-up failure path, with a fake QEMU binary (a shell script)."""
 
 import os
-import signal
 import stat
-import time
 from pathlib import Path
 
 import pytest
 
 from pytest_kvm.backends.qemu import QemuMachine
 from pytest_kvm.errors import GuestLaunchError
+from tests.support.processes import child_exit_code
 from tests.support.specs import small_spec as spec
 
 
@@ -85,11 +84,6 @@ def test_a_child_made_by_fork_starts_qemu_in_bounded_time(tmp_path):
         except BaseException:
             code = 5
         os._exit(code)
-    deadline = time.monotonic() + 20
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("starting a guest in a forked child hung (no spawner thread)")
-        time.sleep(0.02)
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    code = child_exit_code(pid, 20)
+    assert code is not None, "starting a guest in a forked child hung (no spawner thread)"
+    assert code == 0
