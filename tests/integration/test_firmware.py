@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvm.firmware import OVMF_DIR, VARS_NAME
+from pytest_kvm.snapshot import define
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"  # EFI_GLOBAL_VARIABLE
 SECURE_BOOT = f"/sys/firmware/efi/efivars/SecureBoot-{EFI_GLOBAL}"
@@ -44,6 +45,14 @@ def _template_dir(guest) -> Path:
     return Path(json.loads(info.stdout)["full-backing-filename"]).parent
 
 
+def mark_prepared(guest):
+    guest.succeed("echo prepared-under-uefi > /etc/prepared-uefi")
+
+
+# A prepared snapshot over the uefi template (defined at module level, like a user's).
+UEFI_PREPARED = define("it-uefi-prepared", mark_prepared)
+
+
 def test_bios_guest_has_no_efi(kvm_guest_factory):
     g = kvm_guest_factory(firmware="bios")
     assert g.firmware == "bios"
@@ -65,6 +74,18 @@ def test_uefi_secure_guest_has_secure_boot_on(kvm_guest):
     assert _secure_boot_byte(kvm_guest) == 1
     # the kernel was verified: it says so on its console
     assert "Secure boot enabled" in kvm_guest.succeed("dmesg")
+
+
+def test_a_prepared_snapshot_over_a_uefi_template_is_built_and_cloned_under_uefi(
+    kvm_guest_factory,
+):
+    """The snapshot's setup ran in a clone of the uefi template, restored under OVMF
+    (its saved state is OVMF's), and its clones come back under OVMF too."""
+    g = kvm_guest_factory(image=UEFI_PREPARED, firmware="uefi")
+    assert g.template is not None and "@it-uefi-prepared-" in g.template.name
+    assert g.firmware == "uefi"
+    g.succeed("test -d /sys/firmware/efi/efivars")
+    assert g.succeed("cat /etc/prepared-uefi").strip() == "prepared-under-uefi"
 
 
 def test_efi_variables_are_each_guests_own(kvm_guest_factory):
