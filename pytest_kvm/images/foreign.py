@@ -12,7 +12,8 @@ The guest boots the unpacked tree's own kernel, with the whole tree as its
 initramfs (a newc cpio, :mod:`pytest_kvm.images.cpio`): no disk image, no
 modules to load before the work starts. A shell script, the guest's ``/init``,
 runs the second stage in RAM, writes the result as a tar stream onto a raw
-virtio disk, prints a result line on the console and powers the guest off.
+virtio disk, prints a result line on the console and reboots, which ends the
+emulator (``-no-reboot``).
 The host reads the tar back into a directory for the usual configure,
 filesystem and bootloader phases.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -145,8 +147,12 @@ finish() {{
     mount -t proc proc /proc 2>/dev/null
     sync
     say "result $1"
-    echo o >/proc/sysrq-trigger
-    sleep 600
+    # a reboot ends the emulator (-no-reboot); sysrq's power-off is not there on
+    # arm64 with PSCI's sys-off handler. If even this fails, init exits: the
+    # kernel panics and reboots at once (panic=-1).
+    echo b >/proc/sysrq-trigger
+    sleep 30
+    exit 1
 }}
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 # the initramfs's tmpfs may use half the RAM by default: the stage needs more
@@ -211,11 +217,13 @@ class StageGuest:
         self.progress = progress
         self.deadline = deadline
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cpu_seconds = 0.0
 
     def run(self) -> None:
         self.console_log.touch()
         self.progress(f"configure stage: {shlex.join(self.argv)}")
         started = time.monotonic()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             with open(self.emulator_log, "wb") as log:
                 self.proc = subprocess.Popen(
@@ -235,6 +243,13 @@ class StageGuest:
         console = self.console_log.read_text(errors="replace")
         result = find_result(console)
         elapsed = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        #: the emulator's CPU seconds: what the stage costs whatever the host's load
+        self.cpu_seconds = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+        self.progress(
+            f"configure stage: the guest ran {elapsed:.0f}s, using {self.cpu_seconds:.0f} "
+            f"CPU-seconds on the host (load {os.getloadavg()[0]:.1f})"
+        )
         if result != "ok":
             emulator = self.emulator_log.read_text(errors="replace")[-2000:]
             what = (

@@ -159,6 +159,8 @@ def test_stage_script_is_valid_shell_and_reports_a_result() -> None:
     # the build-only files are gone before the tree is written out
     assert script.index(foreign.POLICY_RC_D) < script.index("--file=/dev/vda")
     assert 'finish "failed: debootstrap' in script and "finish ok" in script
+    # the guest ends by a reboot (-no-reboot ends the emulator), not sysrq's power-off
+    assert "echo b >/proc/sysrq-trigger" in script
 
 
 @pytest.mark.parametrize(
