@@ -30,7 +30,7 @@ APT_PACKAGES=(
   qemu-efi-aarch64                      # arm64 images: AAVMF, the UEFI firmware that boots them
   qemu-system-misc                      # riscv64 images: the configure stage runs in a riscv64 virt guest
   opensbi                               # riscv64 images: the SBI firmware (fw_jump.elf) under U-Boot
-  u-boot-qemu                           # riscv64 images: U-Boot for qemu-riscv64_smode boots the EFI GRUB on the ESP
+  u-boot-qemu                           # riscv64 images: U-Boot (qemu-riscv64_smode) boots them from /boot/extlinux/extlinux.conf
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -80,6 +80,14 @@ def test_the_foreign_architecture_images() -> None:
     # the same package set as debian-12, but the kernel
     native = load_recipe("debian-12")
     assert set(arm64.packages) - set(native.packages) == {"linux-image-arm64"}
+    riscv64 = load_recipe("debian-13-riscv64")
+    assert (riscv64.suite, riscv64.architecture) == ("trixie", "riscv64")
+    assert set(riscv64.packages) ^ set(load_recipe("debian-13").packages) == {
+        "linux-image-riscv64",
+        "linux-image-amd64",
+    }
+    # trixie's cloud-init waits for its local stage's unit: never masked
+    assert "cloud-init-local.service" not in riscv64.mask_units
 
 
 def test_debian_12_keeps_its_cache_key() -> None:
