@@ -49,8 +49,13 @@ DPKG_UNSAFE_IO = "etc/dpkg/dpkg.cfg.d/pytest-kvm-build"
 
 _THIN_INTERVAL = 5.0  # seconds between forwarded debootstrap lines
 _QUIET_INTERVAL = 30.0  # a "still running" line after this long without one
-#: A wedged guest is stopped after this long; a healthy stage takes minutes.
-STAGE_DEADLINE = 60 * 60.0
+#: A guest is stopped once its emulator has used this many CPU-seconds: a
+#: measure of work done, whatever the host's load (at load 15-20 on 2 cores the
+#: emulator here got a quarter of one core, so a wall-clock limit fit for a
+#: quiet machine stopped healthy builds).
+STAGE_CPU_LIMIT = 2 * 3600.0
+#: And after this long in any case (a guest that waits, using no CPU).
+STAGE_DEADLINE = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,17 @@ def find_kernel(unpacked: Path, arch: ForeignArch) -> Path:
     return found[-1]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU-seconds of a running process (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the command's ")": state is field 3, utime 14 and stime 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 _FORWARD_RE = re.compile(r"^(I: (Configuring|Installing|Unpacking) |W: |E: |\[)")
 
 
@@ -209,6 +225,7 @@ class StageGuest:
         name: str,
         progress: Progress,
         deadline: float = STAGE_DEADLINE,
+        cpu_limit: float = STAGE_CPU_LIMIT,
     ) -> None:
         self.argv = list(argv)
         self.console_log = console_log
@@ -216,6 +233,7 @@ class StageGuest:
         self.name = name
         self.progress = progress
         self.deadline = deadline
+        self.cpu_limit = cpu_limit
         self.proc: subprocess.Popen[bytes] | None = None
         self.cpu_seconds = 0.0
 
@@ -272,11 +290,13 @@ class StageGuest:
         while self.proc.poll() is None:
             time.sleep(1.0)
             now = time.monotonic()
-            if now - started > self.deadline:
+            cpu = process_cpu_seconds(self.proc.pid)
+            if now - started > self.deadline or cpu > self.cpu_limit:
                 raise ImageError(
                     f"building {self.name!r}: the configure stage's guest still runs after "
-                    f"{self.deadline:.0f}s; stopped. Console tail ({self.console_log}):\n"
-                    + tail_file(self.console_log, 40)
+                    f"{now - started:.0f}s and {cpu:.0f} CPU-seconds (limits {self.deadline:.0f}s, "
+                    f"{self.cpu_limit:.0f} CPU-seconds); stopped. "
+                    f"Console tail ({self.console_log}):\n" + tail_file(self.console_log, 40)
                 )
             with open(self.console_log, "rb") as f:
                 f.seek(offset)
@@ -296,7 +316,8 @@ class StageGuest:
                     last_shown = last_thin = now
             if now - last_shown >= _QUIET_INTERVAL:
                 self.progress(
-                    f"configure stage: ... still running ({now - started:.0f}s), last: {last_line}"
+                    f"configure stage: ... still running ({now - started:.0f}s, "
+                    f"{cpu:.0f} CPU-seconds, load {os.getloadavg()[0]:.1f}), last: {last_line}"
                 )
                 last_shown = now
 

@@ -206,6 +206,26 @@ def test_a_wedged_guest_is_stopped_at_the_deadline(tmp_path: Path) -> None:
     assert guest.proc is not None and guest.proc.poll() is not None  # ended, by its PID
 
 
+def test_a_guest_is_stopped_by_its_cpu_limit_not_the_clock(tmp_path: Path) -> None:
+    # busy for seconds: over a 0.3 CPU-second limit long before the wall deadline
+    guest = foreign.StageGuest(
+        ["sh", "-c", "while :; do :; done"],
+        tmp_path / "console.log",
+        tmp_path / "qemu.log",
+        name="x",
+        progress=lambda m: None,
+        cpu_limit=0.3,
+    )
+    with pytest.raises(ImageError, match=r"CPU-seconds \(limits 21600s, 0 CPU-seconds\)"):
+        guest.run()
+    assert guest.proc is not None and guest.proc.poll() is not None
+
+
+def test_process_cpu_seconds() -> None:
+    assert foreign.process_cpu_seconds(os.getpid()) > 0
+    assert foreign.process_cpu_seconds(2**22 + 12345) == 0.0
+
+
 def test_debootstrap_argv_maps_the_variant() -> None:
     common = {
         "architecture": "arm64",
