@@ -478,6 +478,10 @@ class _ForeignBuild(_Build):
             progress=self.progress,
         ).run()
         initrd.unlink()
+        self.read_back(output)
+
+    def read_back(self, output: Path) -> None:
+        """The stage guest's tar stream (on the raw disk ``output``) into the root."""
         self.root.mkdir(mode=0o755)
         self._run(
             [
