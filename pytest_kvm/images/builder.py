@@ -42,10 +42,10 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from ..errors import KvmUnavailable
+from ..errors import ImageError, KvmUnavailable
 from ..util import fsync_path as fsync_path  # re-exported: kept importable from here
 from ..util import rename_synced as rename_synced
-from . import hybrid
+from . import crossbuild, foreign, hybrid
 
 # Re-exported: doctor, tests and the mini installer import these from here.
 from .bootdisk import GRUB_MODULES as GRUB_MODULES
@@ -115,7 +115,11 @@ def build_image(
     # apt downloads as the unprivileged _apt user, which must reach the chroot
     work.chmod(0o755)
     try:
-        _Build(recipe, work, mirror, tools, progress).run(work / "disk.qcow2")
+        if recipe.architecture == "amd64":
+            _Build(recipe, work, mirror, tools, progress).run(work / "disk.qcow2")
+        else:
+            tools.update(crossbuild.find_foreign_tools(recipe.architecture, _search_path()))
+            _ForeignBuild(recipe, work, mirror, tools, progress).run(work / "disk.qcow2")
         rename_synced(work / "disk.qcow2", out)
     finally:
         remove_tree(work, progress)
@@ -127,10 +131,14 @@ def build_image(
     return out
 
 
-def _find_tools() -> dict[str, str]:
-    search = os.pathsep.join(
+def _search_path() -> str:
+    return os.pathsep.join(
         [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
     )
+
+
+def _find_tools() -> dict[str, str]:
+    search = _search_path()
     found: dict[str, str] = {}
     missing: list[str] = []
     for tool, package in HOST_TOOLS.items():
@@ -359,3 +367,150 @@ class _Build:
         with open(qcow2, "rb+") as f:
             os.fsync(f.fileno())
         qcow2.chmod(0o644)
+
+
+class _ForeignBuild(_Build):
+    """A build for arm64 or riscv64 (see :mod:`pytest_kvm.images.crossbuild`):
+    unpacked here, configured in a system-emulated guest of that architecture."""
+
+    def run(self, qcow2: Path) -> None:
+        arch = self.recipe.architecture
+        with self._phase("unpack", f"debootstrap --foreign {arch} {self.recipe.suite}"):
+            self.unpack()
+        with self._phase("stage", f"debootstrap --second-stage in a qemu-system {arch} guest"):
+            self.stage()
+        with self._phase("configure", "writing configuration into the root file system"):
+            RootConfig(
+                self.recipe,
+                self.root,
+                self.root_uuid,
+                self.tools["chroot"],
+                self._run,
+                self.progress,
+                systemctl=[self.tools["systemctl"], f"--root={self.root}"],
+            ).configure()
+        with self._phase("filesystem", "mkfs.ext4 -d"):
+            self.filesystem()
+        with self._phase("bootloader", f"GPT, ESP ({arch})"):
+            self.bootloader()
+        with self._phase("convert", "qemu-img convert to qcow2"):
+            self.convert(qcow2)
+
+    def unpack(self) -> None:
+        recipe = self.recipe
+        first = self.work / "first"
+        argv = crossbuild.debootstrap_argv(
+            self.tools["debootstrap"],
+            architecture=recipe.architecture,
+            variant=recipe.variant,
+            components=recipe.components,
+            packages=recipe.packages,
+            suite=recipe.suite,
+            target=first,
+            mirror=self.mirror,
+        )
+        self.progress(f"unpack: {shlex.join(argv)}")
+        self._stream(argv, "unpack: ")
+        removed = crossbuild.prune_excluded(
+            first, recipe.dpkg_path_exclude, recipe.dpkg_path_include
+        )
+        self.progress(f"unpack: {removed} files left out by the recipe's dpkg filters removed")
+        # The boot loader's packages, for the ESP only (never installed in the image).
+        efi = list(crossbuild.EFI_FILES.get(recipe.architecture, {}))
+        if efi:
+            argv = [
+                self.tools["mmdebstrap"],
+                "--mode=root",
+                "--variant=extract",
+                f"--architectures={recipe.architecture}",
+                f"--components={','.join(recipe.components)}",
+                '--aptopt=Acquire::Languages "none"',
+                f"--include={','.join(efi)}",
+                "--format=directory",
+                recipe.suite,
+                str(self.debs),
+                self.mirror,
+            ]
+            self.progress(f"unpack: {shlex.join(argv)}")
+            self._stream(argv, "unpack: ")
+
+    def stage(self) -> None:
+        recipe = self.recipe
+        arch = crossbuild.foreign_arch(recipe.architecture)
+        first = self.work / "first"
+        kernel_debs = sorted((first / "var/cache/apt/archives").glob("linux-image-[0-9]*.deb"))
+        if not kernel_debs:
+            raise ImageError(
+                f"building {recipe.name!r}: no linux-image package was downloaded; the "
+                f"recipe's packages must include linux-image-{recipe.architecture}"
+            )
+        unpacked = self.work / "kernel"
+        self._run([self.tools["dpkg-deb"], "-x", str(kernel_debs[-1]), str(unpacked)])
+        kernel = foreign.find_kernel(unpacked, arch)
+        self._stage_initramfs_config(self.work / "initramfs-stage")
+        shutil.copytree(self.work / "initramfs-stage", first, dirs_exist_ok=True, symlinks=True)
+        crossbuild.stage_files(first, recipe.dpkg_path_exclude, recipe.dpkg_path_include)
+        initrd = self.work / "first.cpio"
+        entries = crossbuild.write_initrd(first, initrd)
+        self.progress(
+            f"stage: the unpacked tree as the guest's initramfs: {entries} entries, "
+            f"{initrd.stat().st_size / 2**20:.0f} MiB"
+        )
+        remove_tree(first, self.progress)
+        output = self.work / "stage-out.raw"
+        with open(output, "wb") as f:
+            f.truncate(crossbuild.STAGE_OUTPUT_SIZE)
+        argv = foreign.qemu_argv(
+            arch,
+            self.tools[arch.qemu],
+            kernel=kernel,
+            initrd=initrd,
+            output=output,
+            console_log=self.work / "stage-console.log",
+            memory_mib=crossbuild.STAGE_MEMORY_MIB,
+            cpus=crossbuild.STAGE_CPUS,
+        )
+        foreign.StageGuest(
+            argv,
+            self.work / "stage-console.log",
+            self.work / "stage-qemu.log",
+            name=recipe.name,
+            progress=self.progress,
+        ).run()
+        initrd.unlink()
+        self.read_back(output)
+
+    def read_back(self, output: Path) -> None:
+        """The stage guest's tar stream (on the raw disk ``output``) into the root."""
+        self.root.mkdir(mode=0o755)
+        self._run(
+            [
+                self.tools["tar"],
+                "--extract",
+                f"--file={output}",
+                "--numeric-owner",
+                "--preserve-permissions",
+                "--xattrs",
+                "--xattrs-include=*",
+                f"--directory={self.root}",
+            ]
+        )
+        output.unlink()
+
+    def bootloader(self) -> None:
+        recipe = self.recipe
+        with open(self.disk, "wb") as f:
+            f.truncate(recipe.disk_size)
+        script = crossbuild.sfdisk_script(recipe.disk_size, self.disk_guid, self.root_guid)
+        self._run(
+            [self.tools["sfdisk"], "--no-reread", "--no-tell-kernel", "--quiet", str(self.disk)],
+            input=script.encode(),
+        )
+        copy_sparse(self.partition, self.disk, hybrid.ROOT_START)
+        self.partition.unlink()
+        esp = self.work / "esp.fat"
+        crossbuild.make_esp(
+            esp, recipe.architecture, self.debs, self.root_uuid, self.tools, self._run
+        )
+        copy_sparse(esp, self.disk, hybrid.ESP_START)
+        esp.unlink()

@@ -37,6 +37,11 @@ _VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "bu
 #: Who brings the guest's network up: systemd-networkd (DHCP on en*/eth*), or
 #: ifupdown (DHCP on eth0, for images without systemd; needs net.ifnames=0).
 _NETWORKS = ("networkd", "ifupdown")
+#: Debian architectures the builder makes images for: amd64 natively, the others
+#: configured in a system-emulated guest (pytest_kvm/images/crossbuild.py).
+ARCHITECTURES = ("amd64", "arm64", "riscv64")
+#: mmdebstrap variants a foreign build can reproduce with debootstrap --foreign.
+_FOREIGN_VARIANTS = ("important", "required", "minbase")
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,7 @@ def load_recipe_file(path: Path) -> Recipe:
     top = _Fields(data, where)
     suite = top.string("suite")
     description = top.string("description", "")
-    architecture = top.string("architecture", "amd64", choices=("amd64",))
+    architecture = top.string("architecture", "amd64", choices=ARCHITECTURES)
     components = top.strings("components") or ("main",)
     variant = top.string("variant", "apt", choices=_VARIANTS)
     packages = top.strings("packages", _PKG_RE)
@@ -238,6 +243,7 @@ def load_recipe_file(path: Path) -> Recipe:
     top.check_unknown()
 
     _check_disk_size(disk_size, where)
+    _check_architecture(architecture, variant, packages, where)
 
     return Recipe(
         name=path.stem,
@@ -287,6 +293,25 @@ def _initramfs(initramfs: _Fields, where: str) -> tuple[str, tuple[str, ...], st
     if modules == "list" and not drivers:
         raise ImageError(f"{where}: [initramfs] modules = 'list' needs a 'drivers' list")
     return modules, drivers, compress
+
+
+def _check_architecture(
+    architecture: str, variant: str, packages: tuple[str, ...], where: str
+) -> None:
+    """A kernel package of another architecture, or a variant the foreign builder
+    cannot make, fails here rather than minutes into a build."""
+    for package in packages:
+        for other in ARCHITECTURES:
+            if other != architecture and package.endswith(f"-{other}") and "linux-" in package:
+                raise ImageError(
+                    f"{where}: package {package!r} is for {other}, but 'architecture' is "
+                    f"{architecture!r} (use {package[: -len(other)]}{architecture})"
+                )
+    if architecture != "amd64" and variant not in _FOREIGN_VARIANTS:
+        raise ImageError(
+            f"{where}: 'variant' {variant!r} cannot be built for {architecture}; "
+            f"expected one of {', '.join(_FOREIGN_VARIANTS)}"
+        )
 
 
 def _check_disk_size(disk_size: int, where: str) -> None:

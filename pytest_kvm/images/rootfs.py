@@ -25,6 +25,10 @@ _NETWORK_COMMENT = {
 }
 
 
+#: The serial console's device per architecture (QEMU's q35/pc, arm and riscv virt).
+SERIAL_CONSOLES = {"amd64": "ttyS0", "arm64": "ttyAMA0", "riscv64": "ttyS0"}
+
+
 def kernel_command_line(recipe: Recipe, root_uuid: str) -> str:
     """The guest kernel's command line, as written to ``grub.cfg``.
 
@@ -32,7 +36,11 @@ def kernel_command_line(recipe: Recipe, root_uuid: str) -> str:
     through the IO-APIC gives up after a few jiffies of busy-waiting; under TCG on a
     loaded host it can time out, and the kernel panics at 0.05 s ("IO-APIC + timer
     doesn't work!", seen here at load 19). Cloud images for virtual machines turn the
-    check off the same way."""
+    check off the same way (it is x86's: other architectures' lines leave it out)."""
+    if recipe.architecture != "amd64":
+        console = SERIAL_CONSOLES[recipe.architecture]
+        base = [f"root=UUID={root_uuid}", "ro", "console=tty0", f"console={console},115200n8"]
+        return " ".join([*base, *recipe.kernel_args])
     base = [
         f"root=UUID={root_uuid}",
         "ro",
@@ -54,8 +62,15 @@ class RootConfig:
         chroot: str,
         run: Run,
         progress: Progress,
+        systemctl: Sequence[str] | None = None,
     ) -> None:
+        """``systemctl``: the command that enables units in ``root``; by default
+        the image's own systemctl in a chroot (a foreign image's cannot run here:
+        its builder passes the host's ``systemctl --root=ROOT``)."""
         self.recipe = recipe
+        self.systemctl = (
+            list(systemctl) if systemctl is not None else [chroot, str(root), "systemctl"]
+        )
         self.root = root
         self.root_uuid = root_uuid
         self.chroot = chroot
@@ -118,13 +133,19 @@ class RootConfig:
         self._configure_units()
 
         cmdline = kernel_command_line(recipe, self.root_uuid)
-        write_file(
-            root / "boot/grub/grub.cfg",
-            "# Written by pytest-kvm's image builder.\n"
+        # x86: GRUB's own serial terminal. Under UEFI elsewhere, the firmware's
+        # console is already the serial port (and the signed arm64 GRUB has no
+        # serial module).
+        terminal = (
             "serial --unit=0 --speed=115200\n"
             "terminal_input serial console\n"
             "terminal_output serial\n"
-            "set default=0\n"
+            if recipe.architecture == "amd64"
+            else ""
+        )
+        write_file(
+            root / "boot/grub/grub.cfg",
+            "# Written by pytest-kvm's image builder.\n" + terminal + "set default=0\n"
             "set timeout=0\n"
             f"menuentry '{recipe.description or recipe.name}' {{\n"
             f"\techo 'GRUB: loading {kernel[0]}'\n"
@@ -134,6 +155,20 @@ class RootConfig:
             "\techo 'GRUB: starting the kernel'\n"
             "}\n",
         )
+        if recipe.architecture == "riscv64":
+            # U-Boot's distro boot (OpenSBI, then U-Boot for qemu-riscv64_smode)
+            # reads this from the root partition (marked bootable in the GPT)
+            write_file(
+                root / "boot/extlinux/extlinux.conf",
+                "# Written by pytest-kvm's image builder: U-Boot's distro boot reads this.\n"
+                "default debian\n"
+                "timeout 0\n"
+                "label debian\n"
+                f"\tmenu label {recipe.description or recipe.name}\n"
+                f"\tlinux {kernel[0]}\n"
+                f"\tinitrd {kernel[1]}\n"
+                f"\tappend {cmdline}\n",
+            )
         self.progress(f"configure: kernel command line: {cmdline}")
         self._clean()
 
@@ -176,15 +211,17 @@ class RootConfig:
         raise ImageError(f"building {self.recipe.name!r}: /{relative} not found in the image")
 
     def _find_boot_files(self) -> tuple[str, str]:
-        """The kernel and initramfs paths for grub.cfg (Debian's /vmlinuz symlinks)."""
+        """The kernel and initramfs paths for grub.cfg (Debian's /vmlinuz symlinks;
+        riscv64's kernel is an uncompressed /vmlinux)."""
         root = self.root
-        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        kernel_link = "vmlinux" if self.recipe.architecture == "riscv64" else "vmlinuz"
+        kernels = sorted((root / "boot").glob(f"{kernel_link}-*"))
         if not kernels:
             raise ImageError(
                 f"building {self.recipe.name!r}: no kernel in /boot; the recipe's "
                 "packages must include a linux-image-* package"
             )
-        for link, pattern in (("vmlinuz", "vmlinuz-*"), ("initrd.img", "initrd.img-*")):
+        for link, pattern in ((kernel_link, f"{kernel_link}-*"), ("initrd.img", "initrd.img-*")):
             target = root / link
             if target.is_symlink():
                 # resolve inside the image, not on the build host
@@ -200,7 +237,7 @@ class RootConfig:
                 )
             unlink_quietly(target)
             target.symlink_to(f"boot/{found[-1].name}")
-        return "/vmlinuz", "/initrd.img"
+        return f"/{kernel_link}", "/initrd.img"
 
     def _lock_root_password(self) -> None:
         shadow = self.root / "etc/shadow"
@@ -232,19 +269,19 @@ class RootConfig:
         return False
 
     def _configure_units(self) -> None:
-        chroot = self.chroot
+        systemctl = self.systemctl
         for unit in self.recipe.enable_units:
             if not self._unit_exists(unit):
                 raise ImageError(
                     f"building {self.recipe.name!r}: unit {unit} to enable is not installed"
                 )
         if self.recipe.enable_units:
-            self._run([chroot, str(self.root), "systemctl", "enable", *self.recipe.enable_units])
+            self._run([*systemctl, "enable", *self.recipe.enable_units])
         disable = [u for u in self.recipe.disable_units if self._unit_exists(u)]
         if disable:
-            self._run([chroot, str(self.root), "systemctl", "disable", *disable])
+            self._run([*systemctl, "disable", *disable])
         if self.recipe.mask_units:
-            self._run([chroot, str(self.root), "systemctl", "mask", *self.recipe.mask_units])
+            self._run([*systemctl, "mask", *self.recipe.mask_units])
 
     def _clean(self) -> None:
         root = self.root

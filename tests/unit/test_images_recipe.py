@@ -73,6 +73,23 @@ def test_the_shipped_catalog_has_each_release_and_a_sysvinit_image() -> None:
     assert minimal.variant == "apt" and "curl" not in minimal.packages
 
 
+def test_the_foreign_architecture_images() -> None:
+    arm64 = load_recipe("debian-12-arm64")
+    assert (arm64.suite, arm64.architecture, arm64.variant) == ("bookworm", "arm64", "important")
+    assert "linux-image-arm64" in arm64.packages
+    # the same package set as debian-12, but the kernel
+    native = load_recipe("debian-12")
+    assert set(arm64.packages) - set(native.packages) == {"linux-image-arm64"}
+    riscv64 = load_recipe("debian-13-riscv64")
+    assert (riscv64.suite, riscv64.architecture) == ("trixie", "riscv64")
+    assert set(riscv64.packages) ^ set(load_recipe("debian-13").packages) == {
+        "linux-image-riscv64",
+        "linux-image-amd64",
+    }
+    # trixie's cloud-init waits for its local stage's unit: never masked
+    assert "cloud-init-local.service" not in riscv64.mask_units
+
+
 def test_debian_12_keeps_its_cache_key() -> None:
     # Its cached image and CI depend on this; change it only on purpose
     # (builder version 5: no_timer_check; 4, issue 21: a real system's packages, /boot/efi).
@@ -216,6 +233,16 @@ def test_recipe_is_frozen(catalog: Path) -> None:
         ('suite = "bookworm"\nnetwork = "wicked"\n', "'network' is 'wicked'"),
         ('suite = "bookworm"\nnetwork = "ifupdown"\n', "add 'net.ifnames=0'"),
         ('suite = "bookworm"\ncheck_valid_until = "no"\n', "must be true or false"),
+        ('suite = "bookworm"\narchitecture = "s390x"\n', "'architecture' is 's390x'"),
+        (
+            'suite = "bookworm"\narchitecture = "arm64"\nvariant = "important"\n'
+            'packages = ["linux-image-amd64"]\n',
+            "'linux-image-amd64' is for amd64.*use linux-image-arm64",
+        ),
+        (
+            'suite = "trixie"\narchitecture = "riscv64"\nvariant = "apt"\n',
+            "'variant' 'apt' cannot be built for riscv64",
+        ),
     ],
 )
 def test_invalid_recipes_name_file_and_key(catalog: Path, text: str, match: str) -> None:
