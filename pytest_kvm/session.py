@@ -30,7 +30,13 @@ from .images.store import classify
 from .images.store import resolve as resolve_image
 from .network import NetworkSpec, bridge_problem, has_net_admin, helper_problem
 from .reaper import reap
-from .request import GuestRequest, SpecChecks, check_factory_call, guest_firmware
+from .request import (
+    GuestRequest,
+    SpecChecks,
+    check_factory_call,
+    guest_arch,
+    guest_firmware,
+)
 from .run import RunContext
 from .snapshot import Snapshot, Snapshots
 from .template import Shape, Template, TemplateStore
@@ -181,6 +187,7 @@ def _shape(config: GuestConfig) -> Shape:
         display=config.vnc,
         tpm=config.tpm,
         firmware=config.firmware,
+        arch=config.arch,
     )
 
 
@@ -259,6 +266,18 @@ class TestGuests:
             except KvmUnavailable as exc:
                 pytest.skip(f"pytest-kvm: {exc}")
             hostname = hostname or custom.hostname
+        try:
+            arch = guest_arch(shaped, base)
+        except KvmUnavailable as exc:  # its QEMU is not installed
+            pytest.skip(f"pytest-kvm: {exc}")
+        refused = backend_class(shaped.backend).refusal("architectures")
+        if arch != "x86_64" and refused:
+            raise KvmConfigError(f"{self.nodeid}: image {base.name!r} is {arch}: {refused}")
+        if shaped.tpm and arch != "x86_64":
+            raise KvmConfigError(
+                f"{self.nodeid}: tpm=True: a TPM is emulated for x86_64 guests only, and "
+                f"image {base.name!r} is {arch}"
+            )
         config = GuestConfig(
             image=base, memory=shaped.memory, cpus=shaped.cpus, network=shaped.network,
             boot_timeout=shaped.boot_timeout, hostname=hostname, cdrom=request.cdrom,
@@ -269,7 +288,7 @@ class TestGuests:
             display=request.display or request.blank, vnc=shaped.vnc,
             installed=request.disk is not None, snapshot=shaped.snapshot, tpm=shaped.tpm,
             shares=request.shares(shaped),
-            firmware=guest_firmware(shaped, base),
+            firmware=guest_firmware(shaped, base, arch), arch=arch,
         )  # fmt: skip
         try:
             run = self.session.run
