@@ -9,9 +9,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .arch import parse_arch
 from .customize.spec import Customization
 from .errors import KvmConfigError
-from .arch import parse_arch
 from .firmware import parse_firmware
 from .network import NetworkSpec as NetworkSpec  # re-exported: its old home
 from .share import SharedDir, parse_shares

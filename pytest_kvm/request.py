@@ -15,10 +15,10 @@ from . import firmware
 from .config import CUSTOMIZE_KEYS, Settings
 from .customize import Customization
 from .errors import ImageError, KvmConfigError
+from .imagearch import image_arch
 from .images import Image
 from .images.efi import signed_boot_refusal
 from .images.store import check_spec
-from .imagearch import image_arch
 from .media import check_boot_file
 from .share import Share, SharedDir, merge_shares, parse_shares
 from .snapshot import Snapshot
