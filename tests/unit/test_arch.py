@@ -193,7 +193,7 @@ def test_firmware_an_architecture_cannot_boot_is_one_line(tmp_path, monkeypatch)
     assert guest_firmware(Settings(), image, "aarch64") == "uefi"
     with pytest.raises(KvmConfigError, match="riscv64 guests boot with 'u-boot', not 'uefi'"):
         guest_firmware(Settings(firmware="uefi"), image, "riscv64")
-    with pytest.raises(KvmConfigError, match="x86_64 guests boot with .*, not 'u-boot'"):
+    with pytest.raises(KvmConfigError, match=r"x86_64 guests boot with .*, not 'u-boot'"):
         guest_firmware(Settings(firmware="u-boot"), image, "x86_64")
 
 
