@@ -48,6 +48,19 @@ def image_arch(image: Image, cache: Path | None = None) -> tuple[str | None, str
     return found, f"its \\EFI\\BOOT boot file is {found}"
 
 
+def catalog_arch_refusal(spec: str, asked: str, where: str) -> str:
+    """ "" unless ``spec`` is a catalog image of another architecture than ``asked``
+    (checked at start-up: no build, no boot); then the one-line error, naming
+    ``where`` the ask came from."""
+    found = _recipe_arch(spec)
+    if asked == arches.AUTO or found is None or found == asked:
+        return ""
+    return (
+        f"{where}: architecture {asked!r}, but image {spec!r} is {found} "
+        f"(its catalog recipe says {found})"
+    )
+
+
 def _recipe_arch(source: str) -> str | None:
     from .images.recipe import catalog_names, load_recipe
     from .images.store import classify
