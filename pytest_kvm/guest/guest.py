@@ -114,7 +114,7 @@ class Guest(NixosNames):
             template_vlan_macs=template.vlan_macs if template is not None else None,
         )  # fmt: skip
         self._screen = Screen(self._state, display=config.display, vnc=config.vnc,
-                              progress=run.progress)  # fmt: skip
+                              progress=run.progress, text_mode=config.arch == "x86_64")  # fmt: skip
         self._disk = Disk(self._state, config.image, blank=config.blank,
                           force_tcg=run.accel.name != "kvm")  # fmt: skip
         self._cleanup = ExitStack()  # what close() undoes; see _push_cleanup
