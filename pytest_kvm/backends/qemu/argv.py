@@ -48,7 +48,7 @@ def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
         # for x86 only; other guests reseed from virtio-rng alone).
         argv += ["-device", "vmgenid,guid=auto"]
     else:
-        # Install media and the seed as SCSI CDs: the virt machines have no IDE.
+        # Install media as SCSI CDs (the seed is a virtio disk): virt machines have no IDE.
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     argv += [
         "-device", "virtio-serial-pci,id=vser0",
