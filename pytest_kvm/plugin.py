@@ -17,8 +17,8 @@ from . import accel, artifacts, gate, matrix, pause, recording
 from .backends import load_backend
 from .config import OPTIONS, Settings, resolve
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
-from .imagearch import catalog_arch_refusal
 from .guest import Guest
+from .imagearch import catalog_arch_refusal
 from .images import Image
 from .images.store import check_encryption, classify
 from .media import AnswerServer
