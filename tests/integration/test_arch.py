@@ -14,24 +14,26 @@ import subprocess
 import pytest
 
 from pytest_kvm import arch as arches
+from pytest_kvm.images.store import image_name
 
 pytestmark = pytest.mark.integration
 
-# What a catalog image's name says it is (the others: whatever their ESP says).
+# What an image's name says it is: debian-12-arm64, or a path to one built as
+# debian-12-arm64-<digest>.qcow2; any other name: the host's architecture.
 NAMED = {"arm64": "aarch64", "riscv64": "riscv64"}
 
 
-def _named_arch(image: str) -> str | None:
-    for suffix, arch in NAMED.items():
-        if image.endswith(f"-{suffix}"):
+def _named_arch(image: str) -> str:
+    for word, arch in NAMED.items():
+        if re.search(rf"(^|-){word}(-|$)", image_name(image)):
             return arch
-    return None
+    return arches.host_arch()
 
 
 def test_uname_is_the_guests_arch_and_ssh_works(kvm_guest, kvm_image):
     arch = kvm_guest.succeed("uname -m").strip()
     assert arch == kvm_guest.arch
-    assert arch == (_named_arch(kvm_image.source) or arches.host_arch())
+    assert arch == _named_arch(kvm_image.source)
     # what `guest.ssh_command` prints works from a shell, as a person would paste it
     out = subprocess.run(
         [*shlex.split(kvm_guest.ssh_command), "uname", "-m"],
@@ -94,8 +96,7 @@ def test_failed_test_artifacts(pytester, image_arg, cache_arg, inner_env):
     assert {"serial.log", "qemu-argv.txt", "journal.txt", "screen.png"} <= files, files
     assert f"console {token}" in (folder / "serial.log").read_text(errors="replace")
     argv = (folder / "qemu-argv.txt").read_text().splitlines()
-    named = _named_arch(image_arg)
-    assert argv[0] == arches.get(named or arches.host_arch()).qemu
+    assert argv[0] == arches.get(_named_arch(image_arg)).qemu
 
 
 def test_an_image_of_another_arch_than_asked_is_a_one_line_error(
