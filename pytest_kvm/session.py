@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from . import accel
+from .arch import host_arch
 from .backends import backend_class, load_backend
 from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
@@ -260,24 +261,17 @@ class TestGuests:
         base = self._base_image(request)
         hostname = request.hostname
         custom = request.customization(self.settings)
+        try:
+            arch = guest_arch(shaped, base)
+        except KvmUnavailable as exc:  # its QEMU is not installed
+            pytest.skip(f"pytest-kvm: {exc}")
+        self._check_arch(arch, base, shaped, custom)
         if custom:
             try:
                 base = self.session.customized(base, custom)
             except KvmUnavailable as exc:
                 pytest.skip(f"pytest-kvm: {exc}")
             hostname = hostname or custom.hostname
-        try:
-            arch = guest_arch(shaped, base)
-        except KvmUnavailable as exc:  # its QEMU is not installed
-            pytest.skip(f"pytest-kvm: {exc}")
-        refused = backend_class(shaped.backend).refusal("architectures")
-        if arch != "x86_64" and refused:
-            raise KvmConfigError(f"{self.nodeid}: image {base.name!r} is {arch}: {refused}")
-        if shaped.tpm and arch != "x86_64":
-            raise KvmConfigError(
-                f"{self.nodeid}: tpm=True: a TPM is emulated for x86_64 guests only, and "
-                f"image {base.name!r} is {arch}"
-            )
         config = GuestConfig(
             image=base, memory=shaped.memory, cpus=shaped.cpus, network=shaped.network,
             boot_timeout=shaped.boot_timeout, hostname=hostname, cdrom=request.cdrom,
@@ -304,6 +298,25 @@ class TestGuests:
             # A real boot of the image's own kernel with the extra arguments.
             config = dataclasses.replace(config, boot_files=self.session.boot_files(base))
         return config
+
+    def _check_arch(self, arch: str, image: Image, shaped: Settings, custom: Customization) -> None:
+        """What a guest of another architecture than x86_64 cannot have: one line each."""
+        if arch == "x86_64":
+            return
+        where = f"{self.nodeid}: image {image.name!r} is {arch}"
+        refused = backend_class(shaped.backend).refusal("architectures")
+        if refused:
+            raise KvmConfigError(f"{where}: {refused}")
+        if shaped.tpm:
+            raise KvmConfigError(f"{where}: tpm=True: a TPM is emulated for x86_64 guests only")
+        if custom.run and arch != host_arch():
+            # libguestfs' appliance runs the host's kernel: the image's own programs
+            # (run= goes through its /bin/sh) cannot run there.
+            raise KvmConfigError(
+                f"{where}: customize run= runs the image's programs in libguestfs' "
+                f"{host_arch()} appliance, which cannot run {arch} code (files= and "
+                "hostname= work; run the command in the guest with guest.succeed)"
+            )
 
     def _base_image(self, request: GuestRequest) -> Image:
         if request.disk is not None:

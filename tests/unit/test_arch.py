@@ -290,3 +290,27 @@ def test_foreign_guests_wait_longer_than_host_ones():
     foreign = timeout_scale(run, "aarch64")  # type: ignore[arg-type]
     assert foreign == AccelChoice("tcg", "").timeout_scale * arches.get("aarch64").foreign_slowdown
     assert foreign > AccelChoice("tcg", "").timeout_scale
+
+
+def test_what_foreign_guests_cannot_have_is_one_line_each(tmp_path):
+    from pytest_kvm.customize import Customization
+    from pytest_kvm.session import TestGuests
+
+    guests = TestGuests.__new__(TestGuests)
+    guests.nodeid = "t.py::t"
+    image = Image("debian-12-arm64", tmp_path / "x", "qcow2", "debian-12-arm64")
+    none = Customization()
+    guests._check_arch("aarch64", image, Settings(), none)  # nothing asked: fine
+    guests._check_arch("x86_64", image, Settings(tpm=True, backend="libvirt"), none)
+    cases = {
+        "the libvirt backend runs x86_64 guests only": (Settings(backend="libvirt"), none),
+        "tpm=True: a TPM is emulated for x86_64 guests only": (Settings(tpm=True), none),
+        "customize run= runs the image's programs in libguestfs' x86_64 appliance": (
+            Settings(), Customization.build(run=["true"], where="t")),
+    }  # fmt: skip
+    for needle, (settings, custom) in cases.items():
+        with pytest.raises(KvmConfigError) as info:
+            guests._check_arch("aarch64", image, settings, custom)
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith("t.py::t: image 'debian-12-arm64' is aarch64: " + needle)
