@@ -25,9 +25,14 @@ bash scripts/setup.sh
 # (a bundled image matrix, a worker per image), the example suite and the architecture
 # checks (uname -m, SSH, console, restored clones, artifacts) on both; arm64 under TCG.
 # riscv64 runs in scripts/test-matrix.sh only (its guests are the slowest); see README.
-.venv/bin/pytest-kvm image build debian-12-arm64  # cached: quick once built
-.venv/bin/pytest examples/ tests/integration/test_arch.py --kvm-image debian-12 \
-  --kvm-image debian-12-arm64 -n 2 --kvm-dist-by-image -p no:cacheprovider -ra --durations=10
+# Until the catalog has the recipe (branch i21/build) the stage says so and is left out.
+if [ -f pytest_kvm/images/catalog/debian-12-arm64.toml ]; then
+  .venv/bin/pytest-kvm image build debian-12-arm64  # cached: quick once built
+  .venv/bin/pytest examples/ tests/integration/test_arch.py --kvm-image debian-12 \
+    --kvm-image debian-12-arm64 -n 2 --kvm-dist-by-image -p no:cacheprovider -ra --durations=10
+else
+  echo "test.sh: no debian-12-arm64 recipe in the catalog: the arm64 stage is left out"
+fi
 if [ "${PYTEST_KVM_MATRIX:-1}" != 0 ]; then
   bash scripts/test-matrix.sh
 fi
