@@ -25,11 +25,12 @@ APT_PACKAGES=(
   tcpdump                               # tests read kvm_vlan captures with tcpdump -r
   tesseract-ocr tesseract-ocr-eng       # guest.screen_text() by OCR of a graphical screen
   swtpm swtpm-tools                     # tpm=True: an emulated TPM 2.0 per guest (libvirt runs swtpm_setup)
+  debootstrap                           # arm64/riscv64 images: --foreign unpacks them on this host, --second-stage configures them in a guest
   qemu-system-arm                       # arm64 images: the configure stage of their build runs in an aarch64 virt guest
   qemu-efi-aarch64                      # arm64 images: AAVMF, the UEFI firmware that boots them
   qemu-system-misc                      # riscv64 images: the configure stage runs in a riscv64 virt guest
   opensbi                               # riscv64 images: the SBI firmware (fw_jump.elf) under U-Boot
-  u-boot-qemu                           # riscv64 images: U-Boot for qemu-riscv64_smode boots the EFI GRUB on the ESP
+  u-boot-qemu                           # riscv64 images: U-Boot (qemu-riscv64_smode) boots them from /boot/extlinux/extlinux.conf
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
