@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .arch import parse_arch
 from .customize.spec import Customization
 from .errors import KvmConfigError
 from .firmware import parse_firmware
@@ -43,6 +44,10 @@ class Settings:
     # Where ``firmware`` came from, for errors found later (an image without a signed
     # boot path): "command line --kvm-firmware", "<test> (@pytest.mark.kvm firmware=)"...
     firmware_source: str = "default"
+    # --kvm-arch: auto (the image's own) or what the image must be (arch.py); and
+    # where it came from, for the error when an image is another architecture.
+    arch: str = "auto"
+    arch_source: str = "default"
     boot_timeout: float = 300.0
     snapshot: bool = True
     keep_on_failure: bool = False
@@ -101,8 +106,8 @@ class Settings:
                 continue
             opt = OPTIONS[key]
             changes[key] = opt.parse(value, f"{where} (@pytest.mark.kvm {key}=)")
-            if key == "firmware":
-                changes["firmware_source"] = f"{where} (@pytest.mark.kvm firmware=)"
+            if key in ("firmware", "arch"):
+                changes[f"{key}_source"] = f"{where} (@pytest.mark.kvm {key}=)"
         return replace(self, **changes)
 
 
@@ -324,6 +329,13 @@ OPTIONS: dict[str, Option] = {
             "auto (default: BIOS), bios, uefi (OVMF) or uefi-secure (OVMF, Secure Boot)",
             "NAME",
         ),
+        Option(
+            "arch",
+            parse_arch,
+            "auto (default: the image's own), x86_64, aarch64 or riscv64: the "
+            "architecture guests must be (an image of another is an error)",
+            "NAME",
+        ),
         Option("boot_timeout", _seconds, "seconds to SSH-ready, scaled under TCG (300)", "S"),
         Option("snapshot", _bool, "restore guests from a booted template", ""),
         Option("keep_on_failure", _bool, "leave a failed test's guest running", ""),
@@ -369,6 +381,7 @@ MARKER_KEYS = frozenset(
         "memory",
         "cpus",
         "firmware",
+        "arch",
         "network",
         "snapshot",
         "kernel_args",
@@ -418,8 +431,8 @@ def resolve(
                 raw, where = ini_value, f"ini {opt.ini}"
         if raw is not None:
             values[name] = opt.parse(raw, where)
-            if name == "firmware":
-                values["firmware_source"] = where
+            if name in ("firmware", "arch"):
+                values[f"{name}_source"] = where
 
     images: tuple[str, ...] = ()
     if cli.get("image"):

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel, ocr, tpm
+from . import accel, firmware, ocr, tpm
+from . import arch as arches
 from .errors import KvmError
 
 # Shown by ``pytest-kvm doctor`` as the image of the default mode.
@@ -358,6 +359,31 @@ def _swtpm_check() -> Check:
                  hint=f"apt-get install {tpm.SWTPM_PACKAGE}", optional=True)  # fmt: skip
 
 
+def _arch_checks() -> list[Check]:
+    """Optional: aarch64 and riscv64 guests (arch.py): each one's QEMU and firmware,
+    with the Debian package of what is missing."""
+    checks = []
+    parts = {
+        "aarch64": [(firmware.AAVMF_DIR / "AAVMF_CODE.fd", "qemu-efi-aarch64"),
+                    (firmware.AAVMF_DIR / "AAVMF_VARS.fd", "qemu-efi-aarch64")],
+        "riscv64": [(firmware.OPENSBI, "opensbi"), (firmware.UBOOT, "u-boot-qemu")],
+    }  # fmt: skip
+    for name, files in parts.items():
+        spec = arches.get(name)
+        missing = [] if shutil.which(spec.qemu) else [(spec.qemu, spec.package)]
+        missing += [(str(path), package) for path, package in files if not path.is_file()]
+        image = {"aarch64": "debian-12-arm64", "riscv64": "debian-13-riscv64"}[name]
+        what = f"{name} guests (optional: images like {image}, under TCG)"
+        detail = f"{spec.qemu} and {', '.join(str(p) for p, _ in files)}"
+        packages = sorted({package for _, package in missing})
+        checks.append(Check(
+            what, not missing,
+            detail if not missing else "missing: " + ", ".join(str(m) for m, _ in missing),
+            required=False, hint=f"apt-get install {' '.join(packages)}", optional=True,
+        ))  # fmt: skip
+    return checks
+
+
 def _libvirt_check() -> Check:
     """Optional: --kvm-backend libvirt."""
     from .backends.libvirt import connect, load_libvirt
@@ -390,6 +416,7 @@ def doctor_checks(cache: Path, quick: bool = False) -> list[Check]:
     force_tcg = not acc.detail.startswith("kvm")
     checks += [_guestfs_check(force_tcg, quick), _qemu_nbd_check(), _libvirt_check()]
     checks += [_tesseract_check(), _swtpm_check()]
+    checks += _arch_checks()
     checks += [_extra_check(part) for part in EXTRAS]
     return checks
 

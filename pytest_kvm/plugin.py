@@ -18,6 +18,7 @@ from .backends import load_backend
 from .config import OPTIONS, Settings, resolve
 from .errors import ImageError, KvmConfigError, KvmError, KvmUnavailable
 from .guest import Guest
+from .imagearch import catalog_arch_refusal
 from .images import Image
 from .images.store import check_encryption, classify
 from .media import AnswerServer
@@ -100,6 +101,9 @@ def pytest_configure(config: pytest.Config) -> None:
         specs = config.stash[spec_checks_key] = SpecChecks()
         for spec in settings.images:
             specs.check(spec, settings.image_source)
+            refused = catalog_arch_refusal(spec, settings.arch, settings.arch_source)
+            if refused:  # a catalog image of another architecture than --kvm-arch
+                raise KvmConfigError(refused)
             if classify(spec) == "path":  # an encrypted image needs its key, now
                 try:
                     check_encryption(Path(spec).expanduser(), spec, settings.image_secret)

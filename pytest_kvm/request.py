@@ -10,10 +10,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import arch as arches
 from . import firmware
 from .config import CUSTOMIZE_KEYS, Settings
 from .customize import Customization
 from .errors import ImageError, KvmConfigError
+from .imagearch import image_arch
 from .images import Image
 from .images.efi import signed_boot_refusal
 from .images.store import check_spec
@@ -102,6 +104,7 @@ class GuestRequest:
     share: tuple[SharedDir, ...] | None = None
     tpm: bool | None = None  # None: the marker's/option's
     firmware: str | None = None
+    arch: str | None = None
 
     @classmethod
     def build(
@@ -127,6 +130,7 @@ class GuestRequest:
         share: Mapping[str | os.PathLike[str], str | Share] | None = None,
         tpm: bool | None = None,
         firmware: str | None = None,
+        arch: str | None = None,
     ) -> GuestRequest:
         """The factory's arguments (its signature), checked in the order users meet them."""
         if disk is not None and image is not None:
@@ -152,7 +156,7 @@ class GuestRequest:
             boot=boot, ssh=ssh, hostname=hostname, vlans=vlans, customize=custom,
             disk=Path(disk) if disk is not None else None, kernel=kernel_path,
             initrd=initrd_path, append=append, display=display, share=shares, tpm=tpm,
-            firmware=firmware,
+            firmware=firmware, arch=arch,
         )  # fmt: skip
 
     @property
@@ -163,14 +167,16 @@ class GuestRequest:
 
     def shaped(self, settings: Settings) -> Settings:
         """``settings`` (the marker's) with this call's memory=, cpus=, network=, tpm=,
-        firmware=."""
+        firmware=, arch=."""
         given = (
             ("memory", self.memory), ("cpus", self.cpus), ("network", self.network),
-            ("tpm", self.tpm), ("firmware", self.firmware),
+            ("tpm", self.tpm), ("firmware", self.firmware), ("arch", self.arch),
         )  # fmt: skip
         shaped = settings.with_marker({k: v for k, v in given if v is not None}, self.where)
         if self.firmware is not None:
             shaped = replace(shaped, firmware_source=f"{self.where} firmware=")
+        if self.arch is not None:
+            shaped = replace(shaped, arch_source=f"{self.where} arch=")
         return shaped
 
     def shares(self, settings: Settings) -> tuple[SharedDir, ...]:
@@ -236,14 +242,42 @@ def check_factory_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise TypeError(f"kvm_guest_factory(): {exc}") from None
 
 
-def guest_firmware(settings: Settings, image: Image) -> str:
+def guest_arch(settings: Settings, image: Image) -> str:
+    """The architecture a guest of ``image`` is (``uname -m`` name): the image's own
+    (see imagearch.py), which must be what ``--kvm-arch``/``arch=`` asks for, if it asks
+    (a one-line error naming both and where the ask came from); an image of no known
+    architecture is what was asked, else x86_64. Its QEMU must be installed
+    (KvmUnavailable, the guest's test skips, naming the Debian package)."""
+    found, how = image_arch(image, settings.cache)
+    asked = settings.arch
+    if asked != arches.AUTO and found is not None and found != asked:
+        raise KvmConfigError(
+            f"{settings.arch_source}: architecture {asked!r}, but image {image.name!r} "
+            f"is {found} ({how})"
+        )
+    name = found or (asked if asked != arches.AUTO else "x86_64")
+    arches.check_qemu(arches.get(name), f"image {image.name!r}")
+    return name
+
+
+def guest_firmware(settings: Settings, image: Image, arch: str = "x86_64") -> str:
     """The firmware a guest of ``image`` boots with under ``settings`` (the marker's and
-    the call's): ``auto`` resolved, ``uefi-secure`` refused for an image without a
-    signed boot path, OVMF's files checked (one-line errors)."""
-    name = firmware.resolve(settings.firmware)
+    the call's): ``auto`` resolved for the guest's ``arch``, a firmware the architecture
+    has not refused, ``uefi-secure`` refused for an image without a signed boot path,
+    the firmware's files checked (one-line errors naming the Debian package)."""
+    name = firmware.resolve(settings.firmware, arch)
+    refusal = firmware.arch_refusal(name, arch)
+    if refusal:
+        raise KvmConfigError(
+            f"{settings.firmware_source}: firmware {settings.firmware!r} for image "
+            f"{image.name!r}: {refusal}"
+        )
     if name == firmware.DEFAULT:
         return name
-    firmware.Ovmf.find(name)
+    if name == "u-boot":
+        firmware.UBoot.find()
+        return name
+    firmware.Ovmf.find(name, arch=arch)
     if name == "uefi-secure":
         refusal = (
             "an encrypted image cannot be checked"

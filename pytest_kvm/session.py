@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from . import accel
+from .arch import host_arch
 from .backends import backend_class, load_backend
 from .backends.base import Backend
 from .backends.qemu import QEMU_BINARY
@@ -30,7 +31,13 @@ from .images.store import classify
 from .images.store import resolve as resolve_image
 from .network import NetworkSpec, bridge_problem, has_net_admin, helper_problem
 from .reaper import reap
-from .request import GuestRequest, SpecChecks, check_factory_call, guest_firmware
+from .request import (
+    GuestRequest,
+    SpecChecks,
+    check_factory_call,
+    guest_arch,
+    guest_firmware,
+)
 from .run import RunContext
 from .snapshot import Snapshot, Snapshots
 from .template import Shape, Template, TemplateStore
@@ -181,6 +188,7 @@ def _shape(config: GuestConfig) -> Shape:
         display=config.vnc,
         tpm=config.tpm,
         firmware=config.firmware,
+        arch=config.arch,
     )
 
 
@@ -253,6 +261,11 @@ class TestGuests:
         base = self._base_image(request)
         hostname = request.hostname
         custom = request.customization(self.settings)
+        try:
+            arch = guest_arch(shaped, base)
+        except KvmUnavailable as exc:  # its QEMU is not installed
+            pytest.skip(f"pytest-kvm: {exc}")
+        self._check_arch(arch, base, shaped, custom)
         if custom:
             try:
                 base = self.session.customized(base, custom)
@@ -269,7 +282,7 @@ class TestGuests:
             display=request.display or request.blank, vnc=shaped.vnc,
             installed=request.disk is not None, snapshot=shaped.snapshot, tpm=shaped.tpm,
             shares=request.shares(shaped),
-            firmware=guest_firmware(shaped, base),
+            firmware=guest_firmware(shaped, base, arch), arch=arch,
         )  # fmt: skip
         try:
             run = self.session.run
@@ -285,6 +298,25 @@ class TestGuests:
             # A real boot of the image's own kernel with the extra arguments.
             config = dataclasses.replace(config, boot_files=self.session.boot_files(base))
         return config
+
+    def _check_arch(self, arch: str, image: Image, shaped: Settings, custom: Customization) -> None:
+        """What a guest of another architecture than x86_64 cannot have: one line each."""
+        if arch == "x86_64":
+            return
+        where = f"{self.nodeid}: image {image.name!r} is {arch}"
+        refused = backend_class(shaped.backend).refusal("architectures")
+        if refused:
+            raise KvmConfigError(f"{where}: {refused}")
+        if shaped.tpm:
+            raise KvmConfigError(f"{where}: tpm=True: a TPM is emulated for x86_64 guests only")
+        if custom.run and arch != host_arch():
+            # libguestfs' appliance runs the host's kernel: the image's own programs
+            # (run= goes through its /bin/sh) cannot run there.
+            raise KvmConfigError(
+                f"{where}: customize run= runs the image's programs in libguestfs' "
+                f"{host_arch()} appliance, which cannot run {arch} code (files= and "
+                "hostname= work; run the command in the guest with guest.succeed)"
+            )
 
     def _base_image(self, request: GuestRequest) -> Image:
         if request.disk is not None:

@@ -290,7 +290,7 @@ class Snapshots:
             image=base.image, memory=shape.memory, cpus=shape.cpus,
             network=NetworkSpec(shape.network), boot_timeout=timeout,
             hostname=TEMPLATE_HOSTNAME, vlans=(None,) * shape.vlans, vnc=shape.display,
-            tpm=shape.tpm, snapshot=True, firmware=shape.firmware,
+            tpm=shape.tpm, snapshot=True, firmware=shape.firmware, arch=shape.arch,
         )  # fmt: skip
         plan = BootPlan(work, base.client_key, base.host_key)
         where = f"kvm_snapshot {snap.name!r}"

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from . import arch as arches
 from .backends.base import Backend, Labels
 from .backends.qemu import QEMU_BINARY
 from .config import parse_network
@@ -82,6 +83,7 @@ class Shape:
     display: bool = False  # a graphics card (--kvm-vnc): clones must have it too
     tpm: bool = False  # a TPM 2.0 (swtpm): its state is in the saved state
     firmware: str = "bios"  # "uefi", "uefi-secure": OVMF, clones copy its variables
+    arch: str = "x86_64"  # the guest's architecture (arch.py): another QEMU and machine
 
     def label(self) -> str:
         nics = f"-{self.vlans}vlan" if self.vlans else ""
@@ -89,7 +91,8 @@ class Shape:
         tpm = "-tpm" if self.tpm else ""
         network = self.network.replace("=", "-")  # bridge=br0: bridge-br0
         firmware = f"-{self.firmware}" if self.firmware != "bios" else ""
-        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}{tpm}{firmware}"
+        arch = f"-{self.arch}" if self.arch != "x86_64" else ""
+        return f"{self.memory}M-{self.cpus}cpu-{network}{nics}{vga}{tpm}{firmware}{arch}"
 
     def key_fields(self) -> dict[str, object]:
         """What goes into the template key: fields at their defaults are left out, so
@@ -101,6 +104,8 @@ class Shape:
             del fields["tpm"]
         if self.firmware == "bios":
             del fields["firmware"]
+        if self.arch == "x86_64":
+            del fields["arch"]
         return fields
 
 
@@ -223,7 +228,9 @@ class TemplateStore:
         is the backend its clones run on (None: the qemu backend); ``labels`` name
         the owner of the guest that makes it."""
         identity = runner.template_identity() if runner is not None else {}
-        key = template_key(image, shape, self.run.accel.name, qemu_version(), identity)
+        accel = self.run.accel.name if arches.get(shape.arch).is_host() else "tcg"
+        qemu = qemu_version(arches.get(shape.arch).qemu)
+        key = template_key(image, shape, accel, qemu, identity)
         backend = f"{runner.name}-" if identity and runner is not None else ""
         name = f"{image.name}-{backend}{shape.label()}-{key}"
         return self.obtain(
@@ -377,6 +384,7 @@ class TemplateStore:
                 display=shape.display,
                 tpm=shape.tpm,
                 firmware=shape.firmware,
+                arch=shape.arch,
                 backend=runner.name if runner is not None else "qemu",
                 runner=runner,
                 labels=labels,

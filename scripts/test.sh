@@ -21,6 +21,18 @@ bash scripts/setup.sh
 .venv/bin/pytest-kvm image build debian-12-minimal  # cached: quick once built
 .venv/bin/pytest tests/ --kvm-image debian-12-minimal -n 2 --dist loadfile -p no:cacheprovider -ra \
   --durations=25 "$@"
+# Guests of another architecture (issue 21): one run over debian-12 and debian-12-arm64
+# (a bundled image matrix, a worker per image), the example suite and the architecture
+# checks (uname -m, SSH, console, restored clones, artifacts) on both; arm64 under TCG.
+# riscv64 runs in scripts/test-matrix.sh only (its guests are the slowest); see README.
+# Until the catalog has the recipe (branch i21/build) the stage says so and is left out.
+if [ -f pytest_kvm/images/catalog/debian-12-arm64.toml ]; then
+  .venv/bin/pytest-kvm image build debian-12-arm64  # cached: quick once built
+  .venv/bin/pytest examples/ tests/integration/test_arch.py --kvm-image debian-12 \
+    --kvm-image debian-12-arm64 -n 2 --kvm-dist-by-image -p no:cacheprovider -ra --durations=10
+else
+  echo "test.sh: no debian-12-arm64 recipe in the catalog: the arm64 stage is left out"
+fi
 if [ "${PYTEST_KVM_MATRIX:-1}" != 0 ]; then
   bash scripts/test-matrix.sh
 fi

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ..config import NetworkSpec
-from ..firmware import Ovmf
+from ..firmware import Firmware
 from ..share import SharedDir
 
 if TYPE_CHECKING:
@@ -84,9 +84,12 @@ class MachineSpec:
     # started for it (backends without ``Backend.runs_swtpm``: QEMU's own).
     tpm: bool = False
     tpm_socket: Path | None = None
-    # UEFI (firmware.py): OVMF, and the guest's own copy of its variables; None: BIOS.
-    firmware: Ovmf | None = None
+    # firmware.py: OVMF/AAVMF (UEFI) and the guest's own copy of its variables, or
+    # OpenSBI + U-Boot (riscv64); None: SeaBIOS (x86_64).
+    firmware: Firmware | None = None
     efivars: Path | None = None
+    # The guest's architecture (arch.py, ``uname -m`` names): its QEMU and machine.
+    arch: str = "x86_64"
 
     @property
     def _sockets(self) -> Path:

@@ -88,8 +88,10 @@ class GuestConfig:
     snapshot: bool = False
     # Host folders mounted in the guest (share.py); restored clones get them too.
     shares: tuple[SharedDir, ...] = ()
-    # "bios", "uefi" or "uefi-secure" (firmware.py; "auto" is resolved before).
+    # "bios", "uefi", "uefi-secure" or "u-boot" (firmware.py; "auto" is resolved before).
     firmware: str = "bios"
+    # The guest's architecture, a ``uname -m`` name (arch.py): the image's own.
+    arch: str = "x86_64"
 
     def __post_init__(self) -> None:
         # Checked here, before a template is made or anything starts.
@@ -124,6 +126,7 @@ class GuestConfig:
             refused = backend_class(self.backend).refusal("tpm templates")
         if not refused and self.firmware != "bios":
             refused = backend_class(self.backend).refusal("uefi templates")
+
         if refused:
             return refused
         return ""

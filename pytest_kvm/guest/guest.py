@@ -22,6 +22,8 @@ from typing import Any
 
 import paramiko
 
+from .. import arch as arches
+from ..accel import AccelChoice
 from ..backends import load_backend
 from ..backends.base import Machine
 from ..console import Console, tail
@@ -43,6 +45,16 @@ from .nixos import NixosNames
 from .screen import Screen
 from .shares import mount_shares
 from .state import GuestState
+
+
+def timeout_scale(run: RunContext, arch: str) -> float:
+    """How much longer than on KVM boot and command waits are: the accelerator's scale
+    (TCG: x3), and for a guest of another architecture than the host's, which always
+    runs under TCG, that times the architecture's own slowdown (arch.py)."""
+    spec = arches.get(arch)
+    if spec.is_host():
+        return run.accel.timeout_scale
+    return AccelChoice("tcg", "").timeout_scale * spec.foreign_slowdown
 
 
 class Guest(NixosNames):
@@ -77,7 +89,7 @@ class Guest(NixosNames):
         # A remote hypervisor: its guests' forwards are on its host's 127.0.0.1, reached
         # through that host's SSH.
         self._jump = self._runner.jump()
-        scale = run.accel.timeout_scale
+        scale = timeout_scale(run, config.arch)
         self.boot_timeout = config.boot_timeout * scale
         self.timeout_scale = scale
         self._state = GuestState(
@@ -102,7 +114,7 @@ class Guest(NixosNames):
             template_vlan_macs=template.vlan_macs if template is not None else None,
         )  # fmt: skip
         self._screen = Screen(self._state, display=config.display, vnc=config.vnc,
-                              progress=run.progress)  # fmt: skip
+                              progress=run.progress, text_mode=config.arch == "x86_64")  # fmt: skip
         self._disk = Disk(self._state, config.image, blank=config.blank,
                           force_tcg=run.accel.name != "kvm")  # fmt: skip
         self._cleanup = ExitStack()  # what close() undoes; see _push_cleanup
@@ -121,8 +133,14 @@ class Guest(NixosNames):
 
     @property
     def firmware(self) -> str:
-        """What the guest booted with: "bios", "uefi" or "uefi-secure"."""
+        """What the guest booted with: "bios", "uefi", "uefi-secure" or "u-boot"."""
         return self.config.firmware
+
+    @property
+    def arch(self) -> str:
+        """The guest's architecture as ``uname -m`` names it: "x86_64", "aarch64",
+        "riscv64" (the image's own; ``--kvm-arch``/``arch=`` can only confirm it)."""
+        return self.config.arch
 
     @property
     def address(self) -> str:

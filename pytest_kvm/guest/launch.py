@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import arch as arches
 from .. import firmware
 from ..backends.base import Backend, Drive, Machine, MachineSpec
 from ..errors import GuestLaunchError
@@ -38,7 +39,7 @@ class Launcher:
         self._state = state
         self._nics = nics
         self._screen = screen
-        self._ovmf: firmware.Ovmf | None = None
+        self._firmware: firmware.Firmware | None = None
         self._efivars: Path | None = None
 
     def launch(
@@ -66,11 +67,15 @@ class Launcher:
     def _firmware_vars(self, efivars: Path | None, source: Path | None) -> Path | None:
         if self._config.firmware == firmware.DEFAULT:
             return None
+        if self._config.firmware == "u-boot":
+            self._firmware = firmware.UBoot.find()
+            return None  # nothing of the guest's own
         assert self._state.workdir is not None
-        self._ovmf = firmware.Ovmf.find(self._config.firmware)
+        ovmf = firmware.Ovmf.find(self._config.firmware, arch=self._config.arch)
+        self._firmware = ovmf
         efivars = efivars or self._state.workdir / firmware.VARS_NAME
         if not efivars.exists():
-            self._ovmf.copy_vars(efivars, source)
+            ovmf.copy_vars(efivars, source)
         return efivars
 
     def _launch_qemu(
@@ -94,7 +99,8 @@ class Launcher:
                 drives=drives,
                 memory=config.memory,
                 cpus=config.cpus,
-                accel=self._run.accel.name,
+                # Another architecture than the host's runs under TCG whatever KVM can do.
+                accel=self._run.accel.name if arches.get(config.arch).is_host() else "tcg",
                 network=self._nics.network,
                 mac=state.mac,
                 ssh_port=state.port,
@@ -114,8 +120,9 @@ class Launcher:
                 shares=config.shares,
                 tpm=config.tpm,
                 tpm_socket=state.tpm.socket if state.tpm is not None else None,
-                firmware=self._ovmf if self._efivars is not None else None,
+                firmware=self._firmware,
                 efivars=self._efivars,
+                arch=config.arch,
             )
             machine = self._runner.machine(spec, on_spawn=self._record_qemu, labels=config.labels)
             state.record(**machine.lease_fields())  # before it exists

@@ -32,9 +32,18 @@ class Screen:
     """The display of one guest: ``display`` (a graphics card), ``vnc`` (--kvm-vnc)."""
 
     def __init__(
-        self, state: GuestState, *, display: bool, vnc: bool, progress: Callable[[str], None]
+        self,
+        state: GuestState,
+        *,
+        display: bool,
+        vnc: bool,
+        progress: Callable[[str], None],
+        text_mode: bool = True,
     ) -> None:
         self._state = state
+        # A VGA text buffer at 0xB8000 behind I/O ports 0x3d4/0x3d5: x86 guests only
+        # (an arm or riscv guest's screen is read by OCR).
+        self._text_mode = text_mode
         self.has_display = display or vnc
         self._vnc = vnc
         self._progress = progress
@@ -181,6 +190,8 @@ class Screen:
 
     def _vga_text(self, machine: Machine) -> str:
         """The VGA text buffer as text; "" in a graphics mode (it holds pixels then)."""
+        if not self._text_mode:
+            return ""
 
         def hmp(line: str) -> str:
             return str(machine.qmp("human-monitor-command", **{"command-line": line}) or "")

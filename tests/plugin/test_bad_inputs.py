@@ -52,9 +52,21 @@ CASES = [
     Case("accel-foo", ("--kvm-accel=foo",),
          ("command line --kvm-accel: 'foo' is not one of auto, kvm, tcg",)),
     Case("firmware-efi", ("--kvm-firmware=efi",),
-         ("command line --kvm-firmware: 'efi' is not one of auto, bios, uefi, uefi-secure",)),
+         ("command line --kvm-firmware: 'efi' is not one of auto, bios, uefi, uefi-secure, "
+          "u-boot",)),
     Case("firmware-env", (), ("environment PYTEST_KVM_FIRMWARE: 'secure' is not one of auto",),
          env={"PYTEST_KVM_FIRMWARE": "secure"}),
+    Case("arch-sparc", ("--kvm-arch=sparc64",),
+         ("command line --kvm-arch: architecture 'sparc64' is not one of auto, x86_64, "
+          "aarch64, riscv64",)),
+    Case("arch-env", (), ("environment PYTEST_KVM_ARCH: architecture 'arm' is not one of",),
+         env={"PYTEST_KVM_ARCH": "arm"}),
+    Case("arch-mismatch", ("--kvm-image=debian-12", "--kvm-arch=arm64"),
+         ("command line --kvm-arch: architecture 'aarch64', but image 'debian-12' is x86_64 "
+          "(its catalog recipe says x86_64)",)),
+    Case("marker-arch", (IMAGE,),
+         ("test_guest (@pytest.mark.kvm arch=): architecture 'mips' is not one of",),
+         test=marked('@pytest.mark.kvm(arch="mips")')),
     Case("backend-bar", ("--kvm-backend=bar",),
          ("command line --kvm-backend: 'bar' is not one of qemu, libvirt",)),
     Case("network-weird", ("--kvm-network=weird",),
@@ -116,7 +128,7 @@ CASES = [
          ini="kvm_network = bridge=this-name-is-too-long"),
     # -- marker arguments
     Case("marker-unknown-key", (IMAGE,),
-         ("test_guest: unknown argument memroy= in @pytest.mark.kvm; known: cpus,",),
+         ("test_guest: unknown argument memroy= in @pytest.mark.kvm; known: arch, cpus,",),
          test=marked("@pytest.mark.kvm(memroy=512)")),
     Case("marker-positional", (IMAGE,), ("@pytest.mark.kvm takes keyword arguments only",),
          test=marked('@pytest.mark.kvm("debian-12")')),

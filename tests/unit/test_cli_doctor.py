@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kvm import cli, doctor
+from pytest_kvm import cli, doctor, firmware
 from pytest_kvm.accel import AccelChoice
 from pytest_kvm.errors import KvmConfigError
 from pytest_kvm.images import builder, mirror
@@ -32,7 +32,8 @@ class Machine:
         self.tools = {
             "qemu-system-x86_64", "qemu-img", "qemu-nbd", "mmdebstrap", "mkfs.ext4",
             "e2fsck", "sfdisk", "grub-mkimage", "chroot", "tesseract", "swtpm",
-            "mkfs.vfat", "mmd", "mcopy", "dpkg-deb",
+            "mkfs.vfat", "mmd", "mcopy", "dpkg-deb", "qemu-system-aarch64",
+            "qemu-system-riscv64",
         }  # fmt: skip
         self.netdevs = "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\n"
         self.accels = "Accelerators supported in QEMU binary:\ntcg\nkvm\n"
@@ -48,6 +49,14 @@ class Machine:
         grub = tmp_path / "grub"
         grub.mkdir()
         (grub / "boot.img").write_bytes(b"\0" * 512)
+        # aarch64 and riscv64 guests' firmware (firmware.py)
+        firmware_dir = tmp_path / "firmware"
+        firmware_dir.mkdir()
+        for name in ("AAVMF_CODE.fd", "AAVMF_VARS.fd", "fw_jump.elf", "u-boot.bin"):
+            (firmware_dir / name).write_bytes(b"\0")
+        monkeypatch.setattr(firmware, "AAVMF_DIR", firmware_dir)
+        monkeypatch.setattr(firmware, "OPENSBI", firmware_dir / "fw_jump.elf")
+        monkeypatch.setattr(firmware, "UBOOT", firmware_dir / "u-boot.bin")
         monkeypatch.setattr(builder, "GRUB_PLATFORM_DIR", grub)
         monkeypatch.setattr(doctor.shutil, "which", self.which)
         monkeypatch.setattr(doctor, "_run", self.run)
@@ -420,3 +429,16 @@ def test_a_missing_swtpm_names_its_debian_package(machine: Machine, capsys):
     line, hint = lines_about(out, what)[:2]
     assert line == f"[--] {what}: not found"
     assert hint == "     install: apt-get install swtpm"
+
+
+def test_foreign_architectures_name_what_is_missing(machine: Machine, capsys):
+    machine.tools.discard("qemu-system-aarch64")
+    (firmware.UBOOT).unlink()
+    code, out = machine.doctor(capsys)
+    assert code == 0, out  # optional: the default mode still works
+    arm = lines_about(out, "aarch64 guests")
+    assert arm[0].startswith("[--]") and "missing: qemu-system-aarch64" in arm[0]
+    assert arm[1].strip() == "install: apt-get install qemu-system-arm"
+    riscv = lines_about(out, "riscv64 guests")
+    assert riscv[0].startswith("[--]") and f"missing: {firmware.UBOOT}" in riscv[0]
+    assert riscv[1].strip() == "install: apt-get install u-boot-qemu"

@@ -46,7 +46,7 @@ def test_missing_ovmf_names_the_debian_package(tmp_path: Path):
         Ovmf.find("uefi-secure", tmp_path)
     message = str(info.value)
     assert "\n" not in message and "OVMF_CODE_4M.secboot.fd" in message
-    assert message.endswith("(apt-get install ovmf)")
+    assert message.endswith("(Debian package ovmf: apt-get install ovmf)")
 
 
 def test_each_guest_copies_the_variables_and_the_shared_file_is_read_only(tmp_path: Path):

@@ -199,14 +199,16 @@ class FakeSession:
         return None
 
     def image(self, spec):
-        return types.SimpleNamespace(name=f"resolved {spec}", is_encrypted=False)
+        return types.SimpleNamespace(
+            name=f"resolved {spec}", is_encrypted=False, source="debian-12"
+        )
 
     def resolve(self, snap, base, shape, timeout):
         self.asked.append((snap.name, base, shape))
         raise Resolved
 
 
-TEST_IMAGE = types.SimpleNamespace(name="the test's image", is_encrypted=False)
+TEST_IMAGE = types.SimpleNamespace(name="the test's image", is_encrypted=False, source="debian-12")
 
 
 def ask(snap, settings=None, **factory):

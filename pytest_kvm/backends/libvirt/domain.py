@@ -29,6 +29,10 @@ REFUSALS = {
     # libvirt keeps a domain's TPM state by its UUID and runs swtpm_setup/swtpm
     # itself; restoring a template's TPM into a clone's new UUID is not done yet.
     "tpm templates": "TPM guests boot for real on the libvirt backend (no TPM templates yet)",
+    # Its domain XML is x86_64 q35 only (an aarch64 or riscv64 domain needs its own
+    # machine, firmware and devices); the qemu backend runs them.
+    "architectures": "the libvirt backend runs x86_64 guests only; use --kvm-backend "
+    "qemu for aarch64 and riscv64",
     "uefi templates": "UEFI guests boot for real on the libvirt backend (restoring a "
     "template's UEFI variables is not supported there yet)",
 }
@@ -67,6 +71,8 @@ def domain_xml(
     ET.SubElement(root, "memory", unit="MiB").text = str(spec.memory)
     ET.SubElement(root, "vcpu").text = str(spec.cpus)
     os_el = ET.SubElement(root, "os")
+    if spec.arch != "x86_64":
+        raise GuestLaunchError(f"{spec.arch} guest: {REFUSALS['architectures']}")
     ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
     secure = _firmware(os_el, spec)
     if spec.kernel is not None:

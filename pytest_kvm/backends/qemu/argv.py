@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ... import arch as arches
 from ...errors import GuestLaunchError
+from ...firmware import UBoot
 from ...images.overlay import key_secret_opts, secret_object
 from ...network import netdev_args
 from ...share import share_slot, share_tag
@@ -14,15 +16,20 @@ QEMU_BINARY = "qemu-system-x86_64"
 
 # About 80 lines on purpose: one flat list of QEMU options in the order QEMU reads
 # them, each a line or two; split, the order would be harder to check against argv.
-def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
-    """The QEMU command line for ``spec`` (pure: unit-tested without QEMU)."""
+def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
+    """The QEMU command line for ``spec`` (pure: unit-tested without QEMU); ``binary``
+    defaults to the QEMU of the spec's architecture."""
+    arch = arches.get(spec.arch)
+    x86 = arch.name == "x86_64"
+    if spec.accel == "kvm" and not arch.is_host():
+        raise GuestLaunchError(f"a {arch.name} guest cannot run under KVM on this host")
     accel = "kvm" if spec.accel == "kvm" else "tcg,thread=multi"
     argv = [
-        binary,
+        binary or arch.qemu,
         "-name", f"guest={spec.name},debug-threads=on",
-        "-machine", "q35",
+        "-machine", arch.machine,
         "-accel", accel,
-        "-cpu", "host" if spec.accel == "kvm" else "max",
+        "-cpu", "host" if spec.accel == "kvm" else arch.tcg_cpu,
         "-m", str(spec.memory),
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config",
@@ -34,9 +41,16 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         f"logfile={spec.serial_log},logappend=on",
         "-serial", "chardev:ser0",
         "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+    if x86:
         # A new generation ID on every start, restored clones included: the guest
-        # kernel reseeds its random pool when it changes.
-        "-device", "vmgenid,guid=auto",
+        # kernel reseeds its random pool when it changes (an ACPI device QEMU has
+        # for x86 only; other guests reseed from virtio-rng alone).
+        argv += ["-device", "vmgenid,guid=auto"]
+    else:
+        # Install media as SCSI CDs (the seed is a virtio disk): virt machines have no IDE.
+        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    argv += [
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=qga0,path={spec.qga_socket},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
@@ -57,7 +71,10 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
             # (the first CD: a seed ISO after it is not bootable).
             first_cd = next(d for d in spec.drives if d.media == "cdrom") is drive
             bootindex = ",bootindex=0" if spec.boot == "cdrom" and first_cd else ""
-            argv += ["-device", f"ide-cd,drive=drive{index},bus=ide.{index}{bootindex}"]
+            if x86:
+                argv += ["-device", f"ide-cd,drive=drive{index},bus=ide.{index}{bootindex}"]
+            else:
+                argv += ["-device", f"scsi-cd,drive=drive{index},bus=scsi0.0{bootindex}"]
             continue
         if drive.readonly:
             opts += ",readonly=on"
@@ -85,6 +102,8 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
         argv += ["-netdev", nic.netdev]
         argv += ["-device", f"virtio-net-pci,netdev={nic.netdev_id},mac={nic.mac}"]
     if spec.tpm:
+        if not x86:
+            raise GuestLaunchError(f"a TPM is emulated for x86_64 guests only, not {arch.name}")
         if spec.tpm_socket is None:
             raise GuestLaunchError("a TPM guest needs its swtpm's socket (tpm_socket)")
         argv += qemu_tpm_args(spec.tpm_socket)
@@ -98,9 +117,13 @@ def build_argv(spec: MachineSpec, binary: str = QEMU_BINARY) -> list[str]:
             "-machine", "memory-backend=ram0",
         ]  # fmt: skip
     argv += share_args(spec)
-    if spec.firmware is not None and spec.efivars is not None:
+    if isinstance(spec.firmware, UBoot):
+        argv += spec.firmware.qemu_args(None, direct_kernel=spec.kernel is not None)
+    elif spec.firmware is not None and spec.efivars is not None:
         _check_path_for_qemu(str(spec.efivars))
         argv += spec.firmware.qemu_args(spec.efivars)
+    elif not x86:
+        raise GuestLaunchError(f"a {arch.name} guest needs its firmware (firmware.py)")
     if spec.incoming is not None:
         # The state comes through QMP once the x-ignore-shared capability is set
         # (QEMU 7.2 has no command-line property for it); no -S, so the guest

@@ -23,7 +23,7 @@ from ...errors import GuestLaunchError
 from ...qga import GuestAgent
 from ...spawn import spawn
 from ..base import Machine, MachineSpec, QmpError
-from .argv import QEMU_BINARY, build_argv
+from .argv import build_argv
 from .qmp import Qmp
 
 
@@ -49,7 +49,7 @@ class QemuMachine(Machine):
     def __init__(
         self,
         spec: MachineSpec,
-        binary: str = QEMU_BINARY,
+        binary: str | None = None,
         on_spawn: Callable[[int], None] | None = None,
     ) -> None:
         self.spec = spec
