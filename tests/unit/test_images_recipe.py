@@ -73,14 +73,18 @@ def test_the_shipped_catalog_has_each_release_and_a_sysvinit_image() -> None:
     assert minimal.variant == "apt" and "curl" not in minimal.packages
 
 
+# Not in the catalog yet: their build is not fast enough to finish (docs/recipes/README.md).
+FOREIGN = Path(__file__).resolve().parents[2] / "docs" / "recipes"
+
+
 def test_the_foreign_architecture_images() -> None:
-    arm64 = load_recipe("debian-12-arm64")
+    arm64 = load_recipe_file(FOREIGN / "debian-12-arm64.toml")
     assert (arm64.suite, arm64.architecture, arm64.variant) == ("bookworm", "arm64", "important")
     assert "linux-image-arm64" in arm64.packages
     # the same package set as debian-12, but the kernel
     native = load_recipe("debian-12")
     assert set(arm64.packages) - set(native.packages) == {"linux-image-arm64"}
-    riscv64 = load_recipe("debian-13-riscv64")
+    riscv64 = load_recipe_file(FOREIGN / "debian-13-riscv64.toml")
     assert (riscv64.suite, riscv64.architecture) == ("trixie", "riscv64")
     assert set(riscv64.packages) ^ set(load_recipe("debian-13").packages) == {
         "linux-image-riscv64",
