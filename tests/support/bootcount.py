@@ -2,14 +2,15 @@
 test command costs (bench/RESULTS.md, "Real boots of the test command").
 
     mkdir -p /tmp/bc && ln -sf "$PWD/tests/support/bootcount.py" /tmp/bc/kvm_bootcount.py
-    PYTEST_KVM_BOOTLOG=/tmp/boots.jsonl PYTHONPATH=/tmp/bc PYTEST_ADDOPTS="-p kvm_bootcount" \\
+    PYTEST_KVM_BOOTLOG=/tmp/boots.jsonl PYTHONPATH=/tmp/bc PYTEST_PLUGINS=kvm_bootcount \\
         .venv/bin/pytest tests/integration/test_guest.py --kvm-image debian-12-minimal
     .venv/bin/python tests/support/bootcount.py /tmp/boots.jsonl
 
 The plugin is loaded by its own name from a directory of its own, not as
-``tests.support``, so that inner runs (pytester subprocesses, which inherit
-PYTEST_ADDOPTS and PYTHONPATH) load it too without seeing the checkout; their boots
-are charged to the outer test that started them. One JSON line per event:
+``tests.support``, so that inner runs (pytester subprocesses, which keep
+PYTEST_PLUGINS and PYTHONPATH; pytester drops PYTEST_ADDOPTS) load it too without
+seeing the checkout; their boots are charged to the outer test that started them.
+One JSON line per event:
 
 - ``boot``: a real boot (``RealBoot.start``): a template's build (``template``) or a
   guest that is not restored (``cold``, with the reason the factory gave);
