@@ -1,8 +1,6 @@
 """Firmware (--kvm-firmware, marker and factory firmware=): one hybrid catalog image
 boots under SeaBIOS, under OVMF and under OVMF with Secure Boot; each UEFI guest's
-variables are its own. Restored clones: one template per firmware; the UEFI guests
-have a TPM too (tpm=True), so that their template is test_tpm.py's: one boot fewer,
-and the TPM changes nothing these tests look at."""
+variables are its own. Restored clones: one template per firmware."""
 
 from __future__ import annotations
 
@@ -52,7 +50,7 @@ def test_bios_guest_has_no_efi(kvm_guest_factory):
     g.fail("test -d /sys/firmware/efi")
 
 
-@pytest.mark.kvm(firmware="uefi", tpm=True)
+@pytest.mark.kvm(firmware="uefi")
 def test_uefi_guest_boots_with_ovmf_secure_boot_off(kvm_guest):
     assert kvm_guest.firmware == "uefi"
     kvm_guest.succeed("test -d /sys/firmware/efi/efivars")
@@ -72,7 +70,7 @@ def test_uefi_secure_guest_has_secure_boot_on(kvm_guest):
 def test_efi_variables_are_each_guests_own(kvm_guest_factory):
     shared = OVMF_DIR / "OVMF_VARS_4M.fd"
     shared_before = _sha256(shared)
-    a = kvm_guest_factory(firmware="uefi", tpm=True)
+    a = kvm_guest_factory(firmware="uefi")
     template_vars = _template_dir(a) / VARS_NAME
     template_before = _sha256(template_vars)
     # attributes NV|BS|RT (7), then the value
@@ -81,7 +79,7 @@ def test_efi_variables_are_each_guests_own(kvm_guest_factory):
     # it reached this guest's own flash file (UTF-16 name in OVMF's variable store)
     own = a.disk_image.parent / VARS_NAME
     assert "PytestKvmTest".encode("utf-16-le") in own.read_bytes()
-    b = kvm_guest_factory(firmware="uefi", tpm=True)
+    b = kvm_guest_factory(firmware="uefi")
     b.fail(f"test -e {TEST_VAR}")
     assert _sha256(template_vars) == template_before
     assert _sha256(shared) == shared_before
