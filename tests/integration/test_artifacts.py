@@ -82,6 +82,8 @@ def test_failed_test_leaves_artifacts_and_an_html_report(pytester, image_arg, ca
 
 
 def test_a_real_boot_says_what_it_waits_for(pytester, image_arg, cache_arg, inner_env):
+    """A real boot's progress lines; and the marker's snapshot=False boots for real (no
+    template in use, nothing restored), one guest's boot for both."""
     pytester.makepyfile(
         """
         import pytest
@@ -89,6 +91,10 @@ def test_a_real_boot_says_what_it_waits_for(pytester, image_arg, cache_arg, inne
         @pytest.mark.kvm(snapshot=False)
         def test_boots(kvm_guest):
             assert kvm_guest.template is None
+            assert "restore" not in kvm_guest.boot_timings
+            log = kvm_guest.serial_log.read_text(errors="replace")
+            assert "restored from template" not in log and "Linux version" in log
+            assert kvm_guest.succeed("hostname").strip() == kvm_guest.name
         """
     )
     result = pytester.runpytest_subprocess(

@@ -87,13 +87,9 @@ def test_customisation_is_in_the_booted_guest_and_built_once(
 
 
 @needs_guestfs
-@pytest.mark.kvm(snapshot=False)  # one guest: a boot costs less than a template
-def test_factory_customize_and_bad_customisations(kvm_guest_factory, tmp_path):
-    script = tmp_path / "tool.sh"
-    script.write_text("#!/bin/sh\necho tool\n")
-    script.chmod(0o755)
-    g = kvm_guest_factory(customize={"files": {"/usr/local/bin/tool": script}})
-    assert g.succeed("tool") == "tool\n"
+@pytest.mark.kvm(snapshot=False)  # as a guest's: no template is made for them
+def test_bad_customisations_are_refused(kvm_guest_factory):
+    # A customize= that works: test_image_without_cloud_init_gets_key_network_and_host_name.
     with pytest.raises(Exception, match=r"run\[0\] 'exit 7' failed in the image"):
         kvm_guest_factory(customize={"run": ["exit 7"]})
     with pytest.raises(Exception, match="is not an absolute guest path"):
@@ -170,11 +166,20 @@ def image_without_cloud_init(request, tmp_path_factory) -> Path:
 
 
 @needs_guestfs
-@pytest.mark.kvm(snapshot=False)
+@pytest.mark.kvm(snapshot=False)  # one guest: a boot costs less than a template
 def test_image_without_cloud_init_gets_key_network_and_host_name(
-    kvm_guest_factory, image_without_cloud_init
+    kvm_guest_factory, image_without_cloud_init, tmp_path
 ):
-    g = kvm_guest_factory(image=str(image_without_cloud_init), hostname="no-cloud-init")
+    """Also the factory's customize= (a file from the host): one boot for both."""
+    script = tmp_path / "tool.sh"
+    script.write_text("#!/bin/sh\necho tool\n")
+    script.chmod(0o755)
+    g = kvm_guest_factory(
+        image=str(image_without_cloud_init),
+        hostname="no-cloud-init",
+        customize={"files": {"/usr/local/bin/tool": script}},
+    )
+    assert g.succeed("tool") == "tool\n"
     assert not g.image.cloud_init
     assert "inject" in g.boot_timings
     # SSH worked with the run's key and the pinned host key; the rest is visible.

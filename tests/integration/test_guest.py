@@ -99,14 +99,15 @@ def test_ssh_command_works_with_openssh_and_pins_the_host_key(kvm_guest, tmp_pat
 
 def test_factory_guests_are_separate_and_leave_nothing(kvm_guest_factory, kvm_image):
     base_hash = sha256(kvm_image.path)
+    # Two clones of one template (a guest's memory= and cpus= from the factory: the
+    # bridge guests of test_network.py, whose shape is not the default one; a shape
+    # of its own here would cost a template's boot).
     a = kvm_guest_factory(name="a")
-    b = kvm_guest_factory(name="b", memory=768, cpus=1)
+    b = kvm_guest_factory(name="b")
+    assert a.template is not None and a.template == b.template
     assert a.name != b.name and a.mac != b.mac and a.ssh_port != b.ssh_port
     a.succeed("echo only-in-a > /root/mark && sync")
     b.fail("test -e /root/mark")
-    assert b.succeed("nproc").strip() == "1"
-    mem_kib = int(b.succeed("awk '/MemTotal/ {print $2}' /proc/meminfo"))
-    assert 600 * 1024 < mem_kib <= 768 * 1024
     # kill: the guest is gone, and a command says so instead of hanging.
     workdir = a.workdir
     b.kill()

@@ -118,6 +118,7 @@ def test_parity_suite_passes_on_both_backends(
     qemu+ssh:// through an sshd on 127.0.0.1, guests reached through SSH jumps."""
     pytester.copy_example(str(HERE / "parity_suite.py"))
     pytester.copy_example(str(SUPPORT / "tiny_boot.py"))
+    pytester.copy_example(str(HERE.parent / "support" / "identity.py"))
     monkeypatch.setenv("PKVM_EXPECT_BACKEND", backend.partition("-")[0])
     suite = str(pytester.path / "parity_suite.py")
     # A failed inner test leaves its console log and the domain XML here.

@@ -186,6 +186,13 @@ def identity(guest):
     }
 
 
+# A restored guest has the memory and CPUs of its shape (the template's saved RAM).
+def check_size(guest, memory_mib, cpus):
+    assert guest.succeed("nproc").strip() == str(cpus)
+    mem_kib = int(guest.succeed("awk '/MemTotal/ {print $2}' /proc/meminfo"))
+    assert (memory_mib - 160) * 1024 < mem_kib <= memory_mib * 1024, mem_kib
+
+
 def check_reachable(guest):
     try:
         _check_reachable(guest)
@@ -207,15 +214,18 @@ def _check_reachable(guest):
     assert guest.host_address is None
 
 
-@pytest.mark.kvm(network="bridge=br0", memory=512, cpus=1)
+@pytest.mark.kvm(network="bridge=br0")
 def test_four_guests_started_at_once(kvm_guest_factory):
+    # memory= and cpus= from the factory: the size of the shape test_qemu_bridge_helper
+    # names in its marker, so both restore one template.
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        guests = list(pool.map(lambda _: kvm_guest_factory(), range(4)))
+        guests = list(pool.map(lambda _: kvm_guest_factory(memory=512, cpus=1), range(4)))
     # Restored from the one template of this bridge, not booted.
     assert all(g.template is not None and g.template == guests[0].template for g in guests)
     for guest in guests:
         assert int(guest.mac.split(":")[0], 16) & 2  # locally administered
         check_reachable(guest)
+        check_size(guest, 512, 1)
     # Each a machine of its own: one lease each (with its own DHCP client id), its
     # own MAC, address, machine-id, host key and host name.
     idents = [identity(g) for g in guests]
@@ -248,6 +258,7 @@ RESTART_NETWORKD = (
 def test_qemu_bridge_helper(kvm_guest):
     assert kvm_guest.template is not None  # the same bridge's template
     check_reachable(kvm_guest)
+    check_size(kvm_guest, 512, 1)  # the marker's memory= and cpus=
     # The address a test reaches the guest at never goes away, not even for the
     # moment a restarted DHCP client takes to get the same lease again.
     events = kvm_guest.succeed(RESTART_NETWORKD, timeout=300)

@@ -90,24 +90,30 @@ def test_state_from_one_test_is_invisible_in_the_next(pytester, image_arg, cache
     assert qemu_pids_under(inner_env) == []
 
 
-@pytest.mark.kvm(snapshot=False)
-def test_marker_snapshot_false_boots_for_real(kvm_guest):
-    assert kvm_guest.template is None
-    assert "restore" not in kvm_guest.boot_timings
-    assert "restored from template" not in kvm_guest.serial_log.read_text(errors="replace")
-    assert kvm_guest.succeed("hostname").strip() == kvm_guest.name
+# The marker's snapshot=False boots for real: test_artifacts.py's real boot, whose
+# progress lines need one anyway.
 
 
-def test_killed_template_build_leaves_nothing_a_later_run_uses(
+def test_killed_template_build_leaves_nothing_and_parallel_workers_make_one_and_share_it(
     pytester, kvm_image, inner_env, tmp_path
 ):
-    """SIGKILL the run while it makes a template: the next run makes a whole one."""
+    """SIGKILL the run while it makes a template: the next run makes a whole one, with
+    two xdist workers that both need it: made once, by one of them, and shared. (One
+    template's boot for both claims: each needs a cache of its own.)"""
     cache = tmp_path / "cache"
     templates = cache / "templates"
+    seen = tmp_path / "seen"
+    seen.mkdir()
     pytester.makepyfile(
-        """
-        def test_one(kvm_guest):
-            assert kvm_guest.template is not None
+        f"""
+        import json, os, pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_guest(kvm_guest, n):
+            meta = json.loads((kvm_guest.template.dir / "meta.json").read_text())
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            with open({str(seen)!r} + f"/{{worker}}-{{n}}", "w") as out:
+                out.write(f"{{kvm_guest.template.name}} {{meta['created']}}")
             kvm_guest.succeed("true")
         """
     )
@@ -144,9 +150,15 @@ def test_killed_template_build_leaves_nothing_a_later_run_uses(
     assert qemu_pids_under(templates) == []
     assert list(templates.glob("*/meta.json")) == []
     assert [p for p in templates.iterdir() if not p.name.startswith(".")] == []
-    # The next run makes the template from scratch and uses it.
-    result = pytester.runpytest_subprocess(*args)
-    result.assert_outcomes(passed=1)
+    assert list(seen.iterdir()) == []  # the killed run never got a guest
+    # The next run makes the template from scratch: two workers, one template made
+    # once (one creation time), used by both.
+    result = pytester.runpytest_subprocess(*args, "-n", "2")
+    result.assert_outcomes(passed=4)
+    records = {p.name: p.read_text() for p in seen.iterdir()}
+    workers = {name.split("-")[0] for name in records}
+    assert workers == {"gw0", "gw1"}, records
+    assert len(set(records.values())) == 1, records
     assert len(list(templates.glob("*/meta.json"))) == 1
     assert list(templates.glob(".*.building-*")) == []
 
@@ -160,36 +172,6 @@ def test_kernel_args_boot_the_images_kernel_for_real(kvm_guest):
     # The image's own command line is kept: root file system and serial console.
     assert any(arg.startswith("root=") for arg in cmdline)
     assert "console=ttyS0,115200n8" in cmdline
-
-
-def test_parallel_workers_make_a_template_once_and_share_it(pytester, kvm_image, tmp_path):
-    cache = tmp_path / "cache"
-    seen = tmp_path / "seen"
-    seen.mkdir()
-    pytester.makepyfile(
-        f"""
-        import json, os, pytest
-
-        @pytest.mark.parametrize("n", range(4))
-        def test_guest(kvm_guest, n):
-            meta = json.loads((kvm_guest.template.dir / "meta.json").read_text())
-            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-            with open({str(seen)!r} + f"/{{worker}}-{{n}}", "w") as out:
-                out.write(f"{{kvm_guest.template.name}} {{meta['created']}}")
-            kvm_guest.succeed("true")
-        """
-    )
-    result = pytester.runpytest_subprocess(
-        f"--kvm-image={kvm_image.path}", f"--kvm-cache={cache}", "-n", "2", "-p", "no:cacheprovider"
-    )
-    result.assert_outcomes(passed=4)
-    records = {p.name: p.read_text() for p in seen.iterdir()}
-    workers = {name.split("-")[0] for name in records}
-    assert workers == {"gw0", "gw1"}, records
-    # Both workers used one template, made once (one creation time).
-    assert len(set(records.values())) == 1, records
-    assert len(list((cache / "templates").glob("*/meta.json"))) == 1
-    assert list((cache / "templates").glob(".*.building-*")) == []
 
 
 def test_clone_of_a_template_without_guest_agent_is_made_its_own_over_ssh(kvm_guest_factory):
