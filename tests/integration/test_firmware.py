@@ -1,6 +1,8 @@
 """Firmware (--kvm-firmware, marker and factory firmware=): one hybrid catalog image
 boots under SeaBIOS, under OVMF and under OVMF with Secure Boot; each UEFI guest's
-variables are its own. Restored clones: one template per firmware."""
+variables are its own. Restored clones: one template per firmware; the UEFI guests
+have a TPM too (tpm=True), so that their template is test_tpm.py's: one boot fewer,
+and the TPM changes nothing these tests look at."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def test_bios_guest_has_no_efi(kvm_guest_factory):
     g.fail("test -d /sys/firmware/efi")
 
 
-@pytest.mark.kvm(firmware="uefi")
+@pytest.mark.kvm(firmware="uefi", tpm=True)
 def test_uefi_guest_boots_with_ovmf_secure_boot_off(kvm_guest):
     assert kvm_guest.firmware == "uefi"
     kvm_guest.succeed("test -d /sys/firmware/efi/efivars")
@@ -91,7 +93,7 @@ def test_a_prepared_snapshot_over_a_uefi_template_is_built_and_cloned_under_uefi
 def test_efi_variables_are_each_guests_own(kvm_guest_factory):
     shared = OVMF_DIR / "OVMF_VARS_4M.fd"
     shared_before = _sha256(shared)
-    a = kvm_guest_factory(firmware="uefi")
+    a = kvm_guest_factory(firmware="uefi", tpm=True)
     template_vars = _template_dir(a) / VARS_NAME
     template_before = _sha256(template_vars)
     # attributes NV|BS|RT (7), then the value
@@ -100,7 +102,7 @@ def test_efi_variables_are_each_guests_own(kvm_guest_factory):
     # it reached this guest's own flash file (UTF-16 name in OVMF's variable store)
     own = a.disk_image.parent / VARS_NAME
     assert "PytestKvmTest".encode("utf-16-le") in own.read_bytes()
-    b = kvm_guest_factory(firmware="uefi")
+    b = kvm_guest_factory(firmware="uefi", tpm=True)
     b.fail(f"test -e {TEST_VAR}")
     assert _sha256(template_vars) == template_before
     assert _sha256(shared) == shared_before
