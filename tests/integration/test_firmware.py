@@ -83,7 +83,7 @@ def test_a_prepared_snapshot_over_a_uefi_template_is_built_and_cloned_under_uefi
 ):
     """The snapshot's setup ran in a clone of the uefi template, restored under OVMF
     (its saved state is OVMF's), and its clones come back under OVMF too."""
-    g = kvm_guest_factory(image=UEFI_PREPARED, firmware="uefi")
+    g = kvm_guest_factory(image=UEFI_PREPARED, firmware="uefi", tpm=True)
     assert g.template is not None and "@it-uefi-prepared-" in g.template.name
     assert g.firmware == "uefi"
     g.succeed("test -d /sys/firmware/efi/efivars")
