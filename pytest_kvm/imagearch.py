@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import arch as arches
 from .images import Image
-from .images.efi import SECTOR, find_esp
+from .images.efi import SECTOR, find_esp, read_sectors
 
 _MAX_ESP = 2 << 30  # an ESP bigger than this is not read (it would be copied)
 _MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
@@ -114,14 +114,14 @@ def _esp_arch(path: str, fmt: str, size: int, mtime: int, inode: int) -> str | N
         return None
     with tempfile.TemporaryDirectory(prefix="pytest-kvm-arch-") as tmp:
         work = Path(tmp)
-        head = _read(qemu_img, path, fmt, work / "head", 0, 34)
+        head = read_sectors(qemu_img, path, fmt, work / "head", 0, 34)
         esp = find_esp(head)
         if esp is None:
             return None
         first, last = esp
         if (last - first + 1) * SECTOR > _MAX_ESP:
             return None
-        _read(qemu_img, path, fmt, work / "esp", first, last - first + 1)
+        read_sectors(qemu_img, path, fmt, work / "esp", first, last - first + 1)
         found = set()
         for spec in arches.ARCHES.values():
             boot = work / spec.efi_boot
@@ -135,15 +135,6 @@ def _esp_arch(path: str, fmt: str, size: int, mtime: int, inode: int) -> str | N
                 if machine in _PE_MACHINES:
                     found.add(_PE_MACHINES[machine])
     return found.pop() if len(found) == 1 else None
-
-
-def _read(qemu_img: str, path: str, fmt: str, out: Path, skip: int, count: int) -> bytes:
-    argv = [qemu_img, "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"skip={skip}"]
-    argv += [f"count={count}", f"if={path}", f"of={out}"]
-    done = subprocess.run(argv, capture_output=True)
-    if done.returncode != 0 or not out.is_file():
-        return b""
-    return out.read_bytes() if count <= 64 else b""
 
 
 def pe_machine(data: bytes) -> int | None:

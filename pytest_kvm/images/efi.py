@@ -34,14 +34,14 @@ def _refusal(path: str, fmt: str, size: int, mtime: int, inode: int) -> str:
         return "cannot look for an EFI system partition without qemu-img and mtools"
     with tempfile.TemporaryDirectory(prefix="pytest-kvm-efi-") as tmp:
         work = Path(tmp)
-        head = _read(qemu_img, path, fmt, work / "head", 0, 34)
+        head = read_sectors(qemu_img, path, fmt, work / "head", 0, 34)
         esp = find_esp(head)
         if esp is None:
             return "no GPT with an EFI system partition"
         first, last = esp
         if (last - first + 1) * SECTOR > _MAX_ESP:
             return "its EFI system partition is too big to check"
-        _read(qemu_img, path, fmt, work / "esp", first, last - first + 1)
+        read_sectors(qemu_img, path, fmt, work / "esp", first, last - first + 1)
         boot = work / "BOOTX64.EFI"
         copied = subprocess.run(
             [mcopy, "-n", "-i", str(work / "esp"), BOOT_FILE, str(boot)],
@@ -55,7 +55,9 @@ def _refusal(path: str, fmt: str, size: int, mtime: int, inode: int) -> str:
     return ""
 
 
-def _read(qemu_img: str, path: str, fmt: str, out: Path, skip: int, count: int) -> bytes:
+def read_sectors(qemu_img: str, path: str, fmt: str, out: Path, skip: int, count: int) -> bytes:
+    """``count`` sectors from ``skip`` of a disk image of any format; b"" if that fails
+    (or for more than 64 sectors: those are left in ``out``)."""
     argv = [qemu_img, "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"skip={skip}"]
     argv += [f"count={count}", f"if={path}", f"of={out}"]
     done = subprocess.run(argv, capture_output=True)
