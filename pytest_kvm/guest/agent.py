@@ -11,8 +11,9 @@ from ..errors import GuestError
 from ..qga import AgentCalls, GuestAgentError
 
 
-def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> None:
-    """Until a guest-exec'd process ends; raises if it failed or took too long."""
+def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> str:
+    """Until a guest-exec'd process ends: its standard output (if it was captured);
+    raises if it failed or took too long."""
     deadline = time.monotonic() + timeout
     while True:
         status = agent.execute("guest-exec-status", pid=pid)
@@ -20,10 +21,28 @@ def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> None:
             if status.get("exitcode") != 0:
                 err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
                 raise GuestAgentError(f"{what} exited {status.get('exitcode')}: {err}")
-            return
+            return base64.b64decode(status.get("out-data", "")).decode(errors="replace")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not finish")
         time.sleep(0.01)
+
+
+def agent_wait_for_files(agent: AgentCalls, paths: list[str], timeout: float) -> bool:
+    """Until every one of ``paths`` exists in the guest, asked by opening it (no guest
+    process); False if one did not within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    for path in paths:
+        while True:
+            try:
+                handle = agent.execute("guest-file-open", path=path, mode="r")
+            except GuestAgentError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+                continue
+            agent.execute("guest-file-close", handle=handle)
+            break
+    return True
 
 
 def agent_answers(machine: Machine, timeout: float) -> bool:

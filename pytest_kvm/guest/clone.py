@@ -5,6 +5,7 @@ Also the other side: saving a booted guest's state as a template."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from ..firmware import VARS_NAME
 from ..images.overlay import create_overlay
 from ..qga import AgentCalls, GuestAgentError
 from ..util import Background
-from .agent import agent_wait
+from .agent import agent_wait, agent_wait_for_files
 from .commands import Commands
 from .config import BootPlan, GuestConfig, SavedGuest
 from .connection import Connection
@@ -48,6 +49,10 @@ class Restore:
         # qemu-ga tried to write the host key (and on user networking the NIC's MAC)
         self._key_set = threading.Event()
         self._key_in_guest = False  # ... and did
+        # The journal files the restarted journald makes (identity.JOURNAL_READY), and
+        # whether they came: until then a journalctl in the guest misses what is logged.
+        self._journal_files: list[str] = []
+        self._journal_up = True
 
     def start(self) -> None:
         state, template, timings = self._state, self._template, self._state.boot_timings
@@ -123,6 +128,19 @@ class Restore:
                     f"(exit {result.exit_status}): {tail_text(result.stderr or result.stdout)}",
                     state.name,
                 )
+            self._journal_files = identity.journal_files(result.stdout)
+            if self._journal_files:
+                waited = self._commands.run(wait_for_files_script(self._journal_files,
+                                                                  JOURNAL_WAIT * scale),
+                                            timeout=JOURNAL_WAIT * scale + 30)  # fmt: skip
+                self._journal_up = waited.exit_status == 0
+        if not self._journal_up:
+            raise GuestError(
+                f"{state.what}: journald did not come back within "
+                f"{JOURNAL_WAIT * scale:.0f} s of the restart that gave it the clone's "
+                f"machine-id (no {', '.join(self._journal_files)})",
+                state.name,
+            )
         # From here on, SSH (a reconnect, a reboot, ssh_command's known_hosts) meets
         # the clone's own host key; the open session was checked already.
         self._connection.host_key = identity.host_key
@@ -170,10 +188,33 @@ class Restore:
                 started = agent.execute(
                     "guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True}
                 )
-                agent_wait(agent, started["pid"], "making the clone its own machine", 90 * scale)
+                out = agent_wait(
+                    agent, started["pid"], "making the clone its own machine", 90 * scale
+                )
                 self._nics.vlans_done = bool(vlans)
+                self._journal_files = identity.journal_files(out)
+                if self._journal_files:
+                    self._journal_up = agent_wait_for_files(
+                        agent, self._journal_files, JOURNAL_WAIT * scale
+                    )
         finally:
             self._key_set.set()
+
+
+#: How long (scaled) a clone's start waits for the journald it restarted.
+JOURNAL_WAIT = 30.0
+
+
+def wait_for_files_script(paths: list[str], timeout: float) -> str:
+    """A shell loop (over SSH, without qemu-ga) until every one of ``paths`` exists;
+    exit 1 after about ``timeout`` s."""
+    rounds = max(1, int(timeout / 0.05))
+    quoted = " ".join(shlex.quote(path) for path in paths)
+    return (
+        f"for f in {quoted}; do n=0; "
+        f'while [ ! -e "$f" ]; do n=$((n + 1)); [ "$n" -le {rounds} ] || exit 1; '
+        "sleep 0.05; done; done\n"
+    )
 
 
 def _holds_host_keys(agent: AgentCalls) -> bool:

@@ -44,13 +44,19 @@ _DROPIN = "50-pytest-kvm-clone.conf"
 # (Restart=always): what ``systemctl restart`` does, without a systemctl process,
 # which costs about 0.3 s of a clone's first second under TCG.
 RESTART_JOURNALD = (
+    "journald=",
     "if [ -d /run/systemd/system ]; then",
     "  for p in /proc/[0-9]*; do",
     '    c=; read -r c <"$p/comm" 2>/dev/null || true',
-    '    if [ "$c" = systemd-journal ]; then kill -TERM "${p##*/}" 2>/dev/null || true; fi',
+    '    if [ "$c" = systemd-journal ]; then',
+    '      kill -TERM "${p##*/}" 2>/dev/null && journald=1 || true',
+    "    fi",
     "  done",
     "fi",
 )
+#: The line of the script's output that names the journal file the restarted journald
+#: makes (``JOURNAL_READY path``): the clone is handed over once it exists.
+JOURNAL_READY = "pytest-kvm-journal-ready"
 _PRELUDE = (
     "set -e",
     # The names among its arguments that are regular files (globs that matched
@@ -148,6 +154,7 @@ class CloneIdentity:
         # hand-over on (the error gate's cursor) then never meets the restart, which
         # renames the template's journal file and starts a new one.
         lines += RESTART_JOURNALD
+        lines += self._journal_ready_lines()
         # networkd is not restarted on user networking: its DUID (from the
         # machine-id) and IAID are the clone's from its next start (a reboot); on its
         # own slirp network nobody else sees them meanwhile. A restart there crashed
@@ -299,19 +306,45 @@ class CloneIdentity:
     def _machine_id_lines(self) -> list[str]:
         """A new /etc/machine-id (and D-Bus's copy if it is one, not a link); the
         journal directory named by the old one takes the new name, so that
-        ``journalctl`` (which reads the current machine-id's) still finds this boot."""
+        ``journalctl`` (which reads the current machine-id's) still finds this boot.
+        Its active file is archived (the name journald gives a file it cannot reuse),
+        so that the ``system.journal`` there is the restarted journald's own: the
+        harness waits for it (``_journal_ready_lines``)."""
         new = self.machine_id
+        archived = f"system@{secrets.token_hex(8)}-{secrets.token_hex(8)}.journal~"
         return [
             "old_id=; read -r old_id </etc/machine-id 2>/dev/null || true",
             f"printf '%s\\n' {new} >/etc/machine-id",
             "if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then",
             f"  printf '%s\\n' {new} >/var/lib/dbus/machine-id",
             "fi",
+            "moved=",
             'if [ -n "$old_id" ]; then',
             "  for j in /var/log/journal /run/log/journal; do",
             f'    if [ -d "$j/$old_id" ] && [ ! -e "$j/{new}" ]; then',
             f'      mv "$j/$old_id" "$j/{new}"',
+            f'      if [ -f "$j/{new}/system.journal" ]; then',
+            f'        mv "$j/{new}/system.journal" "$j/{new}/{archived}"',
+            f'        moved="$moved $j/{new}/system.journal"',
+            "      fi",
             "    fi",
             "  done",
             "fi",
         ]
+
+    def _journal_ready_lines(self) -> list[str]:
+        """Where the restarted journald will write (its ``system.journal``, in the
+        directory the old one's took the new name of), for the harness to wait for:
+        until then, what a test logs waits in journald's socket, and a ``journalctl``
+        does not show it (seen in a clone's first command, every time, at load 4)."""
+        return [
+            'if [ -n "$journald" ]; then',
+            f'  for f in $moved; do echo "{JOURNAL_READY} $f"; done',
+            "fi",
+        ]
+
+    @staticmethod
+    def journal_files(output: str) -> list[str]:
+        """The journal files that the script's ``output`` says to wait for."""
+        prefix = JOURNAL_READY + " "
+        return [line[len(prefix) :] for line in output.splitlines() if line.startswith(prefix)]

@@ -141,3 +141,35 @@ def test_without_the_guest_agent_the_identity_is_set_over_ssh(kvm_guest_factory)
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == clone.name
+
+
+# The first command of a clone: its journal file's header (machine id at offset 40 of
+# systemd's journal header), then what it logs, read back within a second.
+JOURNAL_CHECK = (
+    "id=$(cat /etc/machine-id); f=/var/log/journal/$id/system.journal; "
+    'od -An -tx1 -j40 -N16 "$f" | tr -d " \\n"; echo; '
+    "logger -t pytest-kvm-probe first-entry; "
+    "for i in 1 2 3 4 5 6 7 8 9 10; do "
+    "journalctl -b -o cat -t pytest-kvm-probe | grep -q first-entry && break; sleep 0.1; done; "
+    "journalctl -b -o cat -t pytest-kvm-probe"
+)
+
+
+def _journal_is_the_clones(g) -> None:
+    header_id, *entries = g.succeed(JOURNAL_CHECK).splitlines()
+    # Written by a journald that knows the clone's machine-id (the restart is over):
+    # before, a clone's first command met the template's file and a journald still
+    # restarting, and what it logged showed only seconds later.
+    assert header_id == g.succeed("cat /etc/machine-id").strip()
+    assert entries == ["first-entry"]
+
+
+def test_a_clones_first_command_finds_its_journal_running(kvm_guest_factory):
+    """The clone's journald was restarted for its new machine-id; the clone is handed
+    over once the new one writes (through qemu-ga, and over SSH without it)."""
+    g = kvm_guest_factory()
+    _journal_is_the_clones(g)
+    assert g.template is not None and g.template.agent
+    template = dataclasses.replace(g.template, agent=False)
+    with Guest(g._run, g.config, template=template) as clone:
+        _journal_is_the_clones(clone)

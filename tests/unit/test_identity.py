@@ -143,6 +143,7 @@ def test_the_script_on_a_fake_guest(tmp_path: Path):
     (root / "proc/sys/net/ipv4/conf/enp0s6/arp_notify").write_text("0\n")
     (root / "etc/machine-id").write_text("0ld1d\n")
     (root / "var/lib/dbus/machine-id").write_text("0ld1d\n")
+    (root / "var/log/journal/0ld1d/system.journal").write_text("the template's entries")
     (root / "etc/ssh/ssh_host_rsa_key").write_text("rsa")
     (root / "etc/ssh/ssh_host_ed25519_key.pub").write_text("old")
     (root / "etc/systemd/network/10-dhcp.network").write_text(
@@ -174,8 +175,16 @@ def test_the_script_on_a_fake_guest(tmp_path: Path):
     assert "systemctl" not in log  # journald is restarted without it
     assert (root / "etc/machine-id").read_text() == ident.machine_id + "\n"
     assert (root / "var/lib/dbus/machine-id").read_text() == ident.machine_id + "\n"
-    assert (root / "var/log/journal" / ident.machine_id).is_dir()  # the journal follows
+    journal = root / "var/log/journal" / ident.machine_id
+    assert journal.is_dir()  # the journal follows
     assert not (root / "var/log/journal/0ld1d").exists()
+    # its active file archived under the name journald gives a file it cannot reuse
+    # (journalctl reads it), so that the system.journal there is the new journald's:
+    # the script names it for the harness to wait for
+    assert not (journal / "system.journal").exists()
+    (archived,) = journal.glob("system@*.journal~")
+    assert archived.read_text() == "the template's entries"
+    assert ident.journal_files(result.stdout) == [str(journal / "system.journal")]
     assert not (root / "etc/ssh/ssh_host_rsa_key").exists()
     assert (root / "etc/ssh/ssh_host_ed25519_key").read_text() == ident.host_key.private_openssh
     assert (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().strip() == (
@@ -234,3 +243,18 @@ def test_sshd_that_holds_its_keys_is_restarted_only_where_ssh_writes_the_key():
     assert RELOAD_HOST_KEYS not in ident.script(0, host_private_key=False)
     _sh_syntax(RELOAD_HOST_KEYS)
     assert "sshd-session" in RELOAD_HOST_KEYS
+
+
+def test_no_journal_to_wait_for_where_no_journald_was_restarted(tmp_path: Path):
+    """A guest without a running journald (sysvinit; here: no such process) keeps its
+    journal directory's move, and the script names nothing to wait for."""
+    root = tmp_path
+    for d in ("etc/ssh", "var/log/journal/0ld1d", "sys/class/net/eth0", "proc/sys/kernel"):
+        (root / d).mkdir(parents=True)
+    (root / "sys/class/net/eth0/address").write_text(OLD + "\n")
+    (root / "etc/machine-id").write_text("0ld1d\n")
+    (root / "var/log/journal/0ld1d/system.journal").write_text("entries")
+    ident = CloneIdentity.new(OLD, NEW, "web-2")
+    result = _run(ident.script(5.0, host_private_key=False), root)
+    assert result.returncode == 0, result.stderr
+    assert ident.journal_files(result.stdout) == []

@@ -1,0 +1,62 @@
+"""A clone's start waits for the journald it restarted (its new ``system.journal``):
+through qemu-ga's file calls (no guest process), or a shell loop over SSH."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_kvm.guest.agent import agent_wait_for_files
+from pytest_kvm.guest.clone import wait_for_files_script
+from pytest_kvm.qga import AgentCalls, GuestAgentError
+
+
+class FilesAgent(AgentCalls):
+    """guest-file-open/close over a set of paths; ``appear`` makes a path exist after
+    that many opens of it."""
+
+    def __init__(self, appear: dict[str, int]) -> None:
+        self.appear = appear
+        self.opens: dict[str, int] = {}
+        self.open_handles = 0
+
+    def execute_args(self, command: str, arguments: dict[str, Any], timeout: float = 10.0) -> Any:
+        if command == "guest-file-open":
+            path = arguments["path"]
+            assert arguments["mode"] == "r"
+            self.opens[path] = self.opens.get(path, 0) + 1
+            if path not in self.appear or self.opens[path] <= self.appear[path]:
+                raise GuestAgentError(f"open {path}: No such file or directory")
+            self.open_handles += 1
+            return 7
+        if command == "guest-file-close":
+            self.open_handles -= 1
+            return {}
+        raise AssertionError(command)
+
+
+def test_the_agent_waits_until_every_file_exists() -> None:
+    agent = FilesAgent({"/var/log/journal/a/system.journal": 3, "/run/x": 0})
+    assert agent_wait_for_files(agent, ["/var/log/journal/a/system.journal", "/run/x"], 5)
+    assert agent.opens == {"/var/log/journal/a/system.journal": 4, "/run/x": 1}
+    assert agent.open_handles == 0  # each handle closed
+
+
+def test_the_agent_gives_up_after_its_timeout() -> None:
+    agent = FilesAgent({})
+    assert not agent_wait_for_files(agent, ["/never"], 0.1)
+    assert agent.opens["/never"] >= 2
+
+
+def test_the_shell_loop_waits_for_files_and_gives_up(tmp_path: Path) -> None:
+    there, late = tmp_path / "it's here", tmp_path / "late"
+    there.write_text("")
+    proc = subprocess.Popen(["sh", "-c", wait_for_files_script([str(there), str(late)], 10)])
+    time.sleep(0.3)
+    assert proc.poll() is None  # still waiting for the second
+    late.write_text("")
+    assert proc.wait(20) == 0
+    missing = wait_for_files_script([str(tmp_path / "never")], 0.2)
+    assert subprocess.run(["sh", "-c", missing], timeout=20).returncode == 1
