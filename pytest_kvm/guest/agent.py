@@ -28,21 +28,20 @@ def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> str:
 
 
 def agent_wait_for_files(agent: AgentCalls, paths: list[str], timeout: float) -> bool:
-    """Until every one of ``paths`` exists in the guest, asked by opening it (no guest
-    process); False if one did not within ``timeout`` s."""
+    """Until one of ``paths`` exists in the guest, asked by opening it (no guest
+    process); False if none did within ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    for path in paths:
-        while True:
+    while True:
+        for path in paths:
             try:
                 handle = agent.execute("guest-file-open", path=path, mode="r")
             except GuestAgentError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.02)
                 continue
             agent.execute("guest-file-close", handle=handle)
-            break
-    return True
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 def agent_answers(machine: Machine, timeout: float) -> bool:

@@ -49,8 +49,9 @@ class Restore:
         # qemu-ga tried to write the host key (and on user networking the NIC's MAC)
         self._key_set = threading.Event()
         self._key_in_guest = False  # ... and did
-        # The journal files the restarted journald makes (identity.JOURNAL_READY), and
-        # whether they came: until then a journalctl in the guest misses what is logged.
+        # The journal files the restarted journald may make (identity.JOURNAL_READY:
+        # one per journal directory that had one; it writes to one of them), and
+        # whether one came: until then a journalctl in the guest misses what is logged.
         self._journal_files: list[str] = []
         self._journal_up = True
 
@@ -138,7 +139,7 @@ class Restore:
             raise GuestError(
                 f"{state.what}: journald did not come back within "
                 f"{JOURNAL_WAIT * scale:.0f} s of the restart that gave it the clone's "
-                f"machine-id (no {', '.join(self._journal_files)})",
+                f"machine-id (none of {', '.join(self._journal_files)})",
                 state.name,
             )
         # From here on, SSH (a reconnect, a reboot, ssh_command's known_hosts) meets
@@ -206,14 +207,13 @@ JOURNAL_WAIT = 30.0
 
 
 def wait_for_files_script(paths: list[str], timeout: float) -> str:
-    """A shell loop (over SSH, without qemu-ga) until every one of ``paths`` exists;
-    exit 1 after about ``timeout`` s."""
+    """A shell loop (over SSH, without qemu-ga) until one of ``paths`` exists; exit 1
+    after about ``timeout`` s."""
     rounds = max(1, int(timeout / 0.05))
     quoted = " ".join(shlex.quote(path) for path in paths)
     return (
-        f"for f in {quoted}; do n=0; "
-        f'while [ ! -e "$f" ]; do n=$((n + 1)); [ "$n" -le {rounds} ] || exit 1; '
-        "sleep 0.05; done; done\n"
+        f'n=0; while :; do for f in {quoted}; do [ ! -e "$f" ] || exit 0; done; '
+        f'n=$((n + 1)); [ "$n" -le {rounds} ] || exit 1; sleep 0.05; done\n'
     )
 
 

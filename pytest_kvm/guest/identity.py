@@ -333,8 +333,9 @@ class CloneIdentity:
         ]
 
     def _journal_ready_lines(self) -> list[str]:
-        """Where the restarted journald will write (its ``system.journal``, in the
-        directory the old one's took the new name of), for the harness to wait for:
+        """Where the restarted journald may write (a ``system.journal`` in each journal
+        directory that had one; it writes to one of them: /var's when persistent),
+        for the harness to wait for the first of them:
         until then, what a test logs waits in journald's socket, and a ``journalctl``
         does not show it (seen in a clone's first command, every time, at load 4)."""
         return [
