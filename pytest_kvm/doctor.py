@@ -17,6 +17,7 @@ from pathlib import Path
 from . import accel, firmware, ocr, tpm
 from . import arch as arches
 from .errors import KvmError
+from .images import foreign
 
 # Shown by ``pytest-kvm doctor`` as the image of the default mode.
 DOCTOR_IMAGE = "debian-12"
@@ -380,6 +381,14 @@ def _arch_checks() -> list[Check]:
             what, not missing,
             detail if not missing else "missing: " + ", ".join(str(m) for m, _ in missing),
             required=False, hint=f"apt-get install {' '.join(packages)}", optional=True,
+        ))  # fmt: skip
+        # building such an image: its programs run here under qemu-user-static
+        problem = foreign.binfmt_problem(foreign.ARCHES[spec.debian])
+        checks.append(Check(
+            f"building {image} (optional: its programs under qemu-user, binfmt_misc)",
+            problem is None, problem or f"qemu-{foreign.ARCHES[spec.debian].qemu_user} registered",
+            required=False, optional=True,
+            hint="as root: apt-get install qemu-user-static; bash scripts/setup.sh registers it",
         ))  # fmt: skip
     return checks
 

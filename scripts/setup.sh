@@ -25,10 +25,11 @@ APT_PACKAGES=(
   tcpdump                               # tests read kvm_vlan captures with tcpdump -r
   tesseract-ocr tesseract-ocr-eng       # guest.screen_text() by OCR of a graphical screen
   swtpm swtpm-tools                     # tpm=True: an emulated TPM 2.0 per guest (libvirt runs swtpm_setup)
-  debootstrap                           # arm64/riscv64 images: --foreign unpacks them on this host, --second-stage configures them in a guest
-  qemu-system-arm                       # arm64 images: the configure stage of their build runs in an aarch64 virt guest
+  debootstrap                           # arm64/riscv64 images: --foreign unpacks them on this host, --second-stage configures them in a chroot
+  qemu-user-static                      # arm64/riscv64 images: their programs run in that chroot under qemu-user (binfmt_misc)
+  qemu-system-arm                       # arm64 guests (qemu-system-aarch64)
   qemu-efi-aarch64                      # arm64 images: AAVMF, the UEFI firmware that boots them
-  qemu-system-misc                      # riscv64 images: the configure stage runs in a riscv64 virt guest
+  qemu-system-misc                      # riscv64 guests (qemu-system-riscv64)
   opensbi                               # riscv64 images: the SBI firmware (fw_jump.elf) under U-Boot
   u-boot-qemu                           # riscv64 images: U-Boot (qemu-riscv64_smode) boots them from /boot/extlinux/extlinux.conf
 )
@@ -52,6 +53,21 @@ if ((${#missing[@]})); then
   [ -z "$made_policy" ] || rm -f "$policy"
   [ "$status" -eq 0 ] || exit "$status"
 fi
+
+# arm64/riscv64 image builds run the image's programs under qemu-user-static
+# through binfmt_misc. A machine booted with systemd has registered Debian's
+# entries already; where nothing has (a container, a VM whose init is not
+# systemd), mount binfmt_misc and register them as systemd-binfmt would.
+binfmt=/proc/sys/fs/binfmt_misc
+if [ ! -e "$binfmt/register" ]; then
+  mount -t binfmt_misc binfmt_misc "$binfmt" || echo "setup: cannot mount binfmt_misc: arm64/riscv64 images cannot be built here"
+fi
+for arch in aarch64 riscv64; do
+  conf=/usr/lib/binfmt.d/qemu-$arch.conf
+  if [ -e "$binfmt/register" ] && [ ! -e "$binfmt/qemu-$arch" ] && [ -f "$conf" ]; then
+    grep '^:' "$conf" >"$binfmt/register" && echo "setup: registered $conf with binfmt_misc"
+  fi
+done
 
 # The venv sees Debian's python3-guestfs through the system site packages.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest_kvm, libvirt' 2>/dev/null; then

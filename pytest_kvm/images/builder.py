@@ -55,7 +55,7 @@ from .bootdisk import PARTITION_START as PARTITION_START
 from .bootdisk import SECTOR as SECTOR
 from .bootdisk import copy_sparse
 from .bootdisk import install_grub as install_grub
-from .commands import remove_tree, run_command, stream_command
+from .commands import remove_tree, run_command, stream_command, unmount_under
 from .mirror import debian_mirror
 from .recipe import BUILDER_VERSION, Recipe
 from .rootfs import RootConfig, write_file
@@ -371,13 +371,13 @@ class _Build:
 
 class _ForeignBuild(_Build):
     """A build for arm64 or riscv64 (see :mod:`pytest_kvm.images.crossbuild`):
-    unpacked here, configured in a system-emulated guest of that architecture."""
+    unpacked here, configured in a chroot under qemu-user-static."""
 
     def run(self, qcow2: Path) -> None:
         arch = self.recipe.architecture
         with self._phase("unpack", f"debootstrap --foreign {arch} {self.recipe.suite}"):
             self.unpack()
-        with self._phase("stage", f"debootstrap --second-stage in a qemu-system {arch} guest"):
+        with self._phase("stage", "debootstrap --second-stage under qemu-user"):
             self.stage()
         with self._phase("configure", "writing configuration into the root file system"):
             RootConfig(
@@ -437,65 +437,34 @@ class _ForeignBuild(_Build):
     def stage(self) -> None:
         recipe = self.recipe
         arch = crossbuild.foreign_arch(recipe.architecture)
+        foreign.ensure_binfmt(arch, self.progress)
         first = self.work / "first"
-        kernel_debs = sorted((first / "var/cache/apt/archives").glob("linux-image-[0-9]*.deb"))
-        if not kernel_debs:
+        if not sorted((first / "var/cache/apt/archives").glob("linux-image-[0-9]*.deb")):
             raise ImageError(
                 f"building {recipe.name!r}: no linux-image package was downloaded; the "
                 f"recipe's packages must include linux-image-{recipe.architecture}"
             )
-        unpacked = self.work / "kernel"
-        self._run([self.tools["dpkg-deb"], "-x", str(kernel_debs[-1]), str(unpacked)])
-        kernel = foreign.find_kernel(unpacked, arch)
         self._stage_initramfs_config(self.work / "initramfs-stage")
         shutil.copytree(self.work / "initramfs-stage", first, dirs_exist_ok=True, symlinks=True)
         crossbuild.stage_files(first, recipe.dpkg_path_exclude, recipe.dpkg_path_include)
-        initrd = self.work / "first.cpio"
-        entries = crossbuild.write_initrd(first, initrd)
+        kept = crossbuild.trim_package_indexes(first)
+        self.progress(f"stage: the package index cut to the {kept} packages downloaded")
+        argv = foreign.second_stage_argv(self.tools["chroot"], first)
+        self.progress(f"stage: {shlex.join(argv)} (under qemu-{arch.qemu_user}-static)")
+        cpu = foreign.children_cpu_seconds()
+        try:
+            self._stream(argv, "stage: ")
+        except ImageError as exc:
+            raise foreign.stage_error(exc, first) from exc
+        finally:
+            unmount_under(first)
         self.progress(
-            f"stage: the unpacked tree as the guest's initramfs: {entries} entries, "
-            f"{initrd.stat().st_size / 2**20:.0f} MiB"
+            f"stage: the image's programs used {foreign.children_cpu_seconds() - cpu:.0f} "
+            "CPU-seconds under qemu-user"
         )
-        remove_tree(first, self.progress)
-        output = self.work / "stage-out.raw"
-        with open(output, "wb") as f:
-            f.truncate(crossbuild.STAGE_OUTPUT_SIZE)
-        argv = foreign.qemu_argv(
-            arch,
-            self.tools[arch.qemu],
-            kernel=kernel,
-            initrd=initrd,
-            output=output,
-            console_log=self.work / "stage-console.log",
-            memory_mib=crossbuild.STAGE_MEMORY_MIB,
-            cpus=crossbuild.STAGE_CPUS,
-        )
-        foreign.StageGuest(
-            argv,
-            self.work / "stage-console.log",
-            self.work / "stage-qemu.log",
-            name=recipe.name,
-            progress=self.progress,
-        ).run()
-        initrd.unlink()
-        self.read_back(output)
-
-    def read_back(self, output: Path) -> None:
-        """The stage guest's tar stream (on the raw disk ``output``) into the root."""
-        self.root.mkdir(mode=0o755)
-        self._run(
-            [
-                self.tools["tar"],
-                "--extract",
-                f"--file={output}",
-                "--numeric-owner",
-                "--preserve-permissions",
-                "--xattrs",
-                "--xattrs-include=*",
-                f"--directory={self.root}",
-            ]
-        )
-        output.unlink()
+        crossbuild.unstage_files(first)
+        first.rename(self.root)
+        self.root.chmod(0o755)
 
     def bootloader(self) -> None:
         recipe = self.recipe

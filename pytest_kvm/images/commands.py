@@ -154,13 +154,18 @@ def mounts_under(path: Path) -> list[str]:
     return found
 
 
+def unmount_under(path: Path) -> None:
+    """Unmount what a killed mmdebstrap or debootstrap left mounted in ``path``
+    (its /dev, /proc, /sys), deepest first."""
+    for point in sorted(mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
+
+
 def remove_tree(path: Path, progress: Progress) -> None:
     """Remove the work directory, never crossing into something mounted in it."""
     if not path.exists():
         return
-    for point in sorted(mounts_under(path), key=len, reverse=True):
-        # left by an interrupted mmdebstrap (its /dev, /proc, /sys bind mounts)
-        subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
+    unmount_under(path)
     left = mounts_under(path)
     if left:
         progress(f"not removing {path}: still mounted there: {', '.join(left)}")

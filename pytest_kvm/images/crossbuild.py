@@ -11,11 +11,10 @@ unpack
     (``mmdebstrap --variant=extract``), never installed into the image.
 stage
     The initramfs settings, dpkg's path filters and a policy-rc.d are put into
-    the tree; then :mod:`pytest_kvm.images.foreign` boots the image's own
-    kernel in a ``qemu-system-* -M virt`` guest with the tree as its initramfs,
-    where ``debootstrap --second-stage`` configures every package (the kernel's
-    initramfs is built there, with the recipe's settings); the result comes
-    back as a tar stream on a raw disk and is unpacked into the root directory.
+    the tree; then ``debootstrap --second-stage`` runs in a chroot of it, the
+    image's programs under qemu-user-static through binfmt_misc
+    (:mod:`pytest_kvm.images.foreign`): every package is configured and the
+    kernel's initramfs is built there, with the recipe's settings.
 configure, filesystem, bootloader, convert
     As for native builds; the bootloader phase writes a GPT with an ESP and a
     root partition (no BIOS boot partition). arm64: Debian's signed shim and
@@ -32,7 +31,6 @@ from pathlib import Path
 
 from ..errors import ImageError, KvmUnavailable
 from . import foreign, hybrid
-from .cpio import CpioWriter
 from .rootfs import write_file
 
 #: Commands a foreign build needs beyond a native one, and the package of each.
@@ -42,26 +40,15 @@ FOREIGN_TOOLS = {
     "systemctl": "systemd",
 }
 
-#: Stage guest size: the tree, then the configured system, live in its RAM.
-STAGE_MEMORY_MIB = 4096
-STAGE_CPUS = 2
-#: The raw disk the guest writes its tar stream to (sparse).
-STAGE_OUTPUT_SIZE = 6 << 30
-
 #: debootstrap's variant for a recipe's (mmdebstrap) variant.
 DEBOOTSTRAP_VARIANTS = {"important": None, "required": "minbase", "minbase": "minbase"}
-
-_QEMU_PACKAGES = {
-    "qemu-system-aarch64": "qemu-system-arm",
-    "qemu-system-riscv64": "qemu-system-misc",
-}
 
 
 def find_foreign_tools(architecture: str, search: str) -> dict[str, str]:
     """The host commands a foreign build of ``architecture`` needs; KvmUnavailable
     naming the Debian package of each missing one."""
-    arch = foreign_arch(architecture)
-    wanted = {**FOREIGN_TOOLS, arch.qemu: _QEMU_PACKAGES.get(arch.qemu, "qemu-system-misc")}
+    foreign_arch(architecture)
+    wanted = FOREIGN_TOOLS
     found: dict[str, str] = {}
     missing = []
     for tool, package in wanted.items():
@@ -141,20 +128,36 @@ def dpkg_filter_config(excludes: tuple[str, ...], includes: tuple[str, ...]) -> 
     return "# Written by pytest-kvm's image builder.\n" + "".join(f"{line}\n" for line in lines)
 
 
-def write_initrd(tree: Path, out: Path) -> int:
-    """The whole ``tree`` as a newc cpio in ``out``; the number of entries."""
-    with open(out, "wb") as f:
-        writer = CpioWriter(f)
-        writer.add_tree(tree)
-        writer.finish()
-    return writer.entries
+def trim_package_indexes(root: Path) -> int:
+    """Cut the archive's package indexes in ``root`` down to the packages the first
+    stage downloaded; the number of stanzas kept.
+
+    The second stage looks up each package's details by running a perl script over
+    the whole index (about 50 MB for bookworm's main), once per lookup; under
+    qemu-user that took minutes. It never asks about a package it did not download
+    (``/debootstrap/debpaths`` lists those), so the rest of the index can go."""
+    wanted = {
+        line.split(" ", 1)[0].encode()
+        for line in (root / "debootstrap/debpaths").read_text().splitlines()
+        if line.strip()
+    }
+    kept = 0
+    for index in (root / "var/lib/apt/lists").glob("*_Packages"):
+        stanzas = [
+            stanza
+            for stanza in index.read_bytes().split(b"\n\n")
+            if stanza.startswith(b"Package: ")
+            and stanza[len(b"Package: ") :].split(b"\n", 1)[0].strip() in wanted
+        ]
+        kept += len(stanzas)
+        index.write_bytes(b"\n\n".join(stanzas) + b"\n\n")
+    return kept
 
 
 def stage_files(root: Path, excludes: tuple[str, ...], includes: tuple[str, ...]) -> None:
-    """What the tree needs before the stage guest runs: the script, dpkg's
-    configuration (the recipe's filters, unsafe I/O for the build), no service
-    starts from maintainer scripts."""
-    write_file(root / foreign.INIT, foreign.stage_script(), mode=0o755)
+    """What the tree needs before the second stage runs: dpkg's configuration
+    (the recipe's filters, unsafe I/O for the build), no service starts from
+    maintainer scripts."""
     if excludes or includes:
         write_file(
             root / "etc/dpkg/dpkg.cfg.d/99pytest-kvm", dpkg_filter_config(excludes, includes)
@@ -164,6 +167,14 @@ def stage_files(root: Path, excludes: tuple[str, ...], includes: tuple[str, ...]
         "# pytest-kvm's image build only: removed after the stage.\nforce-unsafe-io\n",
     )
     write_file(root / foreign.POLICY_RC_D, "#!/bin/sh\nexit 101\n", mode=0o755)
+
+
+def unstage_files(root: Path) -> None:
+    """Remove what only the build needed: the policy-rc.d, unsafe I/O, the .debs."""
+    for name in (foreign.POLICY_RC_D, foreign.DPKG_UNSAFE_IO):
+        (root / name).unlink(missing_ok=True)
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
 
 
 # -- the boot partitions ------------------------------------------------------------

@@ -38,7 +38,7 @@ _VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "bu
 #: ifupdown (DHCP on eth0, for images without systemd; needs net.ifnames=0).
 _NETWORKS = ("networkd", "ifupdown")
 #: Debian architectures the builder makes images for: amd64 natively, the others
-#: configured in a system-emulated guest (pytest_kvm/images/crossbuild.py).
+#: configured in a chroot under qemu-user-static (pytest_kvm/images/crossbuild.py).
 ARCHITECTURES = ("amd64", "arm64", "riscv64")
 #: mmdebstrap variants a foreign build can reproduce with debootstrap --foreign.
 _FOREIGN_VARIANTS = ("important", "required", "minbase")

@@ -1,229 +1,114 @@
-"""Foreign-architecture image builds: the cpio writer, the stage guest's command line
-and script, debootstrap's arguments, dpkg's filters, the GPT without BIOS boot."""
+"""Foreign-architecture image builds: binfmt_misc for qemu-user, debootstrap's
+arguments, dpkg's filters, the stage's files, the GPT without BIOS boot."""
 
 from __future__ import annotations
 
-import io
 import os
-import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from pytest_kvm.errors import ImageError
+from pytest_kvm.errors import ImageError, KvmUnavailable
 from pytest_kvm.images import crossbuild, foreign
-from pytest_kvm.images.cpio import CpioWriter, header
 from pytest_kvm.images.recipe import Recipe
 from pytest_kvm.images.rootfs import kernel_command_line
 
-
-def parse_newc(data: bytes) -> list[dict[str, object]]:
-    """A reader written from the format's description (kernel's initramfs-buffer-format)."""
-    entries: list[dict[str, object]] = []
-    pos = 0
-    while True:
-        assert data[pos : pos + 6] == b"070701", f"bad magic at {pos}"
-        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
-        ino, mode, uid, gid, nlink, mtime, size = fields[:7]
-        namesize = fields[11]
-        name_start = pos + 110
-        name = data[name_start : name_start + namesize - 1].decode()
-        pos = name_start + namesize
-        pos += -pos % 4
-        body = data[pos : pos + size]
-        pos += size
-        pos += -pos % 4
-        if name == "TRAILER!!!":
-            assert len(data) % 512 == 0
-            return entries
-        entries.append(
-            {
-                "name": name,
-                "ino": ino,
-                "mode": mode,
-                "uid": uid,
-                "gid": gid,
-                "nlink": nlink,
-                "mtime": mtime,
-                "body": body,
-                "rdev": (fields[9], fields[10]),
-            }
-        )
+ARM64 = foreign.ARCHES["arm64"]
+# Debian's qemu-user-static line, as /usr/lib/binfmt.d/qemu-aarch64.conf holds it
+CONF_LINE = (
+    r":qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00"
+    r"\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff"
+    r"\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OPF"
+)
 
 
-def test_header_is_newc_and_padded() -> None:
-    head = header("init", ino=7, mode=stat.S_IFREG | 0o755, size=3, mtime=0x10)
-    assert head.startswith(b"07070100000007000081ED")
-    assert len(head) % 4 == 0
-    assert head[110:115] == b"init\0"
-    with pytest.raises(ValueError, match="32 bits"):
-        header("big", ino=1, mode=0, size=1 << 32)
-
-
-def test_a_tree_round_trips_with_owners_links_and_devices(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/tool").write_bytes(b"#!/bin/sh\n")
-    (root / "usr/bin/tool").chmod(0o755)
-    os.link(root / "usr/bin/tool", root / "usr/bin/alias")
-    (root / "bin").symlink_to("usr/bin")
-    (root / "etc").mkdir()
-    (root / "etc/shadow").write_text("root:*:1::::::\n")
-    (root / "etc/shadow").chmod(0o640)
-    if os.geteuid() == 0:
-        os.chown(root / "etc/shadow", 0, 42)
-    os.utime(root / "etc/shadow", (1_700_000_000, 1_700_000_000))
-
-    out = io.BytesIO()
-    writer = CpioWriter(out)
-    writer.add_tree(root)
-    writer.add_bytes("init", b"#!/bin/sh\necho hi\n", 0o755)
-    writer.finish()
-    entries = {e["name"]: e for e in parse_newc(out.getvalue())}
-
-    names = list(entries)
-    # parents before children: the kernel makes no missing directories
-    assert names.index("usr") < names.index("usr/bin") < names.index("usr/bin/tool")
-    assert stat.S_ISLNK(entries["bin"]["mode"]) and entries["bin"]["body"] == b"usr/bin"
-    assert "bin/tool" not in entries  # a symlinked directory is not followed
-    shadow = entries["etc/shadow"]
-    assert stat.S_IMODE(shadow["mode"]) == 0o640
-    assert shadow["mtime"] == 1_700_000_000
-    if os.geteuid() == 0:
-        assert shadow["gid"] == 42
-    # one inode, two names: the data once, both entries with nlink 2
-    tool, alias = entries["usr/bin/alias"], entries["usr/bin/tool"]
-    assert tool["ino"] == alias["ino"] and tool["nlink"] == alias["nlink"] == 2
-    assert sorted([tool["body"], alias["body"]]) == [b"", b"#!/bin/sh\n"]
-    assert entries["init"]["body"] == b"#!/bin/sh\necho hi\n"
-    assert writer.entries == len(entries)
-
-
-def test_device_nodes_keep_major_and_minor() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mknod needs root")
-    out = io.BytesIO()
-    writer = CpioWriter(out)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        os.mknod(Path(tmp, "console"), stat.S_IFCHR | 0o600, os.makedev(5, 1))
-        writer.add_tree(Path(tmp))
-    writer.finish()
-    (console,) = parse_newc(out.getvalue())
-    assert stat.S_ISCHR(console["mode"]) and console["rdev"] == (5, 1)
-
-
-def test_write_initrd_skips_nothing_and_counts(tmp_path: Path) -> None:
-    (tmp_path / "t/a").mkdir(parents=True)
-    (tmp_path / "t/a/f").write_text("x")
-    assert crossbuild.write_initrd(tmp_path / "t", tmp_path / "t.cpio") == 2
-    assert [e["name"] for e in parse_newc((tmp_path / "t.cpio").read_bytes())] == ["a", "a/f"]
-
-
-def test_stage_guest_command_line_for_arm64(tmp_path: Path) -> None:
-    argv = foreign.qemu_argv(
-        foreign.ARCHES["arm64"],
-        "/usr/bin/qemu-system-aarch64",
-        kernel=tmp_path / "vmlinuz",
-        initrd=tmp_path / "tree.cpio",
-        output=tmp_path / "out.raw",
-        console_log=tmp_path / "console.log",
-        memory_mib=4096,
-        cpus=2,
+def _entry(flags: str, state: str = "enabled") -> str:
+    return (
+        f"{state}\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\n"
+        f"flags: {flags}\noffset 0\nmagic 7f454c46\n"
     )
-    joined = " ".join(argv)
-    assert argv[:5] == ["/usr/bin/qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72"]
-    assert "console=ttyAMA0 rdinit=/init" in joined
-    assert f"file={tmp_path}/out.raw,format=raw" in joined
-    assert "virtio-blk-pci,drive=out" in argv
-    assert "-nodefaults" in argv and "-no-reboot" in argv
-    # no network at all: the stage needs none
-    assert not any(a.startswith(("-netdev", "-nic")) for a in argv)
-    assert argv[argv.index("-m") + 1] == "4096" and argv[argv.index("-smp") + 1] == "2"
 
 
-def test_riscv64_uses_its_own_console() -> None:
-    riscv = foreign.ARCHES["riscv64"]
-    assert riscv.qemu == "qemu-system-riscv64" and riscv.console == "ttyS0"
+@pytest.fixture()
+def binfmt(tmp_path: Path) -> Path:
+    """A stand-in for /proc/sys/fs/binfmt_misc that records what is registered."""
+    d = tmp_path / "binfmt_misc"
+    d.mkdir()
+    (d / "register").write_text("")
+    return d
 
 
-def test_stage_script_is_valid_shell_and_reports_a_result() -> None:
-    script = foreign.stage_script(["./var/tmp/x"])
-    subprocess.run(["sh", "-n"], input=script.encode(), check=True)
-    assert "/debootstrap/debootstrap --second-stage" in script
-    assert "--file=/dev/vda" in script and "--one-file-system" in script
-    assert " --exclude=./init --exclude=./var/tmp/x . " in script
-    assert script.index("--second-stage") < script.index("--file=/dev/vda")
-    # the build-only files are gone before the tree is written out
-    assert script.index(foreign.POLICY_RC_D) < script.index("--file=/dev/vda")
-    assert 'finish "failed: debootstrap' in script and "finish ok" in script
-    # the guest ends by a reboot (-no-reboot ends the emulator), not sysrq's power-off
-    assert "echo b >/proc/sysrq-trigger" in script
+def test_a_registered_entry_with_the_f_flag_is_enough(binfmt: Path) -> None:
+    (binfmt / "qemu-aarch64").write_text(_entry("POF"))
+    assert foreign.binfmt_problem(ARM64, binfmt) is None
+    said: list[str] = []
+    foreign.ensure_binfmt(ARM64, said.append, binfmt_dir=binfmt, conf_dir=Path("/nowhere"))
+    assert said == [] and (binfmt / "register").read_text() == ""
 
 
 @pytest.mark.parametrize(
-    ("console", "result"),
+    ("setup", "problem"),
     [
-        ("boot\npytest-kvm-stage: result ok\r\n[ 9.1] reboot: Power down\n", "ok"),
-        ("pytest-kvm-stage: result failed: tar onto /dev/vda (exit 2)\n", None),
-        ("I: Configuring libc6...\n[ 3.0] Kernel panic\n", None),
+        ("unmounted", "binfmt_misc is not mounted"),
+        ("missing", "no qemu-aarch64 entry"),
+        ("disabled", "is disabled"),
+        ("no-f", "lacks the F flag"),
     ],
 )
-def test_find_result(console: str, result: str | None) -> None:
-    found = foreign.find_result(console)
-    if result is None and "result" in console:
-        assert found == "failed: tar onto /dev/vda (exit 2)"
-    else:
-        assert found == result
+def test_what_is_missing_is_named(binfmt: Path, setup: str, problem: str) -> None:
+    if setup == "unmounted":
+        (binfmt / "register").unlink()
+    elif setup == "disabled":
+        (binfmt / "qemu-aarch64").write_text(_entry("POF", "disabled"))
+    elif setup == "no-f":
+        (binfmt / "qemu-aarch64").write_text(_entry("OC"))
+    found = foreign.binfmt_problem(ARM64, binfmt)
+    assert found is not None and problem in found
 
 
-def test_a_guest_without_a_result_fails_with_the_console_tail(tmp_path: Path) -> None:
-    console = tmp_path / "console.log"
-    console.write_text("I: Configuring base-files...\nKernel panic - not syncing\n")
-    guest = foreign.StageGuest(
-        ["true"], console, tmp_path / "qemu.log", name="debian-12-arm64", progress=lambda m: None
-    )
-    with pytest.raises(ImageError, match="without a result") as info:
-        guest.run()
-    assert "Kernel panic - not syncing" in str(info.value)
-    assert guest.proc is not None and guest.proc.returncode == 0
-    guest.stop()  # idempotent
+def test_without_qemu_user_static_the_error_names_the_package(binfmt: Path, tmp_path: Path) -> None:
+    with pytest.raises(KvmUnavailable) as info:
+        foreign.ensure_binfmt(ARM64, print, binfmt_dir=binfmt, conf_dir=tmp_path / "none")
+    assert "apt-get install qemu-user-static" in str(info.value)
+    assert "cannot build arm64 images: binfmt_misc has no qemu-aarch64 entry" in str(info.value)
 
 
-def test_a_wedged_guest_is_stopped_at_the_deadline(tmp_path: Path) -> None:
-    guest = foreign.StageGuest(
-        ["sleep", "600"],
-        tmp_path / "console.log",
-        tmp_path / "qemu.log",
-        name="x",
-        progress=lambda m: None,
-        deadline=0.5,
-    )
-    with pytest.raises(ImageError, match="still runs after"):
-        guest.run()
-    assert guest.proc is not None and guest.proc.poll() is not None  # ended, by its PID
+def test_someone_elses_entry_without_f_is_not_replaced(binfmt: Path, tmp_path: Path) -> None:
+    (tmp_path / "qemu-aarch64.conf").write_text(CONF_LINE + "\n")
+    (binfmt / "qemu-aarch64").write_text(_entry("OC"))
+    with pytest.raises(KvmUnavailable, match="lacks the F flag"):
+        foreign.ensure_binfmt(ARM64, print, binfmt_dir=binfmt, conf_dir=tmp_path)
+    assert (binfmt / "register").read_text() == ""
 
 
-def test_a_guest_is_stopped_by_its_cpu_limit_not_the_clock(tmp_path: Path) -> None:
-    # busy for seconds: over a 0.3 CPU-second limit long before the wall deadline
-    guest = foreign.StageGuest(
-        ["sh", "-c", "while :; do :; done"],
-        tmp_path / "console.log",
-        tmp_path / "qemu.log",
-        name="x",
-        progress=lambda m: None,
-        cpu_limit=0.3,
-    )
-    with pytest.raises(ImageError, match=r"CPU-seconds \(limits 21600s, 0 CPU-seconds\)"):
-        guest.run()
-    assert guest.proc is not None and guest.proc.poll() is not None
+@pytest.mark.skipif(os.geteuid() != 0, reason="registration is only tried as root")
+def test_as_root_the_packages_line_is_registered(binfmt: Path, tmp_path: Path) -> None:
+    (tmp_path / "qemu-aarch64.conf").write_text("# comment\n" + CONF_LINE + "\n")
+    said: list[str] = []
+    with pytest.raises(KvmUnavailable, match="no qemu-aarch64 entry"):
+        # the stand-in directory does not create the entry the kernel would
+        foreign.ensure_binfmt(ARM64, said.append, binfmt_dir=binfmt, conf_dir=tmp_path)
+    assert (binfmt / "register").read_text() == CONF_LINE + "\n"
+    assert said == [f"stage: registered {tmp_path / 'qemu-aarch64.conf'} with binfmt_misc"]
 
 
-def test_process_cpu_seconds() -> None:
-    assert foreign.process_cpu_seconds(os.getpid()) > 0
-    assert foreign.process_cpu_seconds(2**22 + 12345) == 0.0
+def test_a_failed_stage_carries_debootstraps_log(tmp_path: Path) -> None:
+    log = tmp_path / foreign.DEBOOTSTRAP_LOG
+    log.parent.mkdir()
+    log.write_text("".join(f"line {i}\n" for i in range(100)) + "dpkg: error processing x\n")
+    error = foreign.stage_error(ImageError("building 'a': exit 1"), tmp_path)
+    assert str(error).startswith("building 'a': exit 1\n--- debootstrap/debootstrap.log")
+    assert str(error).endswith("dpkg: error processing x") and "line 70" not in str(error)
+    assert str(foreign.stage_error(ImageError("e"), tmp_path / "none")) == "e"
+
+
+def test_the_second_stage_is_debootstraps_own_in_a_chroot() -> None:
+    assert foreign.second_stage_argv("chroot", Path("/w/first")) == [
+        "chroot",
+        "/w/first",
+        "/debootstrap/debootstrap",
+        "--second-stage",
+    ]
 
 
 def test_debootstrap_argv_maps_the_variant() -> None:
@@ -269,11 +154,17 @@ def test_dpkg_filters_last_match_wins_like_dpkg(tmp_path: Path) -> None:
 
 def test_stage_files(tmp_path: Path) -> None:
     crossbuild.stage_files(tmp_path, ("/usr/share/doc/*",), ())
-    assert (tmp_path / "init").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / foreign.POLICY_RC_D).read_text().endswith("exit 101\n")
     assert "force-unsafe-io" in (tmp_path / foreign.DPKG_UNSAFE_IO).read_text()
     kept = (tmp_path / "etc/dpkg/dpkg.cfg.d/99pytest-kvm").read_text()
     assert "path-exclude=/usr/share/doc/*" in kept
+    (tmp_path / "var/cache/apt/archives").mkdir(parents=True)
+    (tmp_path / "var/cache/apt/archives/x_1_arm64.deb").write_text("")
+    crossbuild.unstage_files(tmp_path)
+    assert not (tmp_path / foreign.POLICY_RC_D).exists()
+    assert not (tmp_path / foreign.DPKG_UNSAFE_IO).exists()
+    assert list((tmp_path / "var/cache/apt/archives").iterdir()) == []
+    assert kept == (tmp_path / "etc/dpkg/dpkg.cfg.d/99pytest-kvm").read_text()  # kept
 
 
 def test_foreign_gpt_has_no_bios_boot_partition() -> None:
@@ -302,11 +193,29 @@ def test_kernel_command_line_per_architecture(tmp_path: Path) -> None:
 
 def test_missing_foreign_tools_name_their_packages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(crossbuild.shutil, "which", lambda tool, path=None: None)
-    from pytest_kvm.errors import KvmUnavailable
-
     with pytest.raises(KvmUnavailable) as info:
         crossbuild.find_foreign_tools("arm64", "/nowhere")
-    assert "qemu-system-aarch64 (apt-get install qemu-system-arm)" in str(info.value)
     assert "debootstrap (apt-get install debootstrap)" in str(info.value)
-    with pytest.raises(KvmUnavailable, match="qemu-system-misc"):
-        crossbuild.find_foreign_tools("riscv64", "/nowhere")
+    with pytest.raises(ImageError, match="no foreign-architecture build for 'mips'"):
+        crossbuild.find_foreign_tools("mips", "/nowhere")
+
+
+def test_the_package_index_keeps_only_the_downloaded_packages(tmp_path: Path) -> None:
+    (tmp_path / "debootstrap").mkdir()
+    (tmp_path / "debootstrap/debpaths").write_text(
+        "bash /var/cache/apt/archives/bash_5_arm64.deb\n"
+        "libc6 /var/cache/apt/archives/libc6_2_arm64.deb\n"
+    )
+    lists = tmp_path / "var/lib/apt/lists"
+    lists.mkdir(parents=True)
+    index = lists / "m_dists_bookworm_main_binary-arm64_Packages"
+    stanza = "Package: {}\nVersion: 1\nFilename: pool/{}.deb\n"
+    names = ["0ad", "bash", "bash-completion", "libc6", "zsh"]
+    index.write_text("\n".join(stanza.format(n, n) for n in names))
+    (lists / "m_dists_bookworm_Release").write_text("Package: zsh\n")  # not an index
+    assert crossbuild.trim_package_indexes(tmp_path) == 2
+    text = index.read_text()
+    assert "Package: bash\nVersion: 1\nFilename: pool/bash.deb" in text
+    assert "Package: libc6\n" in text
+    assert "bash-completion" not in text and "zsh" not in text and "0ad" not in text
+    assert (lists / "m_dists_bookworm_Release").read_text() == "Package: zsh\n"
