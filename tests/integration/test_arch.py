@@ -1,8 +1,9 @@
 """Guest architectures, on real guests of whatever --kvm-image is given: run it with
 ``--kvm-image debian-12-arm64`` (and ``debian-13-riscv64``) for guests of another
 architecture than the host's (scripts/test.sh does). What a user checks: ``uname -m``
-is ``guest.arch``, SSH and the console work, clones are restored from a template, the
-artifacts of a failed test are there, and a mismatched ``--kvm-arch`` is one line."""
+is ``guest.arch``, SSH and the console work, clones are restored from a template and
+from a prepared snapshot, libguestfs customises the disk, the artifacts of a failed
+test are there, and a mismatched ``--kvm-arch`` is one line."""
 
 from __future__ import annotations
 
@@ -72,6 +73,31 @@ def test_clones_are_restored_from_a_template_and_are_distinct(kvm_guest_factory)
     assert a.template is not None
     if a.arch != "x86_64":
         assert f"-{a.arch}-" in a.template.name
+
+
+def _prepare(guest):
+    guest.succeed("echo prepared > /etc/pytest-kvm-prepared")
+
+
+def test_a_prepared_snapshot_is_cloned_on_the_guests_arch(kvm_guest_factory, kvm_snapshot):
+    snap = kvm_snapshot("arch-prepared", _prepare)
+    a = kvm_guest_factory(image=snap)
+    b = kvm_guest_factory(image=snap)
+    for guest in (a, b):
+        assert "restore" in guest.boot_timings, guest.boot_timings
+        assert guest.succeed("cat /etc/pytest-kvm-prepared") == "prepared\n"
+        assert guest.succeed("uname -m").strip() == guest.arch
+    a.succeed("rm /etc/pytest-kvm-prepared")  # each clone's disk is its own
+    assert b.succeed("cat /etc/pytest-kvm-prepared") == "prepared\n"
+
+
+def test_libguestfs_customises_a_disk_of_any_arch(kvm_guest_factory):
+    # fixed contents: the customised image (and its template) is cached across runs
+    guest = kvm_guest_factory(
+        customize={"files": {"/etc/pytest-kvm-customised": "by libguestfs\n"}}
+    )
+    assert guest.succeed("cat /etc/pytest-kvm-customised") == "by libguestfs\n"
+    assert guest.succeed("uname -m").strip() == guest.arch
 
 
 def test_failed_test_artifacts(pytester, image_arg, cache_arg, inner_env):
