@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Sequence
 
 from ..backends.base import Machine
 from ..errors import GuestError
@@ -27,17 +28,25 @@ def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> str:
         time.sleep(0.01)
 
 
+def agent_any_exists(agent: AgentCalls, paths: Sequence[str]) -> bool:
+    """Whether one of ``paths`` can be opened in the guest (asked through qemu-ga,
+    without starting a guest process)."""
+    for path in paths:
+        try:
+            handle = agent.execute("guest-file-open", path=path, mode="r")
+        except GuestAgentError:
+            continue
+        agent.execute("guest-file-close", handle=handle)
+        return True
+    return False
+
+
 def agent_wait_for_files(agent: AgentCalls, paths: list[str], timeout: float) -> bool:
     """Until one of ``paths`` exists in the guest, asked by opening it (no guest
     process); False if none did within ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
-        for path in paths:
-            try:
-                handle = agent.execute("guest-file-open", path=path, mode="r")
-            except GuestAgentError:
-                continue
-            agent.execute("guest-file-close", handle=handle)
+        if agent_any_exists(agent, paths):
             return True
         if time.monotonic() > deadline:
             return False

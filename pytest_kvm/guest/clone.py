@@ -16,9 +16,9 @@ from ..backends.base import Drive, Machine
 from ..errors import GuestError
 from ..firmware import VARS_NAME
 from ..images.overlay import create_overlay
-from ..qga import AgentCalls, GuestAgentError
+from ..qga import AgentCalls
 from ..util import Background
-from .agent import agent_wait, agent_wait_for_files
+from .agent import agent_any_exists, agent_wait, agent_wait_for_files
 from .commands import Commands
 from .config import BootPlan, GuestConfig, SavedGuest
 from .connection import Connection
@@ -220,14 +220,7 @@ def wait_for_files_script(paths: list[str], timeout: float) -> str:
 def _holds_host_keys(agent: AgentCalls) -> bool:
     """Whether the guest's sshd reads its host keys once (OpenSSH 9.8 and later: it
     has an ``sshd-session`` binary), asked without starting a guest process."""
-    for path in SSHD_SESSION:
-        try:
-            handle = agent.execute("guest-file-open", path=path, mode="r")
-        except GuestAgentError:
-            continue
-        agent.execute("guest-file-close", handle=handle)
-        return True
-    return False
+    return agent_any_exists(agent, SSHD_SESSION)
 
 
 def copy_ram(source: Path, target: Path) -> Path:
