@@ -1,7 +1,12 @@
-"""Cold boot and restore to first command per architecture, side by side (issue 21).
+"""Cold boot and restore to first command per architecture and firmware, side by side
+(issue 21 item 8).
 
-    .venv/bin/python bench/arch_bench.py --image debian-12 --image debian-12-arm64 \\
+    .venv/bin/python bench/arch_bench.py --image debian-12 --image debian-12@uefi \\
+        --image debian-12@uefi-secure+tpm --image debian-12-arm64 \\
         --image debian-13-riscv64 --runs 3
+
+``IMAGE@FIRMWARE`` picks a firmware (default: the architecture's ``auto``), and a
+``+tpm`` suffix gives the guest an emulated TPM 2.0.
 
 For each image: its template is made first (not timed, but its build time is
 printed), then cold boots and restores alternate run by run, interleaved over the
@@ -66,12 +71,17 @@ def main() -> None:
     restored: dict[str, list[float]] = {}
     try:
         for spec in args.image:
-            image: Image = resolve(spec, args.cache, print)
+            name, _, machine = spec.partition("@")
+            tpm = machine.endswith("+tpm")
+            image: Image = resolve(name, args.cache, print)
             arch = guest_arch(Settings(cache=args.cache), image)
-            fw = firmware.resolve("auto", arch)
-            configs[spec] = GuestConfig(image=image, memory=1024, cpus=2, arch=arch, firmware=fw)
+            fw = firmware.resolve(machine.removesuffix("+tpm") or "auto", arch)
+            configs[spec] = GuestConfig(
+                image=image, memory=1024, cpus=2, arch=arch, firmware=fw, tpm=tpm
+            )
             t0 = time.monotonic()
-            templates[spec] = store.get(image, Shape(1024, 2, firmware=fw, arch=arch), 300)
+            shape = Shape(1024, 2, firmware=fw, arch=arch, tpm=tpm)
+            templates[spec] = store.get(image, shape, 300)
             made[spec] = time.monotonic() - t0
             cold[spec], restored[spec] = [], []
         for i in range(args.runs):

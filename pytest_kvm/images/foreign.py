@@ -104,8 +104,11 @@ def ensure_binfmt(
     )
     if line is None:
         raise KvmUnavailable(f"{what}: {conf} holds no registration line")
-    (binfmt_dir / "register").write_text(line + "\n")
-    progress(f"stage: registered {conf} with binfmt_misc")
+    try:
+        (binfmt_dir / "register").write_text(line + "\n")
+        progress(f"stage: registered {conf} with binfmt_misc")
+    except FileExistsError:
+        pass  # another build registered it since: checked below like ours
     problem = binfmt_problem(arch, binfmt_dir)
     if problem is not None:
         raise KvmUnavailable(f"cannot build {arch.debian} images: {problem}")
