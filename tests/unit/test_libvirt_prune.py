@@ -3,6 +3,7 @@ keeps and why: the selection on plain values, and the deletion on a fake pool.""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -208,3 +209,30 @@ def test_prune_pool_deletes_marker_then_copy_and_reaps_dead_runs_first() -> None
     assert [name for name, _ in result.removed] == [half, stale]
     assert dict(result.kept) == {used: "template t in the cache uses it",
                                  by_domain: "in use: domain vm"}  # fmt: skip
+
+
+def test_pool_copies_name_each_templates_state_and_disk(tmp_path) -> None:
+    from pytest_kvm.backends.libvirt.storage import file_sha256
+    from pytest_kvm.template import pool_copies
+    from tests.support.templates import base_image, make_template
+
+    made = make_template(tmp_path / "templates", base_image(tmp_path), name="t1")
+    state = hashlib.sha256((made / "state").read_bytes()).hexdigest()
+    assert pool_copies(tmp_path / "templates") == {
+        f"state-{state[:20]}": "t1",
+        f"disk-{file_sha256(made / 'disk.qcow2')[:20]}": "t1",
+    }
+
+
+def test_cli_unreachable_libvirt_is_one_line_and_the_cache_is_pruned(tmp_path, capsys) -> None:
+    from pytest_kvm import cli
+
+    half = tmp_path / "templates" / ".t.building-999999999"
+    half.mkdir(parents=True)
+    uri = f"qemu:///system?socket={tmp_path}/no-such-sock"
+    assert cli.main(["--cache", str(tmp_path), "template", "prune", "--uri", uri]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"removed {half}: half made" and not half.exists()
+    assert len(lines) == 2 and lines[1].startswith("libvirt pool 'pytest-kvm' not pruned: ")
+    assert uri in lines[1] and "Traceback" not in captured.out + captured.err
