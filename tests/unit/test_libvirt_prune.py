@@ -236,3 +236,19 @@ def test_cli_unreachable_libvirt_is_one_line_and_the_cache_is_pruned(tmp_path, c
     assert lines[0] == f"removed {half}: half made" and not half.exists()
     assert len(lines) == 2 and lines[1].startswith("libvirt pool 'pytest-kvm' not pruned: ")
     assert uri in lines[1] and "Traceback" not in captured.out + captured.err
+
+
+def test_a_domain_whose_disks_cannot_be_read_stops_the_prune() -> None:
+    """What that domain uses is unknown: nothing is deleted (keep when unsure)."""
+    libvirt = pytest.importorskip("libvirt")
+
+    class Unreadable(_Dom):
+        def XMLDesc(self, flags: int) -> str:
+            raise libvirt.libvirtError("access denied")
+
+    stale = copy("state", "a")
+    pool = _Pool(libvirt, vols(stale))
+    pool.name = lambda: "pytest-kvm-unreadable"  # type: ignore[method-assign]
+    with pytest.raises(libvirt.libvirtError):
+        prune.prune_pool(_Conn([Unreadable("vm", "")], pool), pool, dict)
+    assert pool.log == [] and stale in pool.vols

@@ -146,8 +146,10 @@ def domain_paths(conn: Any, pools: Mapping[str, str]) -> dict[str, str]:
         try:
             xml = dom.XMLDesc(0)
             name = dom.name()
-        except libvirt.libvirtError:
-            continue  # gone meanwhile
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # gone meanwhile
+            raise  # what it uses is unknown: prune nothing
         for path in disk_paths(xml, pools):
             found.setdefault(path, name)
     return found
@@ -173,8 +175,10 @@ def pool_volumes(pool: Any) -> list[PoolVolume]:
     for vol in pool.listAllVolumes(0):
         try:
             root = ET.fromstring(vol.XMLDesc(0))  # noqa: S314 (libvirtd's own output)
-        except libvirt.libvirtError:
-            continue  # deleted meanwhile
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                continue  # deleted meanwhile
+            raise  # what it is backed by is unknown: prune nothing
         path = root.findtext("target/path") or vol.path()
         found.append(PoolVolume(vol.name(), path, root.findtext("backingStore/path") or ""))
     return found
@@ -225,19 +229,19 @@ def _delete(pool: Any, name: str) -> str:
 
 
 def prune_uri(uri: str, pool_name: str, templates: Callable[[], Mapping[str, str]]) -> PoolPruned:
-    """``prune_pool`` on pool ``pool_name`` of ``uri``; nothing if it has no such pool
-    (it is not made here) or the pool is not started. A KvmError (KvmConfigError,
-    KvmUnavailable) when libvirt cannot be reached or fails on the way."""
+    """``prune_pool`` on pool ``pool_name`` of ``uri`` (never made here). A KvmError
+    (KvmConfigError, KvmUnavailable) saying why when libvirt cannot be reached there,
+    has no such pool started, or fails on the way: then nothing more is deleted."""
     libvirt, _ = load_libvirt()
     conn = connect(uri)
     try:
         pool = conn.storagePoolLookupByName(pool_name)
-        if not pool.isActive():
-            return PoolPruned()
-        refresh_pool(pool, wait=30.0)
     except libvirt.libvirtError:
-        return PoolPruned()
+        raise KvmError(f"{uri} has no storage pool {pool_name!r}: nothing to prune") from None
     try:
+        if not pool.isActive():
+            raise KvmError(f"storage pool {pool_name!r} at {uri} is not started")
+        refresh_pool(pool, wait=30.0)
         return prune_pool(conn, pool, templates)
     except libvirt.libvirtError as exc:  # the daemon went away, say
         raise KvmError(f"--kvm-uri {uri}: {first_line(exc)}") from None
