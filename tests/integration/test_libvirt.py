@@ -611,9 +611,10 @@ def test_share_on_a_restored_domain(libvirtd, pytester, image_arg, cache_arg, in
 
 def test_template_prune_removes_only_stale_copies_from_the_pool(libvirtd, tmp_path):
     """``pytest-kvm template prune`` on a real pool of that daemon (a pool of its own,
-    small raw volumes named like real uploads, no guest): the stale copy and the dead
+    small volumes named like real uploads, no guest): the stale copy and the dead
     uploader's half upload go; what a template of the cache has, what a defined (not
-    started) domain names, a live uploader's half upload and another host's copy stay."""
+    started) domain names, what a live guest's overlay is backed by, a live uploader's
+    half upload and another host's copy stay."""
     import libvirt
 
     from pytest_kvm.backends.libvirt.storage import HOST_TAG, volume_xml
@@ -633,7 +634,9 @@ def test_template_prune_removes_only_stale_copies_from_the_pool(libvirtd, tmp_pa
     of_template, of_domain, stale = name("state", state_sha), name("state"), name("disk")
     foreign, dead_half = name("state", host=other), name("state", pid=dead.pid)
     live_half = name("disk", pid=os.getpid())
-    complete = (of_template, of_domain, stale, foreign)
+    # A live guest's overlay (this process's) backed by a disk copy: the copy stays.
+    backing, overlay = name("disk"), f"pytest-kvm-prune.h{HOST_TAG}.p{os.getpid()}.0.qcow2"
+    complete = (of_template, of_domain, stale, foreign, backing)
     pool_name, domain = f"pytest-kvm-prune-{secrets.token_hex(3)}", "pytest-kvm-prune-domain"
     pool_dir = tmp_path / "pool"
     pool_dir.mkdir()
@@ -644,7 +647,9 @@ def test_template_prune_removes_only_stale_copies_from_the_pool(libvirtd, tmp_pa
     )
     try:
         for vol in (*complete, *(f"{v}.ok" for v in complete), dead_half, live_half):
-            pool.createXML(volume_xml(vol, 4096, "raw"), 0)
+            pool.createXML(volume_xml(vol, 4096, "qcow2" if vol == backing else "raw"), 0)
+        below = pool.storageVolLookupByName(backing).path()
+        pool.createXML(volume_xml(overlay, 1 << 20, "qcow2", below), 0)
         conn.defineXML(
             f"<domain type='qemu'><name>{domain}</name><memory unit='MiB'>64</memory>"
             "<os><type arch='x86_64'>hvm</type></os><devices><disk type='volume' device='disk'>"
@@ -660,8 +665,8 @@ def test_template_prune_removes_only_stale_copies_from_the_pool(libvirtd, tmp_pa
         assert proc.returncode == 0, proc.stderr
         assert time.monotonic() - started < 30
         left = {vol.name() for vol in pool.listAllVolumes(0)}
-        stay = (of_template, of_domain, foreign)
-        assert left == {*stay, *(f"{v}.ok" for v in stay), live_half}, proc.stdout
+        stay = (of_template, of_domain, foreign, backing)
+        assert left == {*stay, *(f"{v}.ok" for v in stay), live_half, overlay}, proc.stdout
         at = f"pool {pool_name!r} at {libvirtd.uri}"
         assert f"removed volume {stale} from {at}: no template in the cache" in proc.stdout
         assert f"removed volume {dead_half} from {at}: left by a run" in proc.stdout
@@ -669,6 +674,7 @@ def test_template_prune_removes_only_stale_copies_from_the_pool(libvirtd, tmp_pa
         assert f"kept volume {of_domain} in {at}: in use: domain {domain}" in proc.stdout
         assert f"kept volume {foreign} in {at}: uploaded from another host" in proc.stdout
         assert f"kept volume {live_half} in {at}: being uploaded by process" in proc.stdout
+        assert f"kept volume {backing} in {at}: in use: volume {overlay} is backed" in proc.stdout
         assert made.exists()
     finally:
         with contextlib.suppress(libvirt.libvirtError):
