@@ -197,12 +197,11 @@ def cmd_template_prune(args: argparse.Namespace) -> int:
 
 def _prune_uris(args: argparse.Namespace) -> list[str]:
     """The libvirt URIs whose pools ``template prune`` prunes: --uri, else those of
-    PYTEST_KVM_URI (as pytest's --kvm-uri), else the default one."""
-    from .config import default_uri
-
+    PYTEST_KVM_URI (as pytest's --kvm-uri); none unless asked, so that a prune never
+    starts a session libvirtd or judges a shared pool by one user's cache unbidden."""
     if args.no_libvirt:
         return []
-    return args.uri or os.environ.get("PYTEST_KVM_URI", "").split() or [default_uri()]
+    return args.uri or os.environ.get("PYTEST_KVM_URI", "").split()
 
 
 def _prune_pool(uri: str, pool: str | None, templates: Path) -> bool:
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "--uri",
         action="append",
         help="also prune the copies of templates in this libvirt URI's pool (repeatable; "
-        "default: $PYTEST_KVM_URI, else qemu:///system as root, qemu:///session otherwise)",
+        "default: those of $PYTEST_KVM_URI; without either, no pool is pruned)",
     )
     pruning.add_argument(
         "--pool", help="the libvirt storage pool there (default: $PYTEST_KVM_POOL, pytest-kvm)"

@@ -252,3 +252,17 @@ def test_a_domain_whose_disks_cannot_be_read_stops_the_prune() -> None:
     with pytest.raises(libvirt.libvirtError):
         prune.prune_pool(_Conn([Unreadable("vm", "")], pool), pool, dict)
     assert pool.log == [] and stale in pool.vols
+
+
+def test_without_uri_or_env_no_pool_is_touched(tmp_path, capsys, monkeypatch) -> None:
+    from pytest_kvm import cli
+
+    monkeypatch.delenv("PYTEST_KVM_URI", raising=False)
+    monkeypatch.setattr(prune, "prune_uri", lambda *a: pytest.fail("a pool was pruned"))
+    assert cli.main(["--cache", str(tmp_path), "template", "prune"]) == 0
+    assert capsys.readouterr().out == "nothing to remove\n"
+    tried: list[str] = []
+    monkeypatch.setattr(prune, "prune_uri", lambda uri, *a: tried.append(uri) or prune.PoolPruned())
+    monkeypatch.setenv("PYTEST_KVM_URI", "qemu:///a qemu+ssh://h/system")
+    assert cli.main(["--cache", str(tmp_path), "template", "prune"]) == 0
+    assert tried == ["qemu:///a", "qemu+ssh://h/system"]  # each of the env's URIs
