@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -188,9 +189,39 @@ def cmd_template_prune(args: argparse.Namespace) -> int:
         print(f"removed {path}: {why}")
     for path, why in kept:
         print(f"kept {path}: {why}")
-    if not removed:
+    pruned = [_prune_pool(uri, args.pool, cache / "templates") for uri in _prune_uris(args)]
+    if not removed and not any(pruned):
         print("nothing to remove")
     return 0
+
+
+def _prune_uris(args: argparse.Namespace) -> list[str]:
+    """The libvirt URIs whose pools ``template prune`` prunes: --uri, else those of
+    PYTEST_KVM_URI (as pytest's --kvm-uri); none unless asked, so that a prune never
+    starts a session libvirtd or judges a shared pool by one user's cache unbidden."""
+    if args.no_libvirt:
+        return []
+    return args.uri or os.environ.get("PYTEST_KVM_URI", "").split()
+
+
+def _prune_pool(uri: str, pool: str | None, templates: Path) -> bool:
+    """Prune the libvirt pool of ``uri`` and say what went and what stayed; one line
+    if libvirt cannot be reached there. Whether anything was removed."""
+    from .backends.libvirt.prune import prune_uri
+    from .backends.libvirt.storage import DEFAULT_POOL
+    from .template import pool_copies
+
+    name = pool or os.environ.get("PYTEST_KVM_POOL") or DEFAULT_POOL
+    try:
+        result = prune_uri(uri, name, lambda: pool_copies(templates))
+    except KvmError as exc:
+        print(f"libvirt pool {name!r} not pruned: {exc}")
+        return False
+    for volume, why in result.removed:
+        print(f"removed volume {volume} from pool {name!r} at {uri}: {why}")
+    for volume, why in result.kept:
+        print(f"kept volume {volume} in pool {name!r} at {uri}: {why}")
+    return bool(result.removed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,10 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     pruning = template.add_parser(
         "prune",
-        help="remove stale and half-made templates, layers whose base is gone, and "
-        "superseded downloads; what a running session uses stays",
+        help="remove stale and half-made templates, layers whose base is gone, "
+        "superseded downloads, and copies of templates no longer there in a libvirt "
+        "pool; what a running session uses stays",
     )
     pruning.add_argument("--all", action="store_true", help="remove every template")
+    pruning.add_argument(
+        "--uri",
+        action="append",
+        help="also prune the copies of templates in this libvirt URI's pool (repeatable; "
+        "default: those of $PYTEST_KVM_URI; without either, no pool is pruned)",
+    )
+    pruning.add_argument(
+        "--pool", help="the libvirt storage pool there (default: $PYTEST_KVM_POOL, pytest-kvm)"
+    )
+    pruning.add_argument("--no-libvirt", action="store_true", help="leave libvirt's pools alone")
     pruning.set_defaults(func=cmd_template_prune)
     doctor = sub.add_parser("doctor", help="what works on this machine")
     doctor.add_argument(

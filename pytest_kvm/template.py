@@ -631,6 +631,24 @@ def _remove_unless_busy(root: Path, name: str, path: Path, complete: bool) -> st
         lock.release()
 
 
+def pool_copies(root: Path) -> dict[str, str]:
+    """What the libvirt backend's pools hold of the templates under ``root``: the key
+    of each one's state and disk copy (``state-<sha20>``, ``disk-<sha20>``, see
+    ``backends/libvirt/storage.py``) -> the template's name."""
+    from .backends.libvirt.storage import file_sha256
+
+    copies: dict[str, str] = {}
+    for meta_path in sorted(root.glob("*/meta.json")):
+        path = meta_path.parent
+        try:
+            state = str(json.loads(meta_path.read_text())["state_sha256"])
+            copies[f"state-{state[:20]}"] = path.name
+            copies[f"disk-{file_sha256(path / 'disk.qcow2')[:20]}"] = path.name
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: prune removed it, or another process just did
+    return copies
+
+
 def snapshot_of(path: Path) -> tuple[str, str] | None:
     """(snapshot name, base template name) if the template at ``path`` is a prepared
     snapshot (``kvm_snapshot``); else None."""

@@ -11,8 +11,10 @@ on both backends.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -605,3 +607,79 @@ def test_share_on_a_restored_domain(libvirtd, pytester, image_arg, cache_arg, in
         assert sorted(p.name for p in data.iterdir()) == ["host.txt"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_template_prune_removes_only_stale_copies_from_the_pool(libvirtd, tmp_path):
+    """``pytest-kvm template prune`` on a real pool of that daemon (a pool of its own,
+    small volumes named like real uploads, no guest): the stale copy and the dead
+    uploader's half upload go; what a template of the cache has, what a defined (not
+    started) domain names, what a live guest's overlay is backed by, a live uploader's
+    half upload and another host's copy stay."""
+    import libvirt
+
+    from pytest_kvm.backends.libvirt.storage import HOST_TAG, volume_xml
+    from tests.support.templates import base_image, make_template
+
+    cache = tmp_path / "cache"
+    made = make_template(cache / "templates", base_image(tmp_path), name="t1")
+    state_sha = hashlib.sha256((made / "state").read_bytes()).hexdigest()[:20]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    other = "0" * 6 if HOST_TAG != "0" * 6 else "1" * 6
+
+    def name(kind: str, sha: str = "", pid: int = 1, host: str = HOST_TAG) -> str:
+        ext = "save" if kind == "state" else "qcow2"
+        return f"{kind}-{sha or secrets.token_hex(10)}.up-h{host}.p{pid}.0a0b0c0d.{ext}"
+
+    of_template, of_domain, stale = name("state", state_sha), name("state"), name("disk")
+    foreign, dead_half = name("state", host=other), name("state", pid=dead.pid)
+    live_half = name("disk", pid=os.getpid())
+    # A live guest's overlay (this process's) backed by a disk copy: the copy stays.
+    backing, overlay = name("disk"), f"pytest-kvm-prune.h{HOST_TAG}.p{os.getpid()}.0.qcow2"
+    complete = (of_template, of_domain, stale, foreign, backing)
+    pool_name, domain = f"pytest-kvm-prune-{secrets.token_hex(3)}", "pytest-kvm-prune-domain"
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    conn = libvirt.open(libvirtd.uri)
+    pool = conn.storagePoolCreateXML(
+        f"<pool type='dir'><name>{pool_name}</name><target><path>{pool_dir}</path></target></pool>",
+        0,
+    )
+    try:
+        for vol in (*complete, *(f"{v}.ok" for v in complete), dead_half, live_half):
+            pool.createXML(volume_xml(vol, 4096, "qcow2" if vol == backing else "raw"), 0)
+        below = pool.storageVolLookupByName(backing).path()
+        pool.createXML(volume_xml(overlay, 1 << 20, "qcow2", below), 0)
+        conn.defineXML(
+            f"<domain type='qemu'><name>{domain}</name><memory unit='MiB'>64</memory>"
+            "<os><type arch='x86_64'>hvm</type></os><devices><disk type='volume' device='disk'>"
+            f"<driver name='qemu' type='raw'/><source pool='{pool_name}' volume='{of_domain}'/>"
+            "<target dev='vda' bus='virtio'/></disk></devices></domain>"
+        )
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest_kvm.cli", "--cache", str(cache), "template", "prune",
+             "--uri", libvirtd.uri, "--pool", pool_name],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert time.monotonic() - started < 30
+        left = {vol.name() for vol in pool.listAllVolumes(0)}
+        stay = (of_template, of_domain, foreign, backing)
+        assert left == {*stay, *(f"{v}.ok" for v in stay), live_half, overlay}, proc.stdout
+        at = f"pool {pool_name!r} at {libvirtd.uri}"
+        assert f"removed volume {stale} from {at}: no template in the cache" in proc.stdout
+        assert f"removed volume {dead_half} from {at}: left by a run" in proc.stdout
+        assert f"kept volume {of_template} in {at}: template t1 in the cache uses it" in proc.stdout
+        assert f"kept volume {of_domain} in {at}: in use: domain {domain}" in proc.stdout
+        assert f"kept volume {foreign} in {at}: uploaded from another host" in proc.stdout
+        assert f"kept volume {live_half} in {at}: being uploaded by process" in proc.stdout
+        assert f"kept volume {backing} in {at}: in use: volume {overlay} is backed" in proc.stdout
+        assert made.exists()
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(domain).undefine()
+        for vol in pool.listAllVolumes(0):
+            vol.delete(0)
+        pool.destroy()
+        conn.close()

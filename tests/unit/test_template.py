@@ -15,40 +15,13 @@ from pytest_kvm import template
 from pytest_kvm.accel import AccelChoice
 from pytest_kvm.images import Image
 from pytest_kvm.run import RunContext
-from pytest_kvm.ssh import KeyPair
 from pytest_kvm.template import Shape, TemplateStore, template_key
-
-KEY = "0123456789abcdef"
+from tests.support.templates import KEY, base_image, make_template
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Image:
-    path = tmp_path / "base.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    return Image("base", path, "qcow2", str(path))
-
-
-def make_template(
-    root: Path, image: Image, name: str = "t", key: str = KEY, extra: dict | None = None
-) -> Path:
-    """The files a template build leaves, with its meta.json, in a finished directory."""
-    work = root / name
-    work.mkdir(parents=True)
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.path), "-F", "qcow2",
-         str(work / "disk.qcow2")],
-        check=True,
-    )  # fmt: skip
-    (work / "ram").write_bytes(b"\0" * 4096)
-    (work / "state").write_bytes(os.urandom(2048))
-    (work / "seed.iso").write_bytes(b"seed")
-    (work / "serial.log").write_text("boot\n")
-    KeyPair.generate().save(work / "id_ed25519")
-    KeyPair.generate().save(work / "host_ed25519")
-    TemplateStore._write_meta(
-        work, key, image, Shape(1024, 2), "02:6b:76:00:00:01", True, extra=extra
-    )
-    return work
+    return base_image(tmp_path)
 
 
 def test_key_follows_everything_that_shapes_a_template(image, tmp_path):
@@ -246,7 +219,9 @@ def test_prune_leaves_a_template_that_a_live_run_clones_from(image, tmp_path, ca
         result = prune(root, everything=True)
         assert result.removed == [] and used.exists()
         assert result.in_use == [(used, "in use by a running test session")]
-        assert cli.main(["--cache", str(tmp_path), "template", "prune", "--all"]) == 0
+        assert (
+            cli.main(["--cache", str(tmp_path), "template", "prune", "--all", "--no-libvirt"]) == 0
+        )
         out = capsys.readouterr().out
         assert f"kept {used}: in use by a running test session" in out and used.exists()
     finally:
