@@ -8,8 +8,12 @@ minutes. Encrypted chains go through :mod:`.nbd`."""
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -19,6 +23,11 @@ from .source import DiskSource
 from .spec import Customization
 
 GUESTFS_PACKAGE = "python3-guestfs"
+#: How long one libguestfs step (inspecting the disk, reading a journal) may take
+#: before its appliance is stopped. libguestfs waits for its daemon for ever, and an
+#: appliance was seen idle for 16 minutes in inspect_os() under TCG, on the disk of
+#: a guest that had panicked: the artifacts of that test held the whole run.
+CALL_LIMIT = 300.0
 
 
 def load_guestfs(why: str = "this") -> ModuleType:
@@ -78,7 +87,8 @@ class DiskHandle:
                 g.add_drive_opts(str(self.source.path), format=self.source.format,
                                  readonly=self.readonly)  # fmt: skip
             g.launch()
-            self._mount()
+            with self.bounded(CALL_LIMIT, "inspecting its file systems"):
+                self._mount()
         except RuntimeError as exc:  # what the binding raises for libguestfs errors
             self.close()
             raise ImageError(f"libguestfs could not open {self.what}: {exc}") from None
@@ -87,6 +97,34 @@ class DiskHandle:
             raise
         self.launch_seconds = time.monotonic() - t0
         return self
+
+    @contextlib.contextmanager
+    def bounded(self, seconds: float, doing: str) -> Iterator[None]:
+        """Run the block's libguestfs calls, stopping the appliance (its QEMU, by
+        PID) if they take longer than ``seconds``: the call then fails, and so does
+        the handle, with an ImageError saying so."""
+        pid = int(self.g.get_pid())
+        fired = threading.Event()
+
+        def stop() -> None:
+            fired.set()
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+        timer = threading.Timer(seconds, stop)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except RuntimeError:
+            if not fired.is_set():
+                raise
+            raise ImageError(
+                f"{self.what}: libguestfs did not answer within {seconds:.0f} s "
+                f"({doing}); its appliance was stopped"
+            ) from None
+        finally:
+            timer.cancel()
 
     def _mount(self) -> None:
         g = self.g

@@ -3,11 +3,12 @@ boot."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .handle import DiskHandle
+from .handle import CALL_LIMIT, DiskHandle
 from .source import DiskSource
 
 JOURNAL_DIR = "/var/log/journal"
@@ -41,7 +42,8 @@ class GuestDisk:
     def _call(self, action: Callable[[Any], Any], path: str) -> Any:
         g = self._g  # the appliance starts at the first call
         try:
-            return action(g)
+            with self._handle.bounded(CALL_LIMIT, f"reading {path}"):
+                return action(g)
         except RuntimeError as exc:
             raise FileNotFoundError(f"{self._handle.what}: {path}: {exc}") from None
 
@@ -59,15 +61,19 @@ class GuestDisk:
                 f"{self._handle.what}: no persistent journal ({JOURNAL_DIR} is missing)"
             )
         entries: list[tuple[str, int, str]] = []
-        g.journal_open(JOURNAL_DIR)
-        try:
-            g.journal_set_data_threshold(4096)
-            while g.journal_next():
-                fields = {f["attrname"]: f["attrval"] for f in g.journal_get()}
-                usec = g.journal_get_realtime_usec()
-                entries.append((_text(fields.get("_BOOT_ID")), usec, _format_entry(fields, usec)))
-        finally:
-            g.journal_close()
+        with self._handle.bounded(CALL_LIMIT, "reading its journal"):
+            g.journal_open(JOURNAL_DIR)
+            try:
+                g.journal_set_data_threshold(4096)
+                while g.journal_next():
+                    fields = {f["attrname"]: f["attrval"] for f in g.journal_get()}
+                    usec = g.journal_get_realtime_usec()
+                    entries.append(
+                        (_text(fields.get("_BOOT_ID")), usec, _format_entry(fields, usec))
+                    )
+            finally:
+                with contextlib.suppress(RuntimeError):  # not after the appliance is gone
+                    g.journal_close()
         if not entries:
             return []
         last_boot = max(entries, key=lambda e: e[1])[0]

@@ -169,3 +169,46 @@ def test_missing_libguestfs_is_unavailable_with_the_package(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_guestfs)
     with pytest.raises(KvmUnavailable, match=r"libguestfs is not installed.*python3-guestfs"):
         load_guestfs("customising")
+
+
+def test_a_libguestfs_call_that_never_answers_stops_its_appliance(tmp_path: Path) -> None:
+    """libguestfs waits for its daemon for ever; the handle stops the appliance (its
+    QEMU, by PID) after the limit, and the call fails with an ImageError."""
+    import time
+
+    from pytest_kvm.customize.handle import DiskHandle
+    from pytest_kvm.customize.source import DiskSource
+    from pytest_kvm.errors import ImageError
+
+    appliance = subprocess.Popen(["sleep", "600"])
+
+    class Hanging:
+        def get_pid(self) -> int:
+            return appliance.pid
+
+        def inspect_os(self) -> list[str]:
+            appliance.wait()  # the daemon never answers while its appliance lives
+            raise RuntimeError("connection to the daemon lost")
+
+    handle = DiskHandle(DiskSource(tmp_path / "d.qcow2"), readonly=True, force_tcg=True)
+    handle.g = Hanging()
+    t0 = time.monotonic()
+    try:
+        with (
+            pytest.raises(ImageError, match=r"did not answer within 0 s \(inspecting"),
+            handle.bounded(0.3, "inspecting its file systems"),
+        ):
+            handle.g.inspect_os()
+        assert appliance.returncode == -9 and time.monotonic() - t0 < 30
+        # a call that answers in time is left alone, and a plain failure stays what it is
+        quick = subprocess.Popen(["sleep", "600"])
+        handle.g.get_pid = lambda: quick.pid  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="no such file"), handle.bounded(30, "reading /x"):
+            raise RuntimeError("no such file")
+        assert quick.poll() is None
+        quick.kill()
+        quick.wait()
+    finally:
+        if appliance.poll() is None:
+            appliance.kill()
+            appliance.wait()
