@@ -11,11 +11,18 @@ from ..backends.base import Machine
 from ..errors import GuestError
 from ..qga import AgentCalls, GuestAgentError
 
+# How often a wait asks qemu-ga again: soon at first, then less often. Each call costs
+# the guest CPU (under TCG, in a clone's busiest second) and qemu-ga logs every one of
+# them to the guest's journal.
+POLL_FIRST = 0.01
+POLL_MAX = 0.05
+
 
 def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> str:
     """Until a guest-exec'd process ends: its standard output (if it was captured);
     raises if it failed or took too long."""
     deadline = time.monotonic() + timeout
+    pause = POLL_FIRST
     while True:
         status = agent.execute("guest-exec-status", pid=pid)
         if status.get("exited"):
@@ -25,7 +32,8 @@ def agent_wait(agent: AgentCalls, pid: int, what: str, timeout: float) -> str:
             return base64.b64decode(status.get("out-data", "")).decode(errors="replace")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not finish")
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(pause * 1.5, POLL_MAX)
 
 
 def agent_any_exists(agent: AgentCalls, paths: Sequence[str]) -> bool:
@@ -45,12 +53,14 @@ def agent_wait_for_files(agent: AgentCalls, paths: list[str], timeout: float) ->
     """Until one of ``paths`` exists in the guest, asked by opening it (no guest
     process); False if none did within ``timeout`` s."""
     deadline = time.monotonic() + timeout
+    pause = POLL_FIRST
     while True:
         if agent_any_exists(agent, paths):
             return True
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(pause * 1.5, POLL_MAX)
 
 
 def agent_answers(machine: Machine, timeout: float) -> bool:

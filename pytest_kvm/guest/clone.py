@@ -17,7 +17,7 @@ from ..errors import GuestError
 from ..firmware import VARS_NAME
 from ..images.overlay import create_overlay
 from ..qga import AgentCalls
-from ..util import Background
+from ..util import Background, tail_text
 from .agent import agent_any_exists, agent_wait, agent_wait_for_files
 from .commands import Commands
 from .config import BootPlan, GuestConfig, SavedGuest
@@ -26,7 +26,7 @@ from .disk import Disk
 from .identity import HOST_KEY, RELOAD_HOST_KEYS, SSHD_SESSION, CloneIdentity, write_clone_state
 from .launch import Launcher
 from .nics import Nics
-from .state import GuestState, tail_text
+from .state import GuestState
 
 
 class Restore:
@@ -171,6 +171,10 @@ class Restore:
             with state.machine.agent() as agent:
                 agent.connect(10 * scale)
                 try:
+                    # Both halves before SSH connects: sshd reads both, and a public
+                    # key that does not match the private one is an error in the
+                    # clone's journal.
+                    agent.write_file(f"{HOST_KEY}.pub", identity.host_key.public_openssh + "\n")
                     agent.write_file(HOST_KEY, identity.host_key.private_openssh)
                     holds = self._template.sshd_holds_keys
                     if holds is None:  # not recorded: ask (see identity.SSHD_SESSION)

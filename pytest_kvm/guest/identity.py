@@ -219,10 +219,12 @@ class CloneIdentity:
         """The clone's own ed25519 host key (truncating keeps the files' modes); no
         other type of host key stays shared with the template: sshd runs without."""
         lines = []
-        if private:
-            lines.append(f"printf '%s' {shlex.quote(self.host_key.private_openssh)} >{HOST_KEY}")
+        if private:  # over SSH (else qemu-ga wrote both halves before SSH connected)
+            lines += [
+                f"printf '%s' {shlex.quote(self.host_key.private_openssh)} >{HOST_KEY}",
+                f"printf '%s\\n' {shlex.quote(self.host_key.public_openssh)} >{HOST_KEY}.pub",
+            ]
         lines += [
-            f"printf '%s\\n' {shlex.quote(self.host_key.public_openssh)} >{HOST_KEY}.pub",
             "others=$(pytest_kvm_files /etc/ssh/ssh_host_rsa_key* /etc/ssh/ssh_host_ecdsa_key* "
             "/etc/ssh/ssh_host_dsa_key*)",
             'if [ -n "$others" ]; then rm -f $others; fi',

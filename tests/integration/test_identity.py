@@ -76,6 +76,9 @@ def test_three_clones_on_user_networking_are_distinct_machines(kvm_guest_factory
                 "ssh_host_ed25519_key.pub",
             ]
             assert guest.succeed("stat -c %a /etc/ssh/ssh_host_ed25519_key").strip() == "600"
+            # The clone's key reached sshd whole: no error of its (a public half that
+            # does not match the private one was one in every clone's journal).
+            assert guest.succeed("journalctl -b -p err -t sshd -o cat --no-pager") == ""
     finally:
         server.close()
 

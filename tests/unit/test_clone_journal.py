@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_kvm.guest.agent import agent_wait_for_files
+from pytest_kvm.guest.agent import agent_wait, agent_wait_for_files
 from pytest_kvm.guest.clone import wait_for_files_script
 from pytest_kvm.qga import AgentCalls, GuestAgentError
 
@@ -60,3 +60,31 @@ def test_the_shell_loop_waits_for_one_file_and_gives_up(tmp_path: Path) -> None:
     assert proc.wait(20) == 0
     missing = wait_for_files_script([str(never)], 0.2)
     assert subprocess.run(["sh", "-c", missing], timeout=20).returncode == 1
+
+
+class ExecAgent(AgentCalls):
+    """guest-exec-status of a process that ends ``after`` seconds from the first ask."""
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+        self.started = 0.0
+        self.calls = 0
+
+    def execute_args(self, command: str, arguments: dict[str, Any], timeout: float = 10.0) -> Any:
+        assert command == "guest-exec-status" and arguments == {"pid": 42}
+        self.calls += 1
+        self.started = self.started or time.monotonic()
+        if time.monotonic() - self.started < self.after:
+            return {"exited": False}
+        return {"exited": True, "exitcode": 0, "out-data": "ZG9uZQ=="}
+
+
+def test_a_wait_for_a_guest_process_asks_less_often_as_it_goes_on() -> None:
+    """qemu-ga logs every call to the guest's journal, and each costs the guest CPU in
+    a clone's busiest second: soon at first (a short script is seen at once), then at
+    most every 50 ms."""
+    quick = ExecAgent(0.0)
+    assert agent_wait(quick, 42, "quick", 5) == "done" and quick.calls == 1
+    slow = ExecAgent(0.6)
+    assert agent_wait(slow, 42, "slow", 5) == "done"
+    assert 8 <= slow.calls <= 20  # a poll every 10 ms would be about 60
