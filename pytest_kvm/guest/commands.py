@@ -16,7 +16,7 @@ import paramiko
 
 from ..errors import CommandFailed, GuestCrashed, GuestError, GuestTimeout, KvmConfigError
 from ..ssh import CommandTimeout, GuestDied, SshSession, TransferTimeout, run_command
-from .state import tail_text
+from ..util import tail_text
 
 
 @dataclass(frozen=True)

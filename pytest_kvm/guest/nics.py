@@ -30,9 +30,10 @@ from ..network import (
 )
 from ..qga import AgentCalls, GuestAgentError
 from ..run import RunContext
+from ..util import tail_text
 from ..vlan import Vlan, VlanPort
 from .commands import CommandResult
-from .state import GuestState, tail_text
+from .state import GuestState
 
 # Find the NIC by its old or new MAC, give it the new one, then a static address.
 _VLAN_SCRIPT = r"""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..errors import GuestError
 from ..share import SharedDir, mount_script
+from ..util import tail_text
 from .commands import Commands
-from .state import tail_text
 
 
 def mount_shares(

@@ -16,10 +16,6 @@ from ..tpm import Swtpm
 PANIC = re.compile(r"Kernel panic - not syncing[^\n]*")
 
 
-def tail_text(text: str, lines: int = 10) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
 @dataclass
 class GuestState:
     """One guest's running facts; ``what`` is how messages name it (``describe()``)."""
