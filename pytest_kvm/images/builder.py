@@ -439,7 +439,7 @@ class _ForeignBuild(_Build):
         arch = crossbuild.foreign_arch(recipe.architecture)
         foreign.ensure_binfmt(arch, self.progress)
         first = self.work / "first"
-        if not sorted((first / "var/cache/apt/archives").glob("linux-image-[0-9]*.deb")):
+        if not any((first / "var/cache/apt/archives").glob("linux-image-[0-9]*.deb")):
             raise ImageError(
                 f"building {recipe.name!r}: no linux-image package was downloaded; the "
                 f"recipe's packages must include linux-image-{recipe.architecture}"

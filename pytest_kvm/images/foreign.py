@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import arch as arches
 from ..errors import ImageError, KvmUnavailable
 from .commands import Progress
 
@@ -44,9 +45,10 @@ class ForeignArch:
     qemu_user: str  # qemu-user's name for it, and its binfmt_misc entry's suffix
 
 
+#: By Debian's name; qemu-user names an architecture as ``uname -m`` does (arch.py).
 ARCHES: dict[str, ForeignArch] = {
-    "arm64": ForeignArch(debian="arm64", qemu_user="aarch64"),
-    "riscv64": ForeignArch(debian="riscv64", qemu_user="riscv64"),
+    spec.debian: ForeignArch(debian=spec.debian, qemu_user=spec.name)
+    for spec in arches.ARCHES.values()
 }
 
 
