@@ -11,10 +11,16 @@ import pytest
 
 from pytest_kvm import cli
 from pytest_kvm.errors import KvmConfigError
+from pytest_kvm.images import Image
 from pytest_kvm.request import marker_settings, marker_snapshot
 from pytest_kvm.snapshot import Snapshot, define, snapshot_key, snapshot_name
 from pytest_kvm.template import prune, snapshot_of, stale_reason
-from tests.unit.test_template import image, make_template  # noqa: F401 (a fixture)
+from tests.support.templates import base_image, make_template
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Image:
+    return base_image(tmp_path)
 
 
 def setup_one(guest):
@@ -126,7 +132,7 @@ def test_a_marker_may_name_a_snapshot_and_the_image_matrix_stays():
     assert marker_settings(Node({"image": pinned}), base).images == ("debian-11",)
 
 
-def make_snapshot(root: Path, image, base: Path, name: str = "t@web-1") -> Path:  # noqa: F811
+def make_snapshot(root: Path, image, base: Path, name: str = "t@web-1") -> Path:
     """A snapshot over ``base`` named ``<base>@<snapshot>-<key>``."""
     work = make_template(root, image, name)
     meta = json.loads((work / "meta.json").read_text())
@@ -136,7 +142,7 @@ def make_snapshot(root: Path, image, base: Path, name: str = "t@web-1") -> Path:
     return work
 
 
-def test_prune_removes_a_snapshot_whose_base_is_gone_or_made_again(image, tmp_path, capsys):  # noqa: F811
+def test_prune_removes_a_snapshot_whose_base_is_gone_or_made_again(image, tmp_path, capsys):
     root = tmp_path / "templates"
     base = make_template(root, image, "t")
     snap = make_snapshot(root, image, base)
@@ -162,7 +168,7 @@ def test_prune_removes_a_snapshot_whose_base_is_gone_or_made_again(image, tmp_pa
     assert [p for p, _ in prune(root).removed] == [again]
 
 
-def test_prune_removes_a_snapshot_that_a_newer_build_of_it_replaced(image, tmp_path):  # noqa: F811
+def test_prune_removes_a_snapshot_that_a_newer_build_of_it_replaced(image, tmp_path):
     root = tmp_path / "templates"
     base = make_template(root, image, "t")
     old = make_snapshot(root, image, base, "t@web-1")

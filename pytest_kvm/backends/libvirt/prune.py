@@ -27,7 +27,7 @@ from typing import Any
 
 from ...errors import KvmError
 from .connection import connect, first_line, load_libvirt
-from .storage import _UPLOAD, HOST_TAG, reap_orphan_volumes, refresh_pool
+from .storage import HOST_TAG, UPLOAD_NAME, reap_orphan_volumes, refresh_pool
 
 # A complete upload of a template's state or disk: kind, checksum, uploader's host, pid.
 TEMPLATE_COPY = re.compile(
@@ -126,7 +126,7 @@ def half_uploads(volumes: Iterable[PoolVolume]) -> list[tuple[str, str]]:
     names = {vol.name for vol in volumes}
     found = []
     for vol in volumes:
-        match = _UPLOAD.match(vol.name)
+        match = UPLOAD_NAME.match(vol.name)
         if match is None or f"{vol.name}.ok" in names:
             continue
         if match.group(1) == HOST_TAG:

@@ -309,7 +309,8 @@ HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
 _VOLUME = re.compile(r"^pytest-kvm-.+\.h([0-9a-f]{6})\.p(\d+)\.\d+\.[a-z0-9]+$")
 
-_UPLOAD = re.compile(r"^.+-[0-9a-f]{20}\.up-h([0-9a-f]{6})\.p(\d+)\.[0-9a-f]+\.(qcow2|save)$")
+# A template's disk or save image uploaded by one host and process (prune.py reads it too).
+UPLOAD_NAME = re.compile(r"^.+-[0-9a-f]{20}\.up-h([0-9a-f]{6})\.p(\d+)\.[0-9a-f]+\.(qcow2|save)$")
 
 _reaped: set[str] = set()
 
@@ -334,7 +335,7 @@ def reap_orphan_volumes(pool: Any) -> list[str]:
     volumes = pool.listAllVolumes(0)
     names = {vol.name() for vol in volumes}
     for vol in volumes:
-        match = _VOLUME.match(vol.name()) or _UPLOAD.match(vol.name())
+        match = _VOLUME.match(vol.name()) or UPLOAD_NAME.match(vol.name())
         if match is None or match.group(1) != HOST_TAG or pid_alive(int(match.group(2))):
             continue
         if f"{vol.name()}.ok" in names:  # a complete upload: the image others use
