@@ -133,7 +133,7 @@ def main() -> None:
     from libvirtd import Libvirtd
 
     with tempfile.TemporaryDirectory(prefix="bench-libvirtd-") as tmp, Libvirtd(Path(tmp)) as d:
-        argv = d.wrap([sys.executable, __file__, "--inside", "--image", args.image,
+        argv = d.as_system([sys.executable, __file__, "--inside", "--image", args.image,
                        "--runs", str(args.runs), "--cache", str(args.cache),
                        *(["--cold-upload"] if args.cold_upload else [])])  # fmt: skip
         sys.exit(subprocess.run(argv, check=False).returncode)

@@ -36,7 +36,7 @@ from .rootfs import write_file
 #: Commands a foreign build needs beyond a native one, and the package of each.
 FOREIGN_TOOLS = {
     "debootstrap": "debootstrap",
-    "tar": "tar",
+    "tar": "tar",  # not ours: debootstrap unpacks the packages with it
     "systemctl": "systemd",
 }
 
