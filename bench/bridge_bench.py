@@ -3,7 +3,8 @@
     .venv/bin/python bench/bridge_bench.py --image debian-12 --runs 3
 
 Run as root. The bench builds a network namespace with a bridge (br0, 10.77.0.1/24)
-and dnsmasq answering DHCP on it, as the bridge tests do
+and dnsmasq answering DHCP on it (``--ping``: with dnsmasq's default check that an
+address is free, which costs up to 3 s per new lease), as the bridge tests do
 (``tests/integration/support/netns.py``), runs itself inside it and removes it
 afterwards: no guest touches the host's interfaces. The bridge template is made
 first (not timed). Each guest is measured from "guest requested" to "first command
@@ -108,6 +109,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--together-boots", type=int, choices=(0, 1), default=1)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "pytest-kvm")
+    parser.add_argument(
+        "--ping",
+        action="store_true",
+        help="dnsmasq with its check that an address is free before it offers it (a "
+        "ping, up to 3 s, one address at a time), as dnsmasq does by default; the "
+        "bridge tests leave it out",
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bridge", default="br0", help=argparse.SUPPRESS)
     parser.add_argument("--leases", type=Path, help=argparse.SUPPRESS)
@@ -119,7 +127,10 @@ def main() -> None:
         sys.exit("bridge_bench.py makes a network namespace: run it as root")
     from netns import BRIDGE, BridgeNetns
 
-    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp, BridgeNetns(Path(tmp)) as ns:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp,
+        BridgeNetns(Path(tmp), ping=args.ping) as ns,
+    ):
         argv = ns.exec_argv(sys.executable, __file__, "--inside", "--image", args.image,
                             "--runs", str(args.runs), "--cache", str(args.cache),
                             "--together-boots", str(args.together_boots),
