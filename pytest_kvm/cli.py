@@ -215,7 +215,10 @@ def _prune_pool(uri: str, pool: str | None, templates: Path) -> bool:
     try:
         result = prune_uri(uri, name, lambda: pool_copies(templates))
     except KvmError as exc:
-        print(f"libvirt pool {name!r} not pruned: {exc}")
+        # The libvirt layer names the pytest option (--kvm-uri); here it came from
+        # --uri or PYTEST_KVM_URI.
+        reason = str(exc).removeprefix(f"--kvm-uri {uri}: ")
+        print(f"libvirt pool {name!r} at {uri} not pruned: {reason}")
         return False
     for volume, why in result.removed:
         print(f"removed volume {volume} from pool {name!r} at {uri}: {why}")
