@@ -39,15 +39,9 @@ def stats(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} | {min(values):.3f}..{max(values):.3f} | {len(values)}"
 
 
-def lease_for(leases: Path, mac: str) -> str | None:
-    for line in leases.read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[1].lower() == mac.lower():
-            return fields[2]
-    return None
-
-
 def measure(args: argparse.Namespace) -> None:
+    from netns import lease_for
+
     from pytest_kvm import accel
     from pytest_kvm.config import parse_network
     from pytest_kvm.guest import Guest, GuestConfig

@@ -32,6 +32,15 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()}
 
 
+def lease_for(leases: Path, mac: str) -> str | None:
+    """The address dnsmasq's lease table (``leases``) gives ``mac``, if any."""
+    for line in leases.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1].lower() == mac.lower():
+            return fields[2]
+    return None
+
+
 class BridgeNetns:
     """``start`` builds it; ``close`` (idempotent) tears it all down."""
 
@@ -102,11 +111,7 @@ class BridgeNetns:
         return self.exec_argv(sys.executable, helper, work, acl, "--", *argv)
 
     def lease_for(self, mac: str) -> str | None:
-        for line in self.leases.read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 3 and fields[1].lower() == mac.lower():
-                return fields[2]
-        return None
+        return lease_for(self.leases, mac)
 
     def links(self, kind: str = "") -> list[str]:
         args = ["-n", self.name, "-o", "link", "show"] + (["type", kind] if kind else [])
